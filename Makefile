@@ -1,0 +1,49 @@
+# Every target installs first if needed. `make install` is idempotent (stamp file).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+DATA    ?= data/digits
+PRETRAIN_CONFIG ?= configs/run/digits_sepvit_lite.yaml
+
+.PHONY: install test lint format pretrain clean slurm-up slurm-down bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	# torch first, pinned: an unpinned torch (directly or through a dependency) pulls a multi-GB CUDA build
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	# deepspeed builds from an sdist that imports torch: build it against the torch just installed
+	$(BIN)/pip install -q -c constraints.txt --no-build-isolation "deepspeed>=0.16"
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	-$(MAKE) --no-print-directory slurm-up
+	$(BIN)/pytest -q tests
+
+lint: install
+	$(BIN)/ruff check pretrain launch data_pipeline tests benchmarks
+	$(BIN)/ruff format --check pretrain launch data_pipeline tests benchmarks
+
+format: install
+	$(BIN)/ruff format pretrain launch data_pipeline tests benchmarks
+	$(BIN)/ruff check --fix pretrain launch data_pipeline tests benchmarks
+
+pretrain: install
+	test -f $(DATA)/manifest.json || $(BIN)/pretrain data build digits --out $(DATA)
+	$(BIN)/pretrain train $(PRETRAIN_CONFIG) data.path=$(DATA) --nproc 2
+
+slurm-up: install
+	@if [ -x launch/local_slurm/start.sh ]; then bash launch/local_slurm/start.sh; else echo "local Slurm not available in this checkout"; fi
+
+slurm-down:
+	@if [ -x launch/local_slurm/stop.sh ]; then bash launch/local_slurm/stop.sh; fi
+
+bench: install
+	$(BIN)/python benchmarks/models.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

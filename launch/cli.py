@@ -1,0 +1,75 @@
+"""The ``pretrain`` command: one parser, one subcommand module each (imported lazily so ``--help`` stays fast).
+
+Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad config (nothing was started or written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["main", "EXIT_USAGE"]
+
+EXIT_USAGE = 2
+
+# subcommand -> module exposing `register(subparsers)`; each registered parser sets `func(args) -> int`.
+_COMMANDS = {
+    "models": "launch.cmd_models",
+    "data": "launch.cmd_data",
+    "train": "launch.cmd_train",
+    "submit": "launch.submit",
+    "status": "launch.status",
+    "cancel": "launch.status",
+    "sweep": "launch.sweep",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain",
+        description="Distributed pretraining of SeTformer and SepViT: WebDataset shards, DeepSpeed ZeRO, "
+        "submitit on Slurm, Ray Tune sweeps.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    seen = set()
+    for module_name in _COMMANDS.values():
+        if module_name in seen:
+            continue
+        seen.add(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name == module_name:  # that subcommand is not part of this checkout
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pretrain.config import ConfigError
+    from pretrain.logging_utils import init_logging
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "accepts_overrides", False):
+        args.overrides = list(getattr(args, "overrides", []) or []) + extra
+        bad = [o for o in args.overrides if o.startswith("-")]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    init_logging()
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"pretrain {args.command}: config error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,569 @@
+"""Typed configuration: dataclass sections are the schema, YAML files and ``section.field=value`` fill in values.
+
+Precedence is dataclass defaults < model YAML < data YAML < run YAML < command-line overrides. A run YAML names its
+model and data configs (``base: {model: sepvit_lite, data: digits}``) and never repeats their numbers. Unknown keys,
+wrong types and invalid values raise :class:`ConfigError` naming the key and the closest valid keys, before anything
+is built. The fully resolved config is written to the run directory as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "AugmentConfig",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DeepSpeedConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "ScheduleConfig",
+    "TrainerConfig",
+    "CONFIGS_DIR",
+    "config_digest",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "model_shape_digest",
+    "parse_overrides",
+]
+
+# Repository configs; a relative `base` name is looked up here (and next to the run YAML).
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config key, type or value is wrong; the message names the key and how to fix it."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    """Run name; the run directory is ``output_dir/name``."""
+    output_dir: str = "runs"
+    """Parent folder of run directories."""
+    description: str = ""
+    """Free text kept in the resolved config."""
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ConfigError(f"run.name={self.name!r} must be a non-empty folder name without '/'")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "sepvit_lite"
+    """Registered variant, see ``pretrain models``."""
+    num_classes: int = 1000
+    """Classifier outputs; 0 removes the head. Set from the data manifest when the data config says so."""
+    img_size: int = 224
+    """Input resolution the model is built for (square)."""
+    drop_path_rate: float = 0.1
+    """Stochastic depth rate, grown linearly from 0 over the blocks."""
+    drop_rate: float = 0.0
+    """Dropout before the classifier."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the variant (e.g. ``window_sizes`` for SepViT, ``attention`` for SeTformer)."""
+
+    def __post_init__(self):
+        if self.img_size <= 0:
+            raise ConfigError(f"model.img_size={self.img_size} must be positive")
+        if self.num_classes < 0:
+            raise ConfigError(f"model.num_classes={self.num_classes} must be >= 0")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"model.drop_path_rate={self.drop_path_rate} must be in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/digits"
+    """Folder written by ``pretrain data build`` (holds ``manifest.json``)."""
+    train_split: str = "train"
+    """Split streamed for training."""
+    val_split: str = "val"
+    """Split used for evaluation; empty disables evaluation."""
+    batch_size: int = 64
+    """Micro-batch per rank (images per forward pass on one device)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    shuffle_buffer: int = 1000
+    """Seeded in-memory shuffle buffer, in samples."""
+    seed: int = 0
+    """Seed of the stream order; the order of an epoch is a pure function of (seed, epoch, manifest)."""
+    persistent_workers: bool = True
+    """Keep DataLoader workers alive across epochs."""
+    prefetch_factor: int = 2
+    """Batches prefetched per worker."""
+    val_batch_size: int = 0
+    """Evaluation batch per rank; 0 means ``batch_size``."""
+    classes_from_manifest: bool = True
+    """Set ``model.num_classes`` from the manifest's class list."""
+
+    def __post_init__(self):
+        if self.batch_size <= 0:
+            raise ConfigError(f"data.batch_size={self.batch_size} must be positive")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"data.shuffle_buffer={self.shuffle_buffer} must be >= 1")
+
+
+@dataclass
+class AugmentConfig:
+    scale_min: float = 0.08
+    """RandomResizedCrop minimum area fraction."""
+    ratio_min: float = 3 / 4
+    """RandomResizedCrop minimum aspect ratio."""
+    ratio_max: float = 4 / 3
+    """RandomResizedCrop maximum aspect ratio."""
+    hflip: float = 0.5
+    """Horizontal flip probability."""
+    eval_crop_ratio: float = 0.875
+    """Evaluation: resize to img_size / ratio, then centre crop img_size."""
+    interpolation: Literal["bilinear", "bicubic"] = "bicubic"
+    """Resize interpolation on the CPU side."""
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    """Per-channel normalisation mean (0..1 scale)."""
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    """Per-channel normalisation std (0..1 scale)."""
+    randaug_n: int = 2
+    """RandAugment: ops per image; 0 disables."""
+    randaug_m: float = 9.0
+    """RandAugment magnitude (0..10 scale)."""
+    randaug_mstd: float = 0.5
+    """RandAugment magnitude noise std."""
+    color_jitter: float = 0.0
+    """Brightness/contrast/saturation jitter strength; 0 disables."""
+    mixup_alpha: float = 0.8
+    """Mixup Beta(alpha, alpha); 0 disables."""
+    cutmix_alpha: float = 1.0
+    """CutMix Beta(alpha, alpha); 0 disables."""
+    mix_prob: float = 1.0
+    """Probability that a batch is mixed at all."""
+    switch_prob: float = 0.5
+    """Probability of CutMix instead of Mixup when both are on."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the (soft) targets."""
+    random_erasing: float = 0.25
+    """Random erasing probability per image (pixel mode); 0 disables."""
+
+    def __post_init__(self):
+        for name in ("hflip", "mix_prob", "switch_prob", "random_erasing"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"augment.{name}={v} must be a probability in [0, 1]")
+        if not 0.0 < self.scale_min <= 1.0:
+            raise ConfigError(f"augment.scale_min={self.scale_min} must be in (0, 1]")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"augment.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ConfigError("augment.mean and augment.std need 3 values (RGB)")
+        if not 0.0 < self.eval_crop_ratio <= 1.0:
+            raise ConfigError(f"augment.eval_crop_ratio={self.eval_crop_ratio} must be in (0, 1]")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    """Optimizer."""
+    lr: float = 1e-3
+    """Peak learning rate (after warmup), for the global batch."""
+    weight_decay: float = 0.05
+    """Decoupled weight decay; norms, biases and tokens (``no_weight_decay``) get none."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    grad_clip: float = 5.0
+    """Gradient norm clipping; 0 disables."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr} must be positive")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay={self.weight_decay} must be >= 0")
+        if len(self.betas) != 2:
+            raise ConfigError("optim.betas needs two values, e.g. [0.9, 0.999]")
+        if self.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["cosine", "constant", "linear"] = "cosine"
+    """Decay after warmup."""
+    warmup_steps: int = 100
+    """Optimizer steps of linear warmup from ``warmup_lr``."""
+    warmup_lr: float = 1e-6
+    """Learning rate at step 0."""
+    min_lr: float = 1e-5
+    """Learning rate at the last step."""
+
+    def __post_init__(self):
+        if self.warmup_steps < 0:
+            raise ConfigError(f"schedule.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.min_lr < 0 or self.warmup_lr < 0:
+            raise ConfigError("schedule.min_lr and schedule.warmup_lr must be >= 0")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    """Optimizer steps of the whole run."""
+    eval_every_steps: int = 200
+    """Evaluate every N steps (and at the end); 0 only at the end."""
+    log_every_steps: int = 10
+    """Write a metrics event every N steps."""
+    seed: int = 0
+    """Seed of model init, augmentation and dropout (data order has ``data.seed``)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision; bf16/fp16 need a GPU."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step."""
+    global_batch_size: int = 0
+    """If > 0, must equal data.batch_size x grad_accum_steps x world size (checked at start)."""
+    ema_decay: float = 0.0
+    """EMA of weights (e.g. 0.9998); 0 disables. The EMA model is evaluated separately."""
+    activation_checkpointing: bool = False
+    """Recompute block activations in backward to save memory."""
+    compile: bool = False
+    """torch.compile the model."""
+    max_nonfinite_steps: int = 5
+    """Stop after this many consecutive steps with NaN/Inf loss (each is skipped)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Training device; auto picks CUDA when present."""
+    progress_bar: bool = True
+    """Rank-0 progress bar."""
+
+    def __post_init__(self):
+        if self.max_steps <= 0:
+            raise ConfigError(f"trainer.max_steps={self.max_steps} must be positive")
+        if self.eval_every_steps < 0 or self.log_every_steps <= 0:
+            raise ConfigError("trainer.eval_every_steps must be >= 0 and trainer.log_every_steps > 0")
+        if self.grad_accum_steps <= 0:
+            raise ConfigError(f"trainer.grad_accum_steps={self.grad_accum_steps} must be positive")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"trainer.ema_decay={self.ema_decay} must be in [0, 1) (0 disables)")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 200
+    """Save every N steps; 0 disables step-based saves."""
+    every_minutes: float = 30.0
+    """Also save when this many minutes passed since the last save; 0 disables."""
+    keep_last: int = 2
+    """Keep the newest K complete checkpoints."""
+    keep_best: int = 1
+    """Also keep the best K by ``best_metric``; 0 disables."""
+    best_metric: str = "val_top1"
+    """Eval metric that ranks checkpoints."""
+    best_mode: Literal["max", "min"] = "max"
+    """Whether a larger or smaller ``best_metric`` is better."""
+    save_final: bool = True
+    """Save at the end of training."""
+
+    def __post_init__(self):
+        if self.every_steps < 0 or self.every_minutes < 0:
+            raise ConfigError("checkpoint.every_steps and checkpoint.every_minutes must be >= 0")
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last={self.keep_last} must be >= 1 (resume needs one)")
+        if self.keep_best < 0:
+            raise ConfigError(f"checkpoint.keep_best={self.keep_best} must be >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    """Write TensorBoard event files to ``<run>/tb``."""
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Python log level of rank 0 (other ranks log warnings and errors)."""
+    corrupt_log_every: int = 100
+    """Log the first corrupt sample and then every Nth per reason."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    """ZeRO stage 0 (DDP), 1 (optimizer states), 2 (+gradients), 3 (+parameters)."""
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    """ZeRO-Offload of optimizer states."""
+    offload_param: Literal["none", "cpu"] = "none"
+    """ZeRO-3 parameter offload."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Raw DeepSpeed config keys merged last (e.g. ``{"zero_optimization": {"reduce_bucket_size": 5e7}}``)."""
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ConfigError("deepspeed.offload_param needs deepspeed.zero_stage=3")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def __post_init__(self):
+        if self.schedule.warmup_steps > self.trainer.max_steps:
+            raise ConfigError(
+                f"schedule.warmup_steps={self.schedule.warmup_steps} exceeds trainer.max_steps="
+                f"{self.trainer.max_steps}; lower the warmup or raise max_steps"
+            )
+        if self.trainer.precision != "fp32" and self.trainer.device == "cpu":
+            raise ConfigError(f"trainer.precision={self.trainer.precision} needs a GPU; use trainer.precision=fp32")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+# ----------------------------------------------------------------------------------------------- building from dicts
+
+
+def _all_keys(cls=Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        keys.append(path)
+        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
+            keys.extend(_all_keys(f.type, path + "."))
+    return keys
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _suggest(key: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.5)
+    if not close:
+        # try matching on the last component only, e.g. 'max_step' -> 'trainer.max_steps'
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf = {c.rsplit(".", 1)[-1]: c for c in candidates}
+        close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.6)]
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert safe cases (int -> float, str -> number on the CLI)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} expects a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} expects a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} expects true/false, got {type(value).__name__} {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key} expects an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} expects a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} expects a string, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: dict[str, Any], prefix: str = ""):
+    """Instantiate dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} expects a mapping, got {data!r}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            full = f"{prefix}{k}"
+            raise ConfigError(f"unknown config key '{full}'{_suggest(full, _all_keys())}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name] or {}, key + ".")
+        else:
+            kwargs[f.name] = _coerce(data[f.name], tp, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.')}: {e}") from e
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("kwargs", "overrides"):
+            out[k] = _deep_merge(out[k], v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)  # kwargs/overrides merge too: later files add or replace keys
+        else:
+            out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- YAML and CLI
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["optim.lr=3e-4", "model.kwargs.window_sizes=[[2],[2]]"]`` into a nested dict (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.field=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or key.startswith(".") or key.endswith("."):
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from e
+        parts = key.split(".")
+        if len(parts) < 2:
+            raise ConfigError(f"override key '{key}' needs a section, e.g. 'trainer.{key}'{_suggest(key, _all_keys())}")
+        node = nested
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of '{p}'")
+        node[parts[-1]] = value
+    return nested
+
+
+def _find_yaml(kind: str, name: str, near: Path | None) -> Path:
+    candidates = []
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml"):
+        candidates.append(p)
+        if near is not None:
+            candidates.append(near / p)
+    for root in ([near] if near else []) + [CONFIGS_DIR]:
+        candidates.append(root / kind / f"{name}.yaml")
+        candidates.append(root.parent / kind / f"{name}.yaml")
+    for c in candidates:
+        if c.is_file():
+            return c
+    known = sorted(x.stem for x in (CONFIGS_DIR / kind).glob("*.yaml"))
+    raise ConfigError(f"{kind} config '{name}' not found (looked in configs/{kind}/); known: {', '.join(known)}")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Resolve a run config: defaults < ``base`` model/data YAML < the run YAML < ``section.field=value`` overrides."""
+    merged: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        run_yaml = _read_yaml(path)
+        base = run_yaml.pop("base", {}) or {}
+        if not isinstance(base, dict):
+            raise ConfigError(f"{path}: 'base' must map model/data to config names")
+        for kind in base:
+            if kind not in ("model", "data"):
+                raise ConfigError(f"{path}: unknown base '{kind}'; a run config may name 'model' and 'data'")
+        near = path.resolve().parent.parent  # configs/run/x.yaml -> configs/
+        for kind in ("model", "data"):
+            if kind in base:
+                section = _read_yaml(_find_yaml(kind, str(base[kind]), near))
+                merged = _deep_merge(merged, {kind: section})
+        merged = _deep_merge(merged, run_yaml)
+    if overrides:
+        merged = _deep_merge(merged, parse_overrides(overrides))
+    return _build(Config, merged)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def config_digest(cfg: Config) -> str:
+    """sha256 of the resolved config (stable key order)."""
+    return hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_shape_digest(cfg: Config) -> str:
+    """Digest of what fixes parameter shapes; a resumed run must match it (lr, steps, intervals may change)."""
+    shape = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("drop_path_rate", "drop_rate")}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,49 @@
+"""Logging helpers: ``init_logging`` for entry points, a rank-0 filter, and a rate-limited warning helper."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+__all__ = ["init_logging", "get_rank", "is_rank0", "RateLimitedLog"]
+
+
+def get_rank() -> int:
+    for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def is_rank0() -> bool:
+    return get_rank() == 0
+
+
+def init_logging(level: str | int = "INFO") -> None:
+    """Configure the root logger once: rank 0 logs at ``level``, other ranks log warnings and above."""
+    root = logging.getLogger()
+    if getattr(root, "_pretrain_configured", False):
+        root.setLevel(level if is_rank0() else logging.WARNING)
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    rank = get_rank()
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root.handlers[:] = [handler]
+    root.setLevel(level if rank == 0 else logging.WARNING)
+    root._pretrain_configured = True  # type: ignore[attr-defined]
+
+
+class RateLimitedLog:
+    """Logs the first event of each reason and then every ``every``-th, with the running count."""
+
+    def __init__(self, logger: logging.Logger, every: int = 100):
+        self.logger = logger
+        self.every = max(1, every)
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, reason: str, message: str) -> None:
+        n = self.counts.get(reason, 0) + 1
+        self.counts[reason] = n
+        if n == 1 or n % self.every == 0:
+            self.logger.warning("%s (%s, %d so far)", message, reason, n)
