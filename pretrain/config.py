@@ -361,7 +361,9 @@ def _hints(cls) -> dict[str, Any]:
 
 
 def _suggest(key: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.5)
+    depth = key.count(".")
+    same_depth = [c for c in candidates if c.count(".") == depth]
+    close = difflib.get_close_matches(key, same_depth, n=3, cutoff=0.5)
     if not close:
         # try matching on the last component only, e.g. 'max_step' -> 'trainer.max_steps'
         leaf = key.rsplit(".", 1)[-1]
@@ -408,6 +410,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{key} expects true/false, got {type(value).__name__} {value!r}")
+    if tp in (int, float) and isinstance(value, str):
+        # YAML 1.1 reads '3e-4' (no dot) as a string: accept numeric strings for number fields
+        try:
+            value = int(value) if tp is int else float(value)
+        except ValueError:
+            kind = "an integer" if tp is int else "a number"
+            raise ConfigError(f"{key} expects {kind}, got str {value!r}") from None
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
