@@ -348,11 +348,12 @@ class Config:
 
 def _all_keys(cls=Config, prefix: str = "") -> list[str]:
     keys = []
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         path = f"{prefix}{f.name}"
         keys.append(path)
-        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
-            keys.extend(_all_keys(f.type, path + "."))
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_all_keys(hints[f.name], path + "."))
     return keys
 
 
