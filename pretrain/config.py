@@ -363,8 +363,11 @@ def _hints(cls) -> dict[str, Any]:
 
 def _suggest(key: str, candidates: list[str]) -> str:
     depth = key.count(".")
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf and c != key]  # right field, wrong section
     same_depth = [c for c in candidates if c.count(".") == depth]
-    close = difflib.get_close_matches(key, same_depth, n=3, cutoff=0.5)
+    close = same_leaf + [c for c in difflib.get_close_matches(key, same_depth, n=3, cutoff=0.5) if c not in same_leaf]
+    close = close[:3]
     if not close:
         # try matching on the last component only, e.g. 'max_step' -> 'trainer.max_steps'
         leaf = key.rsplit(".", 1)[-1]
