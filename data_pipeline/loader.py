@@ -1,0 +1,318 @@
+"""A resumable per-rank loader: a DataLoader over :class:`~data_pipeline.stream.ShardStream` plus its position.
+
+The trainer's view::
+
+    loader = build_loader(data_dir, "train", train=True, rank=r, world_size=w, batch_size=b, num_workers=k, seed=s,
+                          shuffle_buffer=1000, transform=t)
+    loader.load_state_dict(client_state["data"])   # on resume
+    for batch in loader:                           # the rest of the current epoch, then the epoch advances
+        ...
+        client_state["data"] = loader.state_dict()
+
+Position: ``batches_done`` counts the batches handed to the consumer in the main process, not what workers
+prefetched, so a checkpoint taken after training on a batch resumes right after it. A new ``iter(loader)`` always
+continues from the stored position (after ``break``, ``load_state_dict`` or ``set_epoch``); only one iteration may be
+active at a time.
+
+Corrupt samples: workers put one event per skipped sample into the batch; the loader counts and logs (first and
+every ``corrupt_log_every``-th per reason) only the events of batches it hands out. The counts are therefore the
+number of skipped samples per reason in the consumed batches, exact whatever the prefetching, and they are part of
+``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from data_pipeline.stream import ShardStream, Transform
+
+__all__ = ["ResumableLoader", "build_loader"]
+
+logger = logging.getLogger(__name__)
+
+_STATE_KEYS = ("epoch", "batches_done", "corrupt", "seed", "world_size", "batch_size")
+
+
+class ResumableLoader:
+    """Iterates one rank's batches epoch after epoch and can resume at any batch.
+
+    Batches are ``{"image": uint8 (B, 3, S, S), "label": int64 (B,), "valid": bool (B,), "index": int64 (B,)}``;
+    rows with ``valid=False`` are zero-filled (a skipped corrupt sample, or eval padding with ``index == -1``) and
+    must be masked out of losses and metrics.
+
+    Args:
+        stream: The rank's :class:`ShardStream`.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        persistent_workers: Keep workers alive across epochs.
+        prefetch_factor: Batches prefetched per worker.
+        corrupt_log_every: Log the first corrupt sample of each reason and then every N-th.
+        pin_memory: Pin batches for faster host-to-device copies.
+        timeout_s: Fail if a worker does not deliver a batch within this many seconds (0: wait forever).
+    """
+
+    def __init__(
+        self,
+        stream: ShardStream,
+        *,
+        num_workers: int,
+        persistent_workers: bool = True,
+        prefetch_factor: int = 2,
+        corrupt_log_every: int = 100,
+        pin_memory: bool = False,
+        timeout_s: float = 0.0,
+    ):
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers} must be >= 0")
+        if prefetch_factor < 1:
+            raise ValueError(f"prefetch_factor={prefetch_factor} must be >= 1")
+        if corrupt_log_every < 1:
+            raise ValueError(f"corrupt_log_every={corrupt_log_every} must be >= 1")
+        self.stream = stream
+        self.num_workers = num_workers
+        self.corrupt_log_every = corrupt_log_every
+        self._epoch = 0
+        self._batches_done = 0
+        self._corrupt: dict[str, int] = {}
+        self._generation = 0  # bumped by every __iter__; an older, abandoned iteration then refuses to go on
+        self._dataloader = DataLoader(
+            stream,
+            batch_size=None,  # the stream yields whole batches
+            num_workers=num_workers,
+            persistent_workers=persistent_workers and num_workers > 0,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            pin_memory=pin_memory,
+            timeout=timeout_s if num_workers > 0 else 0,  # the in-process iterator refuses a timeout
+        )
+
+    # -- position ------------------------------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        """Epoch that the next batch belongs to (the current one while iterating)."""
+        return self._epoch
+
+    @property
+    def batches_done(self) -> int:
+        """Batches of the current epoch handed to the consumer."""
+        return self._batches_done
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in this split, per the manifest."""
+        return self.stream.num_samples
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the same on every rank)."""
+        return self.stream.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Moves to the start of ``epoch``; a no-op when already in ``epoch``, so a resumed position survives the
+        usual ``for epoch in range(start, n): loader.set_epoch(epoch)`` loop."""
+        if epoch < 0:
+            raise ValueError(f"epoch={epoch} must be >= 0")
+        if epoch != self._epoch:
+            self._epoch, self._batches_done = epoch, 0
+
+    def corrupt_counts(self) -> dict[str, int]:
+        """Samples skipped so far per reason (in the batches handed out, across epochs and resumes)."""
+        return dict(self._corrupt)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Small, picklable position for the checkpoint's client state.
+
+        A finished epoch is stored as the start of the next one.
+        """
+        epoch, done = self._epoch, self._batches_done
+        if done >= len(self) > 0:
+            epoch, done = epoch + 1, 0
+        return {
+            "epoch": epoch,
+            "batches_done": done,
+            "corrupt": dict(self._corrupt),
+            "seed": self.stream.seed,
+            "world_size": self.stream.world_size,
+            "batch_size": self.stream.batch_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Makes the next iteration start at batch ``batches_done`` of ``epoch``.
+
+        ``world_size`` and ``batch_size`` may change together as long as their product (the global batch) stays the
+        same: the global sample sequence, and so the meaning of ``batches_done``, is unchanged.
+
+        Raises:
+            ValueError: A key is missing, or the seed or the global batch differ (the message names the field), or
+                ``batches_done`` is beyond this epoch.
+        """
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"loader state lacks {missing}; expected keys {list(_STATE_KEYS)}")
+        seed, world_size, batch_size = int(state["seed"]), int(state["world_size"]), int(state["batch_size"])
+        if seed != self.stream.seed:
+            raise ValueError(
+                f"seed: checkpoint has {seed}, this loader {self.stream.seed}; the sample order would differ"
+            )
+        if world_size * batch_size != self.stream.world_size * self.stream.batch_size:
+            raise ValueError(
+                f"world_size/batch_size: checkpoint has {world_size} x {batch_size}, this loader "
+                f"{self.stream.world_size} x {self.stream.batch_size}; resuming needs the same global batch "
+                "(world_size * batch_size)"
+            )
+        if (world_size, batch_size) != (self.stream.world_size, self.stream.batch_size):
+            logger.info(
+                "resuming the data stream elastically: %d x %d -> %d x %d (same global batch)",
+                world_size,
+                batch_size,
+                self.stream.world_size,
+                self.stream.batch_size,
+            )
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        if epoch < 0 or not 0 <= done <= len(self):
+            raise ValueError(
+                f"batches_done={done} (epoch={epoch}) is outside this split's {len(self)} batches per epoch"
+            )
+        if done == len(self) and done > 0:
+            epoch, done = epoch + 1, 0
+        self._epoch, self._batches_done = epoch, done
+        self._corrupt = {str(k): int(v) for k, v in dict(state["corrupt"]).items()}
+
+    # -- iteration -----------------------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Yields the remaining batches of the current epoch, then moves to the start of the next epoch."""
+        self._generation += 1
+        generation, total = self._generation, len(self)
+        if self._batches_done >= total > 0:
+            # The last batch was handed out but the consumer stopped before asking for more: same as state_dict().
+            self._epoch, self._batches_done = self._epoch + 1, 0
+        self.stream.set_position(self._epoch, self._batches_done)
+        for batch in self._dataloader:
+            if generation != self._generation:
+                raise RuntimeError("this loader iteration was superseded by a newer iter(loader)")
+            self._batches_done += 1
+            self._count_corrupt(batch.pop("corrupt"))
+            yield batch
+        if generation != self._generation:
+            return
+        if self._batches_done != total:
+            # Only a worker that died or yielded too little gets here: never hand out a silently short epoch.
+            raise RuntimeError(f"epoch {self._epoch} ended after {self._batches_done} of {total} batches")
+        self._epoch, self._batches_done = self._epoch + 1, 0
+
+    def iter_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Yields batches forever, epoch after epoch (for step-based training loops)."""
+        if len(self) == 0:
+            raise ValueError("the split has no whole batch: an endless iteration would never yield")
+        while True:
+            yield from self
+
+    def _count_corrupt(self, events: list[tuple[str, str, str]]) -> None:
+        for reason, key, detail in events:
+            n = self._corrupt.get(reason, 0) + 1
+            self._corrupt[reason] = n
+            if n == 1 or n % self.corrupt_log_every == 0:
+                logger.warning(
+                    "skipped sample %s (%s): %s [%d %s so far on rank %d; logging the 1st and every %d-th]",
+                    key,
+                    reason,
+                    detail,
+                    n,
+                    reason,
+                    self.stream.rank,
+                    self.corrupt_log_every,
+                )
+
+    def close(self) -> None:
+        """Stops persistent workers now rather than at garbage collection."""
+        it = getattr(self._dataloader, "_iterator", None)
+        if it is not None:
+            # DataLoader has no public shutdown; its iterator's own shutdown is what __del__ would call.
+            it._shutdown_workers()
+            self._dataloader._iterator = None
+        self._generation += 1
+
+    def __enter__(self) -> ResumableLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def build_loader(
+    data_dir: str | os.PathLike,
+    split: str,
+    *,
+    train: bool,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    shuffle_buffer: int,
+    transform: Transform,
+    persistent_workers: bool = True,
+    prefetch_factor: int = 2,
+    corrupt_log_every: int = 100,
+    image_size: int | None = None,
+    pin_memory: bool = False,
+    timeout_s: float = 0.0,
+) -> ResumableLoader:
+    """Builds the loader of one rank for one split.
+
+    Args:
+        data_dir: Folder with ``manifest.json`` and ``{split}/shard-*.tar``.
+        split: Split to stream (``train``, ``val``).
+        train: Shuffle per epoch and drop less than one global batch; ``False`` gives every sample exactly once
+            across ranks, in write order, padded to equal batch counts, with ``rng=None`` for the transform.
+        rank: This data-parallel rank.
+        world_size: Number of data-parallel ranks.
+        batch_size: Samples per batch on this rank.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        seed: Stream seed (>= 0); the order of an epoch is a pure function of (seed, epoch, manifest).
+        shuffle_buffer: Width of the windowed shuffle, in samples.
+        transform: ``transform(data, ext, rng) -> uint8 (3, S, S)``, raising ``CorruptSample`` on bad data.
+        persistent_workers: Keep workers alive across epochs.
+        prefetch_factor: Batches prefetched per worker.
+        corrupt_log_every: Log the first corrupt sample of each reason and then every N-th.
+        image_size: ``S``, to size zero-filled rows; ``None`` learns it from the first decoded sample.
+        pin_memory: Pin batches for faster host-to-device copies.
+        timeout_s: Fail if a worker does not deliver a batch within this many seconds (0: wait forever).
+
+    Returns:
+        The rank's :class:`ResumableLoader`, positioned at the start of epoch 0.
+
+    Raises:
+        ValueError: Bad arguments, an unknown split, or (``train=True``) a split smaller than one global batch.
+    """
+    stream = ShardStream(
+        data_dir,
+        split,
+        train=train,
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        seed=seed,
+        shuffle_buffer=shuffle_buffer,
+        transform=transform,
+        image_size=image_size,
+    )
+    if train and stream.num_batches == 0:
+        raise ValueError(
+            f"split {split!r} has {stream.num_samples} samples, fewer than one global batch "
+            f"(world_size {world_size} x batch_size {batch_size}); lower data.batch_size"
+        )
+    return ResumableLoader(
+        stream,
+        num_workers=num_workers,
+        persistent_workers=persistent_workers,
+        prefetch_factor=prefetch_factor,
+        corrupt_log_every=corrupt_log_every,
+        pin_memory=pin_memory,
+        timeout_s=timeout_s,
+    )

@@ -1,0 +1,585 @@
+"""Deterministic, resumable sample streams over WebDataset-style tar shards.
+
+The order of an epoch is a pure function of ``(seed, epoch, manifest)``; every rank, worker and resume point derives
+the slice it needs from that order, so nothing has to be communicated between them.
+
+Order of an epoch (``train=True``):
+
+1. the split's shards are permuted with an RNG seeded from ``(seed, epoch)``;
+2. their samples are laid out in that shard order, each shard's samples in write order;
+3. a windowed shuffle mixes samples within about ``shuffle_buffer`` positions: layout position ``i`` gets the sort key
+   ``i + u_i * shuffle_buffer`` with ``u_i ~ U[0, 1)`` and the samples are sorted by key. This deviates from the
+   sequential shuffle buffer of WebDataset on purpose: it mixes as widely (a sample moves by less than
+   ``shuffle_buffer`` places; with ``shuffle_buffer >= num_samples`` it is a uniform permutation), has no block edges,
+   and it is one vectorised ``argsort`` per epoch, cheap enough for every worker to recompute at ImageNet scale;
+4. the order is cut to a multiple of the global batch ``world_size * batch_size`` (less than one global batch is
+   dropped). Global batch ``g`` is positions ``[g * W * B, (g + 1) * W * B)``; rank ``r`` takes rows
+   ``[r * B, (r + 1) * B)`` of it.
+
+Hence rank ``r``'s batch ``b`` does not depend on the number of DataLoader workers, and the global sample sequence
+does not depend on ``world_size`` as long as ``world_size * batch_size`` is constant (elastic resume: the same
+``batches_done`` means the same samples consumed).
+
+Eval (``train=False``): the split in write order, every sample exactly once; the last global batch is padded with
+index ``-1`` so that every rank runs the same number of batches (ZeRO-3 needs equal forward passes per rank).
+
+Sample indices and keys: a sample's index is its write index within the split. Shards hold contiguous ranges in
+manifest order, so sample ``i`` lives in the shard ``s`` with ``offset[s] <= i < offset[s + 1]`` (``offset`` is the
+running sum of the manifest's per-shard ``samples``) and its key is ``f"{split}_{i:08d}"``. The reader checks that
+the tar really holds that key; a shard holding keys outside its range makes its missing keys count as
+``key_mismatch``.
+
+Workers: worker ``w`` of ``K`` yields the batches ``start + w, start + w + K, ...``; PyTorch's DataLoader fetches
+from workers round-robin starting at worker 0, so the batches arrive in order. A worker reads only the samples of
+its own batches, by seeking to member offsets taken from the tar headers (one header scan per shard, cached), so
+skipped batches are neither read nor decoded.
+
+Corrupt data never raises: each affected sample becomes a zero-filled row with ``valid=False`` and one event
+``(reason, key, detail)`` in the batch's ``"corrupt"`` list; the loader in the main process counts and logs the
+events of the batches it hands out, which keeps the counts exact under prefetching and resume. Reasons are listed in
+:data:`CORRUPT_REASONS`.
+
+Per-sample randomness: the transform gets ``np.random.default_rng([seed, epoch, index])`` (``index`` is the sample's
+write index), so a sample's crop is the same whichever rank, worker or resume point produces it; eval passes
+``rng=None``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import tarfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from data_pipeline.errors import DECODE_ERROR, MISSING_IMAGE, MISSING_LABEL, CorruptSample
+from data_pipeline.manifest import Manifest, load_manifest
+
+__all__ = [
+    "CORRUPT_REASONS",
+    "ShardStream",
+    "Transform",
+    "batch_indices",
+    "epoch_order",
+    "num_batches",
+    "plan_batches",
+    "sample_key",
+    "split_shards",
+    "worker_batches",
+]
+
+logger = logging.getLogger(__name__)
+
+Transform = Callable[[bytes, str, "np.random.Generator | None"], torch.Tensor]
+"""``transform(data, ext, rng) -> uint8 tensor (3, S, S)``; raises ``CorruptSample`` on undecodable data."""
+
+CORRUPT_REASONS = (
+    "missing_shard",  # shard listed in the manifest is not on disk (or cannot be opened)
+    "empty_shard",  # shard file holds no members although the manifest lists samples in it
+    "truncated_shard",  # tar ends or breaks mid-way; the samples from the break on are lost
+    "missing_samples",  # tar read cleanly but holds fewer samples than the manifest says
+    "key_mismatch",  # tar holds keys outside the range the manifest implies for this shard
+    "missing_image",  # sample has no image member, or an empty one
+    "missing_label",  # sample has no .cls member
+    "bad_label",  # .cls is not an ASCII int in [0, num_classes)
+    "read_error",  # OSError while reading member bytes
+    "decode_error",  # the transform raised CorruptSample (counted under its own ``reason``, this by default)
+)
+
+# Members that are never the image of a sample.
+_NON_IMAGE_EXTS = frozenset({"cls", "json", "txt"})
+_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
+# Seed-sequence word that keeps the epoch-order RNG apart from the per-sample RNGs ([seed, epoch, index]).
+_ORDER_DOMAIN = 0x0DE7
+# Per-worker caches. The samples in flight come from a window of about shuffle_buffer + world_size * batch_size
+# layout positions, i.e. a handful of shards at usual sizes; an index costs a few hundred bytes per sample, so 32
+# indexes of 10k-sample shards stay near 100 MB per worker.
+_MAX_OPEN_FILES = 16
+_MAX_CACHED_INDEXES = 32
+# Samples tried to learn the image size when a worker's first batch holds no decodable sample.
+_SIZE_PROBE_LIMIT = 256
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Manifest access
+
+
+def split_shards(manifest: Manifest, split: str) -> list[tuple[str, int]]:
+    """Returns ``[(shard name, samples), ...]`` of ``split`` in manifest order.
+
+    Raises:
+        ValueError: ``split`` is not in the manifest (the message lists the known splits).
+    """
+    if split not in manifest.splits:
+        raise ValueError(f"split {split!r} is not in the manifest; known splits: {sorted(manifest.splits)}")
+    return [(sh.name, int(sh.samples)) for sh in manifest.splits[split].shards]
+
+
+def _as_manifest(manifest: Manifest | str | os.PathLike) -> Manifest:
+    return load_manifest(manifest) if isinstance(manifest, (str, os.PathLike)) else manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The plan: pure functions of (seed, epoch, manifest, world_size, batch_size)
+
+
+def sample_key(split: str, index: int) -> str:
+    """Key of the sample with write index ``index`` in ``split`` (``train_00000042``)."""
+    return f"{split}_{index:08d}"
+
+
+def _check_layout_args(world_size: int, rank: int, batch_size: int, shuffle_buffer: int, seed: int, epoch: int) -> None:
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size} must be >= 1")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if shuffle_buffer < 1:
+        raise ValueError(f"shuffle_buffer={shuffle_buffer} must be >= 1")
+    if seed < 0:
+        raise ValueError(f"seed={seed} must be >= 0 (it seeds numpy SeedSequences)")
+    if epoch < 0:
+        raise ValueError(f"epoch={epoch} must be >= 0")
+
+
+def epoch_order(
+    shard_samples: Sequence[int], *, seed: int, epoch: int, shuffle_buffer: int, train: bool = True
+) -> np.ndarray:
+    """The global sample order of one epoch, before the cut to whole global batches.
+
+    Args:
+        shard_samples: Samples per shard, in manifest order.
+        seed: Stream seed.
+        epoch: Epoch number.
+        shuffle_buffer: Width of the windowed shuffle, in samples.
+        train: ``False`` returns write order (eval).
+
+    Returns:
+        int64 array of sample write indices, length ``sum(shard_samples)``.
+    """
+    counts = np.asarray(shard_samples, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    total = int(offsets[-1])
+    if not train:
+        return np.arange(total, dtype=np.int64)
+    rng = np.random.default_rng([_ORDER_DOMAIN, seed, epoch])
+    perm = rng.permutation(len(counts))
+    layout = np.concatenate(
+        [np.arange(offsets[s], offsets[s + 1], dtype=np.int64) for s in perm] or [np.zeros(0, np.int64)]
+    )
+    # Windowed shuffle (see module docstring): position i sorts at i + U[0, shuffle_buffer).
+    keys = np.arange(total, dtype=np.float64) + rng.random(total) * shuffle_buffer
+    return layout[np.argsort(keys, kind="stable")]
+
+
+def num_batches(num_samples: int, *, world_size: int, batch_size: int, train: bool = True) -> int:
+    """Batches per rank per epoch: whole global batches for training, all samples (padded) for eval."""
+    global_batch = world_size * batch_size
+    return num_samples // global_batch if train else math.ceil(num_samples / global_batch)
+
+
+def batch_indices(
+    manifest: Manifest | str | os.PathLike,
+    split: str,
+    *,
+    seed: int,
+    epoch: int,
+    world_size: int,
+    rank: int,
+    batch_size: int,
+    shuffle_buffer: int,
+    train: bool = True,
+) -> np.ndarray:
+    """Sample write indices of every batch of one rank in one epoch.
+
+    Args:
+        manifest: A loaded manifest, or the data folder holding ``manifest.json``.
+        split: Split name (``train``, ``val``).
+        seed: Stream seed (>= 0).
+        epoch: Epoch number (>= 0).
+        world_size: Number of data-parallel ranks.
+        rank: This rank.
+        batch_size: Samples per batch per rank.
+        shuffle_buffer: Width of the windowed shuffle, in samples.
+        train: Shuffle and drop the last partial global batch; ``False`` keeps write order and pads with ``-1``.
+
+    Returns:
+        int64 array ``(num_batches, batch_size)``; ``-1`` marks eval padding rows.
+    """
+    _check_layout_args(world_size, rank, batch_size, shuffle_buffer, seed, epoch)
+    shards = split_shards(_as_manifest(manifest), split)
+    order = epoch_order([n for _, n in shards], seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, train=train)
+    n_batches = num_batches(len(order), world_size=world_size, batch_size=batch_size, train=train)
+    global_batch = world_size * batch_size
+    grid = np.full(n_batches * global_batch, -1, dtype=np.int64)
+    used = min(len(order), len(grid))  # train: cut to whole global batches; eval: the rest stays -1 padding
+    grid[:used] = order[:used]
+    # (n_batches, W, B): global batch g, rank r's rows
+    return grid.reshape(n_batches, world_size, batch_size)[:, rank, :].copy()
+
+
+def plan_batches(
+    manifest: Manifest | str | os.PathLike,
+    split: str,
+    *,
+    seed: int,
+    epoch: int,
+    world_size: int,
+    rank: int,
+    batch_size: int,
+    shuffle_buffer: int,
+    train: bool = True,
+) -> list[list[str]]:
+    """Sample keys of every batch of one rank in one epoch, exactly as the loader yields them.
+
+    Same arguments as :func:`batch_indices`; eval padding rows are omitted, so the last eval batches may be shorter
+    (or empty). ``pretrain data plan`` prints this; ``--skip-batches N`` is ``plan[N:]``.
+    """
+    grid = batch_indices(
+        manifest,
+        split,
+        seed=seed,
+        epoch=epoch,
+        world_size=world_size,
+        rank=rank,
+        batch_size=batch_size,
+        shuffle_buffer=shuffle_buffer,
+        train=train,
+    )
+    return [[sample_key(split, int(i)) for i in row if i >= 0] for row in grid]
+
+
+def worker_batches(n_batches: int, *, num_workers: int, worker: int, start_batch: int = 0) -> range:
+    """Batch numbers produced by DataLoader worker ``worker`` when an epoch starts at ``start_batch``.
+
+    The DataLoader asks workers round-robin from worker 0 and returns results in request order, so worker ``w``
+    owning batches ``start_batch + w (mod num_workers)`` delivers the batches in order. ``num_workers=0`` (main
+    process) is one worker.
+    """
+    k = max(1, num_workers)
+    if not 0 <= worker < k:
+        raise ValueError(f"worker={worker} must be in [0, {k})")
+    return range(start_batch + worker, n_batches, k)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading samples out of tar shards
+
+
+@dataclass
+class _ShardIndex:
+    """Members of one shard by key: ``{key: {ext: (offset_data, size)}}`` plus what went wrong reading it."""
+
+    members: dict[str, dict[str, tuple[int, int]]]
+    problem: str | None  # missing_shard / empty_shard / truncated_shard: explains every key not in `members`
+    detail: str
+    foreign_keys: bool  # keys outside the shard's expected range: absent keys are key_mismatch
+
+
+def _index_shard(path: Path, expected: range, split: str) -> _ShardIndex:
+    """Scans tar headers only (tarfile seeks over member data) and groups members by key."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        return _ShardIndex({}, "missing_shard", f"{path}: {e.strerror or e}", False)
+    if size == 0:
+        return _ShardIndex({}, "empty_shard", f"{path}: 0 bytes", False)
+    members: dict[str, dict[str, tuple[int, int]]] = {}
+    problem, detail = None, ""
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, dot, ext = info.name.rsplit("/", 1)[-1].partition(".")
+                if not dot:
+                    continue
+                if info.offset_data + info.size > size:
+                    problem, detail = "truncated_shard", f"{path}: member {info.name} ends past the end of the file"
+                    members.pop(key, None)  # the sample at the break is lost as a whole
+                    break
+                members.setdefault(key, {})[ext] = (info.offset_data, info.size)
+            else:
+                if members and tar.offset >= size:
+                    # tarfile treats a file cut exactly between members as complete: the end-of-archive blocks tell.
+                    problem, detail = (
+                        "truncated_shard",
+                        f"{path}: no end-of-archive marker after {len(members)} samples",
+                    )
+    except (tarfile.TarError, OSError, EOFError) as e:
+        # Members indexed before the break are intact; a sample that lost members reports them as missing.
+        problem, detail = "truncated_shard", f"{path}: {type(e).__name__}: {e}"
+    if problem is None and not members:
+        problem, detail = "empty_shard", f"{path}: no members"
+    foreign = any(_key_index(split, k) not in expected for k in members)
+    return _ShardIndex(members, problem, detail, foreign)
+
+
+def _key_index(split: str, key: str) -> int:
+    """Write index encoded in ``key``, or -1 if the key is not ``{split}_{digits}``."""
+    prefix, sep, digits = key.rpartition("_")
+    return int(digits) if sep and prefix == split and digits.isdigit() else -1
+
+
+class _ShardReader:
+    """Per-process cache of shard indexes and open shard files (both LRU)."""
+
+    def __init__(self, data_dir: Path, split: str, shards: Sequence[tuple[str, int]], offsets: np.ndarray):
+        self.data_dir, self.split, self.shards, self.offsets = data_dir, split, shards, offsets
+        self.pid = os.getpid()
+        self._indexes: OrderedDict[int, _ShardIndex] = OrderedDict()
+        self._files: OrderedDict[int, Any] = OrderedDict()
+
+    def index(self, shard: int) -> _ShardIndex:
+        idx = self._indexes.get(shard)
+        if idx is None:
+            expected = range(int(self.offsets[shard]), int(self.offsets[shard + 1]))
+            idx = _index_shard(self.data_dir / self.shards[shard][0], expected, self.split)
+            self._indexes[shard] = idx
+            if len(self._indexes) > _MAX_CACHED_INDEXES:
+                self._indexes.popitem(last=False)
+        else:
+            self._indexes.move_to_end(shard)
+        return idx
+
+    def read(self, shard: int, offset: int, size: int) -> bytes:
+        f = self._files.get(shard)
+        if f is None:
+            f = open(self.data_dir / self.shards[shard][0], "rb")  # noqa: SIM115 - kept open in the LRU
+            self._files[shard] = f
+            if len(self._files) > _MAX_OPEN_FILES:
+                self._files.popitem(last=False)[1].close()
+        else:
+            self._files.move_to_end(shard)
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"short read: {len(data)} of {size} bytes at offset {offset}")
+        return data
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def _pick_image(exts: dict[str, tuple[int, int]]) -> str | None:
+    for ext in _IMAGE_EXTS:
+        if ext in exts:
+            return ext
+    others = [e for e in exts if e not in _NON_IMAGE_EXTS]
+    return others[0] if others else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The dataset
+
+
+class ShardStream(IterableDataset):
+    """Yields one rank's batches of one epoch, already collated; use with ``DataLoader(batch_size=None)``.
+
+    Each yielded item is ``{"image": uint8 (B, 3, S, S), "label": int64 (B,), "valid": bool (B,), "index": int64 (B,),
+    "corrupt": [(reason, key, detail), ...]}``. Invalid rows are zero-filled; ``index`` is the sample's write index,
+    or ``-1`` for eval padding.
+
+    The epoch and the first batch to produce live in shared memory (:meth:`set_position`), so persistent DataLoader
+    workers see changes made in the main process when the next iteration starts.
+
+    Args:
+        data_dir: Folder with ``manifest.json`` and the shards.
+        split: Split to stream.
+        train: Shuffle and drop the last partial global batch (``False``: write order, padded, ``rng=None``).
+        rank: This rank.
+        world_size: Number of data-parallel ranks.
+        batch_size: Samples per batch on this rank.
+        seed: Stream seed (>= 0).
+        shuffle_buffer: Width of the windowed shuffle, in samples.
+        transform: ``transform(data, ext, rng) -> uint8 (3, S, S)``.
+        image_size: ``S``; ``None`` takes ``transform.img_size`` if there is one, else learns it from the first
+            decoded sample (needed to zero-fill padding).
+        manifest: An already loaded manifest (default: read from ``data_dir``).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        split: str,
+        *,
+        train: bool,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        seed: int,
+        shuffle_buffer: int,
+        transform: Transform,
+        image_size: int | None = None,
+        manifest: Manifest | None = None,
+    ):
+        super().__init__()
+        _check_layout_args(world_size, rank, batch_size, shuffle_buffer, seed, 0)
+        self.data_dir = Path(data_dir)
+        self.manifest = manifest if manifest is not None else load_manifest(self.data_dir)
+        self.split, self.train, self.rank, self.world_size = split, train, rank, world_size
+        self.batch_size, self.seed, self.shuffle_buffer, self.transform = batch_size, seed, shuffle_buffer, transform
+        # TrainTransform/EvalTransform expose their output side; knowing it up front avoids probing for it.
+        self.image_size = image_size if image_size is not None else getattr(transform, "img_size", None)
+        self.shards = split_shards(self.manifest, split)
+        self.offsets = np.concatenate([[0], np.cumsum([n for _, n in self.shards], dtype=np.int64)]).astype(np.int64)
+        self.num_samples = int(self.offsets[-1])
+        self.num_batches = num_batches(self.num_samples, world_size=world_size, batch_size=batch_size, train=train)
+        self.num_classes = len(self.manifest.classes)
+        # [epoch, start_batch]; fork/spawn hand the same shared page to the workers.
+        self._position = multiprocessing.RawArray("q", 2)
+        self._reader: _ShardReader | None = None
+        self._plan_cache: tuple[int, np.ndarray] | None = None
+
+    def set_position(self, epoch: int, start_batch: int) -> None:
+        """Makes the next ``iter()`` (in the main process or any worker) produce ``epoch`` from ``start_batch``."""
+        if epoch < 0 or not 0 <= start_batch <= self.num_batches:
+            raise ValueError(f"position epoch={epoch}, start_batch={start_batch} out of range (0..{self.num_batches})")
+        self._position[0], self._position[1] = epoch, start_batch
+
+    def epoch_batches(self, epoch: int) -> np.ndarray:
+        """This rank's ``(num_batches, batch_size)`` sample indices of ``epoch`` (cached for the last epoch asked)."""
+        if self._plan_cache is None or self._plan_cache[0] != epoch:
+            grid = batch_indices(
+                self.manifest,
+                self.split,
+                seed=self.seed,
+                epoch=epoch,
+                world_size=self.world_size,
+                rank=self.rank,
+                batch_size=self.batch_size,
+                shuffle_buffer=self.shuffle_buffer,
+                train=self.train,
+            )
+            self._plan_cache = (epoch, grid)
+        return self._plan_cache[1]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch, start = int(self._position[0]), int(self._position[1])
+        info = get_worker_info()
+        worker, n_workers = (0, 0) if info is None else (info.id, info.num_workers)
+        mine = worker_batches(self.num_batches, num_workers=n_workers, worker=worker, start_batch=start)
+        if len(mine) == 0:
+            return
+        grid = self.epoch_batches(epoch)
+        if self._reader is None or self._reader.pid != os.getpid():
+            # A forked worker must not share the parent's file offsets: every process opens its own files.
+            self._reader = _ShardReader(self.data_dir, self.split, self.shards, self.offsets)
+        for b in mine:
+            yield self._make_batch(grid[b], epoch, grid)
+
+    # -- one batch -------------------------------------------------------------------------------------------------
+
+    def _load(self, index: int, epoch: int) -> tuple[torch.Tensor | None, int, tuple[str, str, str] | None]:
+        """Reads and transforms one sample: ``(image, label, None)`` or ``(None, 0, (reason, key, detail))``."""
+        assert self._reader is not None
+        key = sample_key(self.split, index)
+        shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        shard_name = self.shards[shard][0]
+        idx = self._reader.index(shard)
+        exts = idx.members.get(key)
+        if exts is None:
+            if idx.problem is not None:
+                return None, 0, (idx.problem, key, idx.detail)
+            if idx.foreign_keys:
+                return None, 0, ("key_mismatch", key, f"{shard_name} holds keys outside its manifest range")
+            return None, 0, ("missing_samples", key, f"{shard_name} has no sample {key}")
+        image_ext = _pick_image(exts)
+        if image_ext is None or exts[image_ext][1] == 0:
+            return None, 0, (MISSING_IMAGE, key, f"{shard_name}: members {sorted(exts)}")
+        if "cls" not in exts:
+            return None, 0, (MISSING_LABEL, key, f"{shard_name}: members {sorted(exts)}")
+        try:
+            raw_label = self._reader.read(shard, *exts["cls"])
+            data = self._reader.read(shard, *exts[image_ext])
+        except OSError as e:
+            return None, 0, ("read_error", key, f"{shard_name}: {e}")
+        try:
+            label = int(raw_label.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            return None, 0, ("bad_label", key, f"{shard_name}: .cls={raw_label[:32]!r}")
+        if self.num_classes and not 0 <= label < self.num_classes:
+            return None, 0, ("bad_label", key, f"{shard_name}: label {label} not in [0, {self.num_classes})")
+        rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
+        try:
+            image = self.transform(data, image_ext, rng)
+        except CorruptSample as e:
+            return None, 0, (e.reason or DECODE_ERROR, key, f"{shard_name}: {e.detail}")
+        except Exception as e:
+            # Anything but CorruptSample is a bug in the transform: fail loudly, but say which sample hit it.
+            raise RuntimeError(f"transform failed on {key} ({shard_name}, .{image_ext}): {e!r}") from e
+        self._check_image(image, key)
+        return image, label, None
+
+    def _check_image(self, image: Any, key: str) -> None:
+        if not (
+            isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3
+        ):
+            got = f"{type(image).__name__} {getattr(image, 'dtype', '')} {tuple(getattr(image, 'shape', ()))}"
+            raise TypeError(f"transform must return a uint8 tensor (3, S, S); got {got} for {key}")
+        if self.image_size is None:
+            self.image_size = int(image.shape[-1])
+        if tuple(image.shape[1:]) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"transform returned {tuple(image.shape)} for {key}; the stream's image_size is {self.image_size}"
+            )
+
+    def _probe_image_size(self, epoch: int, grid: np.ndarray) -> int:
+        """Decodes samples of the epoch until one works, to size an all-invalid batch before any success (rare)."""
+        for index in grid.reshape(-1)[:_SIZE_PROBE_LIMIT]:
+            if index >= 0:
+                image, _, _ = self._load(int(index), epoch)
+                if image is not None:
+                    return int(image.shape[-1])
+        raise RuntimeError(
+            f"no decodable sample among the first {_SIZE_PROBE_LIMIT} of split {self.split!r} on rank {self.rank}; "
+            "pass image_size to size the padding, or check the data with `pretrain data inspect`"
+        )
+
+    def _make_batch(self, rows: np.ndarray, epoch: int, grid: np.ndarray) -> dict[str, Any]:
+        images: list[torch.Tensor | None] = []
+        labels = torch.zeros(self.batch_size, dtype=torch.int64)
+        valid = torch.zeros(self.batch_size, dtype=torch.bool)
+        events: list[tuple[str, str, str]] = []
+        for i, index in enumerate(rows.tolist()):
+            if index < 0:  # eval padding
+                images.append(None)
+                continue
+            image, label, event = self._load(index, epoch)
+            images.append(image)
+            if event is not None:
+                events.append(event)
+            else:
+                labels[i], valid[i] = label, True
+        if self.image_size is None:
+            self.image_size = self._probe_image_size(epoch, grid)
+        s = self.image_size
+        batch_images = torch.zeros(self.batch_size, 3, s, s, dtype=torch.uint8)  # (B, 3, S, S)
+        for i, image in enumerate(images):
+            if image is not None:
+                batch_images[i] = image
+        return {
+            "image": batch_images,
+            "label": labels,
+            "valid": valid,
+            "index": torch.as_tensor(rows, dtype=torch.int64).clone(),
+            "corrupt": events,
+        }
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Open files and caches stay in the process that made them; workers build their own.
+        state = self.__dict__.copy()
+        state["_reader"], state["_plan_cache"] = None, None
+        return state

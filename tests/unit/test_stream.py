@@ -1,0 +1,318 @@
+"""The deterministic, resumable stream: coverage, equal batches, resume, order, corrupt data, eval padding."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import (
+    SIZE,
+    make_dataset,
+    png_bytes,
+    png_transform,
+    sample_members,
+    shard_name,
+    write_manifest,
+    write_tar,
+)
+
+from data_pipeline.loader import ResumableLoader, build_loader
+from data_pipeline.stream import load_manifest, plan_batches, sample_key
+
+# A hang (a worker never delivering) must fail the test instead of blocking the suite.
+pytestmark = [
+    pytest.mark.timeout(90),
+    # 3 workers on a 2-core machine are intended here (worker layout coverage), not a misconfiguration.
+    pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning"),
+]
+
+TRAIN_SHARDS = [9, 7, 11, 0, 8, 10, 6]  # 51 samples; an empty shard listed with 0 samples
+VAL_SHARDS = [7, 6]  # 13 samples
+SEED, BUFFER, BATCH = 7, 16, 4
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("shards"), {"train": TRAIN_SHARDS, "val": VAL_SHARDS})
+
+
+def _loader(data_dir: Path, *, rank: int = 0, world_size: int = 1, workers: int = 0, **kw) -> ResumableLoader:
+    args = dict(train=True, batch_size=BATCH, seed=SEED, shuffle_buffer=BUFFER, transform=png_transform, timeout_s=60)
+    args.update(kw)
+    return build_loader(
+        data_dir, args.pop("split", "train"), rank=rank, world_size=world_size, num_workers=workers, **args
+    )
+
+
+def _expected_image(index: int, epoch: int, train: bool = True) -> torch.Tensor:
+    rng = np.random.default_rng([SEED, epoch, index]) if train else None
+    return png_transform(png_bytes(index), "png", rng)
+
+
+def _keys(batch: dict[str, torch.Tensor], split: str = "train") -> list[str]:
+    return [sample_key(split, int(i)) for i, v in zip(batch["index"], batch["valid"]) if v]
+
+
+def _assert_same_batches(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        for name in ("index", "valid", "label", "image"):
+            assert torch.equal(g[name], w[name]), name
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("workers", [0, 1, 2, 3])
+def test_each_sample_once_per_epoch_equal_batches(data_dir: Path, world_size: int, workers: int) -> None:
+    """Two epochs from one loader per rank; the loader yields plan_batches exactly, whatever the worker count."""
+    persistent = workers != 2  # workers=2 restarts its workers every epoch; 1 and 3 keep them
+    n, global_batch = sum(TRAIN_SHARDS), world_size * BATCH
+    manifest = load_manifest(data_dir)
+    seen: dict[int, list[int]] = {0: [], 1: []}
+    for rank in range(world_size):
+        loader = _loader(data_dir, rank=rank, world_size=world_size, workers=workers, persistent_workers=persistent)
+        for epoch in range(2):
+            assert loader.epoch == epoch
+            batches = list(loader)
+            assert len(batches) == len(loader) == n // global_batch  # the same on every rank
+            plan = plan_batches(
+                manifest, "train", seed=SEED, epoch=epoch, world_size=world_size, rank=rank, batch_size=BATCH,
+                shuffle_buffer=BUFFER,
+            )  # fmt: skip
+            assert [_keys(b) for b in batches] == plan
+            for b in batches:
+                assert b["image"].shape == (BATCH, 3, SIZE, SIZE) and b["image"].dtype == torch.uint8
+                assert bool(b["valid"].all())
+                assert torch.equal(b["label"], b["index"] % 3)
+                for row, i in enumerate(b["index"].tolist()):
+                    assert torch.equal(b["image"][row], _expected_image(i, epoch))
+                seen[epoch] += b["index"].tolist()
+        assert loader.epoch == 2 and loader.batches_done == 0  # each finished epoch advanced the loader
+        loader.close()
+    for order in seen.values():
+        assert len(order) == len(set(order)) and set(order) <= set(range(n))  # no sample twice
+        assert 0 <= n - len(order) < global_batch  # less than one global batch dropped
+    assert seen[0] != seen[1]
+
+
+def test_order_is_a_pure_function_of_seed_and_epoch(data_dir: Path) -> None:
+    manifest = load_manifest(data_dir)
+    kw = dict(world_size=1, rank=0, batch_size=BATCH, shuffle_buffer=BUFFER)
+    flat = lambda seed, epoch: sum(plan_batches(manifest, "train", seed=seed, epoch=epoch, **kw), [])
+    assert flat(SEED, 0) == flat(SEED, 0) == sum(plan_batches(data_dir, "train", seed=SEED, epoch=0, **kw), [])
+    assert flat(SEED, 0) != flat(SEED, 1)
+    assert flat(SEED, 0) != flat(SEED + 1, 0)
+    order = [int(k.split("_")[1]) for k in flat(SEED, 0)]
+    assert order != sorted(order)
+    # The windowed shuffle mixes across shard boundaries: some batch holds samples of two shards.
+    bounds = np.cumsum(TRAIN_SHARDS)
+    shards_of = [set(np.searchsorted(bounds, order[i : i + BATCH], side="right")) for i in range(0, len(order), BATCH)]
+    assert any(len(s) > 1 for s in shards_of)
+
+
+@pytest.mark.parametrize("position", [0, 3, 11, 12, 17])  # 12 batches per epoch: start, mid, last, boundary, epoch 1
+def test_resume_gives_identical_continuation(data_dir: Path, position: int) -> None:
+    world_size, rank = 2, 1
+    per_epoch = sum(TRAIN_SHARDS) // (world_size * 2)  # 12
+    kw = dict(rank=rank, world_size=world_size, batch_size=2)
+    ref_loader = _loader(data_dir, workers=1, **kw)
+    reference = list(itertools.islice(ref_loader.iter_batches(), 2 * per_epoch))
+    ref_loader.close()
+
+    first = _loader(data_dir, workers=2, **kw)
+    consumed = list(itertools.islice(first.iter_batches(), position))
+    state = first.state_dict()
+    first.close()
+    assert state["epoch"] == position // per_epoch and state["batches_done"] == position % per_epoch
+
+    # 3 workers restarting every epoch: a start batch that is not a multiple of the worker count is covered
+    resumed = _loader(data_dir, workers=3, persistent_workers=False, **kw)
+    resumed.load_state_dict(state)
+    rest = list(itertools.islice(resumed.iter_batches(), 2 * per_epoch - position))
+    resumed.close()
+    _assert_same_batches(consumed + rest, reference)
+
+
+def test_position_api(data_dir: Path) -> None:
+    loader = _loader(data_dir)
+    n = len(loader)
+    for i, _ in enumerate(loader):
+        if i == n - 1:
+            break  # holding the last batch: the checkpoint must point at the next epoch
+    assert (loader.epoch, loader.batches_done) == (0, n)
+    assert (loader.state_dict()["epoch"], loader.state_dict()["batches_done"]) == (1, 0)
+    first = next(iter(loader))
+    assert loader.epoch == 1 and loader.batches_done == 1
+    plan = plan_batches(
+        data_dir, "train", seed=SEED, epoch=1, world_size=1, rank=0, batch_size=BATCH, shuffle_buffer=BUFFER
+    )
+    assert _keys(first) == plan[0]
+    loader.set_epoch(1)  # same epoch: keeps the position (the usual epoch loop after a resume)
+    assert loader.batches_done == 1
+    loader.set_epoch(3)
+    assert (loader.epoch, loader.batches_done) == (3, 0)
+
+    state = loader.state_dict()
+    with pytest.raises(ValueError, match="seed"):
+        _loader(data_dir, seed=SEED + 1).load_state_dict(state)
+    with pytest.raises(ValueError, match="world_size"):
+        _loader(data_dir, batch_size=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="batches_done"):
+        loader.load_state_dict({**state, "batches_done": n + 1})
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        _loader(data_dir, batch_size=64)
+
+
+def test_elastic_same_global_batch(data_dir: Path) -> None:
+    """W=2, B=4 and W=1, B=8 see the same global sample sequence, and a state moves from one to the other."""
+    halves = [
+        plan_batches(data_dir, "train", seed=SEED, epoch=0, world_size=2, rank=r, batch_size=4, shuffle_buffer=BUFFER)
+        for r in range(2)
+    ]
+    single = _loader(data_dir, batch_size=8)
+    whole = [_keys(b) for b in single]
+    assert whole == [a + b for a, b in zip(*halves)]
+
+    two = _loader(data_dir, rank=0, world_size=2, batch_size=4)
+    list(itertools.islice(iter(two), 2))
+    one = _loader(data_dir, batch_size=8)
+    one.load_state_dict(two.state_dict())
+    assert [_keys(b) for b in one] == whole[2:]
+
+
+def _corrupt_dataset(root: Path) -> tuple[Path, dict[str, int], set[int]]:
+    """Train split of 48 samples in 9 shards, 24 of them bad in every way the stream must survive."""
+    split, good, bad = "train", set(range(48)), {}
+    write = lambda shard, indices, edit=None: write_tar(
+        root / shard_name(split, shard),
+        [edit(*sample_members(split, i)) if edit else sample_members(split, i) for i in indices],
+    )
+    write(0, range(0, 6))
+    # shard 1: cut inside the PNG of sample 9; samples 9..11 are lost
+    write(1, range(6, 12))
+    path = root / shard_name(split, 1)
+    with tarfile.open(path) as tar:
+        cut = tar.getmember(f"{sample_key(split, 9)}.png").offset_data + 10
+    path.write_bytes(path.read_bytes()[:cut])
+    bad["truncated_shard"] = 3
+
+    def damage(key: str, members: dict[str, bytes]) -> tuple[str, dict[str, bytes]]:
+        index = int(key.split("_")[1])
+        if index == 13:
+            members["png"] = b"this is not an image"
+        elif index == 14:
+            del members["cls"]
+        elif index == 15:
+            members["cls"] = b"x"
+        elif index == 16:
+            members["cls"] = b"7"  # out of range: 3 classes
+        return key, members
+
+    write(2, range(12, 18), damage)
+    bad.update(decode_error=1, missing_label=1, bad_label=2)
+    (root / shard_name(split, 3)).write_bytes(b"")  # listed with 4 samples, 0 bytes
+    bad["empty_shard"] = 4
+    bad["missing_shard"] = 5  # shard 4 (samples 22..26) is not written
+    write(5, range(27, 31))  # listed with 6 samples
+    bad["missing_samples"] = 2
+    write_tar(root / shard_name(split, 6), [sample_members(split, 900 + i) for i in range(3)])  # wrong keys
+    bad["key_mismatch"] = 3
+    write(7, [])  # a valid, empty tar listed with 0 samples
+    # shard 8: cut exactly between samples 44 and 45 (tarfile alone would call it complete); 45..47 are lost
+    write(8, range(36, 48))
+    path = root / shard_name(split, 8)
+    with tarfile.open(path) as tar:
+        cut = tar.getmember(f"{sample_key(split, 45)}.png").offset
+    path.write_bytes(path.read_bytes()[:cut])
+    bad["truncated_shard"] += 3
+    write_manifest(root, {split: [6, 6, 6, 4, 5, 6, 3, 0, 12]})
+    good -= {9, 10, 11, 13, 14, 15, 16, *range(18, 27), 31, 32, 33, 34, 35, 45, 46, 47}
+    assert sum(bad.values()) == 48 - len(good)
+    return root, bad, good
+
+
+@pytest.mark.timeout(60)
+def test_corrupt_data_is_skipped_and_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data_dir, expected, good = _corrupt_dataset(tmp_path)
+    totals: dict[str, int] = {}
+    valid_seen: list[int] = []
+    for rank in range(2):
+        loader = _loader(data_dir, rank=rank, world_size=2, workers=2, timeout_s=30)
+        assert len(loader) == 6  # 48 samples, global batch 8: nothing dropped
+        for b in loader:
+            valid_seen += b["index"][b["valid"]].tolist()
+            assert (b["image"][~b["valid"]] == 0).all() and (b["label"][~b["valid"]] == 0).all()
+            for row, i in enumerate(b["index"].tolist()):
+                assert bool(b["valid"][row]) == (i in good)
+                if i in good:
+                    assert torch.equal(b["image"][row], _expected_image(i, 0))
+        assert loader.state_dict()["corrupt"] == loader.corrupt_counts()
+        for reason, n in loader.corrupt_counts().items():
+            totals[reason] = totals.get(reason, 0) + n
+        loader.close()
+    assert sorted(valid_seen) == sorted(good)
+    assert totals == expected
+
+    # Rate-limited logging: the 1st and every 2nd of each reason (missing_shard: 5 events -> 1st, 2nd, 4th).
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.loader"):
+        single = _loader(data_dir, batch_size=8, corrupt_log_every=2)
+        list(single)
+    assert single.corrupt_counts() == expected
+    assert sum("(missing_shard)" in r.getMessage() for r in caplog.records) == 3
+
+
+@pytest.mark.timeout(60)
+def test_corrupt_counts_survive_resume(tmp_path: Path) -> None:
+    data_dir, _, _ = _corrupt_dataset(tmp_path)
+    full = _loader(data_dir, workers=1, timeout_s=30)
+    reference = list(itertools.islice(full.iter_batches(), 15))  # 12 per epoch: into epoch 1
+    want = full.corrupt_counts()
+    full.close()
+
+    first = _loader(data_dir, workers=2, timeout_s=30)
+    head = list(itertools.islice(first.iter_batches(), 7))
+    state = first.state_dict()
+    first.close()
+    resumed = _loader(data_dir, workers=2, persistent_workers=False, timeout_s=30)
+    resumed.load_state_dict(state)
+    tail = list(itertools.islice(resumed.iter_batches(), 8))
+    resumed.close()
+    _assert_same_batches(head + tail, reference)
+    assert resumed.corrupt_counts() == want and resumed.state_dict()["corrupt"] == want
+
+
+def test_transform_bug_is_loud(data_dir: Path) -> None:
+    def broken(data: bytes, ext: str, rng: np.random.Generator | None) -> torch.Tensor:
+        raise KeyError("bug")
+
+    with pytest.raises(RuntimeError, match=r"transform failed on train_\d{8}"):
+        next(iter(_loader(data_dir, transform=broken)))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_eval_every_sample_once_padded(data_dir: Path, world_size: int) -> None:
+    n, seen, lengths = sum(VAL_SHARDS), [], set()
+    for rank in range(world_size):
+        loader = _loader(data_dir, split="val", train=False, rank=rank, world_size=world_size, workers=1)
+        batches = list(loader)
+        loader.close()
+        lengths.add(len(batches))
+        plan = plan_batches(
+            data_dir, "val", seed=SEED, epoch=0, world_size=world_size, rank=rank, batch_size=BATCH,
+            shuffle_buffer=BUFFER, train=False,
+        )  # fmt: skip
+        assert [_keys(b, "val") for b in batches] == plan
+        for b in batches:
+            pad = ~b["valid"]
+            assert (b["index"][pad] == -1).all() and (b["image"][pad] == 0).all()
+            for row, i in enumerate(b["index"].tolist()):
+                if i >= 0:
+                    assert torch.equal(b["image"][row], _expected_image(i, 0, train=False))
+            seen += b["index"][b["valid"]].tolist()
+    assert lengths == {-(-n // (world_size * BATCH))}
+    assert sorted(seen) == list(range(n))
