@@ -1,0 +1,458 @@
+"""SeT attention: tokens transported onto a learned reference set by entropic optimal transport, and back.
+
+SeTformer (Shamsolmoali et al., "SeTformer is What You Need for Vision and Language", AAAI 2024, arXiv 2401.03540)
+replaces dot-product self-attention with "SeT": embed the tokens in an RKHS (Nystrom approximation of a
+positive-definite kernel), align them with a learned reference set by Sinkhorn's algorithm, and aggregate along the
+transport plan. The paper body and code are not available; this layer follows docs/MODELS.md §1.3 and the project
+decisions of §5, which reconstruct the layer from OTKE (Mialon et al., ICLR 2021, ``claying/OTK``). INFERRED parts
+and the choices made here:
+
+- Per head: an input projection (one ``Linear(C, C)`` split into heads, like a query projection; optional), then the
+  Nystrom map ``psi(x) = |x| kappa(Z x/|x|) kappa(Z Z^T)^(-1/2)`` with ``k`` learnable anchors ``Z`` renormalised
+  to unit norm in every forward, ``kappa(t) = exp(alpha (t - 1))``, ``alpha = 1 / kernel_sigma**2``. The whitening
+  ``(kappa(Z Z^T) + ridge I)^(-1/2)`` is computed in float32 by an eigendecomposition with a hand-written backward
+  (the divided differences of ``s^(-1/2)`` have a closed form, so degenerate eigenvalues cause no blow-up).
+- Reference ``y``: ``p`` learnable slots per head, laid out on an ``a x b`` grid (``a = b = sqrt(p)`` when ``p`` is
+  square, otherwise the most square factorisation), used by the positional penalty only.
+- Similarity ``S = psi(X) y^T``; Gibbs kernel ``K = exp(S / eps) * W`` with ``W_ij = exp(-|pos_i - pos_j|_1 /
+  pos_sigma)``, token and reference positions being cell centres scaled to ``[0, 1]^2``. "Modulating" the cost by
+  ``W`` is thus an additive, linear-in-distance term of the cost (``-S - eps log W``): it keeps its meaning for
+  similarities of either sign (OTKE's ``W * S`` flips for negative ``S``) and leaves the marginals exact (OTKE also
+  multiplies the final plan by ``W``, which breaks them). The L1 distance makes ``W`` separable over rows/columns.
+- Entropic OT with uniform marginals (rows ``1/n``, columns ``1/p``), log-domain Sinkhorn, ``L`` iterations of (row,
+  column) updates, the column update last: column marginals are exact, row marginals converge. The backward of the
+  unrolled iterations is hand-written: it recomputes the ``n x p`` softmax factors from the saved log-kernel and the
+  ``L`` pairs of potentials, so two ``n x p`` tensors per head are kept for backward instead of ``2 L + 1``.
+- Output, option (b) of §1.3: ``A = p T^T psi(X)`` (every slot a convex combination of tokens), then
+  ``out = n T A`` (every token a near-convex combination of slots), heads merged, ``Linear(h k, C)``. Cost and memory
+  are ``O(n p)`` per head: no ``n x n`` tensor exists.
+- Positional term of the backbone: a LePE-style depthwise 3x3 conv on the values ``psi(X)`` (as CSWin does on V),
+  added to the transported output before the head merge.
+
+:class:`SoftmaxAttention` is the ablation: the same surface with global multi-head softmax attention
+(``F.scaled_dot_product_attention``) and the same LePE on V.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "SetAttention",
+    "SoftmaxAttention",
+    "inverse_sqrt_psd",
+    "log_sinkhorn",
+    "log_sinkhorn_unrolled",
+    "positional_log_weight",
+    "reference_grid_shape",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------ matrix inverse sqrt
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Leave autocast for a float32 region (a no-op where autocast is off or the device has none, e.g. meta)."""
+    if device.type in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class _InverseSqrtPSD(torch.autograd.Function):
+    """``M^(-1/2)`` of symmetric positive-definite ``M`` by ``eigh``, with a Daleckii-Krein backward.
+
+    For ``F(M) = V f(S) V^T`` the gradient is ``V (D o (V^T G_sym V)) V^T`` where ``D_ij`` is the divided difference
+    ``(f(s_i) - f(s_j)) / (s_i - s_j)``. For ``f(s) = s^(-1/2)`` it equals ``-1 / (r_i r_j (r_i + r_j))`` with
+    ``r = sqrt(s)``: no division by eigenvalue gaps, unlike the generic ``eigh`` backward.
+    """
+
+    @staticmethod
+    def forward(ctx, matrix: torch.Tensor, min_eig: float) -> torch.Tensor:
+        eigvals, eigvecs = torch.linalg.eigh(matrix)  # (..., k), (..., k, k)
+        root = eigvals.clamp_min(min_eig).sqrt()  # (..., k)
+        out = (eigvecs / root.unsqueeze(-2)) @ eigvecs.mT  # V diag(1/r) V^T
+        ctx.save_for_backward(eigvecs, root)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
+        eigvecs, root = ctx.saved_tensors
+        grad_sym = 0.5 * (grad_out + grad_out.mT)
+        inner = eigvecs.mT @ grad_sym @ eigvecs  # (..., k, k)
+        ri, rj = root.unsqueeze(-1), root.unsqueeze(-2)
+        divided = -1.0 / (ri * rj * (ri + rj))  # divided differences of s^(-1/2)
+        return eigvecs @ (divided * inner) @ eigvecs.mT, None
+
+
+def inverse_sqrt_psd(matrix: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """Differentiable ``(M + ridge I)^(-1/2)`` of a batch of symmetric PSD matrices, computed in float32 (or float64).
+
+    Args:
+        matrix: ``(..., k, k)`` symmetric positive semi-definite matrices.
+        ridge: added to the diagonal; also the floor of the eigenvalues, which bounds the output norm by
+            ``ridge^(-1/2)``.
+
+    Returns:
+        ``(..., k, k)`` in the dtype of the computation (float32 unless ``matrix`` is float64).
+    """
+    dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32
+    with _autocast_off(matrix.device):
+        m = matrix.to(dtype)
+        m = 0.5 * (m + m.mT) + ridge * torch.eye(m.shape[-1], dtype=dtype, device=m.device)
+        return _InverseSqrtPSD.apply(m, ridge)
+
+
+# ----------------------------------------------------------------------------------------------------------- Sinkhorn
+
+
+def _log_marginals(log_kernel: torch.Tensor) -> tuple[float, float]:
+    n, p = log_kernel.shape[-2:]
+    return -math.log(n), -math.log(p)
+
+
+def _logsumexp_(tmp: torch.Tensor, dim: int) -> torch.Tensor:
+    """``logsumexp`` over ``dim`` that overwrites ``tmp`` (no full-size temporary)."""
+    peak = tmp.amax(dim, keepdim=True)
+    return tmp.sub_(peak).exp_().sum(dim).log_().add_(peak.squeeze(dim))
+
+
+def _broadcast_sum_(out: torch.Tensor, log_kernel: torch.Tensor, f: torch.Tensor | None, g: torch.Tensor | None):
+    """Write ``logK_ij + f_i + g_j`` into ``out`` (``f``/``g`` may be None) and return it."""
+    if f is not None:
+        torch.add(log_kernel, f.unsqueeze(-1), out=out)
+        return out if g is None else out.add_(g.unsqueeze(-2))
+    return torch.add(log_kernel, g.unsqueeze(-2), out=out)
+
+
+class _LogSinkhorn(torch.autograd.Function):
+    """Unrolled log-domain Sinkhorn with a recomputing backward (saves the log-kernel, the plan and the potentials).
+
+    Autograd through the iterations would keep ``2 L + 1`` tensors of size ``n x p``; this keeps two and rebuilds the
+    row and column softmax factors of every iteration from the potentials in the backward pass. All full-size
+    temporaries live in one reused workspace (the forward's becomes the plan): fresh large buffers are costly on the
+    CPU (page faults of new mappings), and peak memory stays at two ``n x p`` buffers beyond the inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, log_kernel: torch.Tensor, num_iters: int) -> torch.Tensor:
+        log_a, log_b = _log_marginals(log_kernel)
+        work = torch.empty_like(log_kernel)  # (..., n, p)
+        g = log_kernel.new_zeros(log_kernel.shape[:-2] + log_kernel.shape[-1:])  # (..., p)
+        fs, gs = [], []
+        for _ in range(num_iters):
+            f = log_a - _logsumexp_(_broadcast_sum_(work, log_kernel, None, g), dim=-1)  # (..., n) rows -> 1/n
+            g = log_b - _logsumexp_(_broadcast_sum_(work, log_kernel, f, None), dim=-2)  # (..., p) columns -> 1/p
+            fs.append(f)
+            gs.append(g)
+        plan = _broadcast_sum_(work, log_kernel, f, g).exp_()  # (..., n, p)
+        ctx.save_for_backward(log_kernel, plan, torch.stack(fs), torch.stack(gs))
+        return plan
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_plan: torch.Tensor) -> tuple[torch.Tensor, None]:
+        log_kernel, plan, fs, gs = ctx.saved_tensors
+        log_a, log_b = _log_marginals(log_kernel)
+        grad_k = grad_plan * plan  # d plan_ij / d logK_ij = plan_ij
+        f_bar_plan = grad_k.sum(-1)  # (..., n) gradient reaching f^L through the plan
+        g_bar = grad_k.sum(-2)  # (..., p) gradient reaching g^L through the plan
+        work = torch.empty_like(log_kernel)
+        for step in reversed(range(fs.shape[0])):
+            f, g = fs[step], gs[step]
+            # column update g = log_b - lse_i(logK + f): its Jacobian is the column softmax exp(logK + f + g - log_b)
+            col = _broadcast_sum_(work, log_kernel, f, g - log_b).exp_().mul_(g_bar.unsqueeze(-2))  # (..., n, p)
+            grad_k.sub_(col)
+            f_bar = -col.sum(-1)
+            if step == fs.shape[0] - 1:
+                f_bar.add_(f_bar_plan)
+            # row update f = log_a - lse_j(logK + g_prev): Jacobian is the row softmax exp(logK + g_prev + f - log_a)
+            g_prev = gs[step - 1] if step > 0 else None
+            row = _broadcast_sum_(work, log_kernel, f - log_a, g_prev).exp_().mul_(f_bar.unsqueeze(-1))  # (..., n, p)
+            grad_k.sub_(row)
+            g_bar = -row.sum(-2)  # gradient reaching g^(step - 1)
+        return grad_k, None
+
+
+def log_sinkhorn(log_kernel: torch.Tensor, num_iters: int = 3) -> torch.Tensor:
+    """Entropic OT plan with uniform marginals by ``num_iters`` log-domain Sinkhorn iterations.
+
+    Solves ``max_T <T, log K> + H(T)`` s.t. ``T 1 = 1/n`` and ``T^T 1 = 1/p`` approximately: each iteration updates
+    the row potentials, then the column potentials, so on return the column sums are ``1/p`` to float precision and
+    the row sums approach ``1/n`` geometrically.
+
+    Args:
+        log_kernel: ``(..., n, p)`` log Gibbs kernel, e.g. ``S / eps + log W``; computed on in its own dtype.
+        num_iters: Sinkhorn iterations ``L >= 1``.
+
+    Returns:
+        The plan ``T``, ``(..., n, p)``, non-negative, total mass 1 per leading index.
+    """
+    if num_iters < 1:
+        raise ValueError(f"num_iters={num_iters} must be >= 1")
+    return _LogSinkhorn.apply(log_kernel, num_iters)
+
+
+def log_sinkhorn_unrolled(log_kernel: torch.Tensor, num_iters: int = 3) -> torch.Tensor:
+    """Same plan as :func:`log_sinkhorn` with plain autograd through the iterations (reference for tests)."""
+    log_a, log_b = _log_marginals(log_kernel)
+    g = log_kernel.new_zeros(log_kernel.shape[:-2] + log_kernel.shape[-1:])
+    for _ in range(num_iters):
+        f = log_a - torch.logsumexp(log_kernel + g.unsqueeze(-2), dim=-1)
+        g = log_b - torch.logsumexp(log_kernel + f.unsqueeze(-1), dim=-2)
+    return torch.exp(log_kernel + f.unsqueeze(-1) + g.unsqueeze(-2))
+
+
+# ------------------------------------------------------------------------------------------------ positional penalty
+
+
+def reference_grid_shape(num_ref: int) -> tuple[int, int]:
+    """Grid ``(a, b)`` with ``a * b = num_ref`` for the reference slots: ``sqrt`` when square, else most square."""
+    a = math.isqrt(num_ref)
+    while num_ref % a:
+        a -= 1
+    return a, num_ref // a
+
+
+def _cell_centres(size: int, device: torch.device) -> torch.Tensor:
+    return (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size  # (size,) in (0, 1)
+
+
+def positional_log_weight(
+    grid_size: tuple[int, int], ref_grid: tuple[int, int], sigma: float, device: torch.device | None = None
+) -> torch.Tensor:
+    """``log W = -|pos_token - pos_ref|_1 / sigma`` between a token grid and a reference grid, both in ``[0, 1]^2``.
+
+    Args:
+        grid_size: token grid ``(H, W)``; tokens are flattened row-major.
+        ref_grid: reference grid ``(a, b)``; slots are flattened row-major.
+        sigma: length scale of the exponential penalty (in units of the image side).
+        device: where to build it.
+
+    Returns:
+        ``(H * W, a * b)`` float32.
+    """
+    (h, w), (a, b) = grid_size, ref_grid
+    dy = (_cell_centres(h, device).unsqueeze(1) - _cell_centres(a, device).unsqueeze(0)).abs()  # (H, a)
+    dx = (_cell_centres(w, device).unsqueeze(1) - _cell_centres(b, device).unsqueeze(0)).abs()  # (W, b)
+    dist = dy.view(h, 1, a, 1) + dx.view(1, w, 1, b)  # (H, W, a, b)
+    return dist.reshape(h * w, a * b).div_(-sigma)
+
+
+# ------------------------------------------------------------------------------------------------------------ layers
+
+
+def _grid_or_infer(grid_size: tuple[int, int] | None, n: int, needed: bool) -> tuple[int, int] | None:
+    if grid_size is not None:
+        if grid_size[0] * grid_size[1] != n:
+            raise ValueError(f"grid_size={tuple(grid_size)} does not match {n} tokens")
+        return tuple(grid_size)
+    if not needed:
+        return None
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"{n} tokens are not a square grid; pass grid_size=(H, W)")
+    return side, side
+
+
+def _lepe(conv: nn.Conv2d, values: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Depthwise conv of ``values`` (B, n, C) laid out on the token grid; returns (B, n, C)."""
+    b, n, c = values.shape
+    img = values.transpose(1, 2).reshape(b, c, *grid_size)  # (B, C, H, W)
+    return conv(img).flatten(2).transpose(1, 2)  # (B, n, C)
+
+
+class SetAttention(nn.Module):
+    """SeT token mixer: Nystrom kernel features, Sinkhorn transport to ``p`` reference slots and back.
+
+    Args:
+        dim: token width ``C``.
+        num_heads: heads ``h``; ``C`` must be divisible by ``h``.
+        num_ref: reference slots ``p`` per head. With ``p = 1`` the plan is uniform whatever the input: no reference
+            parameter is created and Sinkhorn is skipped.
+        num_anchors: Nystrom width ``k`` per head (default: the head width ``C / h``).
+        input_proj: apply ``Linear(C, C)`` before splitting into heads (the optional ``d -> k`` projection).
+        kernel_sigma: ``sigma`` of ``kappa(t) = exp((t - 1) / sigma^2)`` (CKN default 0.5).
+        sinkhorn_eps: entropic regularisation ``eps``.
+        sinkhorn_iters: Sinkhorn iterations ``L``.
+        pos_sigma: length scale of the positional penalty; ``None`` or 0 turns it off.
+        lepe: add a depthwise 3x3 conv of the values (LePE) to the output.
+        whiten_ridge: ridge added to ``kappa(Z Z^T)`` before the inverse square root.
+        proj_drop: dropout after the output projection.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        num_ref: int = 64,
+        num_anchors: int | None = None,
+        input_proj: bool = True,
+        kernel_sigma: float = 0.5,
+        sinkhorn_eps: float = 0.5,
+        sinkhorn_iters: int = 3,
+        pos_sigma: float | None = 0.25,
+        lepe: bool = True,
+        whiten_ridge: float = 1e-3,
+        proj_drop: float = 0.0,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        if num_ref < 1 or sinkhorn_iters < 1 or sinkhorn_eps <= 0 or kernel_sigma <= 0:
+            raise ValueError(
+                f"need num_ref >= 1, sinkhorn_iters >= 1, sinkhorn_eps > 0 and kernel_sigma > 0; got {num_ref}, "
+                f"{sinkhorn_iters}, {sinkhorn_eps}, {kernel_sigma}"
+            )
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.num_anchors = num_anchors or self.head_dim
+        self.num_ref = num_ref
+        self.ref_grid = reference_grid_shape(num_ref)
+        self.alpha = 1.0 / kernel_sigma**2
+        self.sinkhorn_eps = float(sinkhorn_eps)
+        self.sinkhorn_iters = int(sinkhorn_iters)
+        self.pos_sigma = float(pos_sigma) if pos_sigma else None
+        self.whiten_ridge = float(whiten_ridge)
+        inner = num_heads * self.num_anchors
+
+        self.in_proj = nn.Linear(dim, dim) if input_proj else nn.Identity()
+        self.anchors = nn.Parameter(torch.empty(num_heads, self.num_anchors, self.head_dim))  # Z, unit rows
+        # y. With one slot the plan is fixed by its marginals (T = 1/n), so there is nothing to learn.
+        self.reference = nn.Parameter(torch.empty(num_heads, num_ref, self.num_anchors)) if num_ref > 1 else None
+        self.lepe = nn.Conv2d(inner, inner, 3, padding=1, groups=inner) if lepe else None
+        self.proj = nn.Linear(inner, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.record_plan = False  # debug: keep the last plan (detached) in `last_plan`
+        self.last_plan: torch.Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Anchors: random unit directions. Reference: N(0, 1), so that ``S / eps`` spreads over a few units at init."""
+        nn.init.normal_(self.anchors)
+        with torch.no_grad():
+            self.anchors.div_(self.anchors.norm(dim=-1, keepdim=True))
+        if self.reference is not None:
+            nn.init.normal_(self.reference)
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.num_heads}, head_dim={self.head_dim}, anchors={self.num_anchors}, num_ref={self.num_ref}, "
+            f"eps={self.sinkhorn_eps}, iters={self.sinkhorn_iters}, pos_sigma={self.pos_sigma}"
+        )
+
+    def whitening(self) -> torch.Tensor:
+        """``(kappa(Z Z^T) + ridge I)^(-1/2)`` per head, float32, ``(h, k, k)``."""
+        z = F.normalize(self.anchors.float(), dim=-1)  # (h, k, d)
+        gram = torch.exp(self.alpha * (z @ z.mT - 1.0))  # kappa(Z Z^T), (h, k, k)
+        return inverse_sqrt_psd(gram, self.whiten_ridge)
+
+    def kernel_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Nystrom features ``psi(x) = |x| kappa(Z x / |x|) kappa(Z Z^T)^(-1/2)`` of per-head inputs.
+
+        Args:
+            x: ``(B, h, n, d)``.
+
+        Returns:
+            ``(B, h, n, k)``.
+        """
+        z = F.normalize(self.anchors, dim=-1).to(x.dtype)  # (h, k, d)
+        sq_norm = x.square().sum(-1, keepdim=True).add(1e-12)  # (B, h, n, 1); the 1e-12 keeps gradients finite at 0
+        cos = (x * sq_norm.rsqrt()) @ z.mT  # (B, h, n, k)
+        # |x| exp(alpha (cos - 1)) as one exp (autograd keeps only its output, which the next matmul keeps anyway)
+        phi = torch.exp(torch.add(0.5 * sq_norm.log() - self.alpha, cos, alpha=self.alpha))  # (B, h, n, k)
+        return phi @ self.whitening().to(phi.dtype)  # (B, h, n, k)
+
+    def transport_plan(self, psi: torch.Tensor, grid_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Plan ``T`` between tokens (rows, mass ``1/n`` each) and reference slots (columns, mass ``1/p`` each).
+
+        Args:
+            psi: kernel features ``(B, h, n, k)``.
+            grid_size: token grid ``(H, W)``; needed when the positional penalty is on.
+
+        Returns:
+            ``(B, h, n, p)`` float32.
+        """
+        if self.reference is None:  # p = 1: the marginals alone fix the plan
+            return psi.new_full((*psi.shape[:-1], 1), 1.0 / psi.shape[-2], dtype=torch.float32)
+        sim = psi @ self.reference.to(psi.dtype).mT  # S = <psi(x_i), y_j>, (B, h, n, p)
+        with _autocast_off(psi.device):  # the OT runs in float32 even under autocast
+            log_kernel = sim.float().div_(self.sinkhorn_eps)  # -C / eps, (B, h, n, p); in place, nothing saved
+            del sim
+            if self.pos_sigma is not None:
+                grid = _grid_or_infer(grid_size, psi.shape[-2], needed=True)
+                log_w = positional_log_weight(grid, self.ref_grid, self.pos_sigma, psi.device)  # (n, p)
+                log_kernel.add_(log_w)  # in place: the division keeps nothing for backward
+            return log_sinkhorn(log_kernel, self.sinkhorn_iters)
+
+    def forward(
+        self, x: torch.Tensor, grid_size: tuple[int, int] | None = None, return_plan: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Mix tokens through the reference set.
+
+        Args:
+            x: ``(B, n, C)`` tokens (after the block's LayerNorm).
+            grid_size: token grid ``(H, W)`` with ``H * W = n``; inferred for square ``n`` when omitted.
+            return_plan: also return the plan ``T``, ``(B, h, n, p)`` float32.
+
+        Returns:
+            ``(B, n, C)``, or ``(out, plan)`` with ``return_plan``.
+        """
+        b, n, c = x.shape
+        grid = _grid_or_infer(grid_size, n, needed=self.pos_sigma is not None or self.lepe is not None)
+        xh = self.in_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, n, d)
+        psi = self.kernel_map(xh)  # (B, h, n, k)
+        plan = self.transport_plan(psi, grid)  # (B, h, n, p)
+        t = plan.to(psi.dtype)
+        slots = t.mT @ psi  # T^T psi, (B, h, p, k); A = p * slots
+        out = (t @ slots) * (n * self.num_ref)  # n T A, (B, h, n, k)
+        out = out.transpose(1, 2).reshape(b, n, -1)  # (B, n, h k)
+        if self.lepe is not None:
+            out = out + _lepe(self.lepe, psi.transpose(1, 2).reshape(b, n, -1), grid)
+        out = self.proj_drop(self.proj(out))  # (B, n, C)
+        if self.record_plan:
+            self.last_plan = plan.detach()
+        return (out, plan) if return_plan else out
+
+
+class SoftmaxAttention(nn.Module):
+    """Global multi-head softmax attention (``F.scaled_dot_product_attention``) with LePE on V: the ablation of SeT.
+
+    Args:
+        dim: token width ``C``.
+        num_heads: heads; ``C`` must be divisible by it.
+        qkv_bias: bias of the qkv projection.
+        lepe: add a depthwise 3x3 conv of V to the output.
+        proj_drop: dropout after the output projection.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, lepe: bool = True, proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.lepe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if lepe else None
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, grid_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Args: ``x`` (B, n, C); ``grid_size`` (H, W), needed for LePE unless ``n`` is square. Returns (B, n, C)."""
+        b, n, c = x.shape
+        grid = _grid_or_infer(grid_size, n, needed=self.lepe is not None)
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, h, n, d)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, n, d)
+        out = out.transpose(1, 2).reshape(b, n, c)  # (B, n, C)
+        if self.lepe is not None:
+            out = out + _lepe(self.lepe, v.transpose(1, 2).reshape(b, n, c), grid)
+        return self.proj_drop(self.proj(out))
