@@ -1,0 +1,194 @@
+"""``pretrain data inspect``: check a built data set against its manifest.
+
+For every shard listed in ``manifest.json``: the file exists, its size and sha256 match the manifest, and its tar
+headers hold the listed number of samples (keys), each with an image and a ``.cls`` label. With ``deep=True`` every
+image is decoded and every label parsed as well. The report lists every bad shard with its reasons; the stream
+refuses nothing by itself, so run this after copying a data set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_pipeline.errors import CorruptSample
+from data_pipeline.manifest import Manifest, ShardInfo, file_sha256, load_manifest
+
+__all__ = ["BadShard", "InspectReport", "inspect_dataset"]
+
+logger = logging.getLogger(__name__)
+
+_NON_IMAGE = frozenset({"cls", "json", "txt"})
+_MAX_LISTED = 3  # bad samples named per reason in one shard's report
+
+
+@dataclass
+class BadShard:
+    """A shard that failed a check; ``reasons`` says every way it failed."""
+
+    split: str
+    name: str
+    reasons: list[str]
+
+
+@dataclass
+class InspectReport:
+    """What ``inspect_dataset`` found. ``ok`` is true when no shard is bad."""
+
+    data_dir: str
+    manifest: Manifest
+    deep: bool
+    shards_checked: int = 0
+    samples_found: dict[str, int] = field(default_factory=dict)
+    bad_shards: list[BadShard] = field(default_factory=list)
+    extra_files: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad_shards
+
+    def summary_table(self) -> str:
+        """Markdown table: one row per split, then the classes with their counts per split."""
+        m = self.manifest
+        splits = list(m.splits)
+        lines = [
+            f"data set {self.data_dir}: source {m.source}, format {m.format}, {m.num_classes} classes, "
+            f"built {m.created or '?'}",
+            "",
+            "| split | shards | samples | bytes | bad shards |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name in splits:
+            s = m.splits[name]
+            bad = sum(b.split == name for b in self.bad_shards)
+            lines.append(f"| {name} | {len(s.shards)} | {s.num_samples} | {_human(s.num_bytes)} | {bad} |")
+        lines += ["", "| class | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
+        for cls in m.classes:
+            counts = " | ".join(str(m.splits[s].class_counts.get(cls, 0)) for s in splits)
+            lines.append(f"| {cls} | {counts} |")
+        if m.skipped:
+            lines += ["", f"{len(m.skipped)} source files were skipped at build time:"]
+            lines += [f"  {s['path']}: {s['reason']}" for s in m.skipped]
+        return "\n".join(lines)
+
+    def problems(self) -> str:
+        """One line per bad shard (and per unlisted file); empty when clean."""
+        lines = [f"BAD {b.name}: {'; '.join(b.reasons)}" for b in self.bad_shards]
+        lines += [f"note: {f} is not listed in the manifest" for f in self.extra_files]
+        return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _check_shard(data_dir: Path, split: str, shard: ShardInfo, num_classes: int, deep: bool) -> tuple[list[str], int]:
+    """All problems of one shard, and the number of samples found in it."""
+    path = Manifest.shard_path(data_dir, shard)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        return [f"missing ({e.strerror or e})"], 0
+    reasons = []
+    if size != shard.bytes:
+        reasons.append(f"size {size} bytes, manifest says {shard.bytes} (truncated or replaced)")
+    sha = file_sha256(path)
+    if sha != shard.sha256:
+        reasons.append(f"sha256 {sha[:12]}... does not match the manifest's {shard.sha256[:12]}...")
+    members: dict[str, dict[str, int]] = {}  # key -> ext -> size
+    order: list[str] = []
+    failed: dict[str, list[str]] = {"bad_label": [], "decode_error": []}  # deep: keys per failure
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                if info.offset_data + info.size > size:
+                    reasons.append(f"truncated: member {info.name} ends past the end of the file")
+                    break
+                key, _, ext = info.name.rsplit("/", 1)[-1].partition(".")
+                if key not in members:
+                    order.append(key)
+                members.setdefault(key, {})[ext] = info.size
+                problem = _deep_check(tar, info, ext, num_classes) if deep else None
+                if problem:
+                    failed[problem].append(key)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        reasons.append(f"unreadable tar ({type(e).__name__}: {e})")
+    found = len(members)
+    if found != shard.samples:
+        reasons.append(f"{found} samples in the tar, manifest says {shard.samples}")
+    no_image = [k for k in order if not set(members[k]) - _NON_IMAGE]
+    no_label = [k for k in order if "cls" not in members[k]]
+    if no_image:
+        reasons.append(f"{len(no_image)} samples without an image, e.g. {', '.join(no_image[:_MAX_LISTED])}")
+    if no_label:
+        reasons.append(f"{len(no_label)} samples without a .cls label, e.g. {', '.join(no_label[:_MAX_LISTED])}")
+    for what, bad in failed.items():
+        if bad:
+            reasons.append(f"{len(bad)} samples with {what}, e.g. {', '.join(bad[:_MAX_LISTED])}")
+    return reasons, found
+
+
+def _deep_check(tar: tarfile.TarFile, info: tarfile.TarInfo, ext: str, num_classes: int) -> str | None:
+    """Decodes one member: ``"bad_label"`` / ``"decode_error"`` when it fails, else None."""
+    if ext in ("json", "txt"):
+        return None
+    f = tar.extractfile(info)
+    data = f.read() if f is not None else b""
+    if ext == "cls":
+        try:
+            return None if 0 <= int(data.decode("ascii").strip()) < num_classes else "bad_label"
+        except (UnicodeDecodeError, ValueError):
+            return "bad_label"
+    from data_pipeline.transforms import decode_rgb  # torch: only for deep checks
+
+    try:
+        decode_rgb(data, ext)
+    except CorruptSample:
+        return "decode_error"
+    return None
+
+
+def inspect_dataset(data_dir: str | os.PathLike, deep: bool = False, workers: int | None = None) -> InspectReport:
+    """Checks every shard of a built data set against its manifest.
+
+    Args:
+        data_dir: Folder with ``manifest.json``.
+        deep: Also decode every image and parse every label (slow: a full pass over the data).
+        workers: Threads checking shards in parallel (hashing and decoding release the GIL); default 4.
+
+    Returns:
+        The report; ``report.ok`` is false when any shard is bad, and ``report.bad_shards`` says why.
+
+    Raises:
+        FileNotFoundError: No data folder or no manifest.
+        ValueError: The manifest is invalid.
+    """
+    root = Path(data_dir)
+    manifest = load_manifest(root)
+    report = InspectReport(str(root), manifest, deep)
+    jobs = [(split, shard) for split, info in manifest.splits.items() for shard in info.shards]
+    n = max(1, min(workers or 4, len(jobs) or 1))
+    with ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(lambda j: _check_shard(root, j[0], j[1], manifest.num_classes, deep), jobs))
+    for (split, shard), (reasons, found) in zip(jobs, results):
+        report.shards_checked += 1
+        report.samples_found[split] = report.samples_found.get(split, 0) + found
+        if reasons:
+            report.bad_shards.append(BadShard(split, shard.name, reasons))
+            logger.warning("bad shard %s: %s", shard.name, "; ".join(reasons))
+    listed = {s.name for _, s in jobs}
+    for path in sorted(root.glob("*/*.tar")):
+        rel = path.relative_to(root).as_posix()
+        if rel not in listed:
+            report.extra_files.append(rel)
+    return report

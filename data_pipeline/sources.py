@@ -1,0 +1,308 @@
+"""Image sources for ``pretrain data build``: where samples come from before they are sharded.
+
+Two sources, named by a spec string:
+
+- ``digits``: scikit-learn's 1,797 real 8x8 handwritten digits (``load_digits``), rendered as 32x32 RGB PNG
+  (grey levels 0..16 scaled to 0..255, each pixel upscaled 4x4), with a fixed stratified split of 300 val samples.
+- ``imagefolder:PATH``: the ImageNet layout, one folder per class (classes sorted by name). Files are stored as they
+  are on disk (a JPEG is never re-encoded); the format is detected from the content, not the extension. Val comes
+  from a second tree with the same classes (``val=PATH``) or a seeded stratified fraction (``val_fraction=F``).
+
+A source is used in two steps so the writer can plan shards before it reads pixels: :meth:`Source.list_items`
+names every candidate sample cheaply and deterministically, :meth:`Source.probe` checks one (decodes it) and returns
+it with its stored extension and size, or raises :class:`UnreadableImage`; :meth:`Source.read` returns the bytes to
+store. Sources are plain picklable objects, so writer processes can probe and read in parallel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "DigitsSource",
+    "ImageFolderSource",
+    "Source",
+    "SourceItem",
+    "UnreadableImage",
+    "format_of",
+    "iter_samples",
+    "open_source",
+]
+
+logger = logging.getLogger(__name__)
+
+# Pillow format name -> extension stored in the tar. MPO is a JPEG with extra frames (some cameras write it).
+_EXT_BY_FORMAT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
+_SPLITS = ("train", "val")
+
+DIGITS_VAL_SAMPLES = 300
+"""Size of the fixed digits val split (stratified; the remaining 1,497 are train)."""
+DIGITS_SIZE = 32
+"""Side of the rendered digits images (8x8 upscaled 4x)."""
+SPLIT_SEED = 0
+"""Seed of the stratified train/val splits (digits and ``val_fraction``); fixed so a re-run splits the same way."""
+
+
+class UnreadableImage(Exception):
+    """A source file that is not a usable image; the build skips it and lists it in ``manifest["skipped"]``."""
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One candidate sample. ``ext`` and ``size`` are filled in by :meth:`Source.probe`."""
+
+    split: str
+    label: int
+    path: str
+    """What to read: a file path (imagefolder) or ``digits:INDEX``."""
+    rel: str
+    """Name relative to the source root, stored in the sample's ``.json`` as ``source``."""
+    ext: str = ""
+    size: int = 0
+
+
+class Source(Protocol):
+    """What the writer needs from a source."""
+
+    spec: str
+    classes: list[str]
+
+    def list_items(self) -> list[SourceItem]:
+        """Every candidate sample, in a deterministic order, split and label assigned."""
+        ...
+
+    def probe(self, item: SourceItem) -> SourceItem:
+        """Checks that ``item`` decodes; returns it with ``ext`` and ``size``. Raises :class:`UnreadableImage`."""
+        ...
+
+    def read(self, item: SourceItem) -> bytes:
+        """The image bytes to store for a probed item."""
+        ...
+
+    def meta(self, item: SourceItem) -> dict[str, Any]:
+        """Metadata stored as the sample's ``.json``."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------------------- digits
+
+
+@dataclass(eq=False)  # holds arrays: identity comparison
+class DigitsSource:
+    """scikit-learn's handwritten digits as 32x32 RGB PNG; labels are the digits 0..9."""
+
+    spec: str = "digits"
+    classes: list[str] = field(default_factory=lambda: [str(i) for i in range(10)])
+    images: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]  # (N, 8, 8) uint8 0..255
+    labels: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]  # (N,) int64
+    val_indices: frozenset[int] = field(default_factory=frozenset, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.images is None:
+            from sklearn.datasets import load_digits
+            from sklearn.model_selection import train_test_split
+
+            digits = load_digits()
+            # 0..16 grey levels -> 0..255 (16 -> 255 exactly)
+            self.images = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # (N, 8, 8)
+            self.labels = digits.target.astype(np.int64)
+            index = np.arange(len(self.labels))
+            _, val = train_test_split(
+                index, test_size=DIGITS_VAL_SAMPLES, stratify=self.labels, random_state=SPLIT_SEED
+            )
+            self.val_indices = frozenset(int(i) for i in val)
+
+    def list_items(self) -> list[SourceItem]:
+        items = []
+        for split in _SPLITS:
+            for i in range(len(self.labels)):
+                if (i in self.val_indices) == (split == "val"):
+                    items.append(SourceItem(split, int(self.labels[i]), f"digits:{i}", f"load_digits[{i}]"))
+        return items
+
+    def render(self, index: int) -> bytes:
+        """PNG bytes of digit ``index``: 32x32 RGB, each source pixel a 4x4 block."""
+        grey = self.images[index]  # (8, 8)
+        scale = DIGITS_SIZE // grey.shape[0]
+        big = np.repeat(np.repeat(grey, scale, axis=0), scale, axis=1)  # (32, 32)
+        rgb = np.ascontiguousarray(np.stack([big] * 3, axis=-1))  # (32, 32, 3)
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def probe(self, item: SourceItem) -> SourceItem:
+        return dataclasses.replace(item, ext="png", size=len(self.read(item)))
+
+    def read(self, item: SourceItem) -> bytes:
+        return self.render(int(item.path.split(":", 1)[1]))
+
+    def meta(self, item: SourceItem) -> dict[str, Any]:
+        return {"source": item.rel}
+
+
+# ---------------------------------------------------------------------------------------------------- imagefolder
+
+
+def format_of(data: bytes) -> str:
+    """Extension to store ``data`` under (``jpg``, ``png``, ``webp``...), from its content; decodes it fully.
+
+    Raises:
+        UnreadableImage: Empty, not an image, truncated or otherwise undecodable; the message is the reason.
+    """
+    if not data:
+        raise UnreadableImage("empty file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # EXIF and palette warnings are not our business here
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise UnreadableImage("not an image (no decoder recognises the content)") from None
+        except Exception as e:  # Pillow raises many types for broken headers
+            raise UnreadableImage(f"unreadable image header ({type(e).__name__}: {e})") from None
+        fmt = img.format or ""
+        try:
+            if fmt in ("JPEG", "MPO"):
+                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))  # 1/8 DCT decode: still checks
+            img.load()  # every entropy-coded byte, so truncation is caught at a fraction of the cost
+        except Exception as e:
+            raise UnreadableImage(f"truncated or corrupt image data ({type(e).__name__}: {e})") from None
+        if img.width < 1 or img.height < 1:
+            raise UnreadableImage("image has no pixels")
+    return _EXT_BY_FORMAT.get(fmt, fmt.lower() or "img")
+
+
+@dataclass
+class ImageFolderSource:
+    """An ImageNet-layout folder tree: ``ROOT/<class>/**/<file>``; class names are the sorted folder names.
+
+    Args:
+        root: The (train) tree.
+        val: A second tree with the same classes for the val split.
+        val_fraction: Instead of ``val``: the fraction of each class moved to val (seeded, stratified).
+    """
+
+    root: str
+    val: str | None = None
+    val_fraction: float | None = None
+    spec: str = ""
+    classes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        root = Path(self.root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"imagefolder source {root} is not a folder")
+        if self.val is not None and self.val_fraction is not None:
+            raise ValueError("give either val (a second folder tree) or val_fraction, not both")
+        if self.val_fraction is not None and not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+        self.classes = _class_folders(root)
+        if not self.classes:
+            raise ValueError(f"imagefolder source {root} has no class folders (expected ROOT/<class>/<image>)")
+        self.spec = f"imagefolder:{root}"
+        if self.val is not None:
+            val_root = Path(self.val)
+            if not val_root.is_dir():
+                raise FileNotFoundError(f"val folder {val_root} is not a folder")
+            val_classes = _class_folders(val_root)
+            extra = sorted(set(val_classes) - set(self.classes))
+            if extra:
+                raise ValueError(f"val folder {val_root} has classes not in {root}: {extra[:5]}")
+            missing = sorted(set(self.classes) - set(val_classes))
+            if missing:
+                logger.warning("val folder %s lacks %d classes, e.g. %s", val_root, len(missing), missing[:3])
+            self.spec += f" --val {val_root}"
+        elif self.val_fraction:
+            self.spec += f" --val-fraction {self.val_fraction:g}"
+
+    def list_items(self) -> list[SourceItem]:
+        items: list[SourceItem] = []
+        root = Path(self.root)
+        for label, name in enumerate(self.classes):
+            files = _files_under(root, name)
+            val_set: set[str] = set()
+            if self.val_fraction:
+                # seeded per class, so adding a class does not move files of the others
+                n_val = int(round(self.val_fraction * len(files)))
+                perm = np.random.default_rng([SPLIT_SEED, label]).permutation(len(files))
+                val_set = {files[i] for i in perm[:n_val]}
+            items += [SourceItem("val" if rel in val_set else "train", label, str(root / rel), rel) for rel in files]
+        if self.val is not None:
+            val_root = Path(self.val)
+            for label, name in enumerate(self.classes):
+                if (val_root / name).is_dir():
+                    files = _files_under(val_root, name)
+                    items += [SourceItem("val", label, str(val_root / rel), rel) for rel in files]
+        return items
+
+    def probe(self, item: SourceItem) -> SourceItem:
+        data = self.read(item)
+        return dataclasses.replace(item, ext=format_of(data), size=len(data))
+
+    def read(self, item: SourceItem) -> bytes:
+        try:
+            with open(item.path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise UnreadableImage(f"cannot read file ({e.strerror or e})") from None
+
+    def meta(self, item: SourceItem) -> dict[str, Any]:
+        return {"source": item.rel}
+
+
+def _class_folders(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _files_under(root: Path, class_name: str) -> list[str]:
+    """Paths relative to ``root`` of every non-hidden file under ``root/class_name``, sorted."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root / class_name, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = Path(dirpath).relative_to(root)
+        out += [(rel_dir / f).as_posix() for f in filenames if not f.startswith(".")]
+    return sorted(out)
+
+
+# ------------------------------------------------------------------------------------------------------- factory
+
+
+def open_source(spec: str, *, val: str | os.PathLike | None = None, val_fraction: float | None = None) -> Source:
+    """Builds the source named by ``spec``: ``digits`` or ``imagefolder:PATH``.
+
+    Raises:
+        ValueError: Unknown spec, or options the source does not take.
+        FileNotFoundError: An imagefolder path does not exist.
+    """
+    if spec == "digits":
+        if val is not None or val_fraction is not None:
+            raise ValueError("the digits source has a fixed train/val split; drop --val / --val-fraction")
+        return DigitsSource()
+    if spec.startswith("imagefolder:"):
+        path = spec.split(":", 1)[1]
+        if not path:
+            raise ValueError("imagefolder needs a path: imagefolder:PATH")
+        return ImageFolderSource(path, None if val is None else str(val), val_fraction)
+    raise ValueError(f"unknown source {spec!r}; use 'digits' or 'imagefolder:PATH'")
+
+
+def iter_samples(source: Source) -> Iterator[tuple[str, int, bytes, str, dict[str, Any]]]:
+    """Yields ``(split, label, image_bytes, ext, meta)`` for every readable sample, serially; unreadable files are
+    logged and skipped (the writer lists them in the manifest instead)."""
+    for item in source.list_items():
+        try:
+            probed = source.probe(item)
+        except UnreadableImage as e:
+            logger.warning("skipping %s: %s", item.path, e)
+            continue
+        yield probed.split, probed.label, source.read(probed), probed.ext, source.meta(probed)

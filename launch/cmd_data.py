@@ -1,0 +1,236 @@
+"""``pretrain data``: build WebDataset shards, inspect them, print the sample plan of the stream.
+
+- ``pretrain data build SOURCE --out DIR``: ``digits`` or ``imagefolder:PATH`` -> ``DIR/{train,val}/shard-*.tar``
+  and ``DIR/manifest.json``; a re-run finishes an interrupted build and keeps the shards already written.
+- ``pretrain data inspect DIR [--deep]``: checks every shard against the manifest; exit 1 naming each bad shard.
+- ``pretrain data plan DIR --world-size W --workers K --batch-size B``: one JSON line per batch with the exact
+  sample keys each rank gets, computed by the code the loader runs.
+
+Exit codes: 0 success, 1 a failed build or a bad data set, 2 bad usage or a bad path (nothing was done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+__all__ = ["register", "run_build", "run_inspect", "run_plan"]
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds ``data`` with its ``build``, ``inspect`` and ``plan`` subcommands."""
+    data = subparsers.add_parser(
+        "data",
+        help="build, inspect and plan WebDataset shards",
+        description="Build WebDataset shards from an image source, check them against their manifest, and print "
+        "the exact per-rank sample plan of the training stream.",
+    )
+    sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    data.set_defaults(func=lambda args: _usage(data))
+
+    b = sub.add_parser(
+        "build",
+        help="write shards and manifest.json from digits or an image folder",
+        description="Write DIR/{train,val}/shard-%%06d.tar and DIR/manifest.json. SOURCE is 'digits' (scikit-learn's "
+        "1,797 handwritten digits as 32x32 RGB PNG) or 'imagefolder:PATH' (one folder per class; files stored as "
+        "they are). Unreadable files are skipped and listed. Re-running finishes an interrupted build.",
+    )
+    b.add_argument("source", metavar="SOURCE", help="'digits' or 'imagefolder:PATH'")
+    b.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    b.add_argument("--shard-size-mb", type=float, default=256.0, metavar="N", help="target shard size in MiB")
+    b.add_argument("--max-samples-per-shard", type=int, default=10000, metavar="N", help="most samples per shard")
+    b.add_argument("--workers", type=int, default=None, metavar="N", help="worker processes (default: CPUs, <= 8)")
+    b.add_argument("--val", default=None, metavar="PATH", help="imagefolder: a second tree with the same classes")
+    b.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        metavar="F",
+        help="imagefolder: put this fraction of each class in val (seeded, stratified)",
+    )
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.set_defaults(func=run_build)
+
+    i = sub.add_parser(
+        "inspect",
+        help="check every shard against manifest.json",
+        description="Summarise a data set and check that every shard exists with the size, sha256 and sample "
+        "count of the manifest. Exit 1 naming every bad shard, 0 when clean.",
+    )
+    i.add_argument("data_dir", metavar="DIR", help="folder holding manifest.json")
+    i.add_argument("--deep", action="store_true", help="also decode every image and parse every label")
+    i.add_argument("--workers", type=int, default=None, metavar="N", help="shards checked in parallel (default 4)")
+    i.set_defaults(func=run_inspect)
+
+    p = sub.add_parser(
+        "plan",
+        help="print the sample keys of every batch of every rank",
+        description='Print one JSON line per batch, {"rank": r, "batch": b, "keys": [...]}, for every rank, '
+        "as the training stream yields them (same code).",
+    )
+    p.add_argument("data_dir", metavar="DIR", help="folder holding manifest.json")
+    p.add_argument("--world-size", type=int, required=True, metavar="W", help="number of ranks")
+    p.add_argument(
+        "--workers",
+        type=int,
+        required=True,
+        metavar="K",
+        help="DataLoader workers per rank (the keys do not depend on it: workers deliver whole batches in order)",
+    )
+    p.add_argument("--batch-size", type=int, required=True, metavar="B", help="micro-batch per rank")
+    p.add_argument("--epoch", type=int, default=0, metavar="E", help="epoch (default 0)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="data.seed of the run (default 0)")
+    p.add_argument("--skip-batches", type=int, default=0, metavar="N", help="start at batch N (resume point)")
+    p.add_argument("--split", default="train", help="split (default train)")
+    p.add_argument("--shuffle-buffer", type=int, default=1000, metavar="N", help="data.shuffle_buffer (default 1000)")
+    p.set_defaults(func=run_plan)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
+
+
+def _error(command: str, message: str) -> None:
+    print(f"pretrain data {command}: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------- build
+
+
+def run_build(args: argparse.Namespace) -> int:
+    """``pretrain data build``."""
+    from data_pipeline.writer import build_shards
+
+    if args.shard_size_mb <= 0 or args.max_samples_per_shard <= 0:
+        _error("build", "--shard-size-mb and --max-samples-per-shard must be positive")
+        return EXIT_USAGE
+    if args.workers is not None and args.workers < 1:
+        _error("build", f"--workers={args.workers} must be >= 1")
+        return EXIT_USAGE
+    try:
+        manifest = build_shards(
+            args.source,
+            args.out,
+            shard_size_mb=args.shard_size_mb,
+            max_samples_per_shard=args.max_samples_per_shard,
+            workers=args.workers,
+            val=args.val,
+            val_fraction=args.val_fraction,
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        _error("build", str(e))
+        return EXIT_USAGE
+    except (OSError, RuntimeError) as e:
+        _error("build", f"failed: {e}; re-run the same command to finish (finished shards are kept)")
+        return EXIT_FAILED
+    print(f"built {args.out} from {manifest.source} ({manifest.format}, {manifest.num_classes} classes)")
+    for name, split in manifest.splits.items():
+        print(f"  {name}: {split.num_samples} samples in {len(split.shards)} shards, {split.num_bytes} bytes")
+    if manifest.skipped:
+        print(f"skipped {len(manifest.skipped)} unreadable files (listed in manifest.json):")
+        for s in manifest.skipped:
+            print(f"  {s['path']}: {s['reason']}")
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------------------------------------- inspect
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """``pretrain data inspect``: 0 clean, 1 bad shards (or invalid manifest), 2 no data set at that path."""
+    from data_pipeline.inspect import inspect_dataset
+
+    try:
+        report = inspect_dataset(args.data_dir, deep=args.deep, workers=args.workers)
+    except FileNotFoundError as e:
+        _error("inspect", str(e))
+        return EXIT_USAGE
+    except ValueError as e:
+        _error("inspect", str(e))
+        return EXIT_FAILED
+    print(report.summary_table())
+    print()
+    if report.ok:
+        found = ", ".join(f"{k} {v}" for k, v in report.samples_found.items())
+        print(f"OK: {report.shards_checked} shards match the manifest ({found} samples){' (deep)' * args.deep}")
+        if report.extra_files:
+            print(report.problems())
+        return EXIT_OK
+    print(report.problems())
+    print(
+        f"{len(report.bad_shards)} of {report.shards_checked} shards are bad; rebuild them with `pretrain data build`"
+    )
+    return EXIT_FAILED
+
+
+# ----------------------------------------------------------------------------------------------------------- plan
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """``pretrain data plan``: JSON lines ``{"rank", "batch", "keys"}``, batch-major, from ``--skip-batches`` on."""
+    from data_pipeline.manifest import load_manifest
+
+    checks = [
+        (args.world_size >= 1, f"--world-size={args.world_size} must be >= 1"),
+        (args.workers >= 0, f"--workers={args.workers} must be >= 0"),
+        (args.batch_size >= 1, f"--batch-size={args.batch_size} must be >= 1"),
+        (args.epoch >= 0, f"--epoch={args.epoch} must be >= 0"),
+        (args.skip_batches >= 0, f"--skip-batches={args.skip_batches} must be >= 0"),
+        (args.shuffle_buffer >= 1, f"--shuffle-buffer={args.shuffle_buffer} must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            _error("plan", message)
+            return EXIT_USAGE
+    try:
+        manifest = load_manifest(args.data_dir)
+    except (FileNotFoundError, ValueError) as e:
+        _error("plan", str(e))
+        return EXIT_USAGE
+    if args.split not in manifest.splits:
+        _error("plan", f"split {args.split!r} is not in {args.data_dir}; splits: {', '.join(manifest.splits)}")
+        return EXIT_USAGE
+    from data_pipeline.stream import plan_batches  # the loader's own planning code
+
+    plans: list[list[list[str]]] = []
+    try:
+        for rank in range(args.world_size):
+            plans.append(
+                plan_batches(
+                    manifest,
+                    args.split,
+                    seed=args.seed,
+                    epoch=args.epoch,
+                    world_size=args.world_size,
+                    rank=rank,
+                    batch_size=args.batch_size,
+                    shuffle_buffer=args.shuffle_buffer,
+                )
+            )
+    except ValueError as e:
+        _error("plan", str(e))
+        return EXIT_USAGE
+    n_batches = max((len(p) for p in plans), default=0)
+    try:
+        for batch in range(args.skip_batches, n_batches):
+            for rank, plan in enumerate(plans):
+                if batch < len(plan):
+                    _emit({"rank": rank, "batch": batch, "keys": plan[batch]})
+        sys.stdout.flush()
+    except BrokenPipeError:  # `pretrain data plan ... | head`: stop quietly, and keep exit-time flushes quiet too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_OK
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
