@@ -1,0 +1,359 @@
+"""``pretrain train CONFIG [section.field=value ...] [--nproc N] [--resume PATH] [--no-resume]``.
+
+Everything that can be checked is checked here, in the launching process, before a rank is spawned or a file is
+written: the config (types, cross-field rules, global batch vs world size), the data manifest, the model (built on
+the meta device), and the checkpoint to resume (complete, intact, same model shape and world size). Any of these
+failing exits with code 2 and leaves no run directory behind.
+
+Ranks:
+- ``--nproc 1`` (default, no launcher variables): trains in this process.
+- ``--nproc N>1``: starts N local ranks (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` on a
+  free port), forwards SIGTERM/SIGUSR2 to them, and if one rank dies kills the others and exits non-zero naming it.
+- Under Slurm (``srun``), torchrun or the DeepSpeed launcher (no ``--nproc``): joins the environment it finds.
+
+Ctrl-C: the first one makes every rank checkpoint and exit 3 at the end of its step (run the same command to resume);
+a second one kills the ranks.
+
+Resume: by default the run continues from the newest complete checkpoint in ``runs/<name>/checkpoints`` (a torn newest
+one is skipped with a warning). ``--resume PATH`` starts from the given tag directory instead. ``--no-resume``
+guarantees a fresh start: it refuses (exit 2) when the run directory already holds a complete checkpoint, and says how
+to continue or start over, rather than silently moving or deleting anything.
+
+Exit codes: 0 finished, 1 failure (a rank died, non-finite losses, ...), 2 usage/config error, 3 preempted
+(checkpoint written; run the same command to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pretrain.checkpoint import (
+    CheckpointMismatchError,
+    check_resume_compatible,
+    find_resume_checkpoint,
+    list_checkpoints,
+    read_meta,
+    verify_checkpoint,
+)
+from pretrain.config import Config, ConfigError, load_config, model_shape_digest
+from pretrain.distributed import detect_environment, find_free_port
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_PREEMPTED",
+    "EXIT_USAGE",
+    "LaunchPlan",
+    "main",
+    "register",
+    "validate_launch",
+]
+
+logger = logging.getLogger(__name__)
+
+# mirrored from pretrain.trainer (imported lazily there: it pulls in DeepSpeed)
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 3
+_KILL_GRACE_S = 10.0
+_LAUNCHED_BY = "PRETRAIN_LOCAL_LAUNCHER_PID"  # set in the environment of ranks started by --nproc
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``train`` subcommand."""
+    p = subparsers.add_parser(
+        "train",
+        help="train a model (DeepSpeed ZeRO; resumes automatically)",
+        description=__doc__.split("\n\n")[0],
+    )
+    _add_arguments(p)
+    p.set_defaults(func=_run, accepts_overrides=True)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run config YAML, e.g. configs/run/digits_sepvit_lite.yaml")
+    p.add_argument("overrides", nargs="*", default=[], help="section.field=value overrides")
+    p.add_argument("--nproc", type=int, default=None, help="local ranks to start (default 1, or join the launcher's)")
+    p.add_argument("--resume", default=None, metavar="PATH", help="checkpoint tag dir to resume from")
+    p.add_argument("--no-resume", action="store_true", help="start fresh; refuse if the run has checkpoints")
+
+
+@dataclasses.dataclass
+class LaunchPlan:
+    """What :func:`validate_launch` settled: the config, the world, and where to resume from."""
+
+    cfg: Config
+    world_size: int
+    spawn: int
+    """Ranks this process starts (0: train in this process)."""
+    resume_from: Path | None
+    finished: bool
+    """The resume checkpoint already reached ``trainer.max_steps``: nothing to train."""
+    rank: int = 0
+    """Global rank of this process (0 when it launches the ranks itself)."""
+
+
+def validate_launch(
+    config: str, overrides: list[str], nproc: int | None, resume: str | None, no_resume: bool
+) -> LaunchPlan:
+    """Load and check everything before any rank starts or any file is written.
+
+    Args:
+        config: Run config YAML.
+        overrides: ``section.field=value`` overrides.
+        nproc: ``--nproc`` (None: one rank, or the launcher's world when RANK/SLURM_PROCID are set).
+        resume: ``--resume`` tag dir, if given.
+        no_resume: ``--no-resume``.
+
+    Returns:
+        The resolved config (``model.num_classes`` from the manifest), world size, ranks to spawn, resume point.
+
+    Raises:
+        ConfigError: With a message naming the field or file and the fix.
+    """
+    cfg = load_config(config, overrides)
+    try:
+        env = detect_environment()
+    except ValueError as e:
+        raise ConfigError(f"launcher environment: {e}") from e
+    if nproc is not None and nproc < 1:
+        raise ConfigError(f"--nproc={nproc} must be >= 1")
+    if nproc is not None and nproc > 1 and env.source != "single":
+        raise ConfigError(f"--nproc={nproc} inside a {env.source} launch (RANK/SLURM_PROCID set): drop --nproc")
+    world = nproc if nproc is not None and env.source == "single" else env.world_size
+    if resume and no_resume:
+        raise ConfigError("--resume and --no-resume exclude each other")
+
+    from pretrain.engine import build_ds_config
+
+    cfg = _resolve_data(cfg)
+    build_ds_config(cfg, world)  # batch arithmetic, ZeRO/offload/EMA combinations
+    _check_model(cfg)
+    if cfg.trainer.precision != "fp32" or cfg.trainer.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.precision={cfg.trainer.precision} / device={cfg.trainer.device} need a GPU")
+
+    ckpt_root = cfg.run_dir / "checkpoints"
+    resume_from: Path | None = None
+    if resume:
+        resume_from = Path(resume)
+        ok, reason = verify_checkpoint(resume_from)
+        if not ok:
+            raise ConfigError(f"--resume {resume}: not a usable checkpoint ({reason})")
+    elif no_resume:
+        complete = [c for c in list_checkpoints(ckpt_root) if c.complete]
+        if complete:
+            raise ConfigError(
+                f"--no-resume: {ckpt_root} already has {len(complete)} complete checkpoint(s) (newest "
+                f"{complete[-1].tag}). Drop --no-resume to continue it, pick a new run.name=..., or move "
+                f"{cfg.run_dir} away to start over"
+            )
+    else:
+        resume_from = find_resume_checkpoint(ckpt_root)
+    finished = False
+    if resume_from is not None:
+        meta = read_meta(resume_from)
+        try:
+            check_resume_compatible(meta, dataclasses.asdict(cfg.model), model_shape_digest(cfg), world)
+        except CheckpointMismatchError as e:
+            raise ConfigError(f"{resume_from}: {e}") from e
+        finished = int(meta.get("step", -1)) >= cfg.trainer.max_steps and not resume
+    spawn = world if (env.source == "single" and world > 1) else 0
+    return LaunchPlan(cfg, world, spawn, resume_from, finished, env.rank)
+
+
+def _resolve_data(cfg: Config) -> Config:
+    manifest = Path(cfg.data.path) / "manifest.json"
+    if not manifest.is_file():
+        raise ConfigError(
+            f"data.path={cfg.data.path}: no manifest.json there; build the data first, e.g. "
+            f"`pretrain data build digits --out {cfg.data.path}`, or point data.path at a built data set"
+        )
+    from pretrain.trainer import resolve_num_classes
+
+    try:
+        return resolve_num_classes(cfg)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"data.path={cfg.data.path}: unreadable manifest ({e})") from e
+
+
+def _check_model(cfg: Config) -> None:
+    """Build the model on the meta device (no memory, no compute) so unknown names and kwargs fail here."""
+    import torch
+
+    from pretrain.models import create_model
+
+    try:
+        with torch.device("meta"):
+            create_model(
+                cfg.model.name,
+                num_classes=cfg.model.num_classes,
+                img_size=cfg.model.img_size,
+                drop_path_rate=cfg.model.drop_path_rate,
+                drop_rate=cfg.model.drop_rate,
+                **cfg.model.kwargs,
+            )
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model.{cfg.model.name}: {e}") from e
+    except Exception as e:  # an op without a meta kernel: the ranks will find out for real
+        logger.debug("meta-device model check skipped: %s", e)
+
+
+# ------------------------------------------------------------------------------------------------------------- run
+
+
+def _run(args: argparse.Namespace) -> int:
+    plan = validate_launch(args.config, list(args.overrides), args.nproc, args.resume, args.no_resume)
+    if plan.finished:
+        logger.info("run %s already finished (checkpoint %s); not training again", plan.cfg.run_dir, plan.resume_from)
+        code = EXIT_OK
+    elif plan.spawn:
+        code = _launch_local(plan.spawn, args)
+    else:
+        code = _train_here(plan)
+    if plan.rank == 0 and _LAUNCHED_BY not in os.environ:  # with --nproc the launcher prints it, not rank 0
+        _print_summary(plan.cfg, code)
+    return code
+
+
+def _train_here(plan: LaunchPlan) -> int:
+    from pretrain.distributed import destroy_distributed, init_distributed
+    from pretrain.logging_utils import init_logging
+    from pretrain.trainer import run_training
+
+    init_logging(plan.cfg.logging.level)
+    import torch
+
+    if plan.cfg.trainer.device == "cpu" or not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is imported: skip GPU probing
+    dist = init_distributed(device=plan.cfg.trainer.device)
+    try:
+        result = run_training(plan.cfg, dist, plan.resume_from)
+    finally:
+        destroy_distributed()
+    return result.exit_code
+
+
+def _child_argv(args: argparse.Namespace) -> list[str]:
+    argv = [sys.executable, "-m", "launch.cli", "train", args.config, *args.overrides]
+    if args.resume:
+        argv += ["--resume", args.resume]
+    if args.no_resume:
+        argv.append("--no-resume")
+    return argv
+
+
+def _launch_local(nproc: int, args: argparse.Namespace) -> int:
+    """Start ``nproc`` ranks of this command, forward SIGTERM/SIGUSR2, and fail fast if one rank dies."""
+    port = find_free_port()
+    procs: list[subprocess.Popen] = []
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    for rank in range(nproc):
+        env = dict(
+            base_env,
+            RANK=str(rank),
+            WORLD_SIZE=str(nproc),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(nproc),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            **{_LAUNCHED_BY: str(os.getpid())},
+        )
+        procs.append(subprocess.Popen(_child_argv(args), env=env))
+    logger.info("started %d ranks (pids %s), rendezvous 127.0.0.1:%d", nproc, [p.pid for p in procs], port)
+
+    def forward(signum: int, frame: Any) -> None:
+        logger.warning("forwarding %s to the ranks", signal.Signals(signum).name)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        # Ctrl-C reaches the ranks too (same process group): they checkpoint and exit; a second one kills them
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        logger.warning("interrupted: the ranks checkpoint and stop at the end of this step (Ctrl-C again to kill)")
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)
+    try:
+        return _watch(procs)
+    except KeyboardInterrupt:
+        _stop_all(procs)
+        return 130
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _watch(procs: list[subprocess.Popen]) -> int:
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [(r, c) for r, c in enumerate(codes) if c is not None and c not in (EXIT_OK, EXIT_PREEMPTED)]
+        if failed:
+            rank, code = failed[0]
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+            others = [r for r, c in enumerate(codes) if c is None]
+            logger.error("rank %d %s; stopping the other ranks %s", rank, how, others)
+            print(f"pretrain train: rank {rank} {how}; stopped the other ranks", file=sys.stderr)
+            _stop_all(procs)
+            return code if code > 0 else EXIT_FAILED
+        if all(c is not None for c in codes):
+            return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else EXIT_OK
+        time.sleep(0.2)
+
+
+def _stop_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + _KILL_GRACE_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _print_summary(cfg: Config, code: int) -> None:
+    """Final result for the user (stdout): state, step, val top-1, where checkpoints and TensorBoard logs are."""
+    try:
+        status = json.loads((cfg.run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return
+    ev = status.get("last_eval") or {}
+    parts = [f"state={status.get('state')}", f"step={status.get('step')}/{status.get('max_steps')}"]
+    if "val_top1" in ev:
+        parts.append(f"val_top1={ev['val_top1']:.4f} (step {ev.get('step')})")
+    if "val_top1_ema" in ev:
+        parts.append(f"val_top1_ema={ev['val_top1_ema']:.4f}")
+    print(f"pretrain train: {' '.join(parts)}")
+    if status.get("last_checkpoint"):
+        print(f"  checkpoint:  {status['last_checkpoint']}")
+    print(f"  metrics:     {cfg.run_dir / 'metrics.jsonl'}")
+    print(f"  tensorboard: tensorboard --logdir {cfg.run_dir / 'tb'}")
+    if code == EXIT_PREEMPTED:
+        print("  preempted: run the same command again to resume")
+    elif status.get("message") and code != EXIT_OK:
+        print(f"  message: {status['message']}")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m launch.cmd_train`` (same as ``pretrain train``)."""
+    from launch.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""DeepSpeed engine from the typed config: ZeRO stage, precision, batch arithmetic, AdamW, LR schedule, loss, EMA.
+
+``build_engine()`` is the one place where the single-device model becomes a distributed one. Order (rule 1):
+
+1. activation checkpointing  (``model.set_grad_checkpointing``: changes what the blocks keep for backward)
+2. compile                   (``model.compile()``: traces the checkpointed module, before ZeRO hooks exist)
+3. ZeRO init                 (``deepspeed.initialize``: partitions optimizer state / gradients / parameters and
+                              installs its hooks on the compiled module)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.config import Config, ConfigError
+
+__all__ = [
+    "EngineParts",
+    "ModelEMA",
+    "build_ds_config",
+    "build_engine",
+    "build_lr_lambda",
+    "check_batch_sizes",
+    "optimizer_state_bytes",
+    "param_groups",
+    "soft_target_cross_entropy",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def check_batch_sizes(cfg: Config, world_size: int) -> int:
+    """Global batch = micro-batch × grad accumulation × world size; must equal ``trainer.global_batch_size`` if set.
+
+    Returns:
+        The global batch size.
+
+    Raises:
+        ConfigError: Naming the three factors and a way to fix the mismatch.
+    """
+    micro, accum = cfg.data.batch_size, cfg.trainer.grad_accum_steps
+    global_batch = micro * accum * world_size
+    want = cfg.trainer.global_batch_size
+    if want > 0 and want != global_batch:
+        hint = ""
+        if want % (micro * world_size) == 0:
+            hint = f"; set trainer.grad_accum_steps={want // (micro * world_size)}"
+        elif want % (accum * world_size) == 0:
+            hint = f"; set data.batch_size={want // (accum * world_size)}"
+        raise ConfigError(
+            f"trainer.global_batch_size={want} but data.batch_size ({micro}) × trainer.grad_accum_steps ({accum}) × "
+            f"world size ({world_size}) = {global_batch}{hint}, or set trainer.global_batch_size=0 to skip the check"
+        )
+    return global_batch
+
+
+def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict for ``cfg`` on ``world_size`` ranks (``deepspeed.overrides`` merged last)."""
+    check_batch_sizes(cfg, world_size)
+    if cfg.trainer.ema_decay > 0 and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError("trainer.ema_decay > 0 needs full parameters on every rank: use deepspeed.zero_stage <= 2")
+    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.offload_optimizer != "none":
+        if cfg.deepspeed.zero_stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        zero["offload_optimizer"] = {"device": cfg.deepspeed.offload_optimizer, "pin_memory": False}
+    if cfg.deepspeed.offload_param != "none":
+        zero["offload_param"] = {"device": cfg.deepspeed.offload_param, "pin_memory": False}
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.trainer.grad_accum_steps,
+        "train_batch_size": cfg.data.batch_size * cfg.trainer.grad_accum_steps * world_size,
+        "zero_optimization": zero,
+        # the optimizer is a torch AdamW/SGD passed as client optimizer (param groups without weight decay on
+        # norms/biases/tokens); DeepSpeed only tests its own optimizers with ZeRO
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "steps_per_print": 2**31 - 1,  # the trainer logs; DeepSpeed's own step prints stay off
+        "wall_clock_breakdown": False,
+    }
+    if cfg.trainer.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif cfg.trainer.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2}
+    return _merge(ds, cfg.deepspeed.overrides)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups: decayed weights, and no decay for ndim <= 1 params (norms, biases) and ``no_weight_decay()``."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_lr_lambda(cfg: Config):
+    """Per-step multiplier of ``optim.lr``: linear warmup from ``warmup_lr``, then cosine/linear/constant to min_lr.
+
+    A plain closure on purpose: ``LambdaLR.state_dict()`` stores only the step count for functions, so a resumed
+    run with a new ``max_steps`` or ``lr`` follows the new schedule from the saved step.
+    """
+    lr, warm, warm_lr, min_lr = cfg.optim.lr, cfg.schedule.warmup_steps, cfg.schedule.warmup_lr, cfg.schedule.min_lr
+    total, kind = cfg.trainer.max_steps, cfg.schedule.name
+
+    def multiplier(step: int) -> float:
+        if step < warm:
+            return (warm_lr + (lr - warm_lr) * step / warm) / lr
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        if kind == "linear":
+            return (min_lr + (lr - min_lr) * (1.0 - progress)) / lr
+        return (min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))) / lr
+
+    return multiplier
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over valid rows of ``-sum(targets * log_softmax(logits))`` (targets already smoothed/mixed).
+
+    Args:
+        logits: (B, C).
+        targets: (B, C) soft targets, rows sum to 1.
+        valid: (B,) bool; False rows contribute nothing.
+
+    Returns:
+        A scalar; 0 (with a gradient path) when no row is valid.
+    """
+    per_row = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1)  # (B,)
+    mask = valid.to(per_row.dtype)
+    return (per_row * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+class ModelEMA:
+    """Exponential moving average of a model's weights (fp32 copy, same device), evaluated as ``val_*_ema``.
+
+    Args:
+        model: The (unwrapped) model to track; its current weights initialise the average.
+        decay: Per optimizer step, ``ema = decay * ema + (1 - decay) * weights``.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).float().eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Move the average towards ``model``'s current weights (buffers are copied)."""
+        for e, p in zip(self.module.parameters(), model.parameters()):
+            e.lerp_(p.detach().float(), 1.0 - self.decay)
+        for e, b in zip(self.module.buffers(), model.buffers()):
+            e.copy_(b)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "module": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+
+
+def optimizer_state_bytes(optimizer: Any) -> int:
+    """Bytes of optimizer state tensors (e.g. Adam moments) held by this rank, unwrapping DeepSpeed's ZeRO wrapper."""
+    inner = optimizer
+    while hasattr(inner, "optimizer") and not isinstance(inner, torch.optim.Optimizer):
+        inner = inner.optimizer
+    total = 0
+    for state in inner.state.values():
+        for v in state.values():
+            if torch.is_tensor(v) and v.dim() > 0:
+                total += v.numel() * v.element_size()
+    return total
+
+
+@dataclass
+class EngineParts:
+    """What :func:`build_engine` returns."""
+
+    engine: Any
+    """The DeepSpeed engine (call it like the model; ``backward``, ``step``, ``save_checkpoint``)."""
+    optimizer: Any
+    """DeepSpeed's optimizer (a ZeRO wrapper around the torch optimizer for stage >= 1)."""
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    """Per-step LR schedule, stepped by the engine and saved in its checkpoint."""
+    ds_config: dict[str, Any]
+    """The DeepSpeed config used."""
+
+
+def build_engine(cfg: Config, model: nn.Module, world_size: int) -> EngineParts:
+    """Wrap ``model`` in a DeepSpeed engine configured from ``cfg`` (see the module docstring for the order).
+
+    Args:
+        cfg: The resolved run config.
+        model: The single-device model, already on this rank's device.
+        world_size: Number of data-parallel ranks.
+
+    Returns:
+        The engine, its optimizer and LR scheduler, and the DeepSpeed config dict.
+    """
+    import deepspeed
+
+    ds_config = build_ds_config(cfg, world_size)
+    # 1. activation checkpointing
+    if cfg.trainer.activation_checkpointing:
+        model.set_grad_checkpointing(True)
+    # 2. compile
+    if cfg.trainer.compile:
+        model.compile()
+    # 3. ZeRO init: the client optimizer's param groups carry the weight-decay split
+    groups = param_groups(model, cfg.optim.weight_decay)
+    if cfg.optim.name == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(
+            groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
+        )
+    else:
+        opt = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, build_lr_lambda(cfg))
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed 0.19 still calls the deprecated all_gather_into_tensor in ZeRO-1/2 steps; once per rank is noise
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, config=ds_config
+    )
+    return EngineParts(engine, optimizer, scheduler, ds_config)

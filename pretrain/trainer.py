@@ -1,0 +1,686 @@
+"""The training loop: resume, train steps on a DeepSpeed engine, evaluation, checkpoints, metrics, preemption.
+
+One process per rank runs :func:`run_training`. Exit codes (also the process exit status of ``pretrain train``):
+
+- ``EXIT_OK`` (0): finished ``trainer.max_steps`` (or found the run already finished).
+- ``EXIT_FAILED`` (1): a runtime failure, including ``trainer.max_nonfinite_steps`` non-finite losses in a row.
+- ``EXIT_USAGE`` (2): bad config or arguments; nothing was started or written.
+- ``EXIT_PREEMPTED`` (3): SIGTERM or SIGUSR2 arrived; a checkpoint was written and ``status.json`` says
+  ``preempted``. Running the same command again resumes exactly (the Slurm requeue relies on this code).
+
+Exactness on resume (same world size, CPU): the model, optimizer and LR scheduler come from DeepSpeed's checkpoint;
+the data position, the torch/numpy/python RNG states (per rank) and the trainer counters from the checkpoint's
+client and per-rank state; device-side augmentation draws from a ``torch.Generator`` seeded by (trainer.seed, step,
+micro-step, rank), so it needs no saved state. Loader iteration runs under ``torch.random.fork_rng`` so starting a new
+DataLoader iterator on resume does not shift the global RNG stream that dropout and drop path use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.checkpoint import (
+    CheckpointManager,
+    capture_rng_state,
+    find_resume_checkpoint,
+    restore_rng_state,
+)
+from pretrain.config import Config, config_digest, dump_config, model_shape_digest
+from pretrain.distributed import DistInfo, all_reduce_max, broadcast_object
+from pretrain.engine import EngineParts, ModelEMA, build_engine, soft_target_cross_entropy
+from pretrain.metrics import (
+    MetricsSink,
+    StatusFile,
+    build_metrics_sink,
+    device_peak_flops,
+    peak_memory_mb,
+    topk_correct,
+)
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_PREEMPTED",
+    "EXIT_USAGE",
+    "StopSignals",
+    "TrainResult",
+    "Trainer",
+    "augment_seed",
+    "build_data",
+    "build_model",
+    "build_trainer",
+    "resolve_num_classes",
+    "run_training",
+]
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_PREEMPTED = 3
+
+
+@dataclass
+class TrainResult:
+    """How a training process ended."""
+
+    exit_code: int
+    state: str
+    """``finished``, ``preempted`` or ``failed``."""
+    step: int
+    last_eval: dict[str, Any] = field(default_factory=dict)
+    last_checkpoint: str | None = None
+    message: str = ""
+
+
+class StopSignals:
+    """Turns SIGTERM/SIGUSR2 (and a first Ctrl-C) into a flag checked at the end of each step (then checkpoint, exit 3).
+
+    Installed before the data loaders fork their workers, so workers inherit the handler and a signal sent to the
+    whole process group (Slurm does this) does not kill them mid-batch. A second SIGINT raises KeyboardInterrupt.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> StopSignals:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt
+        if self.received is None:
+            logger.warning("received %s: will checkpoint and stop at the end of this step", signal.Signals(signum).name)
+        self.received = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def augment_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
+    """Seed of the device-side augmentation generator: a pure function of (seed, step, micro-step, rank)."""
+    digest = hashlib.sha256(f"{seed}:{step}:{micro_step}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+# ---------------------------------------------------------------------------------------------------------- building
+
+
+def resolve_num_classes(cfg: Config) -> Config:
+    """With ``data.classes_from_manifest``, set ``model.num_classes`` from the data manifest (returns a new config)."""
+    if not cfg.data.classes_from_manifest:
+        return cfg
+    from data_pipeline.manifest import load_manifest
+
+    n = len(load_manifest(cfg.data.path).classes)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=n))
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """The single-device model of ``cfg.model`` (initialised from ``trainer.seed``, identical on every rank)."""
+    from pretrain.models import create_model
+
+    torch.manual_seed(cfg.trainer.seed)
+    return create_model(
+        cfg.model.name,
+        num_classes=cfg.model.num_classes,
+        img_size=cfg.model.img_size,
+        drop_path_rate=cfg.model.drop_path_rate,
+        drop_rate=cfg.model.drop_rate,
+        **cfg.model.kwargs,
+    )
+
+
+@dataclass
+class DataParts:
+    """Loaders and augmentation of one rank."""
+
+    train: Any
+    val: Any | None
+    augment: Any
+    normalize: Any
+
+
+def build_data(cfg: Config, dist: DistInfo) -> DataParts:
+    """Train/val loaders of this rank, the device-side augmentation and the eval normalisation."""
+    from data_pipeline.augment import DeviceAugment, normalize
+    from data_pipeline.loader import build_loader
+    from data_pipeline.transforms import build_transforms
+
+    train_tf, eval_tf = build_transforms(cfg.augment, cfg.model.img_size)
+    common = dict(
+        rank=dist.rank,
+        world_size=dist.world_size,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.data.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        prefetch_factor=cfg.data.prefetch_factor,
+        corrupt_log_every=cfg.logging.corrupt_log_every,
+        image_size=cfg.model.img_size,
+    )
+    train = build_loader(
+        cfg.data.path,
+        cfg.data.train_split,
+        train=True,
+        batch_size=cfg.data.batch_size,
+        transform=train_tf,
+        persistent_workers=cfg.data.persistent_workers and cfg.data.num_workers > 0,
+        **common,
+    )
+    val = None
+    if cfg.data.val_split:
+        val = build_loader(
+            cfg.data.path,
+            cfg.data.val_split,
+            train=False,
+            batch_size=cfg.data.val_batch_size or cfg.data.batch_size,
+            transform=eval_tf,
+            persistent_workers=cfg.data.persistent_workers and cfg.data.num_workers > 0,
+            **common,
+        )
+    return DataParts(train, val, DeviceAugment(cfg.augment, cfg.model.num_classes), normalize)
+
+
+def _flops_per_image(model: nn.Module, cfg: Config, device: torch.device) -> float | None:
+    """Training FLOPs per image (fwd + bwd = 3 × forward, 2 FLOPs per MAC); only needed for MFU on GPU."""
+    if device.type != "cuda":
+        return None
+    from pretrain.models._flops import count_macs
+
+    try:
+        return count_macs(model, cfg.model.img_size) * 1e9 * 2 * 3
+    except Exception as e:  # MFU is a nicety: never fail a run over it
+        logger.warning("could not count model FLOPs (%s); mfu will not be logged", e)
+        return None
+
+
+def build_trainer(cfg: Config, dist: DistInfo, stop: StopSignals | None = None) -> Trainer:
+    """Model, engine, data, EMA, checkpoint manager and status file for this rank."""
+    t0 = time.perf_counter()
+    model = build_model(cfg).to(dist.device)
+    flops = _flops_per_image(model, cfg, dist.device)
+    ema = ModelEMA(model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay > 0 else None
+    t1 = time.perf_counter()
+    parts = build_engine(cfg, model, dist.world_size)
+    t2 = time.perf_counter()
+    data = build_data(cfg, dist)
+    logger.info("built model %.1f s, DeepSpeed engine %.1f s, data %.1f s", t1 - t0, t2 - t1, time.perf_counter() - t2)
+    ckpt = CheckpointManager(
+        cfg.run_dir / "checkpoints",
+        dist.rank,
+        dist.world_size,
+        keep_last=cfg.checkpoint.keep_last,
+        keep_best=cfg.checkpoint.keep_best,
+        best_metric=cfg.checkpoint.best_metric,
+        best_mode=cfg.checkpoint.best_mode,
+    )
+    status = StatusFile(
+        cfg.run_dir / "status.json",
+        enabled=dist.is_main,
+        max_steps=cfg.trainer.max_steps,
+        world_size=dist.world_size,
+        run_dir=str(cfg.run_dir),
+    )
+    return Trainer(cfg, dist, parts, data, ema, ckpt, status, stop or StopSignals(), flops)
+
+
+# ----------------------------------------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class _Window:
+    """Accumulates timing between two log events."""
+
+    start: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+    data_wait_s: float = 0.0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+
+
+class Trainer:
+    """Runs one rank's share of a training run (all ranks run the same loop in lockstep)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        dist: DistInfo,
+        parts: EngineParts,
+        data: DataParts,
+        ema: ModelEMA | None,
+        ckpt: CheckpointManager,
+        status: StatusFile,
+        stop: StopSignals,
+        flops_per_image: float | None = None,
+    ):
+        self.cfg, self.dist, self.parts, self.data = cfg, dist, parts, data
+        self.engine = parts.engine
+        self.ema, self.ckpt, self.status, self.stop = ema, ckpt, status, stop
+        self.flops_per_image = flops_per_image
+        self.peak_flops = device_peak_flops(dist.device, cfg.trainer.precision)
+        self.global_batch = cfg.data.batch_size * cfg.trainer.grad_accum_steps * dist.world_size
+        self.sink: MetricsSink = MetricsSink()
+        # resumable counters (state_dict)
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_in_a_row = 0
+        self.best_metric: float | None = None
+        self.best_step: int | None = None
+        self.last_eval: dict[str, Any] = {}
+        self.restarts = 0
+        # per process
+        self.last_checkpoint: str | None = None
+        self._last_save_time = time.monotonic()
+        self._saved_step = -1
+        self._batches: Iterator[dict[str, torch.Tensor]] | None = None
+
+    # -- state ---------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Trainer counters (rank-independent), stored in DeepSpeed's client state."""
+        return {
+            "step": self.step,
+            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "last_eval": dict(self.last_eval),
+            "restarts": self.restarts,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.nonfinite_total = int(state["nonfinite_total"])
+        self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+        self.best_metric, self.best_step = state["best_metric"], state["best_step"]
+        self.last_eval = dict(state["last_eval"])
+        self.restarts = int(state["restarts"])
+
+    # -- the run -------------------------------------------------------------------------------------------------
+
+    def fit(self, resume_from: str | Path | None = None) -> TrainResult:
+        """Resume (from ``resume_from`` or the run's newest complete checkpoint), then :meth:`train`."""
+        if self.dist.is_main:
+            dump_config(self.cfg, self.cfg.run_dir / "config.yaml")
+        path = broadcast_object(
+            str(resume_from) if resume_from else _newest_checkpoint(self.cfg.run_dir / "checkpoints")
+        )
+        if path:
+            self.resume(Path(path))
+        elif self.dist.is_main and (self.cfg.run_dir / "tb").exists():
+            shutil.rmtree(self.cfg.run_dir / "tb")  # leftovers of an attempt that never checkpointed
+        self.sink = build_metrics_sink(self.cfg.run_dir, self.dist.is_main, self.cfg.logging.tensorboard, self.step)
+        try:
+            return self.train()
+        finally:
+            self.sink.close()
+
+    def resume(self, tag_dir: Path) -> None:
+        """Load model, optimizer, scheduler, counters, data position, RNGs and EMA from ``tag_dir``."""
+        client, rank_state = self.ckpt.load(self.engine, tag_dir)
+        self.load_state_dict(client["trainer"])
+        self.data.train.load_state_dict(rank_state["data"])
+        if self.ema is not None:
+            self.ema.load_state_dict(torch.load(tag_dir / "ema.pt", map_location=self.dist.device, weights_only=False))
+        restore_rng_state(rank_state["rng"])
+        self.restarts += 1
+        self.last_checkpoint = str(tag_dir)
+        self._saved_step = self.step
+        logger.info("resumed from %s at step %d (restart %d)", tag_dir, self.step, self.restarts)
+
+    def train(self) -> TrainResult:
+        """The loop: train steps, then log, evaluate, checkpoint; stop on max_steps, a signal or non-finite losses."""
+        cfg, tcfg = self.cfg, self.cfg.trainer
+        max_steps = tcfg.max_steps
+        self.status.update(
+            state="running", step=self.step, restarts=self.restarts, last_checkpoint=self.last_checkpoint
+        )
+        if self.step >= max_steps:
+            logger.info("run already reached trainer.max_steps=%d; nothing to train", max_steps)
+            return self._finish("finished", EXIT_OK)
+        self._batches = self._batch_stream()
+        bar = self._progress_bar()
+        window = _Window()
+        while self.step < max_steps:
+            out = self.train_step()
+            self.step += 1
+            window.steps += 1
+            window.data_wait_s += out["data_wait_s"]
+            if out["skipped"]:
+                self.nonfinite_total += 1
+                self.nonfinite_in_a_row += 1
+                logger.warning(
+                    "step %d: non-finite loss on some rank; step skipped (%d in a row)",
+                    self.step,
+                    self.nonfinite_in_a_row,
+                )
+            else:
+                self.nonfinite_in_a_row = 0
+                window.loss_sum += out["loss"]
+                window.loss_count += 1
+            if self.step % tcfg.log_every_steps == 0 or self.step == max_steps or out["skipped"]:
+                event = self.log_step(out, window)
+                window = _Window()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{event['loss']:.4f}", img_s=f"{event['img_per_s']:.0f}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+            stop_signal, time_save = self._agree_on_flags()
+            final = self.step >= max_steps
+            if final or (tcfg.eval_every_steps and self.step % tcfg.eval_every_steps == 0):
+                self.evaluate()
+            if self.nonfinite_in_a_row >= tcfg.max_nonfinite_steps:
+                self.save_checkpoint()
+                msg = (
+                    f"{self.nonfinite_in_a_row} non-finite losses in a row (trainer.max_nonfinite_steps="
+                    f"{tcfg.max_nonfinite_steps}) at step {self.step}; the weights in {self.last_checkpoint} are the "
+                    "last good ones (skipped steps never updated them). Lower optim.lr or check the data"
+                )
+                logger.error(msg)
+                return self._finish("failed", EXIT_FAILED, msg, bar)
+            if stop_signal:
+                self.save_checkpoint()
+                sig = signal.Signals(int(stop_signal)).name
+                return self._finish("preempted", EXIT_PREEMPTED, f"stopped by {sig} at step {self.step}", bar)
+            every = cfg.checkpoint.every_steps
+            if (final and cfg.checkpoint.save_final) or (every and self.step % every == 0) or time_save:
+                self.save_checkpoint()
+        return self._finish("finished", EXIT_OK, bar=bar)
+
+    # -- one step ------------------------------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; skipped if any rank's loss is non-finite.
+
+        With ``grad_accum_steps=1`` (the usual case) a skipped step has no backward and no optimizer update at all.
+        With gradient accumulation, a non-finite micro-batch contributes a zero gradient instead (DeepSpeed's
+        accumulation boundary must stay aligned), the optimizer step still runs on the other micro-batches, and the
+        step counts as skipped only when every micro-batch was non-finite.
+        """
+        engine, accum, dev = self.engine, self.cfg.trainer.grad_accum_steps, self.dist.device
+        engine.train()
+        lr = self.parts.optimizer.param_groups[0]["lr"]
+        data_wait, losses, bad_micro, grad_norm = 0.0, [], 0, None
+        for micro in range(accum):
+            t0 = time.perf_counter()
+            with torch.random.fork_rng(devices=[]):  # loader iteration must not move the global RNG stream
+                batch = next(self._batches)  # type: ignore[arg-type]
+            data_wait += time.perf_counter() - t0
+            gen = torch.Generator(device=dev).manual_seed(
+                augment_seed(self.cfg.trainer.seed, self.step, micro, self.dist.rank)
+            )
+            labels = batch["label"].to(dev).clamp_min(0)  # padding rows may carry -1; they are masked below
+            images, targets = self.data.augment(batch["image"].to(dev), labels, generator=gen)
+            valid = batch["valid"].to(dev)
+            logits = engine(images)
+            loss = soft_target_cross_entropy(logits, targets, valid)
+            if self.step + 1 in self.cfg.trainer.debug_nonfinite_steps and self.dist.rank == 0:
+                loss = loss + float("nan")  # DEBUG ONLY: exercises the cross-rank non-finite guard
+            # one all-reduce gives the global mean loss and, through NaN propagation, the cross-rank finiteness
+            n_valid = valid.sum().to(torch.float64)
+            stats = torch.stack([loss.detach().to(torch.float64) * n_valid, n_valid])
+            if self.dist.world_size > 1:
+                torch.distributed.all_reduce(stats)
+            finite = bool(torch.isfinite(stats[0]))
+            if finite:
+                losses.append((stats[0] / stats[1].clamp_min(1)).item())
+            else:
+                bad_micro += 1
+                if accum == 1:
+                    break
+                # keeps DeepSpeed's hooks and accumulation counter aligned; contributes a zero gradient
+                loss = logits.float().nan_to_num(0.0, 0.0, 0.0).sum() * 0.0
+            if accum > 1 or finite:
+                engine.backward(loss)
+                grad_norm = self._stage0_grad_norm() if engine.is_gradient_accumulation_boundary() else None
+                engine.step()
+        skipped = bad_micro == accum
+        if skipped and accum == 1:
+            self.parts.scheduler.step()  # no engine.step() ran: keep the LR schedule on the trainer's step count
+        else:
+            gn = engine.get_global_grad_norm() if grad_norm is None else grad_norm
+            grad_norm = float(gn) if gn is not None else float("nan")
+            if self.ema is not None:
+                self.ema.update(engine.module)
+        return {
+            "loss": sum(losses) / len(losses) if losses else float("nan"),
+            "lr": lr,
+            "grad_norm": None if skipped else grad_norm,
+            "skipped": skipped,
+            "data_wait_s": data_wait,
+        }
+
+    def _stage0_grad_norm(self) -> float | None:
+        """DeepSpeed reports no gradient norm without ZeRO: compute it from the all-reduced gradients."""
+        if self.cfg.deepspeed.zero_stage != 0:
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+    def _batch_stream(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self.data.train.iter_batches()
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """val_loss/top1/top5 (and ``*_ema``) over the whole val split: sums over valid rows, all-reduced."""
+        if self.data.val is None:
+            return {}
+        t0 = time.perf_counter()
+        models = [("", self.engine)] + ([("_ema", self.ema.module)] if self.ema is not None else [])
+        sums = torch.zeros(len(models), 4, dtype=torch.float64)  # loss, top1, top5, count
+        self.engine.eval()
+        mean, std = self.cfg.augment.mean, self.cfg.augment.std
+        with torch.random.fork_rng(devices=[]):
+            for batch in self.data.val:
+                images = self.data.normalize(batch["image"].to(self.dist.device), mean, std)
+                labels, valid = batch["label"].to(self.dist.device), batch["valid"].to(self.dist.device)
+                for i, (_, model) in enumerate(models):
+                    logits = model(images.to(next(model.parameters()).dtype)).float()
+                    ce = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
+                    top1, top5 = topk_correct(logits, labels, valid)
+                    sums[i] += torch.stack([(ce * valid).sum(), top1, top5, valid.sum()]).double().cpu()
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(sums)
+        self.engine.train()
+        event: dict[str, Any] = {"event": "eval", "step": self.step, "epoch": self._epoch()}
+        for i, (suffix, _) in enumerate(models):
+            n = max(1.0, float(sums[i, 3]))
+            event[f"val_loss{suffix}"] = float(sums[i, 0]) / n
+            event[f"val_top1{suffix}"] = float(sums[i, 1]) / n
+            event[f"val_top5{suffix}"] = float(sums[i, 2]) / n
+        event["val_samples"] = int(sums[0, 3])
+        event["eval_time_s"] = time.perf_counter() - t0
+        self._track_best(event)
+        self.last_eval = {k: v for k, v in event.items() if k.startswith("val_")} | {"step": self.step}
+        self.sink.log(event)
+        self.status.update(last_eval=self.last_eval, step=self.step)
+        logger.info(
+            "eval step %d: val_loss %.4f val_top1 %.4f val_top5 %.4f",
+            self.step,
+            event["val_loss"],
+            event["val_top1"],
+            event["val_top5"],
+        )
+        return event
+
+    def _track_best(self, event: dict[str, Any]) -> None:
+        value = event.get(self.cfg.checkpoint.best_metric)
+        if value is None or not math.isfinite(value):
+            return
+        better = self.best_metric is None or (
+            value > self.best_metric if self.cfg.checkpoint.best_mode == "max" else value < self.best_metric
+        )
+        if better:
+            self.best_metric, self.best_step = float(value), self.step
+
+    # -- checkpoint, logging, status -----------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        """Collective save of ``step_{step}`` (skipped if this step is already saved)."""
+        if self._saved_step == self.step:
+            return
+        client_state = {
+            "trainer": self.state_dict(),
+            "config_digest": config_digest(self.cfg),
+            "model_shape_digest": model_shape_digest(self.cfg),
+            "world_size": self.dist.world_size,
+        }
+        rank_state = {
+            "rank": self.dist.rank,
+            "rng": capture_rng_state(),
+            "data": self.data.train.state_dict(),
+            "corrupt": self.data.train.corrupt_counts(),
+        }
+        meta = {
+            "step": self.step,
+            "epoch": self._epoch(),
+            "world_size": self.dist.world_size,
+            "max_steps": self.cfg.trainer.max_steps,
+            "config_digest": client_state["config_digest"],
+            "model_shape_digest": client_state["model_shape_digest"],
+            "model_config": dataclasses.asdict(self.cfg.model),
+            "metrics": dict(self.last_eval),
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "time": time.time(),
+        }
+        extra = {"ema.pt": self.ema.state_dict()} if self.ema is not None else None
+        tag_dir = self.ckpt.save(self.engine, self.step, client_state, rank_state, meta, extra)
+        self.last_checkpoint = str(tag_dir)
+        self._saved_step = self.step
+        self._last_save_time = time.monotonic()
+        self.status.update(last_checkpoint=self.last_checkpoint, step=self.step)
+
+    def log_step(self, out: dict[str, Any], window: _Window) -> dict[str, Any]:
+        """Write a train event for the steps since the previous one (throughput over that window)."""
+        elapsed = max(1e-9, time.perf_counter() - window.start)
+        img_per_s = window.steps * self.global_batch / elapsed
+        event: dict[str, Any] = {
+            "event": "train",
+            "step": self.step,
+            "epoch": self._epoch(),
+            "loss": out["loss"] if out["skipped"] else window.loss_sum / max(1, window.loss_count),
+            "lr": out["lr"],
+            "grad_norm": out["grad_norm"],
+            "skipped": out["skipped"],
+            "img_per_s": img_per_s,
+            "img_per_s_per_rank": img_per_s / self.dist.world_size,
+            "data_wait_frac": window.data_wait_s / elapsed,
+            "step_time_s": elapsed / max(1, window.steps),
+            "peak_mem_mb": peak_memory_mb(self.dist.device),
+            "nonfinite_steps": self.nonfinite_total,
+            "time": time.time(),
+        }
+        if self.flops_per_image and self.peak_flops:
+            event["mfu"] = self.flops_per_image * img_per_s / (self.peak_flops * self.dist.world_size)
+        for reason, n in self._global_corrupt_counts().items():
+            event[f"corrupt_{reason}"] = n
+        self.sink.log(event)
+        self.status.update(step=self.step, epoch=event["epoch"], img_per_s=img_per_s)
+        return event
+
+    def _global_corrupt_counts(self) -> dict[str, int]:
+        counts = self.data.train.corrupt_counts()
+        if self.dist.world_size == 1:
+            return counts
+        gathered: list[dict[str, int]] = [{} for _ in range(self.dist.world_size)]
+        torch.distributed.all_gather_object(gathered, counts)
+        total: dict[str, int] = {}
+        for c in gathered:
+            for k, v in c.items():
+                total[k] = total.get(k, 0) + int(v)
+        return total
+
+    def _agree_on_flags(self) -> tuple[float, bool]:
+        """All ranks agree on (a stop signal on any rank, rank 0's "checkpoint minutes elapsed")."""
+        minutes = self.cfg.checkpoint.every_minutes
+        time_save = self.dist.is_main and minutes > 0 and time.monotonic() - self._last_save_time >= minutes * 60.0
+        sig, save = all_reduce_max([float(self.stop.received or 0), float(time_save)])
+        return sig, bool(save)
+
+    def _epoch(self) -> int:
+        return int(self.data.train.state_dict()["epoch"])
+
+    def _progress_bar(self):
+        if not (self.dist.is_main and self.cfg.trainer.progress_bar):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.trainer.max_steps, initial=self.step, desc="train", unit="step", mininterval=1.0)
+
+    def _finish(self, state: str, code: int, message: str = "", bar: Any = None) -> TrainResult:
+        if bar is not None:
+            bar.close()
+        self.status.update(
+            state=state,
+            step=self.step,
+            exit_code=code,
+            message=message,
+            last_checkpoint=self.last_checkpoint,
+            last_eval=self.last_eval,
+            nonfinite_steps=self.nonfinite_total,
+        )
+        return TrainResult(code, state, self.step, dict(self.last_eval), self.last_checkpoint, message)
+
+    def close(self) -> None:
+        """Stop loader workers."""
+        self.data.train.close()
+        if self.data.val is not None:
+            self.data.val.close()
+
+
+def _newest_checkpoint(ckpt_root: Path) -> str | None:
+    path = find_resume_checkpoint(ckpt_root)
+    return str(path) if path else None
+
+
+def run_training(cfg: Config, dist: DistInfo, resume_from: str | Path | None = None) -> TrainResult:
+    """Build and fit on this rank; on an exception, ``status.json`` says failed (rank 0) and it is re-raised.
+
+    Args:
+        cfg: Validated config (``model.num_classes`` resolved).
+        dist: This rank's process group membership.
+        resume_from: A checkpoint tag dir; None resumes from the run's newest complete checkpoint, if any.
+    """
+    stop = StopSignals().install()
+    trainer = None
+    try:
+        trainer = build_trainer(cfg, dist, stop)
+        return trainer.fit(resume_from)
+    except BaseException as e:
+        if dist.is_main:
+            status = trainer.status if trainer is not None else StatusFile(cfg.run_dir / "status.json")
+            status.update(state="failed", exit_code=EXIT_FAILED, message=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        if trainer is not None:
+            trainer.close()
+        stop.restore()

@@ -1,0 +1,155 @@
+"""Shared fixtures: the digits shards built once per session, a CPU-only environment for multi-process runs, skips.
+
+``digits_dir`` builds the real scikit-learn digits shards (~1,500 train / ~300 val, 32x32 PNG) in a session tmp dir
+with the project's own writer, so tests that train read real tar shards through the real loader.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+__all__ = ["REPO", "train_env"]
+
+
+def train_env(**extra: str) -> dict[str, str]:
+    """Environment for a `pretrain train` subprocess: CPU DeepSpeed, no stray launcher variables, quiet."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "PMI_", "OMPI_"))
+        and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def scratch_root() -> Path:
+    """A private temp folder for the session, outside pytest's numbered ``tmp_path`` dirs.
+
+    pytest keeps only the 3 newest ``pytest-N`` base dirs of a user and deletes older ones when a session starts, so a
+    concurrent pytest session (another developer on a shared machine) can delete the data or run dir of a training
+    that is still running here. Multi-minute training tests therefore work in this folder instead.
+    """
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="vitpretrain-tests-"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def run_root(scratch_root: Path, request: pytest.FixtureRequest) -> Path:
+    """A fresh folder per test under :func:`scratch_root` (use it for ``run.output_dir``)."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=f"{request.node.name[:40]}-", dir=scratch_root))
+
+
+@pytest.fixture(scope="session")
+def digits_dir(scratch_root: Path) -> Path:
+    """The digits data set as WebDataset shards (several shards per split), built once per test session."""
+    from data_pipeline.writer import build_shards
+
+    out = scratch_root / "data" / "digits"
+    build_shards("digits", out, max_samples_per_shard=200, workers=1, progress=False)
+    assert (out / "manifest.json").is_file()
+    return out
+
+
+@pytest.fixture(scope="session")
+def deepspeed_cpu_ops() -> None:
+    """Build (or load from the cache) DeepSpeed's CPU communication op once, before any rank needs it.
+
+    Every DeepSpeed process on CPU JIT-loads ``deepspeed_shm_comm`` (a ~1-2 min C++ build the first time on a fresh
+    machine, cached in ~/.cache/torch_extensions afterwards). Building it here, in one process, keeps that minute out
+    of the first training test's timeout and avoids two ranks racing for the build lock.
+    """
+    import subprocess
+
+    code = (
+        "from deepspeed.accelerator import get_accelerator; "
+        "get_accelerator().create_op_builder('ShmCommBuilder').load()"
+    )
+    try:
+        subprocess.run([sys.executable, "-c", code], env=train_env(), timeout=900, capture_output=True, check=False)
+    except subprocess.TimeoutExpired:  # the ranks will report it; don't fail here
+        pass
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """CI-aware skips: `gpu` tests need CUDA; `slurm` tests need `sbatch` (the local Slurm started by make test)."""
+    have_slurm = shutil.which("sbatch") is not None
+    try:
+        import torch
+
+        have_gpu = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        have_gpu = False
+    for item in items:
+        if "gpu" in item.keywords and not have_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        if "slurm" in item.keywords and not have_slurm:
+            item.add_marker(pytest.mark.skip(reason="needs Slurm (make slurm-up)"))
+
+
+class TrainRun:
+    """`pretrain train` as a real subprocess (its own process group, so a test can SIGKILL the whole run)."""
+
+    def __init__(self, argv: list[str], cwd: Path, log: Path):
+        import subprocess
+
+        self.argv = argv
+        self.log_path = log
+        self._log = open(log, "ab")
+        self.proc = subprocess.Popen(
+            argv, cwd=cwd, env=train_env(), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def wait(self, timeout: float = 240.0) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self._log.close()
+
+    def kill_all(self, sig: int | None = None) -> None:
+        """Signal the whole process group (launcher, ranks, data workers); SIGKILL by default."""
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, sig or signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def start_train(scratch_root: Path, deepspeed_cpu_ops: None):
+    """``start_train(config, overrides, *flags) -> TrainRun``; every run still alive at session end is SIGKILLed."""
+    runs: list[TrainRun] = []
+    logs = scratch_root / "train_logs"
+    logs.mkdir()
+
+    def start(config: str | Path, overrides: list[str], *flags: str) -> TrainRun:
+        argv = [sys.executable, "-m", "launch.cli", "train", str(config), *overrides, *flags]
+        run = TrainRun(argv, REPO, logs / f"run{len(runs)}.log")
+        runs.append(run)
+        return run
+
+    yield start
+    for r in runs:
+        if r.proc.poll() is None:
+            r.kill_all()
+            r.proc.wait(timeout=30)

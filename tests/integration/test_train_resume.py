@@ -1,0 +1,215 @@
+"""Exact resume with real 2-rank DeepSpeed ZeRO-2 on CPU (gloo), real digits shards and real TensorBoard files.
+
+One uninterrupted reference run (module fixture) is compared, loss by loss and weight by weight, with runs that are
+SIGKILLed mid-run, preempted with SIGTERM, or resumed past torn checkpoints. Runs are tiny: 20 steps of 16 images
+per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.checkpoint import COMPLETE_MARKER, list_checkpoints, read_latest
+from pretrain.metrics import read_jsonl
+
+pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]
+
+CONFIG = "configs/run/digits_sepvit_lite.yaml"
+MAX_STEPS = 20
+EXIT_PREEMPTED = 3
+
+
+def overrides(data: Path, out: Path, name: str, *extra: str) -> list[str]:
+    return [
+        f"data.path={data}",
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        f"trainer.max_steps={MAX_STEPS}",
+        "trainer.eval_every_steps=10",
+        "trainer.log_every_steps=1",
+        "trainer.progress_bar=false",
+        "data.batch_size=16",
+        "data.val_batch_size=64",
+        "schedule.warmup_steps=5",
+        "checkpoint.every_steps=4",
+        "checkpoint.every_minutes=0",
+        "checkpoint.keep_last=3",
+        "checkpoint.keep_best=0",
+        *extra,
+    ]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in read_jsonl(run_dir / "metrics.jsonl") if e.get("event") == "train"}
+
+
+def eval_events(run_dir: Path) -> dict[int, dict]:
+    return {e["step"]: e for e in read_jsonl(run_dir / "metrics.jsonl") if e.get("event") == "eval"}
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    tag_dir = run_dir / "checkpoints" / f"step_{MAX_STEPS:06d}"
+    return torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+
+
+def wait_for(predicate, timeout: float, run=None, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if run is not None and run.proc.poll() is not None:
+            raise AssertionError(f"run exited ({run.proc.returncode}) before {what}:\n{run.output[-3000:]}")
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def assert_same_run(run_dir: Path, ref_dir: Path) -> None:
+    got, want = train_losses(run_dir), train_losses(ref_dir)
+    assert sorted(got) == list(range(1, MAX_STEPS + 1)), "every step logged exactly once"
+    mismatched = [s for s in want if got[s] != want[s]]
+    assert not mismatched, f"losses differ at steps {mismatched}: {[(got[s], want[s]) for s in mismatched[:3]]}"
+    a, b = final_weights(run_dir), final_weights(ref_dir)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"final weights differ in {different[:5]}"
+    assert {s: e["val_top1"] for s, e in eval_events(run_dir).items()} == {
+        s: e["val_top1"] for s, e in eval_events(ref_dir).items()
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(digits_dir, scratch_root, start_train) -> Path:
+    """An uninterrupted 20-step run."""
+    out = scratch_root / "reference"
+    run = start_train(CONFIG, overrides(digits_dir, out, "ref"), "--nproc", "2")
+    assert run.wait() == 0, run.output[-5000:]
+    assert "val_top1=" in run.output and "tensorboard --logdir" in run.output
+    return out / "ref"
+
+
+def test_reference_run_layout(reference: Path):
+    status = json.loads((reference / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] == MAX_STEPS and status["exit_code"] == 0
+    assert status["restarts"] == 0 and status["world_size"] == 2
+    assert {"host", "pid", "updated", "last_checkpoint", "last_eval", "slurm_job_id"} <= status.keys()
+    assert 0.0 <= status["last_eval"]["val_top1"] <= 1.0
+    ckpts = list_checkpoints(reference / "checkpoints")
+    assert [c.step for c in ckpts] == [12, 16, 20] and all(c.complete for c in ckpts)  # keep_last=3
+    assert read_latest(reference / "checkpoints") == "step_000020"
+    tag = reference / "checkpoints" / "step_000020"
+    listed = json.loads((tag / COMPLETE_MARKER).read_text())["files"]
+    assert {"rank_00000.pt", "rank_00001.pt", "meta.json", "mp_rank_00_model_states.pt"} <= listed.keys()
+    assert any(f.startswith("zero_pp_rank_1") for f in listed)  # ZeRO-2 partition of rank 1
+    rank1 = torch.load(tag / "rank_00001.pt", weights_only=False)
+    assert rank1["rank"] == 1 and {"python", "numpy", "torch"} <= rank1["rng"].keys()
+    assert rank1["data"]["world_size"] == 2
+    events = read_jsonl(reference / "metrics.jsonl")
+    train = [e for e in events if e["event"] == "train"]
+    for key in ("loss", "lr", "grad_norm", "img_per_s", "img_per_s_per_rank", "data_wait_frac", "step_time_s"):
+        assert all(isinstance(e[key], float) for e in train), key
+    assert train[0]["lr"] < train[5]["lr"]  # warmup
+    assert sorted(eval_events(reference)) == [10, 20]
+    assert (reference / "config.yaml").is_file()
+
+
+def tb_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_tensorboard_has_the_scalars(reference: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(reference / "tb"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/img_per_s", "eval/val_top1", "eval/val_loss"} <= set(tags)
+    losses = dict(tb_scalars(reference, "train/loss"))
+    assert sorted(losses) == list(range(1, MAX_STEPS + 1))
+    assert losses[7] == pytest.approx(train_losses(reference)[7], rel=1e-6)
+    assert [s for s, _ in tb_scalars(reference, "eval/val_top1")] == [10, 20]
+
+
+def test_sigkill_all_ranks_then_same_command_resumes_exactly(reference, digits_dir, run_root, start_train):
+    args = (CONFIG, overrides(digits_dir, run_root, "killed"), "--nproc", "2")
+    run = start_train(*args)
+    marker = run_root / "killed" / "checkpoints" / "step_000008" / COMPLETE_MARKER
+    wait_for(marker.exists, 180, run, "checkpoint step_000008")
+    run.kill_all(signal.SIGKILL)
+    run.wait()
+    assert json.loads((run_root / "killed" / "status.json").read_text())["state"] == "running"
+    logged = max(train_losses(run_root / "killed"))
+    assert 8 <= logged < MAX_STEPS, "killed mid-run"
+
+    again = start_train(*args)
+    assert again.wait() == 0, again.output[-5000:]
+    assert "resumed from" in again.output and "step_000008" in again.output
+    assert_same_run(run_root / "killed", reference)
+    assert json.loads((run_root / "killed" / "status.json").read_text())["restarts"] == 1
+    # TensorBoard drops the events the killed attempt logged after the checkpoint (purge_step on resume)
+    assert tb_scalars(run_root / "killed", "train/loss") == tb_scalars(reference, "train/loss")
+
+
+def test_sigterm_checkpoints_preempts_and_resumes_exactly(reference, digits_dir, run_root, start_train):
+    args = (CONFIG, overrides(digits_dir, run_root, "preempted"), "--nproc", "2")
+    run = start_train(*args)
+    run_dir = run_root / "preempted"
+    wait_for((run_dir / "checkpoints" / "step_000004" / COMPLETE_MARKER).exists, 180, run, "checkpoint step_000004")
+    run.proc.send_signal(signal.SIGTERM)  # the launcher forwards it to both ranks
+    assert run.wait() == EXIT_PREEMPTED, run.output[-5000:]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "preempted" and status["exit_code"] == EXIT_PREEMPTED
+    stopped = status["step"]
+    assert 4 <= stopped < MAX_STEPS
+    assert status["last_checkpoint"].endswith(f"step_{stopped:06d}")
+    assert read_latest(run_dir / "checkpoints") == f"step_{stopped:06d}"
+    assert "SIGTERM" in status["message"]
+
+    again = start_train(*args)
+    assert again.wait() == 0, again.output[-5000:]
+    assert_same_run(run_dir, reference)
+
+
+def test_torn_and_truncated_newest_checkpoints_resume_from_previous(reference, run_root, digits_dir, start_train):
+    run_dir = run_root / "torn"
+    shutil.copytree(reference, run_dir)
+    ckpts = run_dir / "checkpoints"
+    (ckpts / "step_000020" / COMPLETE_MARKER).unlink()  # torn: the kill came before the marker
+    victim = ckpts / "step_000016" / "rank_00001.pt"
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated file behind a COMPLETE marker
+    (run_dir / "status.json").unlink()
+
+    run = start_train(CONFIG, overrides(digits_dir, run_root, "torn"), "--nproc", "2")
+    assert run.wait() == 0, run.output[-5000:]
+    assert "step_000020" in run.output and "no COMPLETE marker" in run.output
+    assert "rank_00001.pt has 100 bytes" in run.output
+    assert "resumed from" in run.output and "step_000012" in run.output
+    assert_same_run(run_dir, reference)
+    assert [c.step for c in list_checkpoints(ckpts) if c.complete][-1] == MAX_STEPS
+
+
+def test_dead_rank_stops_the_others_and_names_it(digits_dir, run_root, start_train):
+    run = start_train(CONFIG, overrides(digits_dir, run_root, "dead", "trainer.max_steps=200"), "--nproc", "2")
+    marker = run_root / "dead" / "checkpoints" / "step_000004" / COMPLETE_MARKER
+    wait_for(marker.exists, 180, run, "checkpoint step_000004")
+    children = Path(f"/proc/{run.proc.pid}/task/{run.proc.pid}/children").read_text().split()
+    ranks = [int(pid) for pid in children]
+    assert len(ranks) == 2
+    import os
+
+    os.kill(ranks[1], signal.SIGKILL)
+    code = run.wait(timeout=60)
+    assert code != 0
+    assert "rank 1 was killed by SIGKILL" in run.output
+    for pid in ranks:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]

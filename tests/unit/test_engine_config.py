@@ -1,0 +1,249 @@
+"""DeepSpeed config from the typed config, batch arithmetic, param groups, LR schedule, loss, EMA (no processes)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.config import ConfigError, load_config
+from pretrain.engine import (
+    ModelEMA,
+    build_ds_config,
+    build_lr_lambda,
+    check_batch_sizes,
+    optimizer_state_bytes,
+    param_groups,
+    soft_target_cross_entropy,
+)
+
+
+def cfg_with(*overrides):
+    return load_config(None, list(overrides))
+
+
+def test_ds_config_from_typed_config():
+    cfg = cfg_with("data.batch_size=16", "trainer.grad_accum_steps=2", "deepspeed.zero_stage=3", "optim.grad_clip=1.5")
+    ds = build_ds_config(cfg, world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 16
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 16 * 2 * 4
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["gradient_clipping"] == 1.5
+    assert ds["zero_allow_untested_optimizer"] is True
+    assert "bf16" not in ds and "fp16" not in ds
+
+
+def test_precision_and_offload():
+    ds = build_ds_config(cfg_with("trainer.precision=bf16", "deepspeed.offload_optimizer=cpu"), 1)
+    assert ds["bf16"] == {"enabled": True}
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert build_ds_config(cfg_with("trainer.precision=fp16"), 1)["fp16"]["enabled"] is True
+    with pytest.raises(ConfigError, match="zero_stage >= 1"):
+        build_ds_config(cfg_with("deepspeed.zero_stage=0", "deepspeed.offload_optimizer=cpu"), 1)
+
+
+def test_overrides_merge_last_and_deep():
+    cfg = cfg_with(
+        "deepspeed.zero_stage=2",
+        'deepspeed.overrides={"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 0.5}',
+    )
+    ds = build_ds_config(cfg, 2)
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
+    assert ds["gradient_clipping"] == 0.5
+
+
+def test_global_batch_mismatch_names_the_factors_and_the_fix():
+    cfg = cfg_with("data.batch_size=32", "trainer.global_batch_size=256")
+    assert check_batch_sizes(cfg, 8) == 256
+    with pytest.raises(ConfigError) as e:
+        check_batch_sizes(cfg, 4)
+    msg = str(e.value)
+    assert "trainer.global_batch_size=256" in msg and "world size (4)" in msg
+    assert "trainer.grad_accum_steps=2" in msg
+
+
+def test_ema_with_zero3_is_refused():
+    with pytest.raises(ConfigError, match="zero_stage <= 2"):
+        build_ds_config(cfg_with("trainer.ema_decay=0.99", "deepspeed.zero_stage=3"), 1)
+
+
+def test_param_groups_skip_decay_on_norms_biases_and_no_weight_decay():
+    from pretrain.models import create_model
+
+    model = create_model("sepvit_lite", num_classes=10, img_size=32, window_sizes=[[4], [2, 4], [2] * 6, [1, 1]])
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert all(p.ndim > 1 for p in decay["params"])
+    assert set(model.no_weight_decay()) <= no_decay_names
+    assert any(n.endswith("bias") for n in no_decay_names)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = cfg_with(
+        "optim.lr=1e-3",
+        "schedule.warmup_steps=10",
+        "schedule.warmup_lr=1e-6",
+        "schedule.min_lr=1e-5",
+        "trainer.max_steps=110",
+    )
+    f = build_lr_lambda(cfg)
+    lr = [1e-3 * f(s) for s in range(111)]
+    assert lr[0] == pytest.approx(1e-6)
+    assert lr[5] == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5)
+    assert lr[10] == pytest.approx(1e-3)
+    assert lr[60] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
+    assert lr[110] == pytest.approx(1e-5)
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+
+
+def test_lr_schedule_state_follows_new_config_on_resume():
+    """LambdaLR saves only the step for a closure, so a resumed run with a new max_steps uses the new schedule."""
+    p = nn.Parameter(torch.zeros(1))
+    old = torch.optim.lr_scheduler.LambdaLR(
+        torch.optim.AdamW([p], lr=1e-3), build_lr_lambda(cfg_with("trainer.max_steps=100", "schedule.warmup_steps=0"))
+    )
+    for _ in range(50):
+        old.optimizer.step()
+        old.step()
+    new_opt = torch.optim.AdamW([p], lr=1e-3)
+    new = torch.optim.lr_scheduler.LambdaLR(
+        new_opt, build_lr_lambda(cfg_with("trainer.max_steps=200", "schedule.warmup_steps=0"))
+    )
+    new.load_state_dict(old.state_dict())
+    assert new.last_epoch == 50
+    assert new.lr_lambdas[0](50) == pytest.approx((1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 0.25))) / 1e-3)
+
+
+def test_soft_target_ce_masks_invalid_rows():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    valid = torch.tensor([True, True, False, True, False, True])
+    targets = F.one_hot(labels, 5).float()
+    got = soft_target_cross_entropy(logits, targets, valid)
+    want = F.cross_entropy(logits[valid], labels[valid])
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    logits_nan = logits.clone()
+    logits_nan[2] = float("nan")  # garbage in a padding row must not leak
+    assert (
+        soft_target_cross_entropy(logits_nan, targets, valid).item()
+        != soft_target_cross_entropy(logits_nan, targets, torch.ones(6, dtype=torch.bool)).item()
+    )
+    smooth = targets * 0.9 + 0.1 / 5
+    assert soft_target_cross_entropy(logits, smooth, valid).item() == pytest.approx(
+        F.cross_entropy(logits[valid], labels[valid], label_smoothing=0.1).item(), rel=1e-6
+    )
+
+
+def test_ema_moves_towards_weights():
+    model = nn.Linear(3, 2)
+    ema = ModelEMA(model, decay=0.9)
+    start = ema.module.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    assert torch.allclose(ema.module.weight, 0.9 * start + 0.1 * model.weight)
+    other = ModelEMA(nn.Linear(3, 2), 0.9)
+    other.load_state_dict(ema.state_dict())
+    assert torch.equal(other.module.weight, ema.module.weight)
+
+
+def test_optimizer_state_bytes_counts_adam_moments():
+    model = nn.Linear(100, 10)
+    opt = torch.optim.AdamW(model.parameters())
+    assert optimizer_state_bytes(opt) == 0
+    model(torch.randn(2, 100)).sum().backward()
+    opt.step()
+    n = sum(p.numel() for p in model.parameters())
+    assert optimizer_state_bytes(opt) == 2 * 4 * n  # exp_avg + exp_avg_sq in fp32; the scalar step is not state
+
+
+RUN_CONFIGS = ["digits_sepvit_lite", "digits_setformer_lite", "imagenet_sepvit_tiny", "imagenet_setformer_tiny"]
+REQUIRED_OVERRIDES = [
+    "run.name=x",
+    "run.output_dir=/tmp/x",
+    "data.path=/tmp/d",
+    "trainer.max_steps=500000",
+    "trainer.eval_every_steps=7",
+    "checkpoint.every_steps=9",
+    "checkpoint.keep_last=3",
+    "optim.lr=1e-4",
+    "optim.weight_decay=0.01",
+    "trainer.seed=3",
+]
+
+
+@pytest.mark.parametrize("name", RUN_CONFIGS)
+def test_run_configs_resolve_and_take_the_documented_overrides(name):
+    cfg = load_config(f"configs/run/{name}.yaml", [*REQUIRED_OVERRIDES, "deepspeed.zero_stage=1"])
+    assert (cfg.run.name, cfg.data.path, cfg.trainer.max_steps, cfg.optim.lr, cfg.trainer.seed) == (
+        "x", "/tmp/d", 500000, 1e-4, 3
+    )  # fmt: skip
+    assert cfg.deepspeed.zero_stage == 1
+    default = load_config(f"configs/run/{name}.yaml")
+    assert default.deepspeed.zero_stage == 2
+    if name.startswith("imagenet"):
+        want = 1024 if "sepvit" in name else 2048
+        assert default.trainer.global_batch_size == want
+        assert build_ds_config(default, 8)["train_batch_size"] == want  # 8 GPUs, as in the recipes
+        assert default.trainer.precision == "bf16"
+        assert (default.augment.mixup_alpha, default.augment.cutmix_alpha) == (0.8, 1.0)
+        assert (default.augment.randaug_m, default.augment.randaug_mstd) == (9.0, 0.5)
+        assert (default.augment.label_smoothing, default.augment.random_erasing) == (0.1, 0.25)
+        assert (default.trainer.ema_decay > 0) == ("setformer" in name)
+    else:
+        assert build_ds_config(default, 2)["train_batch_size"] == 128
+        assert default.augment.hflip == 0.0 and default.augment.mixup_alpha == 0.0
+
+
+def test_exit_codes_agree():
+    import launch.cmd_train as cmd
+    import pretrain.trainer as trainer
+
+    assert (cmd.EXIT_OK, cmd.EXIT_FAILED, cmd.EXIT_USAGE, cmd.EXIT_PREEMPTED) == (0, 1, 2, 3)
+    assert (trainer.EXIT_OK, trainer.EXIT_FAILED, trainer.EXIT_USAGE, trainer.EXIT_PREEMPTED) == (0, 1, 2, 3)
+
+
+# ------------------------------------------------------------------------------- distributed environment detection
+
+
+def test_env_from_torchrun_or_deepspeed_launcher():
+    from pretrain.distributed import detect_environment
+
+    env = detect_environment(
+        {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "n0",
+         "MASTER_PORT": "29500", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    )  # fmt: skip
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (3, 8, 1, 2)
+    assert (env.master_addr, env.master_port, env.source) == ("n0", 29500, "env")
+
+
+def test_env_from_slurm_uses_first_host_and_a_job_derived_port():
+    from pretrain.distributed import detect_environment
+
+    env = detect_environment(
+        {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "1234",
+         "SLURM_JOB_NODELIST": "gpu[07-09,12]", "SLURM_TASKS_PER_NODE": "2(x4)"}
+    )  # fmt: skip
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (5, 8, 1, 2)
+    assert env.master_addr == "gpu07" and env.source == "slurm" and env.slurm_job_id == "1234"
+    assert env.master_port == 20000 + 1234
+    assert detect_environment({**dict(SLURM_PROCID="0", SLURM_NTASKS="1"), "MASTER_PORT": "1111"}).master_port == 1111
+
+
+def test_env_single_process_and_errors():
+    from pretrain.distributed import detect_environment, expand_slurm_nodelist
+
+    assert detect_environment({}).source == "single" and detect_environment({}).world_size == 1
+    with pytest.raises(ValueError, match="MASTER_PORT"):
+        detect_environment({"RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="outside"):
+        detect_environment({"RANK": "2", "WORLD_SIZE": "2", "MASTER_PORT": "1"})
+    assert expand_slurm_nodelist("a[1-3],b,c[09-10]x") == ["a1", "a2", "a3", "b", "c09x", "c10x"]
