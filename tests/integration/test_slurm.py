@@ -1,0 +1,296 @@
+"""`pretrain submit`/`status`/`cancel` against the real local Slurm (``make slurm-up``), real submitit, real training.
+
+Runs are tiny (20 steps of 16 images per rank, 2 CPU ranks). Covered:
+
+- a 2-task Slurm job preempted with ``scancel --signal=USR2`` checkpoints, requeues itself, resumes and ends with the
+  same per-step losses, val top-1 and weights as ``pretrain train --nproc 2`` (so the Slurm run matches the local one
+  and the resume is exact); the preemption does not use up the timeout budget (``--max-timeout-requeues 0``);
+- a job reaching its time limit (``--time-min 1``) checkpoints through the trainer's signal path, is requeued as a
+  timeout, resumes from that checkpoint; then ``pretrain cancel`` ends it and ``pretrain status`` says cancelled;
+- a job whose training cannot start on the node is shown as failed by ``pretrain status`` with its log tail;
+- bad parameters (unknown partition, too many nodes, zero nodes, missing config) exit 2 and submit nothing.
+
+Requeued jobs wait ~2 min (Slurm's cred_expire) before they are eligible: the tests release them with
+``scontrol update jobid=J StartTime=now``. Without a working Slurm the tests skip, except under CI=true where they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, train_env
+
+from launch.cli import main as cli_main
+from launch.status import read_job_events, read_run_status, slurm_job_info
+from pretrain.checkpoint import step_from_tag, verify_checkpoint
+from pretrain.metrics import read_jsonl
+
+pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]
+
+CONFIG = "configs/run/digits_sepvit_lite.yaml"
+MAX_STEPS = 20
+LOCAL_SLURM = REPO / "launch" / "local_slurm"
+
+
+def overrides(data: Path, out: Path, name: str, *extra: str) -> list[str]:
+    return [
+        f"data.path={data}",
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        f"trainer.max_steps={MAX_STEPS}",
+        "trainer.eval_every_steps=10",
+        "trainer.log_every_steps=1",
+        "trainer.progress_bar=false",
+        "data.batch_size=16",
+        "data.val_batch_size=64",
+        "schedule.warmup_steps=5",
+        "checkpoint.every_steps=4",
+        "checkpoint.every_minutes=0",
+        "checkpoint.keep_last=3",
+        "checkpoint.keep_best=0",
+        *extra,
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI=true and the local Slurm is needed: {reason}")
+    pytest.skip(reason)
+
+
+def _healthy() -> bool:
+    try:
+        return subprocess.run(["bash", str(LOCAL_SLURM / "health.sh")], timeout=150).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """The local Slurm is up (started here when its packages are installed and we are root); jobs left are cancelled."""
+    if shutil.which("sbatch") is None:
+        _unavailable("Slurm is not installed: run `make slurm-up` (as root)")
+    if not _healthy():
+        if os.geteuid() != 0:
+            _unavailable("the local Slurm is not running and starting it needs root: `sudo make slurm-up`")
+        start = subprocess.run(["bash", str(LOCAL_SLURM / "start.sh")], capture_output=True, text=True, timeout=600)
+        if start.returncode != 0 or not _healthy():
+            _unavailable(f"the local Slurm cannot start:\n{start.stdout}\n{start.stderr}")
+    jobs: list[str] = []
+    yield jobs
+    for job_id in jobs:  # a failed test must not leave a job holding the node
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
+
+
+def queued_job_ids() -> set[str]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30, check=True)
+    return set(out.stdout.split())
+
+
+def job_id_of(run_dir: Path, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> str:
+    def submitted():
+        return [e for e in read_job_events(run_dir) if e.get("event") == "submit"]
+
+    wait_for(lambda: submitted(), timeout, "the submit record", proc)
+    return str(submitted()[-1]["job_id"])
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, job_id: str | None = None):
+    """Poll ``predicate``; meanwhile release a requeued job waiting for its begin time (Slurm holds it ~2 min)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"`pretrain submit` exited ({proc.returncode}) before {what}")
+        if job_id is not None:
+            info = slurm_job_info(job_id)
+            if info is not None and info.state == "PENDING" and info.reason == "BeginTime":
+                subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=True, timeout=30)
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def train_events(run_dir: Path) -> list[dict]:
+    return [e for e in read_jsonl(run_dir / "metrics.jsonl") if e.get("event") == "train"]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in train_events(run_dir)}
+
+
+def val_top1(run_dir: Path) -> dict[int, float]:
+    return {e["step"]: e["val_top1"] for e in read_jsonl(run_dir / "metrics.jsonl") if e.get("event") == "eval"}
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    tag_dir = run_dir / "checkpoints" / f"step_{MAX_STEPS:06d}"
+    return torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+
+
+def slurm_logs(run_dir: Path, job_id: str) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted((run_dir / "slurm").glob(f"{job_id}_*_log.*")))
+
+
+def submit_in_process(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli_main(["submit", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ------------------------------------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--partition", "nosuch"], "unknown partition 'nosuch'"),
+        (["--nodes", "3"], "--nodes=3 but partition 'debug' has 1 node(s)"),
+        (["--nodes", "0"], "nodes=0 must be >= 1"),
+        (["--config-missing"], "does not exist"),
+    ],
+)
+def test_bad_parameters_exit_2_and_submit_nothing(slurm, digits_dir, tmp_path, capsys, argv, message):
+    before = queued_job_ids()
+    config = CONFIG
+    if argv == ["--config-missing"]:
+        config, argv = str(tmp_path / "missing.yaml"), []
+    code, out, err = submit_in_process(
+        capsys, config, *overrides(digits_dir, tmp_path, "bad"), "--profile", "local", *argv
+    )
+    assert code == 2, (out, err)
+    assert message in err
+    assert queued_job_ids() <= before, "a job was submitted"
+    assert not (tmp_path / "bad").exists(), "the run directory was created"
+
+
+def test_job_that_fails_at_start_is_shown_failed_with_its_log(slurm, tmp_path, capsys):
+    # data only "visible on the compute nodes" (here: nowhere): submit warns, the job fails when training starts
+    data = tmp_path / "not_built"
+    code, out, err = submit_in_process(capsys, CONFIG, *overrides(data, tmp_path, "crash"), "--profile", "local")
+    assert code == 0, err
+    assert "has no manifest.json on this machine" in err
+    run_dir = tmp_path / "crash"
+    job_id = job_id_of(run_dir)
+    slurm.append(job_id)
+    assert f"job {job_id} submitted to slurm" in out and f"run dir: {run_dir}" in out
+
+    wait_for(lambda: read_run_status(run_dir).state == "failed", 120, "the job to fail")
+    assert cli_main(["status", str(run_dir)]) == 0
+    shown = capsys.readouterr().out
+    assert "state:      failed" in shown
+    assert f"slurm job {job_id}: FAILED" in shown
+    assert "no manifest.json" in shown  # the reason, from the job's own record
+    assert "error log:" in shown and "RuntimeError: config error at start" in shown  # the log tail
+    assert cli_main(["status", str(run_dir), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["state"] == "failed" and status["slurm_state"] == "FAILED" and status["error_tail"]
+
+
+@pytest.fixture(scope="module")
+def reference(digits_dir, tmp_path_factory, start_train) -> Path:
+    """The uninterrupted run with `pretrain train --nproc 2`."""
+    out = tmp_path_factory.mktemp("slurm_ref")
+    run = start_train(CONFIG, overrides(digits_dir, out, "ref"), "--nproc", "2")
+    assert run.wait() == 0, run.output[-5000:]
+    return out / "ref"
+
+
+def test_preempted_job_requeues_resumes_and_matches_nproc2(slurm, reference, digits_dir, tmp_path):
+    run_dir = tmp_path / "preempt"
+    argv = [sys.executable, "-m", "launch.cli", "submit", CONFIG, *overrides(digits_dir, tmp_path, "preempt")]
+    argv += ["--profile", "local", "--max-timeout-requeues", "0", "--wait"]
+    log = tmp_path / "submit.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(argv, cwd=REPO, env=train_env(), stdout=f, stderr=subprocess.STDOUT)
+    try:
+        job_id = job_id_of(run_dir, proc=proc)
+        slurm.append(job_id)
+        wait_for(lambda: any(e["step"] >= 6 for e in train_events(run_dir)), 240, "step 6", proc)
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+        wait_for(lambda: proc.poll() is not None, 240, "the run to finish after the requeue", job_id=job_id)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = log.read_text(errors="replace")
+    assert proc.returncode == 0, output[-5000:]
+    assert "run finished, val_top1=" in output
+
+    events = read_job_events(run_dir)
+    requeues = [e for e in events if e["event"] == "requeue"]
+    assert [r["reason"] for r in requeues] == ["preemption"], events
+    ckpt = requeues[0]["checkpoint"]
+    assert requeues[0]["step"] >= 6 and step_from_tag(Path(ckpt).name) == requeues[0]["step"]
+    assert [e["slurm_restart_count"] for e in events if e["event"] == "start"] == [0, 1]
+    logs = slurm_logs(run_dir, job_id)
+    # budget 0 for timeouts, yet the preemption was requeued
+    assert f"Requeued job {job_id} (0 remaining timeouts)" in logs
+    assert f"resumed from {ckpt} at step {requeues[0]['step']}" in logs
+
+    # the same run as `pretrain train --nproc 2`: every step's loss, val top-1, final weights
+    got, want = losses(run_dir), losses(reference)
+    assert sorted(got) == list(range(1, MAX_STEPS + 1)), "every step logged exactly once"
+    assert got == want, [(s, got[s], want[s]) for s in want if got[s] != want[s]][:5]
+    assert val_top1(run_dir) == val_top1(reference)
+    a, b = final_weights(run_dir), final_weights(reference)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+    rs = read_run_status(run_dir)
+    assert (rs.state, rs.job_id, rs.slurm_state, rs.restarts) == ("finished", job_id, "COMPLETED", 1)
+    assert rs.requeues[0]["reason"] == "preemption"
+    assert json.loads((run_dir / "status.json").read_text())["slurm_job_id"] == job_id
+
+
+def test_time_limit_checkpoints_requeues_and_resumes_then_cancel(slurm, digits_dir, tmp_path, capsys):
+    # a long run with no periodic checkpoints: the only checkpoint can come from the time-limit signal
+    long_run = overrides(digits_dir, tmp_path, "timeout", "trainer.max_steps=2000", "trainer.eval_every_steps=0")
+    long_run += ["checkpoint.every_steps=1000"]
+    flags = ["--profile", "local", "--time-min", "1", "--signal-delay-s", "5", "--max-timeout-requeues", "2"]
+    code, out, err = submit_in_process(capsys, CONFIG, *long_run, *flags)
+    assert code == 0, err
+    run_dir = tmp_path / "timeout"
+    job_id = job_id_of(run_dir)
+    slurm.append(job_id)
+
+    def resumed_after_checkpointed_timeout() -> bool:
+        events = read_job_events(run_dir)
+        timeouts = [i for i, e in enumerate(events) if e["event"] == "requeue" and e.get("step")]
+        if not timeouts:
+            return False
+        starts_after = [e for e in events[timeouts[0] :] if e["event"] == "start"]
+        status = read_run_status(run_dir, query_slurm=False)
+        step = events[timeouts[0]]["step"]
+        return (
+            bool(starts_after)
+            and status.trainer_state == "running"
+            and (status.resumes or 0) >= 1
+            and ((status.step or 0) > step)
+        )
+
+    # Slurm checks time limits every 30 s: USR2 comes 25-55 s into each 1-minute attempt
+    wait_for(resumed_after_checkpointed_timeout, 240, "a checkpointed timeout and the resumed attempt", job_id=job_id)
+    requeue = next(e for e in read_job_events(run_dir) if e["event"] == "requeue" and e.get("step"))
+    assert requeue["reason"] == "timeout"
+    assert verify_checkpoint(requeue["checkpoint"])[0]
+    assert step_from_tag(Path(requeue["checkpoint"]).name) == requeue["step"] < 1000  # written by the signal path
+    logs = slurm_logs(run_dir, job_id)
+    assert f"Requeued job {job_id} (1 remaining timeouts)" in logs  # the timeout used one of the two
+    assert f"resumed from {requeue['checkpoint']}" in logs
+
+    assert cli_main(["cancel", str(run_dir)]) == 0
+    assert f"cancelled slurm job {job_id}" in capsys.readouterr().out
+    wait_for(lambda: read_run_status(run_dir).state == "cancelled", 90, "the job to be cancelled")
+    assert cli_main(["status", str(run_dir)]) == 0
+    shown = capsys.readouterr().out
+    assert "state:      cancelled" in shown and "(timeout at step" in shown
