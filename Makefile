@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	# torch first, pinned: an unpinned torch (directly or through a dependency) pulls a multi-GB CUDA build
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	# deepspeed builds from an sdist that imports torch: build it against the torch just installed
-	$(BIN)/pip install -q -c constraints.txt --no-build-isolation "deepspeed>=0.16"
+	# deepspeed builds from an sdist that imports torch: build it against the torch just installed, with its CPU
+	# shared-memory comm op compiled now (otherwise every fresh cache JIT-builds it at the first init, ~90 s, and
+	# rebuilds it whenever a different `ninja` comes first on PATH)
+	DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_ACCELERATOR=cpu $(BIN)/pip install -q -c constraints.txt --no-build-isolation \
+		--no-cache-dir "deepspeed==0.19.8"
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 

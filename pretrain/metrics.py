@@ -233,6 +233,7 @@ class StatusFile:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
             "started": _now(),
         }
         self.fields.update(fields)

@@ -13,7 +13,7 @@ from pretrain.metrics import read_jsonl
 pytestmark = pytest.mark.slow
 
 
-def test_single_rank_in_process_zero0(digits_dir, run_root, monkeypatch, capsys):
+def test_single_rank_in_process_zero0(digits_dir, run_root, deepspeed_cpu_ops, monkeypatch, capsys):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(var, raising=False)
