@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b = sub.add_parser(
         "build",
         help="write shards and manifest.json from digits or an image folder",
-        description="Write DIR/{train,val}/shard-%%06d.tar and DIR/manifest.json. SOURCE is 'digits' (scikit-learn's "
+        description="Write DIR/{train,val}/shard-NNNNNN.tar and DIR/manifest.json. SOURCE is 'digits' (scikit-learn's "
         "1,797 handwritten digits as 32x32 RGB PNG) or 'imagefolder:PATH' (one folder per class; files stored as "
         "they are). Unreadable files are skipped and listed. Re-running finishes an interrupted build.",
     )

@@ -661,6 +661,12 @@ def _wait(run_dir: Path, job: Any, params: ClusterParams, poll_s: float = 5.0) -
         if local_done or (params.cluster == "slurm" and rs.state in ("finished", "failed", "cancelled")):
             break
         time.sleep(poll_s)
+    if params.cluster == "slurm":
+        # the run is over; let Slurm finish the job too (epilogue, task exit) so its state is final when we return
+        deadline = time.monotonic() + 120.0
+        while rs.slurm_state in ("RUNNING", "COMPLETING", "CONFIGURING") and time.monotonic() < deadline:
+            time.sleep(min(poll_s, 2.0))
+            rs = read_run_status(run_dir, query_slurm=True)
     summary = f"pretrain submit: run {rs.state}"
     if rs.last_eval.get("val_top1") is not None:
         summary += f", val_top1={rs.last_eval['val_top1']:.4f} (step {rs.last_eval.get('step')})"
