@@ -1,0 +1,199 @@
+"""Sweep YAML validation (no Ray started): search-space paths against the config schema, distributions, scheduler
+knobs, every trial config resolved before a sweep starts, and the small file helpers trials rely on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch.cli import main as cli_main
+from launch.sweep import load_sweep, validate_trial_configs
+from launch.sweep_trial import MetricsTail, format_override, newest_checkpoint, stage_checkpoint
+from pretrain.config import CONFIGS_DIR, ConfigError, parse_overrides
+
+BASE = str(CONFIGS_DIR / "run" / "digits_sepvit_lite.yaml")
+
+
+def write(tmp_path: Path, **fields) -> Path:
+    doc = {"base": BASE, "space": {"optim.lr": {"loguniform": [1.0e-4, 1.0e-2]}}, **fields}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_minimal_sweep_defaults(tmp_path: Path) -> None:
+    spec = load_sweep(write(tmp_path))
+    assert spec.name == "sweep" and spec.metric == "val_top1" and spec.mode == "max"
+    assert spec.scheduler.name == "asha" and spec.scheduler.knobs["grace_period"] == 1
+    assert spec.resources == {"cpu": 1, "gpu": 0, "nproc": 1}
+    assert Path(spec.base).is_absolute()
+    validate_trial_configs(spec)
+
+
+def test_unknown_space_path_lists_close_matches(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown config path 'optim\.lrr'.*did you mean optim\.lr"):
+        load_sweep(write(tmp_path, space={"optim.lrr": {"choice": [1.0e-3]}}))
+    # right field, wrong section
+    with pytest.raises(ConfigError, match=r"'trainer\.lr'.*optim\.lr"):
+        load_sweep(write(tmp_path, space={"trainer.lr": {"choice": [1.0e-3]}}))
+
+
+def test_space_path_must_be_a_field_not_a_section(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"'optim' is a section"):
+        load_sweep(write(tmp_path, space={"optim": {"choice": [1]}}))
+
+
+def test_open_mapping_paths_are_allowed_and_run_paths_are_not(tmp_path: Path) -> None:
+    load_sweep(write(tmp_path, space={"deepspeed.overrides.steps_per_print": {"choice": [10, 100]}}))
+    with pytest.raises(ConfigError, match="set by the sweep"):
+        load_sweep(write(tmp_path, space={"run.name": {"choice": ["a", "b"]}}))
+    with pytest.raises(ConfigError, match="set by the sweep"):
+        load_sweep(write(tmp_path, overrides=["run.output_dir=/x"]))
+
+
+@pytest.mark.parametrize(
+    ("dist", "message"),
+    [
+        ({"loguniform": [0, 1]}, "low > 0"),
+        ({"uniform": [1.0, 0.5]}, "low < high"),
+        ({"randint": [1.5, 4]}, "integer bounds"),
+        ({"choice": []}, "non-empty list"),
+        ([1, 2], "bare list is ambiguous"),
+        ({"logunifrom": [1, 2]}, "did you mean loguniform"),
+        ({"choice": [1], "grid": [2]}, "expected one of"),
+    ],
+)
+def test_bad_distributions(tmp_path: Path, dist, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(write(tmp_path, space={"optim.lr": dist}))
+
+
+def test_numeric_strings_in_bounds(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(f"base: {BASE}\nspace:\n  optim.lr: {{loguniform: [1e-4, 1e-2]}}\n")  # YAML 1.1: strings
+    spec = load_sweep(path)
+    assert spec.space["optim.lr"].values == [1.0e-4, 1.0e-2]
+
+
+def test_unknown_top_level_and_scheduler_keys(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown key 'schedular'.*did you mean scheduler"):
+        load_sweep(write(tmp_path, schedular={"name": "asha"}))
+    with pytest.raises(ConfigError, match="unknown key 'grace'.*grace_period"):
+        load_sweep(write(tmp_path, scheduler={"name": "asha", "grace": 2}))
+    with pytest.raises(ConfigError, match="unknown key 'hyperband'"):
+        load_sweep(write(tmp_path, scheduler={"name": "hyperband"}))
+    with pytest.raises(ConfigError, match="reduction_factor must be > 1"):
+        load_sweep(write(tmp_path, scheduler={"name": "asha", "reduction_factor": 1}))
+
+
+def test_metric_and_mode(tmp_path: Path) -> None:
+    assert load_sweep(write(tmp_path, metric="val_loss")).mode == "min"
+    with pytest.raises(ConfigError, match="did you mean .*val_top1"):
+        load_sweep(write(tmp_path, metric="val_top"))
+    with pytest.raises(ConfigError, match="mode must be"):
+        load_sweep(write(tmp_path, mode="maximize"))
+
+
+def test_resources_and_counts(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown key 'gpus'.*gpu"):
+        load_sweep(write(tmp_path, resources={"gpus": 1}))
+    with pytest.raises(ConfigError, match="one GPU per rank"):
+        load_sweep(write(tmp_path, resources={"gpu": 1, "nproc": 2}))
+    with pytest.raises(ConfigError, match="num_samples must be an integer >= 1"):
+        load_sweep(write(tmp_path, num_samples=0))
+    spec = load_sweep(write(tmp_path, num_samples=3), num_samples=5, max_concurrent=2, name="other")
+    assert (spec.num_samples, spec.max_concurrent, spec.name) == (5, 2, "other")
+
+
+def test_pbt_mutations_are_config_paths_and_need_checkpoints_at_evals(tmp_path: Path) -> None:
+    pbt = {"name": "pbt", "hyperparam_mutations": {"optim.weight_decy": {"uniform": [0.0, 0.1]}}}
+    with pytest.raises(ConfigError, match="optim.weight_decay"):
+        load_sweep(write(tmp_path, scheduler=pbt))
+    pbt["hyperparam_mutations"] = {"optim.weight_decay": {"uniform": [0.0, 0.1]}}
+    spec = load_sweep(write(tmp_path, scheduler=pbt, overrides=["checkpoint.every_steps=300"]))
+    with pytest.raises(ConfigError, match="must divide trainer.eval_every_steps"):
+        validate_trial_configs(spec)
+    spec = load_sweep(write(tmp_path, scheduler=pbt, overrides=["checkpoint.every_steps=100"]))
+    validate_trial_configs(spec)
+
+
+def test_every_trial_config_is_validated_before_the_sweep(tmp_path: Path) -> None:
+    # -0.1 is a valid number but not a valid learning rate (OptimConfig.__post_init__)
+    spec = load_sweep(write(tmp_path, space={"optim.lr": {"choice": [1.0e-3, -0.1]}}))
+    with pytest.raises(ConfigError, match=r"optim\.lr=-0\.1.*must be positive"):
+        validate_trial_configs(spec)
+    # a cross-field rule: warmup longer than the run, at the top end of a range only
+    spec = load_sweep(write(tmp_path, space={"schedule.warmup_steps": {"randint": [0, 5000]}}))
+    with pytest.raises(ConfigError, match="schedule.warmup_steps=4999"):
+        validate_trial_configs(spec)
+    spec = load_sweep(write(tmp_path, space={"augment.interpolation": {"choice": ["bilinear", "nearest"]}}))
+    with pytest.raises(ConfigError, match="nearest"):
+        validate_trial_configs(spec)
+
+
+def test_bad_space_key_exits_2_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, space={"optim.lrr": {"choice": [1.0e-3]}})
+    assert cli_main(["sweep", str(path), "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lrr" in err and "did you mean optim.lr" in err
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (CONFIGS_DIR / "sweep").glob("*.yaml")))
+def test_shipped_sweep_configs_validate(name: str, tmp_path: Path) -> None:
+    spec = load_sweep(CONFIGS_DIR / "sweep" / name, output_dir=str(tmp_path))
+    validate_trial_configs(spec)
+
+
+def test_shipped_configs_cover_asha_pbt_and_imagenet() -> None:
+    names = {p.stem for p in (CONFIGS_DIR / "sweep").glob("*.yaml")}
+    assert {"digits_asha", "digits_pbt"} <= names and any("imagenet" in n for n in names)
+
+
+@pytest.mark.parametrize(
+    "value", [1.0e-5, 3.0e-4, 0.5, 2, True, None, "bicubic", "1a2b3_00001", [1, 2.0e-6], [[4], [2, 4]], 1e22]
+)
+def test_format_override_round_trips_through_parse_overrides(value) -> None:
+    parsed = parse_overrides([format_override("model.kwargs.x", value)])["model"]["kwargs"]["x"]
+    assert parsed == value and type(parsed) is type(value)
+
+
+def test_metrics_tail_reads_complete_lines_and_follows_a_replaced_file(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    tail = MetricsTail(path)
+    assert tail.read() == []
+    path.write_text('{"step": 1}\n{"step": 2')  # torn last line
+    assert tail.read() == [{"step": 1}]
+    with open(path, "a") as f:
+        f.write(', "x": 1}\nnot json\n')
+    assert tail.read() == [{"step": 2, "x": 1}]
+    # a resumed run cuts the file back by replacing it: read again from its start
+    tmp = tmp_path / "m.tmp"
+    tmp.write_text('{"step": 1}\n{"step": 5}\n')
+    tmp.replace(path)
+    assert [e["step"] for e in tail.read()] == [1, 5]
+    assert MetricsTail(path, from_end=True).read() == []
+
+
+def test_newest_checkpoint_and_staging(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert newest_checkpoint(run) is None
+    for step in (10, 20):
+        d = run / "checkpoints" / f"step_{step:06d}"
+        d.mkdir(parents=True)
+        (d / "model.pt").write_bytes(b"x" * step)
+        (d / "meta.json").write_text(json.dumps({"step": step}))
+        (d / "COMPLETE").write_text("{}")
+    (run / "checkpoints" / "step_000030").mkdir()  # torn: no COMPLETE
+    (run / "checkpoints" / "latest").write_text("step_000020\n")
+    ref = newest_checkpoint(run)
+    assert ref is not None and (ref.tag, ref.step) == ("step_000020", 20)
+    staged = stage_checkpoint(ref, tmp_path / "staging" / ref.tag, {"trial_id": "t"})
+    assert staged is not None and (staged / "model.pt").read_bytes() == b"x" * 20
+    assert (staged / "model.pt").stat().st_ino == (ref.path / "model.pt").stat().st_ino  # a hard link, not a copy
+    assert json.loads((staged / ".sweep_checkpoint.json").read_text())["step"] == 20
+    (run / "checkpoints" / "latest").write_text("step_000030\n")  # names a torn one: fall back to the newest complete
+    assert newest_checkpoint(run).tag == "step_000020"
