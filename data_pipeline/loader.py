@@ -22,6 +22,8 @@ number of skipped samples per reason in the consumed batches, exact whatever the
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -138,7 +140,14 @@ class ResumableLoader:
             "seed": self.stream.seed,
             "world_size": self.stream.world_size,
             "batch_size": self.stream.batch_size,
+            "data_fingerprint": self.data_fingerprint(),
         }
+
+    def data_fingerprint(self) -> str:
+        """Digest of this split's shards (names, sample counts, sha256): a checkpoint only resumes on the same data."""
+        split = self.stream.manifest.splits[self.stream.split]
+        rows = [[s.name, s.samples, s.sha256] for s in split.shards]
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Makes the next iteration start at batch ``batches_done`` of ``epoch``.
@@ -154,6 +163,14 @@ class ResumableLoader:
         if missing:
             raise ValueError(f"loader state lacks {missing}; expected keys {list(_STATE_KEYS)}")
         seed, world_size, batch_size = int(state["seed"]), int(state["world_size"]), int(state["batch_size"])
+        saved_fp = state.get("data_fingerprint")  # absent in states written before it existed
+        if saved_fp is not None and saved_fp != self.data_fingerprint():
+            raise ValueError(
+                f"data_fingerprint: the checkpoint was taken on other shards of split '{self.stream.split}' "
+                f"({saved_fp} != {self.data_fingerprint()}); the data set at {self.stream.data_dir} was rebuilt or "
+                "replaced, so batches_done would not mean the same samples. Point data.path at the data the run "
+                "started with, or start a new run (new run.name)"
+            )
         if seed != self.stream.seed:
             raise ValueError(
                 f"seed: checkpoint has {seed}, this loader {self.stream.seed}; the sample order would differ"

@@ -316,3 +316,17 @@ def test_eval_every_sample_once_padded(data_dir: Path, world_size: int) -> None:
             seen += b["index"][b["valid"]].tolist()
     assert lengths == {-(-n // (world_size * BATCH))}
     assert sorted(seen) == list(range(n))
+
+
+def test_resume_refuses_a_rebuilt_data_set(data_dir: Path, tmp_path: Path) -> None:
+    """A checkpoint's position only means the same samples on the same shards: other shards fail loudly."""
+    loader = _loader(data_dir)
+    state = loader.state_dict()
+    assert len(state["data_fingerprint"]) == 16
+    _loader(data_dir).load_state_dict(state)  # same data: accepted
+    (tmp_path / "rebuilt").mkdir()
+    rebuilt = make_dataset(tmp_path / "rebuilt", {"train": list(reversed(TRAIN_SHARDS)), "val": VAL_SHARDS})
+    with pytest.raises(ValueError, match="data_fingerprint: the checkpoint was taken on other shards"):
+        _loader(rebuilt).load_state_dict(state)
+    legacy = {k: v for k, v in state.items() if k != "data_fingerprint"}  # states written before the field existed
+    _loader(rebuilt).load_state_dict(legacy)
