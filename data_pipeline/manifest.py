@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pretrain.fsutil import fsync_dir
+
 __all__ = [
     "MANIFEST_NAME",
     "MANIFEST_VERSION",
@@ -209,7 +211,7 @@ def write_manifest(manifest: Manifest, data_dir: str | os.PathLike) -> Path:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -220,17 +222,3 @@ def file_sha256(path: str | os.PathLike, chunk_bytes: int = 4 << 20) -> str:
         while chunk := f.read(chunk_bytes):
             sha.update(chunk)
     return sha.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    """Makes a rename in ``path`` durable (best effort: some file systems refuse to open folders)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

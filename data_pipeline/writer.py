@@ -38,12 +38,12 @@ from data_pipeline.manifest import (
     Manifest,
     ShardInfo,
     SplitInfo,
-    _fsync_dir,
     file_sha256,
     load_manifest,
     write_manifest,
 )
 from data_pipeline.sources import Source, SourceItem, UnreadableImage, open_source
+from pretrain.fsutil import fsync_dir
 
 __all__ = ["ShardPlan", "build_shards", "plan_shards", "tar_size"]
 
@@ -234,7 +234,7 @@ def _write_shard(out_dir: Path, plan: ShardPlan, source: Source) -> tuple[ShardI
     side_tmp = _sidecar(final).with_name(_sidecar(final).name + ".tmp")
     side_tmp.write_text(f"{sha}  {final.name}\n")
     os.replace(side_tmp, _sidecar(final))
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return ShardInfo(plan.name, len(plan.samples), plan.bytes, sha), True
 
 

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pretrain.fsutil import fsync_dir
+
 __all__ = [
     "COMPLETE_MARKER",
     "LATEST_FILE",
@@ -96,19 +98,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 # --------------------------------------------------------------------------------------------- marker and verification
 
 
@@ -123,9 +112,9 @@ def write_complete_marker(tag_dir: str | Path) -> dict[str, int]:
     for p in sorted(tag_dir.rglob("*")):
         if p.is_file() and p.name != COMPLETE_MARKER and not p.name.startswith("."):
             files[p.relative_to(tag_dir).as_posix()] = p.stat().st_size
-    _fsync_dir(tag_dir)
+    fsync_dir(tag_dir)
     _atomic_write_text(tag_dir / COMPLETE_MARKER, json.dumps({"files": files, "time": time.time()}, indent=1))
-    _fsync_dir(tag_dir)
+    fsync_dir(tag_dir)
     return files
 
 
