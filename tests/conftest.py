@@ -27,6 +27,7 @@ def train_env(**extra: str) -> dict[str, str]:
         and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     }
     env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.update(PYTHONFAULTHANDLER="1")  # a hung run killed by a test (SIGABRT) leaves every rank's stack in its log
     # PATH is left alone on purpose: torch JIT-builds DeepSpeed's CPU op with the first `ninja` on PATH, and the venv's
     # pip ninja and the system ninja disagree on the build log, so switching between them rebuilds the op (~1 min).
     env.update(extra)
@@ -115,8 +116,26 @@ class TrainRun:
         )
 
     def wait(self, timeout: float = 240.0) -> int:
+        """Exit code of the run; a run still alive after ``timeout`` is killed (whole group) and fails with its log."""
+        import subprocess
+
         try:
             return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # SIGABRT makes faulthandler (PYTHONFAULTHANDLER=1 in train_env) dump every rank's Python stack to the log
+            import signal
+            import time
+
+            try:
+                os.killpg(self.proc.pid, signal.SIGABRT)
+                time.sleep(2.0)
+            except ProcessLookupError:
+                pass
+            self.kill_all()
+            self.proc.wait(timeout=30)
+            self._log.flush()
+            tail = self.log_path.read_text(errors="replace")[-6000:]
+            raise AssertionError(f"{' '.join(self.argv[-6:])}: still running after {timeout:.0f} s\n{tail}") from None
         finally:
             self._log.close()
 
