@@ -239,8 +239,20 @@ def _train_here(plan: LaunchPlan) -> int:
     dist = init_distributed(device=plan.cfg.trainer.device)
     try:
         result = run_training(plan.cfg, dist, plan.resume_from)
-    finally:
+    except BaseException:
+        if dist.world_size > 1:
+            # A rank that failed while its peers wait in a collective must not try a collective teardown (it can
+            # block forever, and then the launcher never sees this rank exit): report and leave at once, so the
+            # launcher (or Slurm) stops the others.
+            import traceback
+
+            traceback.print_exc()
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(EXIT_FAILED)
         destroy_distributed()
+        raise
+    destroy_distributed()
     return result.exit_code
 
 
