@@ -34,6 +34,31 @@ def train_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# The tiny 2-rank digits run shared by the training and Slurm integration tests (the Slurm tests compare a submitted
+# job against `pretrain train --nproc 2` with exactly these overrides).
+TINY_RUN_STEPS = 20
+
+
+def tiny_run_overrides(data: Path, out: Path, name: str, *extra: str) -> list[str]:
+    return [
+        f"data.path={data}",
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        f"trainer.max_steps={TINY_RUN_STEPS}",
+        "trainer.eval_every_steps=10",
+        "trainer.log_every_steps=1",
+        "trainer.progress_bar=false",
+        "data.batch_size=16",
+        "data.val_batch_size=64",
+        "schedule.warmup_steps=5",
+        "checkpoint.every_steps=4",
+        "checkpoint.every_minutes=0",
+        "checkpoint.keep_last=3",
+        "checkpoint.keep_best=0",
+        *extra,
+    ]
+
+
 @pytest.fixture(scope="session")
 def scratch_root() -> Path:
     """A private temp folder for the session, outside pytest's numbered ``tmp_path`` dirs.

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, train_env
+from conftest import REPO, TINY_RUN_STEPS, tiny_run_overrides, train_env
 
 from launch.cli import main as cli_main
 from launch.status import read_job_events, read_run_status, slurm_job_info
@@ -36,28 +36,8 @@ from pretrain.metrics import read_jsonl
 pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]
 
 CONFIG = "configs/run/digits_sepvit_lite.yaml"
-MAX_STEPS = 20
+MAX_STEPS = TINY_RUN_STEPS
 LOCAL_SLURM = REPO / "launch" / "local_slurm"
-
-
-def overrides(data: Path, out: Path, name: str, *extra: str) -> list[str]:
-    return [
-        f"data.path={data}",
-        f"run.output_dir={out}",
-        f"run.name={name}",
-        f"trainer.max_steps={MAX_STEPS}",
-        "trainer.eval_every_steps=10",
-        "trainer.log_every_steps=1",
-        "trainer.progress_bar=false",
-        "data.batch_size=16",
-        "data.val_batch_size=64",
-        "schedule.warmup_steps=5",
-        "checkpoint.every_steps=4",
-        "checkpoint.every_minutes=0",
-        "checkpoint.keep_last=3",
-        "checkpoint.keep_best=0",
-        *extra,
-    ]
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -167,7 +147,7 @@ def test_bad_parameters_exit_2_and_submit_nothing(slurm, digits_dir, tmp_path, c
     if argv == ["--config-missing"]:
         config, argv = str(tmp_path / "missing.yaml"), []
     code, out, err = submit_in_process(
-        capsys, config, *overrides(digits_dir, tmp_path, "bad"), "--profile", "local", *argv
+        capsys, config, *tiny_run_overrides(digits_dir, tmp_path, "bad"), "--profile", "local", *argv
     )
     assert code == 2, (out, err)
     assert message in err
@@ -178,7 +158,8 @@ def test_bad_parameters_exit_2_and_submit_nothing(slurm, digits_dir, tmp_path, c
 def test_job_that_fails_at_start_is_shown_failed_with_its_log(slurm, tmp_path, capsys):
     # data only "visible on the compute nodes" (here: nowhere): submit warns, the job fails when training starts
     data = tmp_path / "not_built"
-    code, out, err = submit_in_process(capsys, CONFIG, *overrides(data, tmp_path, "crash"), "--profile", "local")
+    run_args = tiny_run_overrides(data, tmp_path, "crash")
+    code, out, err = submit_in_process(capsys, CONFIG, *run_args, "--profile", "local")
     assert code == 0, err
     assert "has no manifest.json on this machine" in err
     run_dir = tmp_path / "crash"
@@ -202,14 +183,14 @@ def test_job_that_fails_at_start_is_shown_failed_with_its_log(slurm, tmp_path, c
 def reference(digits_dir, tmp_path_factory, start_train) -> Path:
     """The uninterrupted run with `pretrain train --nproc 2`."""
     out = tmp_path_factory.mktemp("slurm_ref")
-    run = start_train(CONFIG, overrides(digits_dir, out, "ref"), "--nproc", "2")
+    run = start_train(CONFIG, tiny_run_overrides(digits_dir, out, "ref"), "--nproc", "2")
     assert run.wait() == 0, run.output[-5000:]
     return out / "ref"
 
 
 def test_preempted_job_requeues_resumes_and_matches_nproc2(slurm, reference, digits_dir, tmp_path):
     run_dir = tmp_path / "preempt"
-    argv = [sys.executable, "-m", "launch.cli", "submit", CONFIG, *overrides(digits_dir, tmp_path, "preempt")]
+    argv = [sys.executable, "-m", "launch.cli", "submit", CONFIG, *tiny_run_overrides(digits_dir, tmp_path, "preempt")]
     argv += ["--profile", "local", "--max-timeout-requeues", "0", "--wait"]
     log = tmp_path / "submit.log"
     with open(log, "wb") as f:
@@ -254,7 +235,9 @@ def test_preempted_job_requeues_resumes_and_matches_nproc2(slurm, reference, dig
 
 def test_time_limit_checkpoints_requeues_and_resumes_then_cancel(slurm, digits_dir, tmp_path, capsys):
     # a long run with no periodic checkpoints: the only checkpoint can come from the time-limit signal
-    long_run = overrides(digits_dir, tmp_path, "timeout", "trainer.max_steps=2000", "trainer.eval_every_steps=0")
+    long_run = tiny_run_overrides(
+        digits_dir, tmp_path, "timeout", "trainer.max_steps=2000", "trainer.eval_every_steps=0"
+    )
     long_run += ["checkpoint.every_steps=1000"]
     flags = ["--profile", "local", "--time-min", "1", "--signal-delay-s", "5", "--max-timeout-requeues", "2"]
     code, out, err = submit_in_process(capsys, CONFIG, *long_run, *flags)

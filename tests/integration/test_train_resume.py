@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RUN_STEPS, tiny_run_overrides
 
 from pretrain.checkpoint import COMPLETE_MARKER, list_checkpoints, read_latest
 from pretrain.metrics import read_jsonl
@@ -22,28 +23,8 @@ from pretrain.metrics import read_jsonl
 pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]
 
 CONFIG = "configs/run/digits_sepvit_lite.yaml"
-MAX_STEPS = 20
+MAX_STEPS = TINY_RUN_STEPS
 EXIT_PREEMPTED = 3
-
-
-def overrides(data: Path, out: Path, name: str, *extra: str) -> list[str]:
-    return [
-        f"data.path={data}",
-        f"run.output_dir={out}",
-        f"run.name={name}",
-        f"trainer.max_steps={MAX_STEPS}",
-        "trainer.eval_every_steps=10",
-        "trainer.log_every_steps=1",
-        "trainer.progress_bar=false",
-        "data.batch_size=16",
-        "data.val_batch_size=64",
-        "schedule.warmup_steps=5",
-        "checkpoint.every_steps=4",
-        "checkpoint.every_minutes=0",
-        "checkpoint.keep_last=3",
-        "checkpoint.keep_best=0",
-        *extra,
-    ]
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
@@ -88,7 +69,7 @@ def assert_same_run(run_dir: Path, ref_dir: Path) -> None:
 def reference(digits_dir, scratch_root, start_train) -> Path:
     """An uninterrupted 20-step run."""
     out = scratch_root / "reference"
-    run = start_train(CONFIG, overrides(digits_dir, out, "ref"), "--nproc", "2")
+    run = start_train(CONFIG, tiny_run_overrides(digits_dir, out, "ref"), "--nproc", "2")
     assert run.wait() == 0, run.output[-5000:]
     assert "val_top1=" in run.output and "tensorboard --logdir" in run.output
     return out / "ref"
@@ -141,7 +122,7 @@ def test_tensorboard_has_the_scalars(reference: Path):
 
 
 def test_sigkill_all_ranks_then_same_command_resumes_exactly(reference, digits_dir, run_root, start_train):
-    args = (CONFIG, overrides(digits_dir, run_root, "killed"), "--nproc", "2")
+    args = (CONFIG, tiny_run_overrides(digits_dir, run_root, "killed"), "--nproc", "2")
     run = start_train(*args)
     marker = run_root / "killed" / "checkpoints" / "step_000008" / COMPLETE_MARKER
     wait_for(marker.exists, 180, run, "checkpoint step_000008")
@@ -161,7 +142,7 @@ def test_sigkill_all_ranks_then_same_command_resumes_exactly(reference, digits_d
 
 
 def test_sigterm_checkpoints_preempts_and_resumes_exactly(reference, digits_dir, run_root, start_train):
-    args = (CONFIG, overrides(digits_dir, run_root, "preempted"), "--nproc", "2")
+    args = (CONFIG, tiny_run_overrides(digits_dir, run_root, "preempted"), "--nproc", "2")
     run = start_train(*args)
     run_dir = run_root / "preempted"
     wait_for((run_dir / "checkpoints" / "step_000004" / COMPLETE_MARKER).exists, 180, run, "checkpoint step_000004")
@@ -189,7 +170,7 @@ def test_torn_and_truncated_newest_checkpoints_resume_from_previous(reference, r
     victim.write_bytes(victim.read_bytes()[:100])  # truncated file behind a COMPLETE marker
     (run_dir / "status.json").unlink()
 
-    run = start_train(CONFIG, overrides(digits_dir, run_root, "torn"), "--nproc", "2")
+    run = start_train(CONFIG, tiny_run_overrides(digits_dir, run_root, "torn"), "--nproc", "2")
     assert run.wait() == 0, run.output[-5000:]
     assert "step_000020" in run.output and "no COMPLETE marker" in run.output
     assert "rank_00001.pt has 100 bytes" in run.output
@@ -199,7 +180,7 @@ def test_torn_and_truncated_newest_checkpoints_resume_from_previous(reference, r
 
 
 def test_dead_rank_stops_the_others_and_names_it(digits_dir, run_root, start_train):
-    run = start_train(CONFIG, overrides(digits_dir, run_root, "dead", "trainer.max_steps=200"), "--nproc", "2")
+    run = start_train(CONFIG, tiny_run_overrides(digits_dir, run_root, "dead", "trainer.max_steps=200"), "--nproc", "2")
     marker = run_root / "dead" / "checkpoints" / "step_000004" / COMPLETE_MARKER
     wait_for(marker.exists, 180, run, "checkpoint step_000004")
     children = Path(f"/proc/{run.proc.pid}/task/{run.proc.pid}/children").read_text().split()
