@@ -295,21 +295,27 @@ _BUILD_COMMANDS = frozenset({"ninja", "cc1plus", "cc1", "c++", "g++", "gcc", "cc
 _MAX_BUILD_WAIT_S = 900.0
 
 
-def _group_is_building(pgid: int) -> bool:
-    """Whether a compiler or ninja runs in process group ``pgid`` (Linux /proc; False elsewhere)."""
+def _group_members(pgid: int) -> list[tuple[int, str]]:
+    """(pid, command name) of the live processes in process group ``pgid`` (Linux /proc; empty elsewhere)."""
     try:
         entries = [p for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
-        return False
+        return []
+    members = []
     for pid in entries:
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             continue
         comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
-        if int(rest[2]) == pgid and comm in _BUILD_COMMANDS:  # rest: state, ppid, pgrp, ...
-            return True
-    return False
+        if int(rest[2]) == pgid and rest[0] not in ("Z", "X"):  # rest: state, ppid, pgrp, ...
+            members.append((int(pid), comm))
+    return members
+
+
+def _group_is_building(pgid: int) -> bool:
+    """Whether a compiler or ninja runs in process group ``pgid``."""
+    return any(comm in _BUILD_COMMANDS for _, comm in _group_members(pgid))
 
 
 def _alive(pid: int, start_time: str | None) -> bool:
@@ -398,6 +404,7 @@ def guard_main(argv: list[str] | None = None) -> int:
         if asked_at is not None and deadline is None and (not building or now > asked_at + _MAX_BUILD_WAIT_S):
             deadline = now + args.grace_s
             os.killpg(group, signal.SIGTERM)  # the guard ignores its own copy (on_term)
+            os.killpg(group, signal.SIGCONT)  # a run paused while Ray Tune decided (_LocalRun.pause) must see it
         if deadline is not None and now > deadline and not (building and now < deadline + _MAX_BUILD_WAIT_S):
             rc = -signal.SIGKILL
             break
@@ -495,6 +502,31 @@ class _LocalRun:
             except (OSError, ValueError):
                 return -1
         return None
+
+    def pause(self) -> None:
+        """SIGSTOP the run's processes (not the guard) while Ray Tune decides on a result it reported.
+
+        A native Tune trainable blocks in ``tune.report`` until the scheduler has decided; a run in its own process
+        would otherwise train on meanwhile, and a trial ASHA stops at a rung could reach its last step first. A stop
+        decision never resumes the run: the guard SIGTERMs the group and then SIGCONTs it, so the run checkpoints
+        where it was paused and exits.
+        """
+        if self.pgid is None or self.poll() is not None:
+            return
+        for pid, _ in _group_members(self.pgid):
+            if pid != self.guard_pid:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
+
+    def resume(self) -> None:
+        if self.pgid is None:
+            return
+        try:
+            os.killpg(self.pgid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
 
     def stop(self) -> None:
         if self.pgid is None or self.poll() is not None:
@@ -620,6 +652,13 @@ class _SlurmRun:
         leader.wait()
         self.guard_pid = int(line) if line.strip() else None
         _note(self.run_dir, "submitted the run as Slurm job %s", self.job.job_id)
+
+    def pause(self) -> None:
+        """Nothing: stopping a job's ranks takes Slurm operator rights (``scontrol suspend``), so a trial the scheduler
+        stops may train on until its ``scancel`` arrives."""
+
+    def resume(self) -> None:
+        pass
 
     def poll(self) -> int | None:
         """0 when the run finished, 1 when the job ended otherwise, None while it is queued, running or requeued.
@@ -760,6 +799,12 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         else:
             tune.report(metrics)
 
+    def report_held(event: dict[str, Any]) -> None:
+        """``report`` with the live run paused until Ray Tune has decided; a stop leaves it paused (``run.stop``)."""
+        run.pause()
+        report(event)
+        run.resume()
+
     # Evals an earlier life of this run logged up to its resume step that Ray Tune does not know (the sweep driver
     # died after they were logged): report them first, so iterations keep matching steps. The run will cut its
     # metrics.jsonl back to the resume step and log everything after it again.
@@ -787,7 +832,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
                 # An eval is reported once the run moved past its step (the checkpoint of that step, if any, is then
                 # complete), or once a checkpoint of its step is complete; the final one once the run has exited.
                 if pending is not None and step > int(pending["step"]):
-                    report(pending)
+                    report_held(pending)
                     pending = None
                 if spec.metric in event:
                     if step > reported_step:
@@ -797,7 +842,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
             if pending is not None and not (max_steps and int(pending["step"]) >= max_steps):
                 ckpt = newest_checkpoint(run_dir)
                 if ckpt is not None and ckpt.step is not None and ckpt.step >= int(pending["step"]):
-                    report(pending)
+                    report_held(pending)
                     pending = None
             if rc is None:
                 time.sleep(spec.poll_s)

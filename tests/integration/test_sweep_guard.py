@@ -96,3 +96,43 @@ def test_a_running_build_is_not_interrupted(tmp_path: Path) -> None:
     os.kill(guard_pid, signal.SIGTERM)
     wait_for(exit_file, 30)
     assert (tmp_path / "built").exists()
+
+
+def proc_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def count_lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_a_paused_run_makes_no_progress_and_a_stop_still_ends_it(tmp_path: Path) -> None:
+    # A trial's run is paused while Ray Tune decides on the result it reported; a stop decision must end it from there.
+    from launch.sweep_trial import _LocalRun
+
+    ticks = tmp_path / "ticks"
+    run = _LocalRun(["bash", "-c", f"while true; do echo x >> {ticks}; sleep 0.05; done"], tmp_path, grace_s=5.0)
+    run.start()
+    deadline = time.monotonic() + 20
+    while count_lines(ticks) < 3:
+        assert time.monotonic() < deadline, "the run never started ticking"
+        time.sleep(0.05)
+
+    run.pause()
+    time.sleep(0.3)
+    paused_at = count_lines(ticks)
+    time.sleep(1.0)
+    assert count_lines(ticks) == paused_at
+    assert proc_state(run.guard_pid) != "T"  # the guard keeps watching the trial
+    assert run.poll() is None
+
+    run.resume()
+    time.sleep(0.5)
+    assert count_lines(ticks) > paused_at
+
+    run.pause()
+    t0 = time.monotonic()
+    run.stop()
+    assert run.poll() == -signal.SIGTERM  # it got the SIGTERM (and the SIGCONT to act on it), not the SIGKILL
+    assert time.monotonic() - t0 < 5.0
+    assert group_ends(run.pgid)
