@@ -32,6 +32,7 @@ __all__ = [
     "check_batch_sizes",
     "optimizer_state_bytes",
     "param_groups",
+    "reapply_optim_config",
     "soft_target_cross_entropy",
 ]
 
@@ -119,8 +120,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 def build_lr_lambda(cfg: Config):
     """Per-step multiplier of ``optim.lr``: linear warmup from ``warmup_lr``, then cosine/linear/constant to min_lr.
 
-    A plain closure on purpose: ``LambdaLR.state_dict()`` stores only the step count for functions, so a resumed
-    run with a new ``max_steps`` or ``lr`` follows the new schedule from the saved step.
+    A plain closure on purpose: ``LambdaLR.state_dict()`` does not store functions, so a resumed run with a new
+    ``max_steps`` follows the new schedule from the saved step (a new ``lr``: see :func:`reapply_optim_config`).
     """
     lr, warm, warm_lr, min_lr = cfg.optim.lr, cfg.schedule.warmup_steps, cfg.schedule.warmup_lr, cfg.schedule.min_lr
     total, kind = cfg.trainer.max_steps, cfg.schedule.name
@@ -208,6 +209,40 @@ class EngineParts:
     """Per-step LR schedule, stepped by the engine and saved in its checkpoint."""
     ds_config: dict[str, Any]
     """The DeepSpeed config used."""
+
+
+def reapply_optim_config(parts: EngineParts, cfg: Config) -> list[str]:
+    """Put the config's optimizer hyperparameters back after a checkpoint load; returns the values that changed.
+
+    Loading restores the param groups' lr, weight decay, betas/eps (or momentum) with the optimizer state, and
+    ``LambdaLR`` restores its ``base_lrs``: a run resumed with a new ``optim.lr`` or ``optim.weight_decay`` (a PBT
+    exploit, or a user lowering the lr) would otherwise train on with the checkpoint's. The current lr is recomputed
+    the way ``LambdaLR`` computes it, so an unchanged config rewrites every value with itself (resume stays bitwise).
+    """
+    sched, optim = parts.scheduler, cfg.optim
+    groups = sched.optimizer.param_groups  # after a load: the torch optimizer's new group dicts, which ZeRO steps with
+    want: dict[str, Any] = {"eps": optim.eps, "betas": tuple(optim.betas)} if optim.name == "adamw" else {}
+    if optim.name != "adamw":
+        want["momentum"] = optim.momentum
+    changes = []
+    old_base = sched.base_lrs[0] if sched.base_lrs else None
+    if old_base != optim.lr:
+        changes.append(f"optim.lr={optim.lr:g} (the checkpoint's {old_base:g})")
+    sched.base_lrs = [optim.lr for _ in groups]
+    for i, (group, lmbda) in enumerate(zip(groups, sched.lr_lambdas)):
+        group["initial_lr"] = optim.lr
+        group["lr"] = optim.lr * lmbda(sched.last_epoch)
+        decay = optim.weight_decay if i == 0 else 0.0  # param_groups(): decayed weights first, then the rest
+        if i == 0 and group.get("weight_decay") != decay:
+            changes.append(f"optim.weight_decay={decay:g} (the checkpoint's {group.get('weight_decay'):g})")
+        group["weight_decay"] = decay
+        for key, value in want.items():
+            old = tuple(group[key]) if isinstance(group.get(key), (list, tuple)) else group.get(key)
+            if i == 0 and old != value:
+                changes.append(f"optim.{key}={value} (the checkpoint's {old})")
+            group[key] = value
+    sched._last_lr = [g["lr"] for g in groups]
+    return changes
 
 
 def build_engine(cfg: Config, model: nn.Module, world_size: int) -> EngineParts:

@@ -41,7 +41,7 @@ from pretrain.checkpoint import (
 )
 from pretrain.config import Config, config_digest, dump_config, model_shape_digest
 from pretrain.distributed import DistInfo, all_reduce_max, broadcast_object
-from pretrain.engine import EngineParts, ModelEMA, build_engine, soft_target_cross_entropy
+from pretrain.engine import EngineParts, ModelEMA, build_engine, reapply_optim_config, soft_target_cross_entropy
 from pretrain.metrics import (
     MetricsSink,
     StatusFile,
@@ -344,6 +344,9 @@ class Trainer:
     def resume(self, tag_dir: Path) -> None:
         """Load model, optimizer, scheduler, counters, data position, RNGs and EMA from ``tag_dir``."""
         client, rank_state = self.ckpt.load(self.engine, tag_dir)
+        changed = reapply_optim_config(self.parts, self.cfg)
+        if changed:
+            logger.info("resuming with the config's %s", ", ".join(changed))
         self.load_state_dict(client["trainer"])
         self.data.train.load_state_dict(rank_state["data"])
         if self.ema is not None:

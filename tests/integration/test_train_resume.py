@@ -8,6 +8,7 @@ per rank.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import time
@@ -194,3 +195,30 @@ def test_dead_rank_stops_the_others_and_names_it(digits_dir, run_root, start_tra
     assert "rank 1 was killed by SIGKILL" in run.output
     for pid in ranks:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_resume_trains_with_the_configs_new_lr_and_weight_decay(digits_dir, run_root, start_train):
+    # What a PBT exploit does (and a user lowering the lr of a diverging run): resume with other optimizer values.
+    # The checkpoint's param groups (inside ZeRO-2's optimizer) and LR scheduler carry the old ones; the config's win.
+    def overrides(*extra: str) -> list[str]:
+        return tiny_run_overrides(
+            digits_dir, run_root, "mutated", "schedule.name=cosine", "schedule.warmup_steps=0", "schedule.min_lr=0",
+            *extra,
+        )  # fmt: skip
+
+    first = start_train(
+        CONFIG, overrides("trainer.max_steps=4", "optim.lr=1e-3", "optim.weight_decay=0.05"), "--nproc", "2"
+    )
+    assert first.wait() == 0, first.output[-5000:]
+    again = start_train(
+        CONFIG, overrides("trainer.max_steps=8", "optim.lr=4e-4", "optim.weight_decay=0.2"), "--nproc", "2"
+    )
+    assert again.wait() == 0, again.output[-5000:]
+    assert "optim.lr=0.0004 (the checkpoint's 0.001)" in again.output
+    assert "optim.weight_decay=0.2 (the checkpoint's 0.05)" in again.output
+    train = {e["step"]: e for e in read_jsonl(run_root / "mutated" / "metrics.jsonl") if e["event"] == "train"}
+    # the lr logged for a step is the one its update used: cosine over the new 8 steps from the new base lr
+    for step in range(5, 9):
+        want = 4e-4 * 0.5 * (1 + math.cos(math.pi * (step - 1) / 8))
+        assert train[step]["lr"] == pytest.approx(want, rel=1e-9), (step, train[step])
+    assert train[4]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4)), rel=1e-9)  # the first life's
