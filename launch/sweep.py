@@ -731,13 +731,12 @@ def _spec_from_yaml(stored: dict[str, Any]) -> SweepSpec:
 
 
 def _ray_trials(results: Any) -> dict[str, dict[str, Any]]:
-    """trial_id -> {config, error, done} from a Ray Tune ResultGrid."""
+    """trial_id -> {config, error} from a Ray Tune ResultGrid."""
     out = {}
     for r in results:
-        trial_id = (r.metrics or {}).get("trial_id")
-        if not trial_id and r.path:
-            m = re.search(r"_([0-9a-f]{5}_\d{5})_", os.path.basename(r.path))
-            trial_id = m.group(1) if m else None
+        # The trial's own folder names it; its last metrics may be a PBT donor's (with the donor's trial_id).
+        m = re.search(r"_([0-9a-f]{5}_\d{5})_", os.path.basename(r.path)) if r.path else None
+        trial_id = m.group(1) if m else (r.metrics or {}).get("trial_id")
         if trial_id:
             out[trial_id] = {"config": dict(r.config or {}), "error": str(r.error) if r.error else ""}
     return out

@@ -788,6 +788,10 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         nonlocal reported_tag, reported_step
         reported_step = int(event.get("step", -1))
         metrics = _report_metrics(event, last_train)
+        if max_steps and reported_step >= max_steps:
+            # The last eval ends the trial without a scheduler decision: PBT would otherwise pause it to exploit a
+            # donor and mutate its config once more, for a run with no step left to train with them.
+            metrics["done"] = True
         ckpt = newest_checkpoint(run_dir) if with_checkpoint else None
         staged = None
         if ckpt is not None and (spec.always_checkpoint or ckpt.tag != reported_tag):

@@ -97,9 +97,13 @@ class Driver:
         return self.proc.returncode, self.log_path.read_text(errors="replace")
 
 
-def eval_steps(run_dir: Path) -> list[int]:
+def eval_events(run_dir: Path) -> list[dict]:
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [e["step"] for e in events if e.get("event") == "eval"]
+    return [e for e in events if e.get("event") == "eval"]
+
+
+def eval_steps(run_dir: Path) -> list[int]:
+    return [e["step"] for e in eval_events(run_dir)]
 
 
 def trainer_processes(marker: str) -> list[str]:
@@ -184,6 +188,54 @@ def test_asha_sweep_stops_bad_trials_early(digits_dir: Path, ray_address: str, t
         tags = [p for p in (Path(r["run_dir"]) / "checkpoints").glob("step_*")]
         assert len(tags) == 1, tags
         assert not (Path(r["run_dir"]) / "sweep" / "staging").exists()
+
+
+def test_pbt_exploit_clones_the_better_trials_checkpoint_and_perturbs_its_lr(
+    digits_dir: Path, ray_address: str, tmp_path: Path
+) -> None:
+    # Two trials, synchronous PBT at every eval, bottom half exploits top half, no resampling: at the first eval (step
+    # EVERY) the hopeless lr clones the good trial's step-EVERY checkpoint and continues with the good lr x 1.2 or 0.8.
+    sweep = write_sweep(
+        tmp_path / "pbt.yaml",
+        digits_dir,
+        name="pbt",
+        space={"optim.lr": {"grid": [2.0e-3, 1.0e-7]}},
+        scheduler={
+            "name": "pbt",
+            "perturbation_interval": 1,
+            "quantile_fraction": 0.5,
+            "resample_probability": 0.0,
+            "synch": True,
+            "hyperparam_mutations": {"optim.lr": {"loguniform": [1.0e-4, 1.0e-2]}},
+        },
+        max_concurrent=2,
+    )
+    rc, log = Driver(sweep, tmp_path, ray_address).wait(timeout=420)
+    assert rc == 0, log[-4000:]
+    sweep_dir = tmp_path / "pbt"
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert len(summary) == 2 and [r["status"] for r in summary] == ["finished", "finished"], summary
+    assert all(r["step"] == MAX_STEPS and eval_steps(Path(r["run_dir"])) == [EVERY, MAX_STEPS] for r in summary)
+
+    def lives(r: dict) -> list[str]:
+        """The command lines of a trial's runs, in order."""
+        return [
+            line for line in (Path(r["run_dir"]) / "sweep" / "train.log").read_text().splitlines() if "=====" in line
+        ]
+
+    bad = next(r for r in summary if "optim.lr=1.0e-07" in lives(r)[0])
+    good = next(r for r in summary if r is not bad)
+    assert good["params"]["optim.lr"] == 2.0e-3 and len(lives(good)) == 2  # paused at the first eval, then resumed
+    trial_log = (Path(bad["run_dir"]) / "sweep" / "trial.log").read_text()
+    assert f"PBT exploit: continuing from trial {good['trial_id']}'s checkpoint (step {EVERY})" in trial_log
+    mutated = bad["params"]["optim.lr"]
+    assert mutated in (pytest.approx(2.0e-3 * 1.2), pytest.approx(2.0e-3 * 0.8)), bad["params"]
+    assert f"optim.lr={mutated}" in lives(bad)[1] and f"resume_from/step_{EVERY:06d}" in lives(bad)[1]
+    # it trained on from the donor's weights with its own lr: far ahead of where the hopeless lr stood, and not a copy
+    # of the donor's second half (the checkpoint's lr would have given the donor's losses bit for bit)
+    assert bad["curve"][-1][1] > bad["curve"][0][1] + 0.1, bad["curve"]
+    assert eval_events(Path(bad["run_dir"]))[-1]["val_loss"] != eval_events(Path(good["run_dir"]))[-1]["val_loss"]
+    assert wait_no_trainers(str(sweep_dir)) == []
 
 
 def test_killed_sweep_resumes_without_rerunning_finished_trials(
