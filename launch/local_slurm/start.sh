@@ -14,23 +14,15 @@ TEMPLATE="$HERE/slurm.conf.tmpl"
 CONF_DIR=/etc/slurm
 CONF="$CONF_DIR/slurm.conf"
 MARKER="pretrain-local-slurm"
-LOCK=/run/lock/pretrain-local-slurm.lock
 TIMEOUT_S="${PRETRAIN_SLURM_TIMEOUT_S:-90}"
 PACKAGES=(slurmctld slurmd slurm-client munge)
 COMMANDS=(slurmctld slurmd sinfo srun sbatch scontrol squeue scancel munged munge unmunge)
 
-log() { echo "local Slurm: $*"; }
+# shellcheck source=common.sh
+source "$HERE/common.sh"
 die() {
     echo "local Slurm: ERROR: $*" >&2
     exit 1
-}
-
-# pid_alive PIDFILE NAME: the pid in PIDFILE is a live process called NAME.
-pid_alive() {
-    local pid
-    [ -r "$1" ] || return 1
-    pid="$(cat "$1" 2>/dev/null)"
-    [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm")" = "$2" ]
 }
 
 show_log_tail() {
@@ -124,19 +116,6 @@ start_munge() {
     die "munged runs but 'munge -n | unmunge' fails"
 }
 
-stop_daemon() { # stop_daemon PIDFILE NAME: TERM the recorded pid, KILL it after 15 s
-    local pid
-    pid_alive "$1" "$2" || return 0
-    pid="$(cat "$1")"
-    log "stopping $2 (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 30); do
-        [ -d "/proc/$pid" ] || return 0
-        sleep 0.5
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-}
-
 start_daemon() { # start_daemon NAME PIDFILE LOGFILE
     pid_alive "$2" "$1" && return 0
     log "starting $1"
@@ -176,9 +155,7 @@ wait_for_node() {
 main() {
     mkdir -p /run/lock 2>/dev/null || true
     # fd 9 holds the lock; daemons are started with 9>&- so that they do not keep holding it
-    # (the 2>/dev/null is scoped to the group: on `exec` alone it would silence this script's stderr for good)
-    if ! { exec 9>"$LOCK"; } 2>/dev/null; then exec 9>"/tmp/pretrain-local-slurm.lock"; fi
-    flock -w 600 9 || die "another start.sh/stop.sh holds the lock for over 10 minutes"
+    take_lock
 
     install_packages
     local rendered
