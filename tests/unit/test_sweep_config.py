@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from launch.cli import main as cli_main
-from launch.sweep import load_sweep, validate_trial_configs
+from launch.sweep_spec import load_sweep, validate_trial_configs
 from launch.sweep_trial import MetricsTail, format_override, newest_checkpoint, stage_checkpoint
 from pretrain.config import CONFIGS_DIR, ConfigError, parse_overrides
 
