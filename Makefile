@@ -10,7 +10,7 @@ PRETRAIN_CONFIG ?= configs/run/digits_sepvit_lite.yaml
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml setup.py data_pipeline/_jpeg_roi.c constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	# torch first, pinned: an unpinned torch (directly or through a dependency) pulls a multi-GB CUDA build
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml constraints.txt
 	DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_ACCELERATOR=cpu $(BIN)/pip install -q -c constraints.txt --no-build-isolation \
 		--no-cache-dir "deepspeed==0.19.8"
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	# the JPEG crop decoder (C, optional) builds only where libjpeg-turbo's headers are; pip -q would not say so
+	@$(BIN)/python -c "import data_pipeline._jpeg_roi" 2>/dev/null || echo "note: data_pipeline._jpeg_roi was not \
+	built (no libjpeg-turbo headers? apt-get install libjpeg62-turbo-dev, then make install): JPEG crops will use \
+	full-image decodes, ~25% more CPU per train sample"
 	touch $(STAMP)
 
 test: install
