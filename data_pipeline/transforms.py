@@ -9,6 +9,11 @@ Speed, per image (the decode dominates, see ``benchmarks/data.py``):
   Pillow. Other formats go through Pillow. Formats are recognised by content, not by the extension.
 - The crop box is chosen from the JPEG header before decoding; when the crop is at least 2x, 4x or 8x the output
   size, the JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (cheaper decode, smaller resize).
+- Only the crop box of a JPEG is decoded, by the C extension ``data_pipeline._jpeg_roi`` (libjpeg-turbo's
+  ``jpeg_crop_scanline`` and ``jpeg_skip_scanlines``; rows below the box are never decoded). Its pixels equal those of
+  a full decode, cropped. Without the extension (built at install where libjpeg-turbo's headers are), or for a JPEG
+  it refuses, the whole image is decoded and cropped as above. Damage to the data below the box goes unnoticed; a
+  truncated file still fails, as the ROI path needs the end-of-image marker.
 - Only the crop is resized, by ``torch.nn.functional.interpolate`` on uint8 with antialiasing (SIMD kernels,
   4-5x faster than Pillow's resample), straight from the decoder's HWC buffer without a copy.
 
@@ -35,6 +40,11 @@ try:  # optional fast JPEG decoder; Pillow is the fallback
 except ImportError:  # pragma: no cover - depends on the environment
     simplejpeg = None
 
+try:  # optional crop-box JPEG decoder (C extension of this package, see setup.py); full decodes are the fallback
+    from data_pipeline import _jpeg_roi
+except ImportError:  # pragma: no cover - depends on the build
+    _jpeg_roi = None
+
 if TYPE_CHECKING:
     from pretrain.config import AugmentConfig
 
@@ -51,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 INTERPOLATIONS = ("bilinear", "bicubic")
 _JPEG_MAGIC = b"\xff\xd8\xff"
+_JPEG_EOI = b"\xff\xd9"  # end-of-image marker: a JPEG that lacks it is truncated
 _DCT_SCALES = (8, 4, 2)  # libjpeg-turbo's fast power-of-two downscales; others (e.g. 5/8) decode slower than 1/1
 _RRC_ATTEMPTS = 10  # tries at a random (area, ratio) before falling back to a centre crop
 
@@ -115,6 +126,18 @@ def _reduction(box: Box, out_size: int) -> int:
     return 1
 
 
+def _scaled_box(box: Box, k: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """``box`` in pixels of the image decoded at 1/k, ``width`` x ``height``: ``(x0, y0, x1, y1)``, at least 1x1.
+
+    DCT scaling shrinks by exactly 1/k (the last row/column may be partial): the box maps with 1/k, not H'/H.
+    """
+    x0 = min(int(round(box[0] / k)), width - 1)
+    y0 = min(int(round(box[1] / k)), height - 1)
+    x1 = max(x0 + 1, min(int(round((box[0] + box[2]) / k)), width))
+    y1 = max(y0 + 1, min(int(round((box[1] + box[3]) / k)), height))
+    return x0, y0, x1, y1
+
+
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:
     """Any Pillow mode -> (H, W, 3) uint8: grey and palette expanded, alpha dropped, 16-bit scaled to 8."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -139,14 +162,14 @@ class _Image:
             raise CorruptSample(MISSING_IMAGE, "empty image payload")
         self.data = data
         self.pil: Image.Image | None = None
+        self.max_pixels = 2 * (Image.MAX_IMAGE_PIXELS or 0)  # Pillow's decompression-bomb rule; 0: no limit
         try:
             if simplejpeg is not None and data[:3] == _JPEG_MAGIC:
                 height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
                 if colorspace not in ("CMYK", "YCCK"):  # libjpeg-turbo cannot convert those to RGB: Pillow can
                     self.width, self.height = int(width), int(height)
-                    limit = Image.MAX_IMAGE_PIXELS
-                    if limit and self.width * self.height > 2 * limit:  # Pillow's decompression-bomb rule
-                        raise ValueError(f"{self.width}x{self.height} pixels exceeds the limit of {2 * limit}")
+                    if self.max_pixels and self.width * self.height > self.max_pixels:
+                        raise ValueError(f"{self.width}x{self.height} pixels exceeds the limit of {self.max_pixels}")
                     return
             self.pil = Image.open(io.BytesIO(data))
             self.width, self.height = self.pil.size
@@ -179,6 +202,28 @@ class _Image:
         except Exception as e:
             raise CorruptSample(DECODE_ERROR, f"{type(e).__name__}: {e}") from None
 
+    def decode_box(self, box: Box, reduce: int = 1) -> np.ndarray:
+        """Pixels of ``box`` as (h, w, 3) uint8, decoded at 1/r for a power of two r <= ``reduce`` (as ``decode``),
+        the box mapped by 1/r. The same pixels whichever decoder runs."""
+        if self.pil is None and _jpeg_roi is not None and self.data[-2:] == _JPEG_EOI:
+            # rows below the box are not read: a truncated file (no end-of-image marker) takes the full decode and fails
+            width, height = -(-self.width // reduce), -(-self.height // reduce)  # libjpeg's size at 1/reduce
+            x0, y0, x1, y1 = _scaled_box(box, reduce, width, height)
+            try:
+                rgb, offset, span = _jpeg_roi.decode_roi(
+                    self.data, x0, y0, x1 - x0, y1 - y0, reduce, max_pixels=self.max_pixels
+                )  # the box's rows, over a span of block columns that covers it
+            except ValueError:
+                pass  # corrupt (libjpeg warnings included) or unsupported: the full decode fails or copes, as before
+            else:
+                rows = np.frombuffer(rgb, np.uint8).reshape(y1 - y0, span, 3)  # writable: rgb is a bytearray
+                return rows[:, offset : offset + x1 - x0]
+        pixels = self.decode(reduce)  # (H', W', 3)
+        # the scale actually used: Pillow's draft may pick a smaller reduction than asked
+        k = 2 ** round(math.log2(max(self.width / pixels.shape[1], self.height / pixels.shape[0])))
+        x0, y0, x1, y1 = _scaled_box(box, k, pixels.shape[1], pixels.shape[0])
+        return pixels[y0:y1, x0:x1]
+
 
 def decode_rgb(data: bytes, ext: str = "") -> np.ndarray:
     """Decodes an encoded image (any format Pillow reads; ``ext`` is only a hint) to (H, W, 3) uint8.
@@ -190,15 +235,9 @@ def decode_rgb(data: bytes, ext: str = "") -> np.ndarray:
 
 
 def _crop_resize(img: _Image, box: Box, out_size: int, interpolation: str, flip: bool = False) -> torch.Tensor:
-    """Decodes the smallest DCT scale that covers ``box`` at ``out_size``, crops, resizes -> (3, S, S) uint8."""
-    pixels = img.decode(_reduction(box, out_size))  # (H', W', 3) uint8
-    # DCT scaling shrinks by exactly 1/k (the last row/column may be partial): map the box with 1/k, not H'/H
-    k = 2 ** round(math.log2(max(img.width / pixels.shape[1], img.height / pixels.shape[0])))
-    x0 = min(int(round(box[0] / k)), pixels.shape[1] - 1)
-    y0 = min(int(round(box[1] / k)), pixels.shape[0] - 1)
-    x1 = max(x0 + 1, min(int(round((box[0] + box[2]) / k)), pixels.shape[1]))
-    y1 = max(y0 + 1, min(int(round((box[1] + box[3]) / k)), pixels.shape[0]))
-    crop = torch.from_numpy(pixels).permute(2, 0, 1)[:, y0:y1, x0:x1].unsqueeze(0)  # (1, 3, h, w) view of HWC
+    """Decodes ``box`` at the smallest DCT scale that covers it at ``out_size``, resizes -> (3, S, S) uint8."""
+    pixels = img.decode_box(box, _reduction(box, out_size))  # (h, w, 3) uint8
+    crop = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w) view of HWC
     if crop.shape[2:] == (out_size, out_size):
         out = crop[0]
     else:

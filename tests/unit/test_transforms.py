@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import pickle
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -141,20 +144,170 @@ def test_pillow_fallback_decodes_like_simplejpeg(jpeg: bytes, monkeypatch: pytes
     assert (fast - slow).abs().mean() < 1.0
 
 
-def test_corrupt_bytes_raise_corrupt_sample(jpeg: bytes) -> None:
+@pytest.mark.parametrize("roi_decoding", [True, False], ids=["roi", "full-decode"])
+def test_corrupt_bytes_raise_corrupt_sample(jpeg: bytes, roi_decoding: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not roi_decoding:
+        monkeypatch.setattr(transforms, "_jpeg_roi", None)
     cases = {
         b"definitely not an image": "decode_error",
         jpeg[: len(jpeg) // 2]: "decode_error",  # truncated JPEG
+        jpeg[: len(jpeg) * 3 // 4]: "decode_error",  # truncated below most small crops: caught all the same
         encode(np.zeros((8, 8, 3), np.uint8), "PNG")[:-30]: "decode_error",  # PNG missing its end
         b"": "missing_image",
     }
+    small_crops = TrainTransform(32, scale=(0.08, 0.1))
     for data, reason in cases.items():
-        for t in (TrainTransform(32), EvalTransform(32)):
-            with pytest.raises(CorruptSample) as info:
-                t(data, "jpg", np.random.default_rng(0))
-            assert info.value.reason == reason
+        for t in (TrainTransform(32), EvalTransform(32), small_crops):
+            for seed in range(4):
+                with pytest.raises(CorruptSample) as info:
+                    t(data, "jpg", np.random.default_rng(seed))
+                assert info.value.reason == reason
     err = pickle.loads(pickle.dumps(CorruptSample("decode_error", "bad")))  # crosses DataLoader workers
     assert (err.reason, str(err)) == ("decode_error", "decode_error: bad")
+
+
+# ------------------------------------------------------------------------------- region-of-interest JPEG decode
+
+needs_roi = pytest.mark.skipif(transforms._jpeg_roi is None, reason="data_pipeline._jpeg_roi is not built")
+
+
+def test_roi_extension_is_built_where_libjpeg_turbo_headers_are() -> None:
+    """The extension is optional at install (a machine without the header still installs); CI notices a broken build."""
+    include_dirs = ["/usr/include", "/usr/local/include", sysconfig.get_config_var("INCLUDEDIR") or ""]
+    include_dirs += [d for var in ("CPATH", "C_INCLUDE_PATH") for d in os.environ.get(var, "").split(os.pathsep)]
+    if not any(d and os.path.isfile(os.path.join(d, "jpeglib.h")) for d in include_dirs):
+        pytest.skip("no jpeglib.h: the extension is not expected, crops use full-image decodes")
+    assert transforms._jpeg_roi is not None, (
+        "jpeglib.h is installed but data_pipeline._jpeg_roi is not built or does not import; "
+        "`pip install --no-deps --no-build-isolation -v -e .` shows why"
+    )
+
+
+ROI_SIZES = [(500, 375), (375, 500), (333, 251), (17, 9)]  # (w, h): ImageNet-like, odd, smaller than one iMCU row
+
+
+@pytest.fixture(scope="module")
+def roi_jpegs() -> dict[str, bytes]:
+    """Real photos in every chroma subsampling libjpeg-turbo upsamples differently, baseline and progressive, grey."""
+    from sklearn.datasets import load_sample_images
+
+    simplejpeg = pytest.importorskip("simplejpeg")
+    out = {}
+    for i, (w, h) in enumerate(ROI_SIZES):
+        a = np.array(Image.fromarray(load_sample_images().images[i % 2]).resize((w, h), Image.BICUBIC))
+        out |= {
+            f"4:2:0 {w}x{h}": encode(a, "JPEG", quality=90, subsampling=2),
+            f"4:2:2 {w}x{h}": encode(a, "JPEG", quality=90, subsampling=1),
+            f"4:4:4 {w}x{h}": encode(a, "JPEG", quality=90, subsampling=0),
+            f"4:2:0 progressive {w}x{h}": encode(a, "JPEG", quality=85, subsampling=2, progressive=True),
+            f"4:4:0 {w}x{h}": simplejpeg.encode_jpeg(a, 90, colorsubsampling="440"),
+            f"4:1:1 {w}x{h}": simplejpeg.encode_jpeg(a, 90, colorsubsampling="411"),
+            f"grey {w}x{h}": encode(a[..., 1], "JPEG", quality=90),
+        }
+    return out
+
+
+def roi_decode(data: bytes, box: tuple[int, int, int, int], scale: int) -> np.ndarray:
+    """The box (in pixels of the image at 1/scale) as (h, w, 3) uint8, by the extension."""
+    x, y, w, h = box
+    rgb, offset, span = transforms._jpeg_roi.decode_roi(data, x, y, w, h, scale)
+    return np.frombuffer(rgb, np.uint8).reshape(h, span, 3)[:, offset : offset + w]
+
+
+@needs_roi
+@pytest.mark.parametrize("scale", [1, 2, 4, 8])
+def test_roi_decode_equals_full_decode_cropped(roi_jpegs: dict[str, bytes], scale: int) -> None:
+    """Exact, edges and corners included. libjpeg-turbo's fancy upsampling treats the ends of a cropped row as image
+    edges (the first/last column of 4:2:2 and 4:2:0 crops differed by up to ~30 levels): the extension decodes 2
+    more columns each side, so the box's pixels are those of a full decode (simplejpeg's, the fallback path)."""
+    import simplejpeg
+
+    rng = np.random.default_rng(scale)
+    for name, data in roi_jpegs.items():
+        height, width = simplejpeg.decode_jpeg_header(data)[:2]
+        full = simplejpeg.decode_jpeg(data, "RGB", min_height=-(-height // scale), min_width=-(-width // scale))
+        H, W = full.shape[:2]  # ceil(size / scale)
+        boxes = [(0, 0, W, H), (0, 0, 1, 1), (W - 1, H - 1, 1, 1), (0, H - 1, W, 1), (W - 1, 0, 1, H)]  # corners, edges
+        for _ in range(12):  # anywhere, and narrow ones (a 1- or 2-column span changes libjpeg's upsampling)
+            w, h = int(rng.integers(1, W + 1)), int(rng.integers(1, H + 1))
+            if len(boxes) % 3 == 0:
+                w = int(rng.integers(1, min(W, 3) + 1))
+            boxes.append((int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1)), w, h))
+        for x, y, w, h in boxes:
+            np.testing.assert_array_equal(
+                roi_decode(data, (x, y, w, h), scale),
+                full[y : y + h, x : x + w],
+                err_msg=f"{name} 1/{scale} {x, y, w, h}",
+            )
+
+
+@needs_roi
+def test_roi_decode_raises_value_error_on_bad_input(photo: np.ndarray, jpeg: bytes) -> None:
+    decode_roi = transforms._jpeg_roi.decode_roi
+    sof = jpeg.index(b"\xff\xc0")  # baseline frame header: marker, length (2), precision (1), height (2), width (2)
+    bomb = jpeg[: sof + 5] + (60000).to_bytes(2, "big") * 2 + jpeg[sof + 9 :]
+    cmyk = encode(Image.fromarray(photo).convert("CMYK"), "JPEG")
+    cases = {
+        "not a JPEG": (b"definitely not an image", (0, 0, 1, 1, 1), "JPEG header"),
+        "truncated inside the box": (jpeg[: len(jpeg) // 2], (0, 300, 20, 20, 1), "JPEG data"),
+        "CMYK": (cmyk, (0, 0, 1, 1, 1), "CMYK"),
+        "box outside the image": (jpeg, (495, 0, 10, 10, 1), "not inside"),
+        "box outside the scaled image": (jpeg, (0, 0, 64, 64, 8), "not inside"),
+        "scale": (jpeg, (0, 0, 1, 1, 3), "scale_denom"),
+        "decompression bomb": (bomb, (0, 0, 1, 1, 1), "exceeds the limit"),
+    }
+    for name, (data, args, message) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            decode_roi(data, *args, max_pixels=2 * Image.MAX_IMAGE_PIXELS)
+            pytest.fail(name)
+    # the rows below the box are never read: a truncated file decodes above the cut, hence the transforms' EOI check
+    assert roi_decode(jpeg[: len(jpeg) // 2], (0, 0, 20, 20), 1).shape == (20, 20, 3)
+    with pytest.raises(CorruptSample):
+        TrainTransform(32)(bomb, "jpg", np.random.default_rng(0))
+
+
+@needs_roi
+def test_roi_decode_gives_the_same_pixels_from_threads(jpeg: bytes) -> None:
+    """The GIL is released while decoding: concurrent decodes share no state."""
+    boxes = [(x, y, 100, 80) for x in (0, 133, 400) for y in (0, 151, 295)] * 3
+    with ThreadPoolExecutor(4) as pool:
+        crops = list(pool.map(lambda box: roi_decode(jpeg, box, 1), boxes))
+    for box, crop in zip(boxes, crops):
+        np.testing.assert_array_equal(crop, roi_decode(jpeg, box, 1))
+
+
+@needs_roi
+@pytest.mark.parametrize("encoding", ["4:2:0", "4:4:4", "4:2:0 progressive", "grey"])
+def test_transforms_give_the_same_crops_with_and_without_roi_decoding(
+    photo: np.ndarray, encoding: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kw = {"grey": {}, "4:4:4": {"subsampling": 0}, "4:2:0": {"subsampling": 2}}.get(
+        encoding, {"subsampling": 2, "progressive": True}
+    )
+    big = np.asarray(Image.fromarray(photo).resize((1600, 1200), Image.BICUBIC))
+    images = [photo, photo[:251, :333], big]  # ImageNet-like, odd, large (crops decoded at 1/2, 1/4, 1/8)
+    if encoding == "grey":
+        images = [a[..., 1] for a in images]
+    datas = [encode(a, "JPEG", quality=90, **kw) for a in images]
+    pipelines = [TrainTransform(224), TrainTransform(64), EvalTransform(224), EvalTransform(64, crop_ratio=0.9)]
+    reductions = []  # DCT scales the crops were decoded at
+
+    def reduction(box: tuple[int, int, int, int], out_size: int, _reduction=transforms._reduction) -> int:
+        reductions.append(_reduction(box, out_size))
+        return reductions[-1]
+
+    monkeypatch.setattr(transforms, "_reduction", reduction)
+
+    def crops() -> list[torch.Tensor]:
+        return [t(d, "jpg", np.random.default_rng([7, s])) for d in datas for t in pipelines for s in range(6)]
+
+    with monkeypatch.context() as m:
+        m.setattr(transforms._Image, "decode", None)  # no full decode: every crop here comes from the ROI decoder
+        with_roi = crops()
+    assert set(reductions) == {1, 2, 4, 8}
+    monkeypatch.setattr(transforms, "_jpeg_roi", None)
+    for a, b in zip(with_roi, crops(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_random_resized_crop_box_bounds_and_fallback() -> None:
