@@ -3,9 +3,10 @@
 Flow: cluster parameters (``ClusterParams`` defaults < ``configs/cluster/<profile>.yaml`` < flags) and the run config
 are validated first, without writing anything (bad values exit 2 naming the key and the fix). On Slurm the partition
 and node count are checked against ``sinfo``. Then the resolved run config is frozen into ``RUN_DIR/slurm/config.yaml``
-and one job with ``nodes x tasks_per_node`` tasks is submitted through submitit. Each task is one rank: it exports
-the torch.distributed variables and runs ``pretrain train`` in-process (:class:`TrainJob`). The command prints the job
-id and the run directory. ``--dry-run`` prints the sbatch script submitit would write and submits nothing.
+and one job with ``nodes x tasks_per_node`` tasks is submitted through submitit (:func:`submit_plan`, which Slurm
+sweep trials use too). Each task is one rank: it exports the torch.distributed variables and runs ``pretrain train``
+in-process (:class:`TrainJob`). The command prints the job id and the run directory. ``--dry-run`` prints the sbatch
+script submitit would write and submits nothing.
 
 Preemption and time limits (USR2, ``slurm_signal_delay_s`` before the limit, or ``scancel --signal=USR2``): the
 trainer's own handler makes every rank finish its step, agree, and write a checkpoint (COMPLETE marker last), then
@@ -45,17 +46,19 @@ from launch.status import (
     slurm_job_info,
     slurm_partitions,
 )
-from pretrain.config import CONFIGS_DIR, Config, ConfigError
+from pretrain.config import CONFIGS_DIR, Config, ConfigError, dump_config
 
 __all__ = [
     "CLUSTER_PROFILES_DIR",
     "ClusterParams",
+    "RunPlan",
     "TrainJob",
     "build_executor",
     "load_cluster_params",
     "main",
     "register",
     "render_sbatch",
+    "submit_plan",
     "validate_run",
 ]
 
@@ -351,6 +354,47 @@ def build_executor(params: ClusterParams, folder: Path, job_name: str) -> Any:
     return executor
 
 
+def submit_plan(plan: RunPlan, params: ClusterParams, *, argv: list[str]) -> Any:
+    """Submit the run :func:`validate_run` planned as one :class:`TrainJob`: ``pretrain submit`` and Slurm sweep trials.
+
+    The resolved config is frozen into ``RUN_DIR/slurm/config.yaml`` (every requeued attempt trains with that file) and
+    the submission is recorded in ``RUN_DIR/slurm/jobs.jsonl``. Whether the run already finished or has an active job
+    is the caller's to check.
+
+    Args:
+        plan: What :func:`validate_run` returned for ``params``.
+        params: Where and how to submit.
+        argv: The command recorded with the submission.
+
+    Returns:
+        The submitit job.
+
+    Raises:
+        ConfigError: Slurm was asked for where its client (``srun``) is not installed.
+    """
+    import submitit
+
+    run_dir = plan.cfg.run_dir
+    folder = run_dir / SLURM_SUBDIR
+    executor = build_executor(params, folder, plan.cfg.run.name)
+    frozen = folder / FROZEN_CONFIG
+    dump_config(plan.cfg, frozen)
+    # a job submitted from inside a job (or a Ray worker) must not inherit its Slurm variables
+    with submitit.helpers.clean_env():
+        job = executor.submit(TrainJob(str(frozen), str(run_dir), params.slurm_signal_delay_s))
+    append_job_event(
+        run_dir,
+        "submit",
+        job_id=str(job.job_id),
+        cluster=params.cluster,
+        params=dataclasses.asdict(params),
+        world_size=params.world_size,
+        config=str(frozen),
+        argv=list(argv),
+    )
+    return job
+
+
 def render_sbatch(params: ClusterParams, folder: Path, job_name: str) -> str:
     """The sbatch script submitit writes for this job (its own generator; nothing is written or submitted)."""
     if params.cluster != "slurm":  # (building a LocalExecutor would create its folder)
@@ -613,25 +657,7 @@ def _run(args: argparse.Namespace) -> int:
     if active:
         raise ConfigError(f"{run_dir} already has job {active}; `pretrain cancel {run_dir}` first, or set run.name")
 
-    from pretrain.config import dump_config
-
-    executor = build_executor(params, folder, plan.cfg.run.name)
-    frozen = folder / FROZEN_CONFIG
-    dump_config(plan.cfg, frozen)
-    import submitit
-
-    with submitit.helpers.clean_env():  # a job submitted from inside a job must not inherit its Slurm variables
-        job = executor.submit(TrainJob(str(frozen), str(run_dir), params.slurm_signal_delay_s))
-    append_job_event(
-        run_dir,
-        "submit",
-        job_id=str(job.job_id),
-        cluster=params.cluster,
-        params=dataclasses.asdict(params),
-        world_size=params.world_size,
-        config=str(frozen),
-        argv=sys.argv,
-    )
+    job = submit_plan(plan, params, argv=sys.argv)
     shape = f"{params.nodes} node(s) x {params.ntasks_per_node} task(s)"
     if params.gpus_per_node:
         shape += " x 1 GPU"

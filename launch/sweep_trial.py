@@ -23,7 +23,6 @@ over belongs to another trial) restarts from that checkpoint with ``--resume`` a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -562,36 +561,16 @@ def slurm_cluster_params(options: dict[str, Any], nproc: int) -> Any:
 
 
 def submit_slurm_trial(base: str, overrides: list[str], params: Any) -> Any:
-    """Submit one trial's training run as a ``launch.submit.TrainJob`` (Checkpointable, requeued on preemption).
+    """Submit one trial's training run the way ``pretrain submit`` does (:func:`launch.submit.submit_plan`): a
+    ``launch.submit.TrainJob``, Checkpointable and requeued on preemption.
 
     Returns:
         The submitit job.
     """
-    import submitit  # noqa: PLC0415
-
     from launch import submit  # noqa: PLC0415
-    from launch.status import SLURM_SUBDIR, append_job_event  # noqa: PLC0415
-    from pretrain.config import dump_config  # noqa: PLC0415
 
     plan = submit.validate_run(base, overrides, params)
-    run_dir = plan.cfg.run_dir
-    folder = run_dir / SLURM_SUBDIR
-    executor = submit.build_executor(params, folder, plan.cfg.run.name)
-    frozen = folder / submit.FROZEN_CONFIG
-    dump_config(plan.cfg, frozen)
-    with submitit.helpers.clean_env():  # the Ray worker's environment is not the job's world
-        job = executor.submit(submit.TrainJob(str(frozen), str(run_dir), params.slurm_signal_delay_s))
-    append_job_event(
-        run_dir,
-        "submit",
-        job_id=str(job.job_id),
-        cluster=params.cluster,
-        params=dataclasses.asdict(params),
-        world_size=params.world_size,
-        config=str(frozen),
-        argv=["pretrain sweep (trial)"],
-    )
-    return job
+    return submit.submit_plan(plan, params, argv=["pretrain sweep (trial)"])
 
 
 def _plant_checkpoint(src: str, run_dir: Path) -> None:
