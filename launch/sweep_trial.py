@@ -607,17 +607,17 @@ def _cancel_previous_job(run_dir: Path, timeout_s: float = 120.0) -> None:
 class _SlurmRun:
     """A ``pretrain train`` Slurm job (``launch.submit.TrainJob``); cancelled when the trial stops."""
 
-    def __init__(self, spec: TrialSpec, overrides: list[str], resume: str | None, run_dir: Path):
+    def __init__(self, spec: TrialSpec, overrides: list[str], resume_from: str | None, run_dir: Path):
         self.spec = spec
         self.overrides = overrides
-        self.resume = resume
+        self.resume_from = resume_from  # (not `resume`: that is the method the trial calls after each report)
         self.run_dir = run_dir
         self.job: Any = None
         self.guard_pid: int | None = None
 
     def start(self) -> None:
-        if self.resume:
-            _plant_checkpoint(self.resume, self.run_dir)
+        if self.resume_from:
+            _plant_checkpoint(self.resume_from, self.run_dir)
         params = slurm_cluster_params(self.spec.slurm, self.spec.nproc)
         self.job = submit_slurm_trial(self.spec.base, self.overrides, params)
         me = os.getpid()
