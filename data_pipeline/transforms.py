@@ -244,9 +244,8 @@ def _crop_resize(img: _Image, box: Box, out_size: int, interpolation: str, flip:
         # a channels-last copy of the crop puts interpolate on its vectorised uint8 path (~1.4x faster than the view)
         crop = crop.contiguous(memory_format=torch.channels_last)
         out = F.interpolate(crop, size=(out_size, out_size), mode=interpolation, antialias=True)[0]  # (3, S, S)
-    if flip:
-        out = out.flip(-1)
-    return out.contiguous()  # (3, S, S) uint8, plain CHW layout
+    out = out.contiguous()  # (3, S, S) uint8, plain CHW layout
+    return out.flip(-1) if flip else out  # flipped after the layout copy: one copy, not two
 
 
 # ------------------------------------------------------------------------------------------------------ transforms
