@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml setup.py data_pipeline/_jpeg_roi.c constraints.txt
 	# the JPEG crop decoder (C, optional) builds only where libjpeg-turbo's headers are; pip -q would not say so
 	@$(BIN)/python -c "import data_pipeline._jpeg_roi" 2>/dev/null || echo "note: data_pipeline._jpeg_roi was not \
 	built (no libjpeg-turbo headers? apt-get install libjpeg62-turbo-dev, then make install): JPEG crops will use \
-	full-image decodes, ~25% more CPU per train sample"
+	full-image decodes, 15-25% more CPU per train sample"
 	touch $(STAMP)
 
 test: install

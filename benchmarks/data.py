@@ -14,7 +14,10 @@ of ``--batch-size``), with 1 and 2 workers:
   (simplejpeg when installed, else Pillow);
 - ``decode (Pillow)``: the same with Pillow only, the usual baseline;
 - ``train 224``: ``TrainTransform(224)``: RandomResizedCrop + flip, with a per-sample seeded generator, collated
-  into uint8 (B, 3, 224, 224) batches as the trainer receives them.
+  into uint8 (B, 3, 224, 224) batches as the trainer receives them. Only the crop box is decoded (the
+  ``data_pipeline._jpeg_roi`` extension) where it is built;
+- ``train 224 (full decode)``: the same with the extension switched off: the whole image decoded, then cropped (the
+  pipeline before ROI decoding, and where the extension is not built). The same crops, bit for bit.
 
 Each stage runs ``--repeats`` times and reports the best pass (the machine is shared: the best pass is the one least
 disturbed by other jobs; load averages are printed). Targets: ``train 224`` >= 75% of the ``decode`` rate per worker,
@@ -109,6 +112,8 @@ class _Shards(IterableDataset):
         train = transforms.TrainTransform(self.img_size)
         if self.stage == "decode (Pillow)":
             transforms.simplejpeg = None  # this worker process only
+        if self.stage.endswith("(full decode)"):
+            transforms._jpeg_roi = None  # this worker process only
         cpu0 = time.process_time()
         index = 0
         try:
@@ -147,7 +152,8 @@ def time_stage(
 
 
 def cost_breakdown(shards: list[Path], img_size: int, n: int = 200, repeats: int = 5) -> dict[str, float]:
-    """CPU milliseconds per image, in this process (one thread), of the parts of ``TrainTransform``."""
+    """CPU milliseconds per image, in this process (one thread), of the parts of ``TrainTransform``, and of the same
+    transform decoding whole images (what the crop-box decode replaces)."""
     import torch.nn.functional as F
 
     from data_pipeline import transforms
@@ -155,8 +161,10 @@ def cost_breakdown(shards: list[Path], img_size: int, n: int = 200, repeats: int
     data = [d for _, ext, d in _iter_tar(shards[0]) if ext not in ("cls", "json")][:n]
     pixels = [transforms.decode_rgb(d) for d in data]
     train = transforms.TrainTransform(img_size)
-    boxes = [
-        transforms.random_resized_crop_box(p.shape[1], p.shape[0], train.scale, train.ratio, np.random.default_rng(i))
+    boxes = [  # the boxes TrainTransform draws below
+        transforms.random_resized_crop_box(
+            p.shape[1], p.shape[0], train.scale, train.ratio, np.random.default_rng([0, 0, i])
+        )
         for i, p in enumerate(pixels)
     ]
 
@@ -166,14 +174,28 @@ def cost_breakdown(shards: list[Path], img_size: int, n: int = 200, repeats: int
         crop = crop.contiguous(memory_format=torch.channels_last)
         return F.interpolate(crop, size=(img_size, img_size), mode=train.interpolation, antialias=True)[0].contiguous()
 
+    def full_decode_train(i: int) -> torch.Tensor:
+        roi, transforms._jpeg_roi = transforms._jpeg_roi, None
+        try:
+            return train(data[i], "jpg", np.random.default_rng([0, 0, i]))
+        finally:
+            transforms._jpeg_roi = roi
+
     parts = {
         "decode (full size)": lambda i: transforms.decode_rgb(data[i]),
         "crop box + rng": lambda i: transforms.random_resized_crop_box(
             pixels[i].shape[1], pixels[i].shape[0], train.scale, train.ratio, np.random.default_rng([0, 0, i])
         ),
+        "ROI decode (crop box only)": lambda i: transforms._Image(data[i]).decode_box(
+            boxes[i], transforms._reduction(boxes[i], img_size)
+        ),
         "crop copy + resize": resize,
         "TrainTransform (all)": lambda i: train(data[i], "jpg", np.random.default_rng([0, 0, i])),
+        "TrainTransform, full decode": full_decode_train,
     }
+    if transforms._jpeg_roi is None:  # not built: both rows would time the full decode
+        for name in ("ROI decode (crop box only)", "TrainTransform, full decode"):
+            del parts[name]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     out = {}
@@ -204,11 +226,17 @@ def _machine() -> str:
         decoder = f"simplejpeg {simplejpeg.__version__}"
     except ImportError:
         decoder = "Pillow (simplejpeg not installed)"
+    try:
+        from data_pipeline import _jpeg_roi
+
+        roi = f"data_pipeline._jpeg_roi (libjpeg-turbo {_jpeg_roi.LIBJPEG_TURBO_VERSION})"
+    except ImportError:
+        roi = "none (data_pipeline._jpeg_roi not built: full decodes)"
     import PIL
 
     return (
         f"{platform.platform()}, {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, Pillow {PIL.__version__}, "
-        f"JPEG decoder {decoder}"
+        f"JPEG decoder {decoder}, crop-box decoder {roi}"
     )
 
 
@@ -224,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-append", action="store_true", help=f"do not append to {RESULTS.relative_to(ROOT)}")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from data_pipeline import transforms
     from data_pipeline.manifest import load_manifest
     from data_pipeline.writer import build_shards
 
@@ -243,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         mean_kb = manifest.splits["train"].num_bytes / n_images / 1024
         time_stage(shards, "read", 1, args.batch_size, args.img_size)  # warm the page cache
         load_before = os.getloadavg()
-        stages = ["read", "decode", "decode (Pillow)", f"train {args.img_size}"]
+        stages = ["read", "decode", "decode (Pillow)", f"train {args.img_size}", f"train {args.img_size} (full decode)"]
         rates: dict[tuple[str, int], float] = {}  # samples per wall second
         cpu_rates: dict[tuple[str, int], float] = {}  # samples per worker CPU second
         for stage in stages:
@@ -288,6 +317,13 @@ def main(argv: list[str] | None = None) -> int:
             f"({'meets' if min(wall, cpu) >= TARGET_VS_DECODE else 'MISSES'} the {TARGET_VS_DECODE:.2f} target); "
             f"{pil:.2f} of a Pillow decode-only worker"
         )
+    if transforms._jpeg_roi is not None:
+        for workers in args.workers:
+            x = cpu_rates[full, workers] / cpu_rates[f"{full} (full decode)", workers]
+            verdicts.append(
+                f"crop-box decode: {full}, {workers} worker(s), {x:.2f}x the samples per worker CPU-second of "
+                f"{full} (full decode)"
+            )
     for workers in args.workers:
         if workers != one:
             for stage in ("read", "decode", full):
