@@ -164,7 +164,9 @@ def validate_launch(
     if resume_from is not None:
         meta = read_meta(resume_from)
         try:
-            check_resume_compatible(meta, dataclasses.asdict(cfg.model), model_shape_digest(cfg), world)
+            check_resume_compatible(
+                meta, dataclasses.asdict(cfg.model), model_shape_digest(cfg), world, cfg.data.batch_size
+            )
         except CheckpointMismatchError as e:
             raise ConfigError(f"{resume_from}: {e}") from e
         finished = int(meta.get("step", -1)) >= cfg.trainer.max_steps and not resume

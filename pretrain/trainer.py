@@ -38,6 +38,7 @@ from pretrain.checkpoint import (
     capture_rng_state,
     find_resume_checkpoint,
     restore_rng_state,
+    seed_rng_state,
 )
 from pretrain.config import Config, config_digest, dump_config, model_shape_digest
 from pretrain.distributed import DistInfo, all_reduce_max, broadcast_object
@@ -351,7 +352,10 @@ class Trainer:
         self.data.train.load_state_dict(rank_state["data"])
         if self.ema is not None:
             self.ema.load_state_dict(torch.load(tag_dir / "ema.pt", map_location=self.dist.device, weights_only=False))
-        restore_rng_state(rank_state["rng"])
+        if rank_state["rng"] is not None:
+            restore_rng_state(rank_state["rng"])
+        else:  # resumed on another number of ranks: fresh per-rank streams, a function of (seed, step, rank)
+            seed_rng_state(augment_seed(self.cfg.trainer.seed, self.step, -1, self.dist.rank))
         self.restarts += 1
         self.last_checkpoint = str(tag_dir)
         self._saved_step = self.step
@@ -566,6 +570,8 @@ class Trainer:
             "step": self.step,
             "epoch": self._epoch(),
             "world_size": self.dist.world_size,
+            "batch_size": self.cfg.data.batch_size,
+            "zero_stage": self.cfg.deepspeed.zero_stage,
             "max_steps": self.cfg.trainer.max_steps,
             "config_digest": client_state["config_digest"],
             "model_shape_digest": client_state["model_shape_digest"],

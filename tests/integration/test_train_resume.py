@@ -222,3 +222,45 @@ def test_resume_trains_with_the_configs_new_lr_and_weight_decay(digits_dir, run_
         want = 4e-4 * 0.5 * (1 + math.cos(math.pi * (step - 1) / 8))
         assert train[step]["lr"] == pytest.approx(want, rel=1e-9), (step, train[step])
     assert train[4]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4)), rel=1e-9)  # the first life's
+
+
+def test_resume_on_another_number_of_ranks_reshards_and_continues_the_run(digits_dir, run_root, start_train):
+    # 2 ranks to step 4 -> 1 rank (2x the micro-batch) to step 8 -> 2 ranks to step 12, against 2 ranks throughout.
+    # ZeRO-2 partitions are resharded through a universal checkpoint and the stream continues at the same sample, so
+    # the losses match the uninterrupted run to float rounding (another reduction order). No drop path: its RNG
+    # streams are per rank and restart on a new world size. A constant lr after warmup: the middle life stops at 8.
+    def overrides(name: str, *extra: str) -> list[str]:
+        return tiny_run_overrides(
+            digits_dir, run_root, name, "trainer.max_steps=12", "model.drop_path_rate=0", "data.num_workers=0",
+            "schedule.name=constant", *extra,
+        )  # fmt: skip
+
+    ref = start_train(CONFIG, overrides("elastic_ref"), "--nproc", "2")
+    assert ref.wait() == 0, ref.output[-5000:]
+    run_dir = run_root / "elastic"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run_root / "elastic_ref" / "checkpoints" / "step_000004", run_dir / "checkpoints" / "step_000004")
+
+    shrunk = start_train(CONFIG, overrides("elastic", "trainer.max_steps=8", "data.batch_size=32"), "--nproc", "1")
+    assert shrunk.wait() == 0, shrunk.output[-5000:]
+    assert "resharded step_000004 from 2 to 1 ranks" in shrunk.output
+    assert json.loads((run_dir / "checkpoints" / "step_000008" / "meta.json").read_text())["world_size"] == 1
+    grown = start_train(CONFIG, overrides("elastic"), "--nproc", "2")
+    assert grown.wait() == 0, grown.output[-5000:]
+    assert "resharded step_000008 from 1 to 2 ranks" in grown.output
+    assert not (run_dir / "checkpoints" / ".reshard").exists()
+
+    got, want = train_losses(run_dir), train_losses(run_root / "elastic_ref")
+    assert sorted(got) == list(range(5, 13))
+    assert [got[s] for s in sorted(got)] == pytest.approx([want[s] for s in sorted(got)], rel=1e-5)
+    a = torch.load(run_dir / "checkpoints" / "step_000012" / "mp_rank_00_model_states.pt", weights_only=False)
+    b = torch.load(
+        run_root / "elastic_ref" / "checkpoints" / "step_000012" / "mp_rank_00_model_states.pt", weights_only=False
+    )
+    for k in b["module"]:
+        torch.testing.assert_close(a["module"][k], b["module"][k], rtol=1e-4, atol=1e-5)
+
+    # another global batch cannot continue the stream: refused before anything starts, naming a batch size that fits
+    refused = start_train(CONFIG, overrides("elastic", "trainer.max_steps=16"), "--nproc", "1")
+    assert refused.wait() == 2
+    assert "set data.batch_size=32, or relaunch with 2 ranks" in refused.output

@@ -146,11 +146,17 @@ def test_model_shape_change_names_fields():
     assert "num_classes" not in str(e.value) and "drop_path_rate" not in str(e.value)
 
 
-def test_world_size_change_is_refused_and_same_shape_passes():
-    meta = {"model_shape_digest": "aaa", "world_size": 2, "model_config": {}}
-    check_resume_compatible(meta, {}, "aaa", world_size=2)
-    with pytest.raises(CheckpointMismatchError, match="2 ranks"):
-        check_resume_compatible(meta, {}, "aaa", world_size=4)
+def test_world_size_change_passes_with_the_same_global_batch_and_names_a_batch_size_otherwise():
+    meta = {"model_shape_digest": "aaa", "world_size": 2, "batch_size": 16, "zero_stage": 2, "model_config": {}}
+    check_resume_compatible(meta, {}, "aaa", world_size=2, batch_size=16)
+    check_resume_compatible(meta, {}, "aaa", world_size=4, batch_size=8)  # 4 x 8 == 2 x 16: resharded on load
+    check_resume_compatible(meta, {}, "aaa", world_size=1, batch_size=32)
+    with pytest.raises(CheckpointMismatchError, match=r"set data\.batch_size=8, or relaunch with 2 ranks"):
+        check_resume_compatible(meta, {}, "aaa", world_size=4, batch_size=16)
+    with pytest.raises(CheckpointMismatchError, match="use a number of ranks that divides 32"):
+        check_resume_compatible(meta, {}, "aaa", world_size=3, batch_size=16)
+    with pytest.raises(CheckpointMismatchError, match="ZeRO-3 checkpoint of 2 ranks on 4"):
+        check_resume_compatible({**meta, "zero_stage": 3}, {}, "aaa", world_size=4, batch_size=8)
 
 
 def test_rng_state_round_trip():
