@@ -7,13 +7,8 @@ trial), then tails the run's ``metrics.jsonl``. Every eval event becomes one ``t
 the time unit of the ASHA and PBT knobs) carrying the newest complete checkpoint of the run, so Ray Tune keeps the best
 ``keep_checkpoints`` of them and deletes the rest.
 
-Processes. A Ray worker SIGKILLs its direct children when it exits, but not their children, so a training run started
-directly would outlive a stopped trial. The run is therefore started through a small *guard* (``python -m
-launch.sweep_trial guard ...``) that detaches from the Ray worker (double fork), leads the run's process group and
-watches the worker: when the trial stops (ASHA, PBT pause, a killed sweep driver), the group gets SIGTERM and, after
-``stop_grace_s``, SIGKILL; neither while the run compiles a JIT extension (a killed build leaves torch's build lock
-behind and every later run on the machine waits for it). With the Slurm backend the guard watches the worker the
-same way and ``scancel``-s the job.
+Processes. The run is started through a guard that stops it when the trial stops, and is paused while Ray Tune
+decides on each reported result (:mod:`launch.trial_guard`); with the Slurm backend the guard ``scancel``-s the job.
 
 Resume. A restarted trial (sweep ``--resume``, a retry after a failure) relaunches the same command: ``pretrain train``
 auto-resumes from the newest complete checkpoint of the trial's run dir. A PBT exploit (the checkpoint Ray Tune hands
@@ -22,7 +17,6 @@ over belongs to another trial) restarts from that checkpoint with ``--resume`` a
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -37,13 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launch.trial_guard import SWEEP_SUBDIR, LocalRun, note, proc_start_time, stop_previous_run, write_atomic
+
 __all__ = [
     "CHECKPOINT_META",
     "CheckpointRef",
     "MetricsTail",
     "TrialSpec",
     "format_override",
-    "guard_main",
     "newest_checkpoint",
     "run_trial",
     "slurm_cluster_params",
@@ -57,11 +52,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_META = ".sweep_checkpoint.json"
 """Written into every checkpoint handed to Ray Tune: which trial, run dir, tag and step it came from."""
 
-SWEEP_SUBDIR = "sweep"
-"""Folder inside a trial's run dir for the sweep's own files: ``train.log`` (output of every launch of the run, each
-after a ``=====`` header), ``trial.log`` (what the sweep did: starts, stops, scancel, PBT exploits), ``trial.json``
-(trial id and parameters), ``guard.json`` and ``exit_code.*`` (the running guard), ``staging/`` (checkpoints being
-handed to Ray Tune) and ``resume_from/`` (the checkpoint a PBT exploit restarts from)."""
 
 # A `pretrain train` exit code of 2 is a config error: retrying cannot help, so the trial fails at once.
 _EXIT_CONFIG_ERROR = 2
@@ -266,278 +256,7 @@ def _report_metrics(event: dict[str, Any], last_train: dict[str, Any] | None) ->
     return out
 
 
-# ------------------------------------------------------------------------------------------------------ processes
-
-
-def _proc_start_time(pid: int) -> str | None:
-    """Start time of ``pid`` (field 22 of /proc/PID/stat), or None if it is gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        if sys.platform.startswith("linux"):
-            return None
-        try:
-            os.kill(pid, 0)
-            return "?"
-        except OSError:
-            return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return fields[19]
-
-
-# Compilers and build drivers: while one runs in a training run's process group, the run holds the build lock of
-# torch's JIT extensions (DeepSpeed ops, ~/.cache/torch_extensions/.../lock). A SIGKILL then leaves the lock behind
-# and every later `pretrain train` on the machine waits for it forever, so the guard waits for the build instead.
-_BUILD_COMMANDS = frozenset({"ninja", "cc1plus", "cc1", "c++", "g++", "gcc", "cc", "ld", "nvcc", "cicc", "ptxas"})
-_MAX_BUILD_WAIT_S = 900.0
-
-
-def _group_members(pgid: int) -> list[tuple[int, str]]:
-    """(pid, command name) of the live processes in process group ``pgid`` (Linux /proc; empty elsewhere)."""
-    try:
-        entries = [p for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return []
-    members = []
-    for pid in entries:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
-        if int(rest[2]) == pgid and rest[0] not in ("Z", "X"):  # rest: state, ppid, pgrp, ...
-            members.append((int(pid), comm))
-    return members
-
-
-def _group_is_building(pgid: int) -> bool:
-    """Whether a compiler or ninja runs in process group ``pgid``."""
-    return any(comm in _BUILD_COMMANDS for _, comm in _group_members(pgid))
-
-
-def _alive(pid: int, start_time: str | None) -> bool:
-    now = _proc_start_time(pid)
-    return now is not None and (start_time in (None, "?") or now == start_time)
-
-
-def _note(run_dir: Path, msg: str, *args: Any) -> None:
-    """Log ``msg`` and append it to the trial's ``sweep/trial.log`` (what the sweep did to this run, and when)."""
-    logger.info(msg, *args)
-    try:
-        with open(run_dir / SWEEP_SUBDIR / "trial.log", "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg % args if args else msg}\n")
-    except OSError:
-        pass
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def guard_main(argv: list[str] | None = None) -> int:
-    """``python -m launch.sweep_trial guard``: run a command in its own process group for as long as a watched process
-    (the Ray worker of the trial) lives, or cancel a Slurm job when it dies.
-
-    Prints the guard's pid and detaches (double fork), so a Ray worker that SIGKILLs its children on exit does not
-    take the guard with it.
-    """
-    p = argparse.ArgumentParser(prog="python -m launch.sweep_trial guard")
-    p.add_argument("--watch-pid", type=int, required=True)
-    p.add_argument("--watch-start", default=None)
-    p.add_argument("--exit-file", help="written with the command's exit code when it ends")
-    p.add_argument("--log", help="the command's stdout and stderr (appended)")
-    p.add_argument("--grace-s", type=float, default=20.0)
-    p.add_argument("--scancel", help="Slurm job id to cancel when the watched process dies (no command)")
-    p.add_argument("command", nargs=argparse.REMAINDER)
-    args = p.parse_args(argv)
-    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if bool(cmd) == bool(args.scancel):
-        p.error("give either a command after '--' or --scancel JOB_ID")
-
-    pid = os.fork()
-    if pid:  # first child (the session leader Popen started): report the guard's pid and leave
-        print(pid, flush=True)
-        os._exit(0)
-    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the parent stopped reading our stdout
-
-    if args.scancel:
-        while _alive(args.watch_pid, args.watch_start):
-            time.sleep(0.5)
-        if args.log:
-            with open(args.log, "a") as f:
-                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-                f.write(f"{stamp} guard: the trial's Ray worker ended; scancel {args.scancel}\n")
-        subprocess.run(["scancel", args.scancel], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        os._exit(0)
-
-    # Stop protocol: SIGTERM (or SIGINT) to the guard, or the watched process dying, asks for a stop. The guard then
-    # SIGTERMs the run's process group (ranks and loader workers included) once no extension build runs in it (a
-    # build must not be interrupted: see _BUILD_COMMANDS), and SIGKILLs it ``grace_s`` later.
-    asked = {"stop": False}
-
-    def on_term(signum, frame):
-        asked["stop"] = True
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    log = open(args.log, "ab") if args.log else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the guard
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    group = os.getpgrp()
-    asked_at = deadline = None
-    while True:
-        try:
-            rc = proc.wait(timeout=0.5)
-            break
-        except subprocess.TimeoutExpired:
-            pass
-        now = time.monotonic()
-        if not asked["stop"] and not _alive(args.watch_pid, args.watch_start):
-            asked["stop"] = True  # the trial is gone
-        if asked["stop"] and asked_at is None:
-            asked_at = now
-        building = asked_at is not None and _group_is_building(group)
-        if asked_at is not None and deadline is None and (not building or now > asked_at + _MAX_BUILD_WAIT_S):
-            deadline = now + args.grace_s
-            os.killpg(group, signal.SIGTERM)  # the guard ignores its own copy (on_term)
-            os.killpg(group, signal.SIGCONT)  # a run paused while Ray Tune decided (_LocalRun.pause) must see it
-        if deadline is not None and now > deadline and not (building and now < deadline + _MAX_BUILD_WAIT_S):
-            rc = -signal.SIGKILL
-            break
-    if args.exit_file:
-        _write_atomic(Path(args.exit_file), str(rc))
-    os.killpg(group, signal.SIGKILL)  # leftovers of the run (rank or loader processes), and the guard itself
-    return rc  # not reached
-
-
-def _stop_previous_run(run_dir: Path, grace_s: float) -> None:
-    """Wait for (and if needed stop) the training run an earlier life of this trial left behind.
-
-    A restarted trial (PBT exploit, retry, resumed sweep) must not train in the same run dir while the run of its
-    previous life is still writing its final checkpoint: that one gets SIGTERM from its guard when its Ray worker
-    dies, and ends within the grace period.
-    """
-    try:
-        prev = json.loads((run_dir / SWEEP_SUBDIR / "guard.json").read_text())
-    except (OSError, ValueError):
-        return
-    if not _alive(prev["guard_pid"], prev.get("guard_start")):
-        return
-    _note(run_dir, "waiting for the previous run (process group %d) to end", prev["pgid"])
-    try:
-        os.kill(prev["guard_pid"], signal.SIGTERM)  # its guard stops it (it may already be doing so)
-    except ProcessLookupError:
-        return
-    _wait_group(prev["pgid"], lambda: not _alive(prev["guard_pid"], prev.get("guard_start")), grace_s + 10)
-
-
-def _wait_group(pgid: int, ended: Any, timeout_s: float) -> None:
-    """Wait up to ``timeout_s`` for ``ended()``, then SIGKILL process group ``pgid`` (later while it compiles)."""
-    deadline = time.monotonic() + timeout_s
-    while not ended():
-        now = time.monotonic()
-        if now > deadline and not (_group_is_building(pgid) and now < deadline + _MAX_BUILD_WAIT_S):
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            return
-        time.sleep(0.2)
-
-
-class _LocalRun:
-    """A ``pretrain train`` subprocess group under a detached guard."""
-
-    def __init__(self, cmd: list[str], run_dir: Path, grace_s: float):
-        self.cmd = cmd
-        self.run_dir = run_dir
-        self.sweep_dir = run_dir / SWEEP_SUBDIR
-        self.grace_s = grace_s
-        self.pgid: int | None = None
-        self.guard_pid: int | None = None
-        # one exit file per launch: a guard of an earlier life finishing late must not speak for this one
-        self.exit_file = self.sweep_dir / f"exit_code.{os.getpid()}.{time.monotonic_ns()}"
-
-    def start(self) -> None:
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        for old in self.sweep_dir.glob("exit_code*"):
-            old.unlink(missing_ok=True)
-        log = self.sweep_dir / "train.log"
-        with open(log, "ab") as f:
-            now = time.time()
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
-            f.write(f"\n===== {stamp} {' '.join(self.cmd)}\n".encode())
-        me = os.getpid()
-        guard = [
-            sys.executable, "-m", "launch.sweep_trial", "guard",
-            "--watch-pid", str(me), "--watch-start", str(_proc_start_time(me)),
-            "--exit-file", str(self.exit_file), "--log", str(log), "--grace-s", str(self.grace_s),
-            "--", *self.cmd,
-        ]  # fmt: skip
-        leader = subprocess.Popen(guard, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
-        line = leader.stdout.readline() if leader.stdout else b""
-        leader.wait()
-        if not line.strip():
-            raise RuntimeError(f"could not start the trial's training run: {' '.join(guard)}")
-        self.pgid, self.guard_pid = leader.pid, int(line)
-        self._guard_start = _proc_start_time(self.guard_pid)
-        _write_atomic(
-            self.sweep_dir / "guard.json",
-            json.dumps({"pgid": self.pgid, "guard_pid": self.guard_pid, "guard_start": self._guard_start}),
-        )
-        _note(self.run_dir, "started the run (process group %d)", self.pgid)
-
-    def poll(self) -> int | None:
-        try:
-            return int(self.exit_file.read_text())
-        except (OSError, ValueError):
-            pass
-        if self.guard_pid is not None and not _alive(self.guard_pid, self._guard_start):
-            try:  # the guard writes the exit code just before it ends
-                return int(self.exit_file.read_text())
-            except (OSError, ValueError):
-                return -1
-        return None
-
-    def pause(self) -> None:
-        """SIGSTOP the run's processes (not the guard) while Ray Tune decides on a result it reported.
-
-        A native Tune trainable blocks in ``tune.report`` until the scheduler has decided; a run in its own process
-        would otherwise train on meanwhile, and a trial ASHA stops at a rung could reach its last step first. A stop
-        decision never resumes the run: the guard SIGTERMs the group and then SIGCONTs it, so the run checkpoints
-        where it was paused and exits.
-        """
-        if self.pgid is None or self.poll() is not None:
-            return
-        for pid, _ in _group_members(self.pgid):
-            if pid != self.guard_pid:
-                try:
-                    os.kill(pid, signal.SIGSTOP)
-                except ProcessLookupError:
-                    pass
-
-    def resume(self) -> None:
-        if self.pgid is None:
-            return
-        try:
-            os.killpg(self.pgid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
-
-    def stop(self) -> None:
-        if self.pgid is None or self.poll() is not None:
-            return
-        try:
-            os.kill(self.guard_pid, signal.SIGTERM)  # the guard stops the run: SIGTERM, then SIGKILL after the grace
-        except (ProcessLookupError, TypeError):
-            pass
-        _wait_group(self.pgid, lambda: self.poll() is not None, self.grace_s + 5)
-
-    def describe_failure(self, rc: int) -> str:
-        return f"training exited with code {rc}; see {self.sweep_dir / 'train.log'}"
+# --------------------------------------------------------------------------------------------------- Slurm runs
 
 
 def slurm_cluster_params(options: dict[str, Any], nproc: int) -> Any:
@@ -579,7 +298,7 @@ def _plant_checkpoint(src: str, run_dir: Path) -> None:
     shutil.rmtree(ckpt_root, ignore_errors=True)
     ckpt_root.mkdir(parents=True)
     shutil.copytree(src, ckpt_root / Path(src).name, copy_function=_link_or_copy)
-    _write_atomic(ckpt_root / "latest", Path(src).name + "\n")
+    write_atomic(ckpt_root / "latest", Path(src).name + "\n")
 
 
 def _cancel_previous_job(run_dir: Path, timeout_s: float = 120.0) -> None:
@@ -593,7 +312,7 @@ def _cancel_previous_job(run_dir: Path, timeout_s: float = 120.0) -> None:
     info = slurm_job_info(job_id)
     if info is None or info.state.split()[0] in TERMINAL_SLURM_STATES:
         return
-    _note(run_dir, "cancelling job %s of this trial's previous life", job_id)
+    note(run_dir, "cancelling job %s of this trial's previous life", job_id)
     subprocess.run(["scancel", job_id], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -622,15 +341,15 @@ class _SlurmRun:
         self.job = submit_slurm_trial(self.spec.base, self.overrides, params)
         me = os.getpid()
         guard = [
-            sys.executable, "-m", "launch.sweep_trial", "guard",
-            "--watch-pid", str(me), "--watch-start", str(_proc_start_time(me)), "--scancel", str(self.job.job_id),
+            sys.executable, "-m", "launch.trial_guard", "guard",
+            "--watch-pid", str(me), "--watch-start", str(proc_start_time(me)), "--scancel", str(self.job.job_id),
             "--log", str(self.run_dir / SWEEP_SUBDIR / "trial.log"),
         ]  # fmt: skip
         leader = subprocess.Popen(guard, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
         line = leader.stdout.readline() if leader.stdout else b""
         leader.wait()
         self.guard_pid = int(line) if line.strip() else None
-        _note(self.run_dir, "submitted the run as Slurm job %s", self.job.job_id)
+        note(self.run_dir, "submitted the run as Slurm job %s", self.job.job_id)
 
     def pause(self) -> None:
         """Nothing: stopping a job's ranks takes Slurm operator rights (``scontrol suspend``), so a trial the scheduler
@@ -660,7 +379,7 @@ class _SlurmRun:
         if self.job is not None and _run_state(self.run_dir) != "finished":
             # scancel right away (a no-op for an ended job): the Ray actor may be torn down any moment now, and
             # submitit's job.done() can be slow without Slurm accounting
-            _note(self.run_dir, "cancelling Slurm job %s", self.job.job_id)
+            note(self.run_dir, "cancelling Slurm job %s", self.job.job_id)
             subprocess.run(
                 ["scancel", str(self.job.job_id)], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
@@ -722,7 +441,7 @@ def _prepare_resume(run_dir: Path, trial_id: str, checkpoint: Any) -> tuple[str 
     if not is_own:
         # The trial's own lineage is abandoned: its checkpoints must not be auto-resumed later instead of the clone.
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        _note(run_dir, "PBT exploit: continuing from trial %s's checkpoint (step %s)", meta.get("trial_id"), step)
+        note(run_dir, "PBT exploit: continuing from trial %s's checkpoint (step %s)", meta.get("trial_id"), step)
     return str(dest), step, max(step, 0)
 
 
@@ -738,7 +457,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     trial_id = tune.get_context().get_trial_id()
     run_dir = Path(spec.trials_dir) / trial_id
     (run_dir / SWEEP_SUBDIR).mkdir(parents=True, exist_ok=True)
-    _write_atomic(run_dir / SWEEP_SUBDIR / "trial.json", json.dumps({"trial_id": trial_id, "params": config}))
+    write_atomic(run_dir / SWEEP_SUBDIR / "trial.json", json.dumps({"trial_id": trial_id, "params": config}))
     staging = run_dir / SWEEP_SUBDIR / "staging"
     shutil.rmtree(staging, ignore_errors=True)
     max_steps = int(config.get("trainer.max_steps", spec.max_steps))
@@ -749,16 +468,16 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     if spec.backend == "slurm":
         _cancel_previous_job(run_dir)
     else:
-        _stop_previous_run(run_dir, spec.stop_grace_s)
+        stop_previous_run(run_dir, spec.stop_grace_s)
     resume, reported_step, resume_step = _prepare_resume(run_dir, trial_id, tune.get_checkpoint())
     overrides = trial_overrides(spec, config, trial_id)
     if spec.backend == "slurm":
-        run: _LocalRun | _SlurmRun = _SlurmRun(spec, overrides, resume, run_dir)
+        run: LocalRun | _SlurmRun = _SlurmRun(spec, overrides, resume, run_dir)
     else:
         cmd = [*spec.train_command, spec.base, *overrides, "--nproc", str(spec.nproc)]
         if resume:
             cmd += ["--resume", resume]
-        run = _LocalRun(cmd, run_dir, spec.stop_grace_s)
+        run = LocalRun(cmd, run_dir, spec.stop_grace_s)
 
     reported_tag: str | None = None
     last_train: dict[str, Any] | None = None
@@ -800,7 +519,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     reported_step = max(reported_step, resume_step)
     if resume is None and max_steps and resume_step >= max_steps and _run_state(run_dir) == "finished":
         # The run finished but the sweep driver died before Ray Tune recorded it: nothing to train again.
-        _note(run_dir, "the run already finished at step %d: nothing to train", resume_step)
+        note(run_dir, "the run already finished at step %d: nothing to train", resume_step)
         return
     tail = MetricsTail(metrics_path, from_end=True)
     pending: dict[str, Any] | None = None
@@ -836,16 +555,10 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
                 raise RuntimeError(f"trial {trial_id}: config error (exit 2); {run.describe_failure(rc)}")
             raise RuntimeError(f"trial {trial_id}: {run.describe_failure(rc)}")
     except BaseException as e:  # SystemExit: Ray Tune stopped the trial inside tune.report
-        _note(run_dir, "trial stopped (%s)", type(e).__name__)
+        note(run_dir, "trial stopped (%s)", type(e).__name__)
         raise
     finally:
         # First drop the staged hard links (they would keep checkpoint files alive after the trainer's retention),
         # then stop the run: a no-op when it ended by itself, SIGTERM/scancel when the scheduler stopped the trial.
         shutil.rmtree(staging, ignore_errors=True)
         run.stop()
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["guard"]:
-        sys.exit(guard_main(sys.argv[2:]))
-    sys.exit(f"usage: python -m {__spec__.name if __spec__ else 'launch.sweep_trial'} guard ...")

@@ -1,4 +1,4 @@
-"""The trial guard (`python -m launch.sweep_trial guard`) with real processes: it stops a trial's run when the process
+"""The trial guard (`python -m launch.trial_guard guard`) with real processes: it stops a trial's run when the process
 it watches dies or when asked, escalates to SIGKILL after the grace period, and never interrupts a compiler build."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def start_guard(tmp_path: Path, watch_pid: int, command: str, grace_s: float = 1
     """Start a guard running ``bash -c command``; returns (process group, guard pid, exit file)."""
     exit_file = tmp_path / "exit_code"
     argv = [
-        sys.executable, "-m", "launch.sweep_trial", "guard", "--watch-pid", str(watch_pid),
+        sys.executable, "-m", "launch.trial_guard", "guard", "--watch-pid", str(watch_pid),
         "--exit-file", str(exit_file), "--log", str(tmp_path / "run.log"), "--grace-s", str(grace_s),
         "--", "bash", "-c", command,
     ]  # fmt: skip
@@ -108,10 +108,10 @@ def count_lines(path: Path) -> int:
 
 def test_a_paused_run_makes_no_progress_and_a_stop_still_ends_it(tmp_path: Path) -> None:
     # A trial's run is paused while Ray Tune decides on the result it reported; a stop decision must end it from there.
-    from launch.sweep_trial import _LocalRun
+    from launch.trial_guard import LocalRun
 
     ticks = tmp_path / "ticks"
-    run = _LocalRun(["bash", "-c", f"while true; do echo x >> {ticks}; sleep 0.05; done"], tmp_path, grace_s=5.0)
+    run = LocalRun(["bash", "-c", f"while true; do echo x >> {ticks}; sleep 0.05; done"], tmp_path, grace_s=5.0)
     run.start()
     deadline = time.monotonic() + 20
     while count_lines(ticks) < 3:
