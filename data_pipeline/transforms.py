@@ -16,6 +16,8 @@ Speed, per image (the decode dominates, see ``benchmarks/data.py``):
   truncated file still fails, as the ROI path needs the end-of-image marker.
 - Only the crop is resized, by ``torch.nn.functional.interpolate`` on uint8 with antialiasing (SIMD kernels,
   4-5x faster than Pillow's resample), straight from the decoder's HWC buffer without a copy.
+- The resized crop is copied once, doing the CHW layout change and the flip in the same copy, into ``out`` when the
+  caller passes one (the stream passes its batch row, already in shared memory in a DataLoader worker).
 
 All randomness comes from the ``numpy.random.Generator`` the stream passes per sample, never from global state,
 so a resumed run decodes bit-identical crops. As in the usual ImageNet pipelines, EXIF orientation is not applied.
@@ -234,18 +236,38 @@ def decode_rgb(data: bytes, ext: str = "") -> np.ndarray:
     return _Image(data).decode()
 
 
-def _crop_resize(img: _Image, box: Box, out_size: int, interpolation: str, flip: bool = False) -> torch.Tensor:
-    """Decodes ``box`` at the smallest DCT scale that covers it at ``out_size``, resizes -> (3, S, S) uint8."""
+def _check_out(out: torch.Tensor, out_size: int) -> None:
+    if out.dtype != torch.uint8 or tuple(out.shape) != (3, out_size, out_size) or out.device.type != "cpu":
+        raise ValueError(
+            f"out must be a CPU uint8 tensor (3, {out_size}, {out_size}); got {out.device.type} {out.dtype} "
+            f"{tuple(out.shape)}"
+        )
+
+
+def _crop_resize(
+    img: _Image, box: Box, out_size: int, interpolation: str, flip: bool = False, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Decodes ``box`` at the smallest DCT scale that covers it at ``out_size``, resizes -> (3, S, S) uint8.
+
+    The result is written into ``out`` when given (a batch row, say) and returned; else into a new tensor.
+    """
+    if out is not None:
+        _check_out(out, out_size)
     pixels = img.decode_box(box, _reduction(box, out_size))  # (h, w, 3) uint8
     crop = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w) view of HWC
     if crop.shape[2:] == (out_size, out_size):
-        out = crop[0]
+        resized = crop[0]  # (3, S, S) view of the decoder's HWC buffer
     else:
         # a channels-last copy of the crop puts interpolate on its vectorised uint8 path (~1.4x faster than the view)
         crop = crop.contiguous(memory_format=torch.channels_last)
-        out = F.interpolate(crop, size=(out_size, out_size), mode=interpolation, antialias=True)[0]  # (3, S, S)
-    out = out.contiguous()  # (3, S, S) uint8, plain CHW layout
-    return out.flip(-1) if flip else out  # flipped after the layout copy: one copy, not two
+        resized = F.interpolate(crop, size=(out_size, out_size), mode=interpolation, antialias=True)[0]  # HWC memory
+    if out is None:
+        out = torch.empty(3, out_size, out_size, dtype=torch.uint8)
+    # One copy does the HWC -> CHW layout change and the flip: numpy copies from the reversed view (negative stride,
+    # which torch lacks) as fast as a plain copy.
+    src = resized.numpy()  # (3, S, S)
+    np.copyto(out.numpy(), src[..., ::-1] if flip else src)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ transforms
@@ -290,26 +312,31 @@ class TrainTransform:
         self.hflip = float(hflip)
         self.interpolation = interpolation
 
-    def __call__(self, data: bytes, ext: str, rng: np.random.Generator) -> torch.Tensor:
+    def __call__(
+        self, data: bytes, ext: str, rng: np.random.Generator, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Transforms one encoded image.
 
         Args:
             data: Encoded image bytes.
             ext: The tar member's extension (a hint only; the content decides the decoder).
             rng: The sample's generator; the only source of randomness.
+            out: Optional uint8 (3, img_size, img_size) tensor to write the crop into (a row of the batch), saving a
+                copy; untouched when the image does not decode.
 
         Returns:
-            ``uint8`` tensor (3, img_size, img_size).
+            ``uint8`` tensor (3, img_size, img_size): ``out`` when given.
 
         Raises:
             CorruptSample: The bytes do not decode.
+            ValueError: ``rng`` is missing, or ``out`` has another shape or dtype.
         """
         if rng is None:
             raise ValueError("TrainTransform needs the sample's numpy Generator (rng=None is for EvalTransform)")
         img = _Image(data)
         box = random_resized_crop_box(img.width, img.height, self.scale, self.ratio, rng)
         flip = self.hflip > 0 and rng.random() < self.hflip
-        return _crop_resize(img, box, self.img_size, self.interpolation, flip)
+        return _crop_resize(img, box, self.img_size, self.interpolation, flip, out)
 
     def __repr__(self) -> str:
         return (
@@ -339,18 +366,25 @@ class EvalTransform:
         self.crop_ratio = float(crop_ratio)
         self.interpolation = interpolation
 
-    def __call__(self, data: bytes, ext: str, rng: Any = None) -> torch.Tensor:
+    def __call__(self, data: bytes, ext: str, rng: Any = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Transforms one encoded image deterministically (``rng`` is ignored).
 
+        Args:
+            data: Encoded image bytes.
+            ext: The tar member's extension (a hint only).
+            rng: Ignored.
+            out: Optional uint8 (3, img_size, img_size) tensor to write the crop into, as for ``TrainTransform``.
+
         Returns:
-            ``uint8`` tensor (3, img_size, img_size).
+            ``uint8`` tensor (3, img_size, img_size): ``out`` when given.
 
         Raises:
             CorruptSample: The bytes do not decode.
+            ValueError: ``out`` has another shape or dtype.
         """
         img = _Image(data)
         box = center_crop_box(img.width, img.height, self.img_size, self.crop_ratio)
-        return _crop_resize(img, box, self.img_size, self.interpolation)
+        return _crop_resize(img, box, self.img_size, self.interpolation, out=out)
 
     def __repr__(self) -> str:
         return (

@@ -310,6 +310,46 @@ def test_transforms_give_the_same_crops_with_and_without_roi_decoding(
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("decoder", ["roi", "full-decode", "pillow"])
+def test_out_gets_the_pixels_the_transform_returns(
+    photo: np.ndarray, jpeg: bytes, decoder: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``out=`` (the stream's batch row) holds exactly the crop returned without it: flipped or not, resized or not."""
+    if decoder == "roi":
+        if transforms._jpeg_roi is None:
+            pytest.skip("data_pipeline._jpeg_roi is not built")
+        monkeypatch.setattr(transforms._Image, "decode", None)  # every crop below comes from the ROI decoder
+    else:
+        monkeypatch.setattr(transforms, "_jpeg_roi", None)
+    data = encode(photo, "PNG") if decoder == "pillow" else jpeg
+    square = encode(photo[:224, :224], "PNG" if decoder == "pillow" else "JPEG", quality=90)
+    cases = [  # (transform, data): flips, no flips, a crop that needs no resize (224 of a 224x224 image)
+        (TrainTransform(64, hflip=1.0), data),
+        (TrainTransform(64, hflip=0.0), data),
+        (TrainTransform(96), data),
+        (EvalTransform(64), data),
+        (EvalTransform(224, crop_ratio=1.0), square),
+        (TrainTransform(224, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=1.0), square),
+    ]
+    for t, payload in cases:
+        size = t.img_size
+        for seed in range(3):
+            returned = t(payload, "jpg", np.random.default_rng([7, seed]))
+            batch = torch.full((2, 3, size, size), 0xAB, dtype=torch.uint8)  # a row of a batch, not yet written
+            written = t(payload, "jpg", np.random.default_rng([7, seed]), out=batch[1])
+            assert written.data_ptr() == batch[1].data_ptr(), t
+            assert torch.equal(batch[1], returned), (t, seed)
+            assert (batch[0] == 0xAB).all()  # the neighbouring row is untouched
+    if decoder != "roi":  # CorruptSample leaves ``out`` as it was
+        row = torch.full((3, 64, 64), 0xAB, dtype=torch.uint8)
+        with pytest.raises(CorruptSample):
+            TrainTransform(64)(b"not an image", "jpg", np.random.default_rng(0), out=row)
+        assert (row == 0xAB).all()
+    for bad in (torch.empty(3, 64, 65, dtype=torch.uint8), torch.empty(3, 64, 64, dtype=torch.float32)):
+        with pytest.raises(ValueError, match=r"out must be a CPU uint8 tensor \(3, 64, 64\)"):
+            EvalTransform(64)(data, "jpg", out=bad)
+
+
 def test_random_resized_crop_box_bounds_and_fallback() -> None:
     rng = np.random.default_rng(0)
     areas = []
