@@ -39,6 +39,12 @@ Corrupt data never raises: each affected sample becomes a zero-filled row with `
 events of the batches it hands out, which keeps the counts exact under prefetching and resume. Reasons are listed in
 :data:`CORRUPT_REASONS`.
 
+Batch memory: each batch's ``(B, 3, S, S)`` image tensor is allocated once, in a DataLoader worker straight in shared
+memory, and a transform that takes an ``out`` keyword (``TrainTransform``, ``EvalTransform``) writes each crop into its
+row. Handing the batch to the main process then passes the shared-memory handle instead of copying the images into a
+new shared segment (``torch.multiprocessing.reductions.reduce_storage``: ``_share_fd_cpu_`` returns the handle of a
+storage that is already shared and copies any other), so a crop is copied once, from the resize output into the batch.
+
 Per-sample randomness: the transform gets ``np.random.default_rng([seed, epoch, index])`` (``index`` is the sample's
 write index), so a sample's crop is the same whichever rank, worker or resume point produces it; eval passes
 ``rng=None``.
@@ -46,6 +52,7 @@ write index), so a sample's crop is the same whichever rank, worker or resume po
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import multiprocessing
@@ -79,8 +86,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Transform = Callable[[bytes, str, "np.random.Generator | None"], torch.Tensor]
-"""``transform(data, ext, rng) -> uint8 tensor (3, S, S)``; raises ``CorruptSample`` on undecodable data."""
+Transform = Callable[..., torch.Tensor]
+"""``transform(data, ext, rng) -> uint8 tensor (3, S, S)``; raises ``CorruptSample`` on undecodable data. A transform
+that also takes ``out=`` (a uint8 (3, S, S) row of the batch) writes its result there and returns ``out``."""
 
 CORRUPT_REASONS = (
     "missing_shard",  # shard listed in the manifest is not on disk (or cannot be opened)
@@ -373,6 +381,27 @@ class _ShardReader:
         self._files.clear()
 
 
+def _takes_out(transform: Transform) -> bool:
+    """Whether ``transform`` accepts an ``out`` keyword (the batch row to write into)."""
+    try:
+        return "out" in inspect.signature(transform).parameters
+    except (TypeError, ValueError):  # a callable without a signature: the return-a-tensor protocol
+        return False
+
+
+def _new_batch_images(batch_size: int, image_size: int) -> torch.Tensor:
+    """Uninitialised uint8 (B, 3, S, S): in shared memory in a DataLoader worker, ordinary memory in the main process.
+
+    The storage is created in shared memory, as ``default_collate`` does for its batches; ``torch.empty(...)
+    .share_memory_()`` would first allocate ordinary memory and then copy it into a new shared segment.
+    """
+    shape = (batch_size, 3, image_size, image_size)
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))  # bytes: one per uint8
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
 def _pick_image(exts: dict[str, tuple[int, int]]) -> str | None:
     for ext in _IMAGE_EXTS:
         if ext in exts:
@@ -404,10 +433,13 @@ class ShardStream(IterableDataset):
         batch_size: Samples per batch on this rank.
         seed: Stream seed (>= 0).
         shuffle_buffer: Width of the windowed shuffle, in samples.
-        transform: ``transform(data, ext, rng) -> uint8 (3, S, S)``.
+        transform: ``transform(data, ext, rng) -> uint8 (3, S, S)``, optionally taking ``out=`` (the batch row).
         image_size: ``S``; ``None`` takes ``transform.img_size`` if there is one, else learns it from the first
             decoded sample (needed to zero-fill padding).
         manifest: An already loaded manifest (default: read from ``data_dir``).
+
+    Raises:
+        ValueError: Bad layout arguments, or ``image_size`` differs from ``transform.img_size``.
     """
 
     def __init__(
@@ -432,7 +464,11 @@ class ShardStream(IterableDataset):
         self.split, self.train, self.rank, self.world_size = split, train, rank, world_size
         self.batch_size, self.seed, self.shuffle_buffer, self.transform = batch_size, seed, shuffle_buffer, transform
         # TrainTransform/EvalTransform expose their output side; knowing it up front avoids probing for it.
-        self.image_size = image_size if image_size is not None else getattr(transform, "img_size", None)
+        transform_size = getattr(transform, "img_size", None)
+        if image_size is not None and transform_size is not None and image_size != transform_size:
+            raise ValueError(f"image_size={image_size} differs from the transform's img_size={transform_size}")
+        self.image_size = image_size if image_size is not None else transform_size
+        self._transform_takes_out = _takes_out(transform)
         self.shards = split_shards(self.manifest, split)
         self.offsets = np.concatenate([[0], np.cumsum([n for _, n in self.shards], dtype=np.int64)]).astype(np.int64)
         self.num_samples = int(self.offsets[-1])
@@ -482,8 +518,13 @@ class ShardStream(IterableDataset):
 
     # -- one batch -------------------------------------------------------------------------------------------------
 
-    def _load(self, index: int, epoch: int) -> tuple[torch.Tensor | None, int, tuple[str, str, str] | None]:
-        """Reads and transforms one sample: ``(image, label, None)`` or ``(None, 0, (reason, key, detail))``."""
+    def _load(
+        self, index: int, epoch: int, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, int, tuple[str, str, str] | None]:
+        """Reads and transforms one sample: ``(image, label, None)`` or ``(None, 0, (reason, key, detail))``.
+
+        ``out`` goes to a transform that takes it (the image returned is then ``out``).
+        """
         assert self._reader is not None
         key = sample_key(self.split, index)
         shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
@@ -514,7 +555,10 @@ class ShardStream(IterableDataset):
             return None, 0, ("bad_label", key, f"{shard_name}: label {label} not in [0, {self.num_classes})")
         rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
         try:
-            image = self.transform(data, image_ext, rng)
+            if out is None:
+                image = self.transform(data, image_ext, rng)
+            else:
+                image = self.transform(data, image_ext, rng, out=out)
         except CorruptSample as e:
             return None, 0, (e.reason or DECODE_ERROR, key, f"{shard_name}: {e.detail}")
         except Exception as e:
@@ -549,29 +593,31 @@ class ShardStream(IterableDataset):
         )
 
     def _make_batch(self, rows: np.ndarray, epoch: int, grid: np.ndarray) -> dict[str, Any]:
-        images: list[torch.Tensor | None] = []
+        # (B, 3, S, S), uninitialised: every row is either written by a decoded sample or zeroed below
+        images = None if self.image_size is None else _new_batch_images(self.batch_size, self.image_size)
         labels = torch.zeros(self.batch_size, dtype=torch.int64)
         valid = torch.zeros(self.batch_size, dtype=torch.bool)
         events: list[tuple[str, str, str]] = []
         for i, index in enumerate(rows.tolist()):
             if index < 0:  # eval padding
-                images.append(None)
                 continue
-            image, label, event = self._load(index, epoch)
-            images.append(image)
+            out = images[i] if images is not None and self._transform_takes_out else None
+            image, label, event = self._load(index, epoch, out)
             if event is not None:
                 events.append(event)
-            else:
-                labels[i], valid[i] = label, True
-        if self.image_size is None:
+                continue
+            labels[i], valid[i] = label, True
+            if images is None:  # the first decoded sample of a transform that does not say its size told it
+                images = _new_batch_images(self.batch_size, self.image_size)
+            if image is not out:
+                images[i] = image
+        if images is None:  # no sample decoded and the size still unknown
             self.image_size = self._probe_image_size(epoch, grid)
-        s = self.image_size
-        batch_images = torch.zeros(self.batch_size, 3, s, s, dtype=torch.uint8)  # (B, 3, S, S)
-        for i, image in enumerate(images):
-            if image is not None:
-                batch_images[i] = image
+            images = _new_batch_images(self.batch_size, self.image_size)
+        if not valid.all():
+            images[~valid] = 0  # padding and corrupt rows (a transform may have written part of one before failing)
         return {
-            "image": batch_images,
+            "image": images,
             "label": labels,
             "valid": valid,
             "index": torch.as_tensor(rows, dtype=torch.int64).clone(),

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import logging
 import tarfile
+import types
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing  # noqa: F401 - registers torch's tensor reductions with ForkingPickler
 from data_fixtures import (
+    NUM_CLASSES,
     SIZE,
     make_dataset,
     png_bytes,
@@ -20,9 +25,12 @@ from data_fixtures import (
     write_manifest,
     write_tar,
 )
+from PIL import Image
 
+from data_pipeline import stream
 from data_pipeline.loader import ResumableLoader, build_loader
-from data_pipeline.stream import load_manifest, plan_batches, sample_key
+from data_pipeline.stream import ShardStream, load_manifest, plan_batches, sample_key
+from data_pipeline.transforms import EvalTransform, TrainTransform
 
 # A hang (a worker never delivering) must fail the test instead of blocking the suite.
 pytestmark = [
@@ -330,3 +338,102 @@ def test_resume_refuses_a_rebuilt_data_set(data_dir: Path, tmp_path: Path) -> No
         _loader(rebuilt).load_state_dict(state)
     legacy = {k: v for k, v in state.items() if k != "data_fingerprint"}  # states written before the field existed
     _loader(rebuilt).load_state_dict(legacy)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The real transforms write straight into the batch; a worker's batch is in shared memory before it is handed over
+
+JPEG_SHARDS = [6, 5]  # 11 samples per split: train drops 3 (batch 4), eval pads the last batch with 1 row
+JPEG_CORRUPT = 2  # its .jpg is garbage: a zero row with valid=False
+
+
+def _jpeg_bytes(index: int) -> bytes:
+    """A 64x48 photo-like JPEG (smooth gradients plus noise) that differs per ``index``."""
+    rng = np.random.default_rng(index)
+    y, x = np.mgrid[0:48, 0:64]
+    pixels = np.stack([x * 4, y * 5, (x + y) * 2 + index * 9], axis=-1) + rng.integers(0, 24, (48, 64, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _jpeg_payload(index: int) -> bytes:
+    return b"not a jpeg" if index == JPEG_CORRUPT else _jpeg_bytes(index)
+
+
+@pytest.fixture(scope="module")
+def jpeg_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("jpeg-shards")
+    for split in ("train", "val"):
+        start = 0
+        for shard, n in enumerate(JPEG_SHARDS):
+            members = [
+                (sample_key(split, i), {"jpg": _jpeg_payload(i), "cls": str(i % NUM_CLASSES).encode()})
+                for i in range(start, start + n)
+            ]
+            write_tar(root / shard_name(split, shard), members)
+            start += n
+    write_manifest(root, {"train": JPEG_SHARDS, "val": JPEG_SHARDS})
+    return root
+
+
+@pytest.fixture
+def dirty_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch tensors start as 0xAB, not zeros: rows the stream does not write must be zeroed on purpose. Forked
+    workers inherit the patch."""
+    new = stream._new_batch_images
+    monkeypatch.setattr(stream, "_new_batch_images", lambda b, s: new(b, s).fill_(0xAB))
+
+
+@pytest.mark.usefixtures("dirty_batches")
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_transforms_write_into_the_batch_with_the_same_pixels(jpeg_dir: Path, train: bool) -> None:
+    """TrainTransform/EvalTransform write each crop into its batch row (``out=``): the batches hold exactly the
+    crops the transforms return, with 0 and 2 workers; padding and corrupt rows are zero."""
+    t = TrainTransform(24) if train else EvalTransform(24)
+    split = "train" if train else "val"
+    runs = {}
+    for workers in (0, 2):
+        loader = _loader(jpeg_dir, split=split, train=train, workers=workers, transform=t)
+        runs[workers] = list(loader)
+        loader.close()
+        assert len(runs[workers]) == (2 if train else 3)
+        for b in runs[workers]:
+            assert b["image"].shape == (BATCH, 3, 24, 24) and b["image"].dtype == torch.uint8
+            for row, i in enumerate(b["index"].tolist()):
+                if i < 0 or i == JPEG_CORRUPT:
+                    assert not b["valid"][row] and (b["image"][row] == 0).all()
+                    continue
+                assert b["valid"][row]
+                rng = np.random.default_rng([SEED, 0, i]) if train else None
+                assert torch.equal(b["image"][row], t(_jpeg_bytes(i), "jpg", rng)), (workers, i)
+            if workers:
+                assert b["image"].is_shared()
+    _assert_same_batches(runs[2], runs[0])
+    indices = torch.cat([b["index"] for b in runs[0]]).tolist()
+    assert JPEG_CORRUPT in indices and (train or -1 in indices)  # both kinds of zero rows were seen
+
+
+def test_worker_batch_is_handed_over_without_a_copy(jpeg_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a worker the batch is made in shared memory: pickling it for the main process sends the segment's handle
+    (the storage stays where it is) instead of copying the images into a new segment, as it does a plain tensor."""
+    ds = ShardStream(
+        jpeg_dir, "train", train=True, rank=0, world_size=1, batch_size=BATCH, seed=SEED, shuffle_buffer=BUFFER,
+        transform=TrainTransform(24),
+    )  # fmt: skip
+    ds.set_position(0, 0)
+    monkeypatch.setattr(stream, "get_worker_info", lambda: types.SimpleNamespace(id=0, num_workers=1))
+    image = next(iter(ds))["image"]
+    assert image.is_shared()
+    ptr = image.untyped_storage().data_ptr()
+    ForkingPickler.dumps(image)
+    assert image.untyped_storage().data_ptr() == ptr  # not moved to a new segment
+    plain = image.clone()
+    ptr = plain.untyped_storage().data_ptr()
+    ForkingPickler.dumps(plain)
+    assert plain.untyped_storage().data_ptr() != ptr  # the copy that the shared batch avoids
+
+
+def test_image_size_must_match_the_transform(jpeg_dir: Path) -> None:
+    with pytest.raises(ValueError, match="image_size=32 differs from the transform's img_size=24"):
+        _loader(jpeg_dir, transform=TrainTransform(24), image_size=32)
