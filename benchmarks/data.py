@@ -276,6 +276,36 @@ def cost_breakdown(shards: list[Path], img_size: int, n: int = 200, repeats: int
     return out
 
 
+def handover_cost(img_size: int, batch_size: int, batches: int = 4, repeats: int = 5) -> dict[str, float]:
+    """CPU milliseconds per image, in this process, of writing resized crops into a batch and readying the batch for
+    the main process as a worker's pickling does (``Storage.share_memory_``, what ``reduce_storage`` calls): with the
+    batch in ordinary memory it is copied into a new shared-memory segment; made in shared memory, nothing is copied."""
+    from data_pipeline.stream import _new_batch_images
+
+    crop = torch.zeros(1, 3, img_size, img_size, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    src = crop[0].numpy()  # (3, S, S) in HWC memory, like interpolate's output
+
+    def fill_and_hand_over(shared: bool) -> None:
+        images = _new_batch_images(batch_size, img_size, shared)
+        for row in images:
+            np.copyto(row.numpy(), src)
+        images.untyped_storage().share_memory_()  # a no-op for a storage already in shared memory
+
+    out = {}
+    for name, shared in (
+        ("crops into a batch + hand-over: batch in ordinary memory, copied to shared", False),
+        ("crops into a batch + hand-over: batch made in shared memory", True),
+    ):
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.process_time()
+            for _ in range(batches):
+                fill_and_hand_over(shared)
+            best = min(best, time.process_time() - t0)
+        out[name] = best / (batches * batch_size) * 1e3
+    return out
+
+
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -365,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                     rates[stage, workers],
                     cpu_rates[stage, workers],
                 )
-        breakdown = cost_breakdown(shards, args.img_size)
+        breakdown = cost_breakdown(shards, args.img_size) | handover_cost(args.img_size, args.batch_size)
         load_after = os.getloadavg()
 
     one = min(args.workers)

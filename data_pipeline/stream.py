@@ -61,6 +61,7 @@ import tarfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -389,14 +390,14 @@ def _takes_out(transform: Transform) -> bool:
         return False
 
 
-def _new_batch_images(batch_size: int, image_size: int) -> torch.Tensor:
-    """Uninitialised uint8 (B, 3, S, S): in shared memory in a DataLoader worker, ordinary memory in the main process.
+def _new_batch_images(batch_size: int, image_size: int, shared: bool) -> torch.Tensor:
+    """Uninitialised uint8 (B, 3, S, S), in shared memory if ``shared`` (in a DataLoader worker), else ordinary memory.
 
     The storage is created in shared memory, as ``default_collate`` does for its batches; ``torch.empty(...)
     .share_memory_()`` would first allocate ordinary memory and then copy it into a new shared segment.
     """
     shape = (batch_size, 3, image_size, image_size)
-    if get_worker_info() is None:
+    if not shared:
         return torch.empty(shape, dtype=torch.uint8)
     storage = torch.UntypedStorage._new_shared(math.prod(shape))  # bytes: one per uint8
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
@@ -594,7 +595,8 @@ class ShardStream(IterableDataset):
 
     def _make_batch(self, rows: np.ndarray, epoch: int, grid: np.ndarray) -> dict[str, Any]:
         # (B, 3, S, S), uninitialised: every row is either written by a decoded sample or zeroed below
-        images = None if self.image_size is None else _new_batch_images(self.batch_size, self.image_size)
+        new_images = partial(_new_batch_images, self.batch_size, shared=get_worker_info() is not None)
+        images = None if self.image_size is None else new_images(self.image_size)
         labels = torch.zeros(self.batch_size, dtype=torch.int64)
         valid = torch.zeros(self.batch_size, dtype=torch.bool)
         events: list[tuple[str, str, str]] = []
@@ -608,12 +610,12 @@ class ShardStream(IterableDataset):
                 continue
             labels[i], valid[i] = label, True
             if images is None:  # the first decoded sample of a transform that does not say its size told it
-                images = _new_batch_images(self.batch_size, self.image_size)
+                images = new_images(self.image_size)
             if image is not out:
                 images[i] = image
         if images is None:  # no sample decoded and the size still unknown
             self.image_size = self._probe_image_size(epoch, grid)
-            images = _new_batch_images(self.batch_size, self.image_size)
+            images = new_images(self.image_size)
         if not valid.all():
             images[~valid] = 0  # padding and corrupt rows (a transform may have written part of one before failing)
         return {

@@ -382,7 +382,7 @@ def dirty_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     """Batch tensors start as 0xAB, not zeros: rows the stream does not write must be zeroed on purpose. Forked
     workers inherit the patch."""
     new = stream._new_batch_images
-    monkeypatch.setattr(stream, "_new_batch_images", lambda b, s: new(b, s).fill_(0xAB))
+    monkeypatch.setattr(stream, "_new_batch_images", lambda *args, **kw: new(*args, **kw).fill_(0xAB))
 
 
 @pytest.mark.usefixtures("dirty_batches")
