@@ -306,6 +306,20 @@ def handover_cost(img_size: int, batch_size: int, batches: int = 4, repeats: int
     return out
 
 
+def index_cost(shards: list[Path], repeats: int = 3) -> dict[str, float]:
+    """CPU milliseconds per sample of the loader's shard index (the tar header scan a worker does once per shard it
+    reads from, ``data_pipeline.stream._index_shard``), over all ``shards``."""
+    from data_pipeline.stream import _index_shard
+
+    best, samples = float("inf"), 0
+    for _ in range(repeats):
+        t0, samples = time.process_time(), 0
+        for shard in shards:
+            samples += len(_index_shard(shard, range(0), "train").members)
+        best = min(best, time.process_time() - t0)
+    return {"shard index (tar header scan), per sample in the shard": best / samples * 1e3}
+
+
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -396,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                     cpu_rates[stage, workers],
                 )
         breakdown = cost_breakdown(shards, args.img_size) | handover_cost(args.img_size, args.batch_size)
+        breakdown |= index_cost(shards)
         load_after = os.getloadavg()
 
     one = min(args.workers)
