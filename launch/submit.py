@@ -46,7 +46,7 @@ from launch.status import (
     slurm_job_info,
     slurm_partitions,
 )
-from pretrain.config import CONFIGS_DIR, Config, ConfigError, dump_config
+from pretrain.config import CONFIGS_DIR, Config, ConfigError, dump_config, read_yaml_mapping
 
 __all__ = [
     "CLUSTER_PROFILES_DIR",
@@ -237,18 +237,12 @@ def load_cluster_params(profile: str | None = None, **flags: Any) -> ClusterPara
     Raises:
         ConfigError: Unknown profile or key (with close matches and the valid keys), wrong type or invalid value.
     """
-    import yaml
 
     values: dict[str, Any] = {}
     hints = typing.get_type_hints(ClusterParams)
     if profile:
         path = _profile_path(profile)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of cluster keys at the top level")
+        data = read_yaml_mapping(path, " of cluster keys")
         for key, value in data.items():
             if key not in hints:
                 raise ConfigError(_unknown_key_message(str(key), str(path)))

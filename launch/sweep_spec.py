@@ -18,10 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from launch.sweep_trial import format_override, slurm_cluster_params
-from pretrain.config import CONFIGS_DIR, Config, ConfigError, _all_keys, _suggest, load_config
+from pretrain.config import CONFIGS_DIR, Config, ConfigError, _all_keys, _suggest, load_config, read_yaml_mapping
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -362,12 +360,7 @@ def load_sweep(
     if not path.is_file():
         known = sorted(p.name for p in (CONFIGS_DIR / "sweep").glob("*.yaml"))
         raise ConfigError(f"sweep config '{path}' does not exist; examples in configs/sweep/: {', '.join(known)}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml_mapping(path)
     _check_keys(raw, _TOP_KEYS, str(path))
     raw = _read_numbers(raw)
     if "base" not in raw:

@@ -40,6 +40,7 @@ __all__ = [
     "load_config",
     "model_shape_digest",
     "parse_overrides",
+    "read_yaml_mapping",
 ]
 
 # Repository configs; a relative `base` name is looked up here (and next to the run YAML).
@@ -530,13 +531,18 @@ def _find_yaml(kind: str, name: str, near: Path | None) -> Path:
     raise ConfigError(f"{kind} config '{name}' not found (looked in configs/{kind}/); known: {', '.join(known)}")
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(path: str | Path, what: str = "") -> dict[str, Any]:
+    """The top-level mapping of a YAML file (``{}`` for an empty one).
+
+    Raises:
+        ConfigError: Invalid YAML, or not a mapping (``what`` says of what, e.g. ``" of cluster keys"``).
+    """
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        raise ConfigError(f"{path}: expected a mapping{what} at the top level")
     return data
 
 
@@ -547,7 +553,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
-        run_yaml = _read_yaml(path)
+        run_yaml = read_yaml_mapping(path)
         base = run_yaml.pop("base", {}) or {}
         if not isinstance(base, dict):
             raise ConfigError(f"{path}: 'base' must map model/data to config names")
@@ -557,7 +563,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         near = path.resolve().parent.parent  # configs/run/x.yaml -> configs/
         for kind in ("model", "data"):
             if kind in base:
-                section = _read_yaml(_find_yaml(kind, str(base[kind]), near))
+                section = read_yaml_mapping(_find_yaml(kind, str(base[kind]), near))
                 merged = _deep_merge(merged, {kind: section})
         merged = _deep_merge(merged, run_yaml)
     if overrides:
