@@ -457,7 +457,7 @@ class CheckpointManager:
         the global batch is unchanged), rank 0 carries the corrupt-sample counts of all old ranks, and ``rng`` is None:
         the old per-rank RNG streams do not map onto the new ranks.
         """
-        from pretrain.distributed import barrier
+        from pretrain.distributed import barrier, broadcast_object
 
         t0 = time.monotonic()
         universal = None
@@ -466,9 +466,15 @@ class CheckpointManager:
             raise RuntimeError(f"{tag_dir}: a ZeRO-3 checkpoint resumes only on the {saved_world} ranks that wrote it")
         if engine.zero_optimization_stage() > 0:
             universal = self.root / _RESHARD_DIR / tag_dir.name
+            error = None
             if self.rank == 0:
-                _to_universal(tag_dir, universal)
-            barrier()
+                try:
+                    _to_universal(tag_dir, universal)
+                except RuntimeError as e:
+                    error = str(e)
+            error = broadcast_object(error)  # every rank fails with rank 0's message, none waits in a collective
+            if error:
+                raise RuntimeError(error)
             load_root = universal.parent
             engine._config.load_universal_checkpoint = True  # DeepSpeed reads this flag when it loads
         try:
