@@ -411,7 +411,9 @@ class Trainer:
                 )
                 logger.error(msg)
                 return self._finish("failed", EXIT_FAILED, msg, bar)
-            if stop_signal:
+            if stop_signal and final:  # nothing left to preempt: the run ends as finished
+                logger.info("%s arrived at the last step; finishing", signal.Signals(int(stop_signal)).name)
+            elif stop_signal:
                 self.save_checkpoint()
                 sig = signal.Signals(int(stop_signal)).name
                 return self._finish("preempted", EXIT_PREEMPTED, f"stopped by {sig} at step {self.step}", bar)

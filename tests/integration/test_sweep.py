@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "run" / "digits_sepvit_lite.yaml"
 MAX_STEPS = 10
+LONG_STEPS = 30
 EVERY = 5  # eval and checkpoint interval in steps: at step 5, lr 2e-3 is clearly ahead of a hopeless lr
 
 
@@ -106,8 +107,9 @@ def eval_steps(run_dir: Path) -> list[int]:
     return [e["step"] for e in eval_events(run_dir)]
 
 
-def trainer_processes(marker: str) -> list[str]:
-    """Command lines of live processes that mention ``marker`` (a sweep's unique folder)."""
+def trainer_pids(marker: str) -> list[tuple[int, str]]:
+    """(pid, command line) of the live processes of training runs that mention ``marker`` (a sweep's unique folder),
+    their guards included (a guard's command line holds the run's)."""
     out = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -118,8 +120,12 @@ def trainer_processes(marker: str) -> list[str]:
         except OSError:
             continue
         if marker in cmd and "launch.cli train" in cmd and state != "Z":
-            out.append(cmd)
+            out.append((int(proc.name), cmd))
     return out
+
+
+def trainer_processes(marker: str) -> list[str]:
+    return [cmd for _, cmd in trainer_pids(marker)]
 
 
 def wait_no_trainers(marker: str, timeout: float = 30.0) -> list[str]:
@@ -241,12 +247,14 @@ def test_pbt_exploit_clones_the_better_trials_checkpoint_and_perturbs_its_lr(
 def test_killed_sweep_resumes_without_rerunning_finished_trials(
     digits_dir: Path, ray_address: str, tmp_path: Path
 ) -> None:
+    # 30 steps: the second run must still be training when the test freezes it after its first checkpoint (step 5)
     sweep = write_sweep(
         tmp_path / "resume.yaml",
         digits_dir,
         name="resume",
         space={"optim.lr": {"grid": [2.0e-3, 1.0e-3]}},
         scheduler="fifo",
+        overrides=[*trial_overrides(digits_dir), f"trainer.max_steps={LONG_STEPS}"],
     )
     sweep_dir = tmp_path / "resume"
     driver = Driver(sweep, tmp_path, ray_address)
@@ -258,12 +266,18 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(
         if len(runs) == 2:
             first, second = runs
             status = json.loads((first / "status.json").read_text()) if (first / "status.json").exists() else {}
-            if status.get("state") == "finished" and list((second / "checkpoints").glob(f"step_{EVERY:06d}")):
+            if status.get("state") == "finished" and list((second / "checkpoints").glob("step_*")):
                 break
         time.sleep(0.2)
     assert driver.proc.poll() is None, "the sweep ended before it could be killed:\n" + driver.wait(1)[1][-3000:]
-    driver.kill()
     assert first is not None and second is not None
+    # Freeze the second run where it is (its guard stays awake): the sweep driver's death reaches the guard only after
+    # Ray noticed it, seconds during which the run would otherwise train on to its last step. The guard then sends
+    # SIGTERM and SIGCONT, and the run checkpoints and stops where it was frozen.
+    for pid, cmd in trainer_pids(str(second)):
+        if "trial_guard" not in cmd:
+            os.kill(pid, signal.SIGSTOP)
+    driver.kill()
     # the killed driver's trials stop with it (the guard of each run watches its Ray worker)
     assert wait_no_trainers(str(sweep_dir), timeout=60) == []
     finished_metrics = (first / "metrics.jsonl").read_bytes()
@@ -278,7 +292,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(
     assert (first / "sweep" / "train.log").read_text().count("=====") == 1
     assert (second / "sweep" / "train.log").read_text().count("=====") == 2
     assert "resum" in (second / "sweep" / "train.log").read_text().split("=====")[-1].lower()
-    assert eval_steps(second) == [EVERY, MAX_STEPS]
+    assert eval_steps(second) == list(range(EVERY, LONG_STEPS + 1, EVERY))
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert sorted(r["status"] for r in summary) == ["finished", "finished"]
 
