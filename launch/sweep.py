@@ -45,7 +45,7 @@ from launch.sweep_summary import TrialRecord, summarize_sweep
 from launch.sweep_trial import TrialSpec
 from pretrain.config import Config, ConfigError
 
-__all__ = ["cmd_sweep", "main", "register", "run_sweep"]
+__all__ = ["cmd_sweep", "main", "register", "restage_lost_checkpoints", "run_sweep"]
 
 logger = logging.getLogger(__name__)
 
@@ -210,22 +210,64 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> tuple[list[TrialRecord],
             ),
         )
     results = tuner.fit()
+    if can_restore and restage_lost_checkpoints(results, sweep_dir / "trials"):
+        logger.warning(
+            "Ray Tune's saved state named checkpoints its retention had already deleted (the driver died between the "
+            "deletion and the next state save); restaged those trials' newest checkpoints there, resuming them again"
+        )
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+        results = tuner.fit()
     logger.info("sweep %s: Ray Tune finished in %.0f s", spec.name, time.monotonic() - t0)
     ray_trials = _ray_trials(results)
     records = summarize_sweep(spec, ray_trials=ray_trials)
     return records, sweep_dir
 
 
+def _trial_id(result: Any) -> str | None:
+    """The trial id of a Ray Tune ``Result``: its own folder names it (its last metrics may be a PBT donor's)."""
+    m = re.search(r"_([0-9a-f]{5}_\d{5})_", os.path.basename(result.path)) if result.path else None
+    return m.group(1) if m else (result.metrics or {}).get("trial_id")
+
+
 def _ray_trials(results: Any) -> dict[str, dict[str, Any]]:
     """trial_id -> {config, error} from a Ray Tune ResultGrid."""
     out = {}
     for r in results:
-        # The trial's own folder names it; its last metrics may be a PBT donor's (with the donor's trial_id).
-        m = re.search(r"_([0-9a-f]{5}_\d{5})_", os.path.basename(r.path)) if r.path else None
-        trial_id = m.group(1) if m else (r.metrics or {}).get("trial_id")
-        if trial_id:
+        if trial_id := _trial_id(r):
             out[trial_id] = {"config": dict(r.config or {}), "error": str(r.error) if r.error else ""}
     return out
+
+
+_LOST_CHECKPOINT = re.compile(r"does not exist on storage anymore.*?path: (\S*checkpoint_\d+)", re.S)
+
+
+def restage_lost_checkpoints(results: Any, trials_dir: Path) -> list[str]:
+    """Put back the checkpoints that resumed trials failed to restore because Ray Tune had deleted them.
+
+    Ray Tune deletes a checkpoint beyond ``num_to_keep`` as soon as a newer one comes, but saves its experiment state
+    (which names each trial's checkpoint) only every few seconds: a driver killed in between leaves a state naming
+    deleted checkpoints, and restoring those trials fails. The trial's own run dir still holds its newest complete
+    checkpoint; it is staged at the path Ray Tune names, and the resumed trial continues from its run dir as usual.
+
+    Returns:
+        The ids of the trials whose checkpoint was put back (those can be resumed again).
+    """
+    from launch.sweep_trial import newest_checkpoint, stage_checkpoint  # noqa: PLC0415
+
+    restaged = []
+    for r in results:
+        m = _LOST_CHECKPOINT.search(str(r.error or ""))
+        trial_id = _trial_id(r)
+        if m is None or trial_id is None:
+            continue
+        run_dir = trials_dir / trial_id
+        ckpt = newest_checkpoint(run_dir)
+        if ckpt is None:
+            continue
+        if stage_checkpoint(ckpt, Path(m.group(1)), {"trial_id": trial_id, "run_dir": str(run_dir)}) is not None:
+            logger.warning("trial %s: Ray Tune lost %s; restaged %s there", trial_id, m.group(1), ckpt.path)
+            restaged.append(trial_id)
+    return restaged
 
 
 # --------------------------------------------------------------------------------------------------------- the CLI

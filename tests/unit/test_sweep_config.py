@@ -197,3 +197,39 @@ def test_newest_checkpoint_and_staging(tmp_path: Path) -> None:
     assert json.loads((staged / ".sweep_checkpoint.json").read_text())["step"] == 20
     (run / "checkpoints" / "latest").write_text("step_000030\n")  # names a torn one: fall back to the newest complete
     assert newest_checkpoint(run).tag == "step_000020"
+
+
+def test_checkpoints_ray_tune_lost_are_restaged_from_the_trials_run_dir(tmp_path: Path) -> None:
+    # A resumed sweep whose saved Ray Tune state names a checkpoint Tune's retention had deleted: the restore fails with
+    # Tune's own error, and the trial's newest run-dir checkpoint is put where Tune looks for it.
+    from ray.tune import Result
+
+    from launch.sweep import restage_lost_checkpoints
+
+    trials = tmp_path / "trials"
+    d = trials / "ab12c_00001" / "checkpoints" / "step_000015"
+    d.mkdir(parents=True)
+    (d / "model.pt").write_bytes(b"w" * 15)
+    (d / "COMPLETE").write_text("{}")
+    (trials / "ab12c_00000").mkdir()  # no checkpoint of its own: nothing to put back
+    tune_dir = tmp_path / "tune"
+    lost = tune_dir / "run_trial_ab12c_00001_1_optim_lr=0.0010_2026-11-21_19-29-51" / "checkpoint_000003"
+    message = (
+        "ray::ImplicitFunc.restore() ...\nValueError: Could not recover from checkpoint as it does not exist on "
+        f"storage anymore. Got storage fs type `local` and path: {lost}"
+    )
+    results = [
+        Result(metrics={}, checkpoint=None, error=ValueError(message), path=str(lost.parent)),
+        Result(
+            metrics={},
+            checkpoint=None,
+            error=ValueError(message.replace("00001", "00000")),
+            path=str(tune_dir / "run_trial_ab12c_00000_0_optim_lr=0.0020_2026-11-21_19-29-51"),
+        ),
+        Result(metrics={}, checkpoint=None, error=RuntimeError("exited with code 1"), path=str(tune_dir / "x")),
+    ]
+    assert restage_lost_checkpoints(results, trials) == ["ab12c_00001"]
+    assert (lost / "model.pt").read_bytes() == b"w" * 15
+    meta = json.loads((lost / ".sweep_checkpoint.json").read_text())
+    assert meta["trial_id"] == "ab12c_00001" and meta["step"] == 15  # the trial resumes its own run dir from it
+    assert not (tune_dir / "run_trial_ab12c_00000_0_optim_lr=0.0020_2026-11-21_19-29-51").exists()
