@@ -308,13 +308,13 @@ def handover_cost(img_size: int, batch_size: int, batches: int = 4, repeats: int
 
 def index_cost(shards: list[Path], repeats: int = 3) -> dict[str, float]:
     """CPU milliseconds per sample of the loader's shard index (the tar header scan a worker does once per shard it
-    reads from, ``data_pipeline.stream._index_shard``), over all ``shards``; and of the same members grouped from
+    reads from, ``data_pipeline.shard_index.index_shard``), over all ``shards``; and of the same members grouped from
     ``tarfile``'s reading (the scan before the loader read headers itself, and its fallback for other tar formats;
     this leaves out the index's ``stat`` and key-range check, well under 1% of it)."""
-    from data_pipeline.stream import _group_members, _index_shard, _tarfile_members
+    from data_pipeline.shard_index import _group_members, _tarfile_members, index_shard
 
     def header_index(shard: Path) -> dict[str, Any]:
-        return _index_shard(shard, range(0), "train").members
+        return index_shard(shard, range(0), "train").members
 
     def tarfile_index(shard: Path) -> dict[str, Any]:
         size = shard.stat().st_size

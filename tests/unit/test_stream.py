@@ -28,7 +28,7 @@ from data_fixtures import (
 )
 from PIL import Image
 
-from data_pipeline import stream
+from data_pipeline import shard_index, stream
 from data_pipeline.loader import ResumableLoader, build_loader
 from data_pipeline.stream import ShardStream, load_manifest, plan_batches, sample_key
 from data_pipeline.transforms import EvalTransform, TrainTransform
@@ -452,24 +452,24 @@ def _read_members(reader: Callable[[Path, int], Iterator[tuple[str, int, int]]],
     entries = []
     try:
         entries.extend(reader(path, path.stat().st_size))
-    except stream._NoEndMarker:
+    except shard_index._NoEndMarker:
         return entries, "no end-of-archive marker"
-    except stream._NotPlainTar:
+    except shard_index._NotPlainTar:
         return entries, "handed to tarfile"
     except (tarfile.TarError, OSError) as e:
         return entries, f"{type(e).__name__}: {e}"
     return entries, "end"
 
 
-def _tarfile_index(path: Path, monkeypatch: pytest.MonkeyPatch) -> stream._ShardIndex:
+def _tarfile_index(path: Path, monkeypatch: pytest.MonkeyPatch) -> shard_index.ShardIndex:
     """The shard index as tarfile alone reads it (the scan before the header reader)."""
     with monkeypatch.context() as m:
-        m.setattr(stream, "_header_members", stream._tarfile_members)
-        return stream._index_shard(path, range(100), "train")
+        m.setattr(shard_index, "_header_members", shard_index._tarfile_members)
+        return shard_index.index_shard(path, range(100), "train")
 
 
-def _header_index(path: Path) -> stream._ShardIndex:
-    return stream._index_shard(path, range(100), "train")
+def _header_index(path: Path) -> shard_index.ShardIndex:
+    return shard_index.index_shard(path, range(100), "train")
 
 
 def _write_members(path: Path, infos: list[tuple[tarfile.TarInfo, bytes]], tar_format: int) -> Path:
@@ -541,13 +541,14 @@ def test_header_scan_reads_what_tarfile_reads(
     shard to tarfile, on our writer's shards and on tars written by tarfile in its three formats."""
     tars = {"writer": writer_shard, **_plain_tars(tmp_path)}
     for case, path in tars.items():
-        got = _read_members(stream._header_members, path)
-        assert got == _read_members(stream._tarfile_members, path), case
+        got = _read_members(shard_index._header_members, path)
+        assert got == _read_members(shard_index._tarfile_members, path), case
         assert got[1] == "end" and got[0], case
         assert _header_index(path) == _tarfile_index(path, monkeypatch), case
-    names = [name for name, _, _ in _read_members(stream._header_members, tars["ustar long names (prefix field)"])[0]]
+    long_names = tars["ustar long names (prefix field)"]
+    names = [name for name, _, _ in _read_members(shard_index._header_members, long_names)[0]]
     assert all(len(n) > 100 and n.startswith("Bäume/") for n in names)
-    sizes = [size for _, _, size in _read_members(stream._header_members, tars["size 0, directories, links"])[0]]
+    sizes = [size for _, _, size in _read_members(shard_index._header_members, tars["size 0, directories, links"])[0]]
     assert sizes[0] == sizes[-1] == 0
 
 
@@ -567,8 +568,8 @@ def test_header_scan_reads_a_base256_size(tmp_path: Path, monkeypatch: pytest.Mo
         f.seek(big, io.SEEK_CUR)  # 8 GiB is a whole number of blocks
         info, data = _file("train_00000001.cls", b"1")
         f.write(info.tobuf(tarfile.GNU_FORMAT) + data.ljust(512, b"\0") + bytes(1024))
-    got = _read_members(stream._header_members, path)
-    assert got == _read_members(stream._tarfile_members, path)
+    got = _read_members(shard_index._header_members, path)
+    assert got == _read_members(shard_index._tarfile_members, path)
     after_big = 1536 + big + 512  # the big member's data, then the next header
     want = [("train_00000000.cls", 512, 1), ("train_00000000.bin", 1536, big), ("train_00000001.cls", after_big, 1)]
     assert got == (want, "end")
@@ -588,7 +589,7 @@ def test_header_scan_hands_other_tars_to_tarfile(tmp_path: Path, monkeypatch: py
         "unknown type": _write_members(tmp_path / "v.tar", [(volume, b"")] + _samples(), tarfile.USTAR_FORMAT),
     }
     for case, path in tars.items():
-        assert _read_members(stream._header_members, path)[1] == "handed to tarfile", case
+        assert _read_members(shard_index._header_members, path)[1] == "handed to tarfile", case
         index = _header_index(path)
         assert index == _tarfile_index(path, monkeypatch), case
         assert index.problem is None and len(index.members) == 3, case
@@ -637,10 +638,10 @@ def test_header_scan_on_broken_shards(tmp_path: Path, monkeypatch: pytest.Monkey
         problems.add(index.problem)
         if not path.exists():
             continue  # the index says so before any reader opens it
-        ending = _read_members(stream._header_members, path)
+        ending = _read_members(shard_index._header_members, path)
         assert (ending[1] != "handed to tarfile") == by_header_reader, case
         if by_header_reader:
-            assert ending == _read_members(stream._tarfile_members, path), case
+            assert ending == _read_members(shard_index._tarfile_members, path), case
     assert problems == {None, "truncated_shard", "empty_shard", "missing_shard"}
 
 
@@ -657,8 +658,8 @@ def test_tar_number_reads_like_tarfile(field: bytes) -> None:
     except tarfile.HeaderError:
         want = None
     try:
-        got = stream._tar_number(field)
-    except stream._NotPlainTar:
+        got = shard_index._tar_number(field)
+    except shard_index._NotPlainTar:
         got = None
     assert got == want or field == b"\x1c644\0\0\0\0"  # tarfile's str.strip takes \x1c as whitespace: 0o644
     if field == b"\x1c644\0\0\0\0":
@@ -673,7 +674,7 @@ def test_corrupt_batches_same_as_with_tarfile_scan(tmp_path: Path, monkeypatch: 
     for reader in ("header", "tarfile"):
         with monkeypatch.context() as m:
             if reader == "tarfile":
-                m.setattr(stream, "_header_members", stream._tarfile_members)
+                m.setattr(shard_index, "_header_members", shard_index._tarfile_members)
             ds = ShardStream(
                 data_dir, "train", train=True, rank=0, world_size=1, batch_size=8, seed=SEED, shuffle_buffer=BUFFER,
                 transform=png_transform,
