@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pretrain.fsutil import read_jsonl
+
 __all__ = [
     "JOBS_FILE",
     "SLURM_SUBDIR",
@@ -81,18 +83,7 @@ def append_job_event(run_dir: str | Path, event: str, **fields: Any) -> None:
 
 def read_job_events(run_dir: str | Path) -> list[dict[str, Any]]:
     """All events of ``RUN_DIR/slurm/jobs.jsonl`` in order (a torn last line is ignored)."""
-    path = Path(run_dir) / SLURM_SUBDIR / JOBS_FILE
-    events = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue
-    return events
+    return read_jsonl(Path(run_dir) / SLURM_SUBDIR / JOBS_FILE)
 
 
 # ------------------------------------------------------------------------------------------------------ Slurm queries

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from pretrain.fsutil import read_jsonl
+
 __all__ = [
     "PEAK_FLOPS",
     "JsonlSink",
@@ -164,21 +166,6 @@ class _MultiSink(MetricsSink):
     def close(self) -> None:
         for s in self.sinks:
             s.close()
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All events of a ``metrics.jsonl`` (a torn last line is ignored)."""
-    out = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
 
 
 def truncate_jsonl(path: str | Path, max_step: int) -> int:
