@@ -24,6 +24,8 @@ import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,13 +290,15 @@ def check_resume_compatible(
             + "). Restore those values, or start a new run with a different run.name"
         )
     old_world, old_batch = meta.get("world_size"), meta.get("batch_size")
-    if old_world is not None and int(old_world) != world_size and int(meta.get("zero_stage") or 0) == 3:
+    if old_world is None or int(old_world) == world_size:
+        return
+    if int(meta.get("zero_stage") or 0) == 3:
         raise CheckpointMismatchError(
             f"cannot resume a ZeRO-3 checkpoint of {old_world} ranks on {world_size}: resharding stage 3 through a "
             f"DeepSpeed universal checkpoint did not continue the run faithfully in our tests (stages 0-2 do). "
             f"Relaunch with {old_world} ranks"
         )
-    if old_world is not None and int(old_world) != world_size and old_batch is not None and batch_size is not None:
+    if old_batch is not None and batch_size is not None:
         old_global = int(old_world) * int(old_batch)
         if world_size * batch_size != old_global:
             fix = (
@@ -515,9 +519,6 @@ _RESHARD_DIR = ".reshard"  # under checkpoints/: a universal conversion while an
 
 def _to_universal(tag_dir: Path, out: Path) -> None:
     """``deepspeed.checkpoint.ds_to_universal`` of ``tag_dir`` into ``out`` (replaced), in a subprocess."""
-    import subprocess
-    import sys
-
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [

@@ -221,9 +221,9 @@ def reapply_optim_config(parts: EngineParts, cfg: Config) -> list[str]:
     """
     sched, optim = parts.scheduler, cfg.optim
     groups = sched.optimizer.param_groups  # after a load: the torch optimizer's new group dicts, which ZeRO steps with
-    want: dict[str, Any] = {"eps": optim.eps, "betas": tuple(optim.betas)} if optim.name == "adamw" else {}
-    if optim.name != "adamw":
-        want["momentum"] = optim.momentum
+    want: dict[str, Any] = (
+        {"eps": optim.eps, "betas": tuple(optim.betas)} if optim.name == "adamw" else {"momentum": optim.momentum}
+    )
     changes = []
     old_base = sched.base_lrs[0] if sched.base_lrs else None
     if old_base != optim.lr:

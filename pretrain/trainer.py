@@ -411,12 +411,13 @@ class Trainer:
                 )
                 logger.error(msg)
                 return self._finish("failed", EXIT_FAILED, msg, bar)
-            if stop_signal and final:  # nothing left to preempt: the run ends as finished
-                logger.info("%s arrived at the last step; finishing", signal.Signals(int(stop_signal)).name)
-            elif stop_signal:
-                self.save_checkpoint()
+            if stop_signal:
                 sig = signal.Signals(int(stop_signal)).name
-                return self._finish("preempted", EXIT_PREEMPTED, f"stopped by {sig} at step {self.step}", bar)
+                if final:  # nothing left to preempt: the run ends as finished
+                    logger.info("%s arrived at the last step; finishing", sig)
+                else:
+                    self.save_checkpoint()
+                    return self._finish("preempted", EXIT_PREEMPTED, f"stopped by {sig} at step {self.step}", bar)
             every = cfg.checkpoint.every_steps
             if (final and cfg.checkpoint.save_final) or (every and self.step % every == 0) or time_save:
                 self.save_checkpoint()
