@@ -1,12 +1,12 @@
 """``pretrain submit CONFIG [section.field=value ...] --cluster slurm|local ...``: a training run as a submitit job.
 
-Flow: cluster parameters (``ClusterParams`` defaults < ``configs/cluster/<profile>.yaml`` < flags) and the run config
-are validated first, without writing anything (bad values exit 2 naming the key and the fix). On Slurm the partition
-and node count are checked against ``sinfo``. Then the resolved run config is frozen into ``RUN_DIR/slurm/config.yaml``
-and one job with ``nodes x tasks_per_node`` tasks is submitted through submitit (:func:`submit_plan`, which Slurm
-sweep trials use too). Each task is one rank: it exports the torch.distributed variables and runs ``pretrain train``
-in-process (:class:`TrainJob`). The command prints the job id and the run directory. ``--dry-run`` prints the sbatch
-script submitit would write and submits nothing.
+Flow: cluster parameters (:mod:`launch.cluster_params`: defaults < ``configs/cluster/<profile>.yaml`` < flags) and the
+run config are validated first, without writing anything (bad values exit 2 naming the key and the fix). On Slurm the
+partition and node count are checked against ``sinfo``. Then the resolved run config is frozen into
+``RUN_DIR/slurm/config.yaml`` and one job with ``nodes x tasks_per_node`` tasks is submitted through submitit
+(:func:`submit_plan`, which Slurm sweep trials use too). Each task is one rank: it exports the torch.distributed
+variables and runs ``pretrain train`` in-process (:class:`TrainJob`). The command prints the job id and the run
+directory. ``--dry-run`` prints the sbatch script submitit would write and submits nothing.
 
 Preemption and time limits (USR2, ``slurm_signal_delay_s`` before the limit, or ``scancel --signal=USR2``): the
 trainer's own handler makes every rank finish its step, agree, and write a checkpoint (COMPLETE marker last), then
@@ -14,9 +14,6 @@ exit as preempted. Rank 0 then hands over to submitit's requeue handler, which c
 runs ``scontrol requeue``; the requeued job resumes from the newest complete checkpoint. Timeouts are requeued up to
 ``max_timeout_requeues`` times, preemptions without limit; whether USR2 meant a timeout is read from Slurm's clock.
 A job that Slurm itself is ending (``scancel``, Slurm's own preemption) is not requeued.
-
-Names follow submitit's AutoExecutor: generic parameters (``timeout_min``, ``mem_gb``, ``tasks_per_node``) and
-``slurm_``-prefixed ones only where they mean nothing elsewhere (``slurm_partition``, ``slurm_signal_delay_s``).
 """
 
 from __future__ import annotations
@@ -31,12 +28,11 @@ import shutil
 import signal
 import sys
 import time
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from launch.cluster_params import ClusterParams, load_cluster_params
 from launch.status import (
     SLURM_SUBDIR,
     TERMINAL_SLURM_STATES,
@@ -46,15 +42,12 @@ from launch.status import (
     slurm_job_info,
     slurm_partitions,
 )
-from pretrain.config import CONFIGS_DIR, Config, ConfigError, dump_config, read_yaml_mapping
+from pretrain.config import Config, ConfigError, dump_config
 
 __all__ = [
-    "CLUSTER_PROFILES_DIR",
-    "ClusterParams",
     "RunPlan",
     "TrainJob",
     "build_executor",
-    "load_cluster_params",
     "main",
     "register",
     "render_sbatch",
@@ -64,8 +57,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CLUSTER_PROFILES_DIR = CONFIGS_DIR / "cluster"
-"""``--profile NAME`` reads ``configs/cluster/NAME.yaml``."""
 FROZEN_CONFIG = "config.yaml"
 """The resolved run config the job trains with, in ``RUN_DIR/slurm/`` (requeued attempts read the same file)."""
 
@@ -74,185 +65,6 @@ _EXIT_OK, _EXIT_FAILED = 0, 1
 # this close to the limit (plus checkpoint time) is a timeout, anything earlier a preemption.
 _TIMEOUT_SLACK_S = 90
 _CHECKPOINT_WAIT_S = 120.0
-
-
-# --------------------------------------------------------------------------------------------- cluster parameters
-
-
-@dataclass
-class ClusterParams:
-    """Where and how a run is submitted: the one list of valid profile keys and ``pretrain submit`` flags."""
-
-    cluster: Literal["slurm", "local"] = "slurm"
-    """``slurm``, or ``local``: submitit's LocalExecutor runs the tasks on this machine (for debugging)."""
-    nodes: int = 1
-    """Nodes of the job."""
-    gpus_per_node: int = 0
-    """GPUs per node; with GPUs there is one task (rank) per GPU."""
-    tasks_per_node: int | None = None
-    """Ranks per node. CPU: the number of processes; GPU: must equal gpus_per_node (the default)."""
-    cpus_per_task: int | None = None
-    """CPU cores per rank (loader workers + 1 is a good start); None keeps the cluster's default."""
-    mem_gb: float | None = None
-    """Memory per node in GB; None keeps the cluster's default."""
-    timeout_min: int = 60
-    """Time limit of one attempt in minutes; before it the job checkpoints and requeues itself."""
-    max_timeout_requeues: int = 3
-    """Requeues after reaching the time limit (a preemption requeues without limit)."""
-    slurm_partition: str | None = None
-    """Partition (checked with sinfo before submitting); None uses the cluster's default partition."""
-    slurm_account: str | None = None
-    """Account to charge."""
-    slurm_qos: str | None = None
-    """Quality of service."""
-    slurm_constraint: str | None = None
-    """Node features, e.g. ``h100`` or ``a100|h100``."""
-    slurm_signal_delay_s: int = 90
-    """USR2 arrives this many seconds before the time limit (enough to finish a step and checkpoint)."""
-    slurm_setup: list[str] = field(default_factory=list)
-    """Shell lines run in the batch script before the tasks start (module loads, exports)."""
-    slurm_additional_parameters: dict[str, Any] = field(default_factory=dict)
-    """Any other sbatch option, e.g. ``{exclusive: true, mail-type: END}``."""
-
-    def __post_init__(self):
-        for name in ("nodes", "timeout_min"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.gpus_per_node < 0:
-            raise ConfigError(f"gpus_per_node={self.gpus_per_node} must be >= 0")
-        for name in ("tasks_per_node", "cpus_per_task"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name}={value} must be >= 1 (or unset)")
-        if self.gpus_per_node and self.tasks_per_node not in (None, self.gpus_per_node):
-            raise ConfigError(
-                f"tasks_per_node={self.tasks_per_node} with gpus_per_node={self.gpus_per_node}: GPU jobs run one task "
-                "per GPU; drop tasks_per_node (--tasks-per-node) or set it to gpus_per_node"
-            )
-        if self.mem_gb is not None and self.mem_gb <= 0:
-            raise ConfigError(f"mem_gb={self.mem_gb} must be positive (or unset)")
-        if self.max_timeout_requeues < 0:
-            raise ConfigError(f"max_timeout_requeues={self.max_timeout_requeues} must be >= 0")
-        if not 0 <= self.slurm_signal_delay_s < self.timeout_min * 60:
-            raise ConfigError(
-                f"slurm_signal_delay_s={self.slurm_signal_delay_s} must be >= 0 and below timeout_min*60="
-                f"{self.timeout_min * 60} (the signal would come before the job starts)"
-            )
-        for name in ("slurm_partition", "slurm_account", "slurm_qos", "slurm_constraint"):
-            if getattr(self, name) == "":
-                raise ConfigError(f"{name} is empty; leave it unset for the cluster's default")
-        if self.cluster == "local" and self.nodes != 1:
-            raise ConfigError(f"nodes={self.nodes} with cluster=local: the local executor runs on this machine only")
-
-    @property
-    def ntasks_per_node(self) -> int:
-        """Ranks per node after defaults: one per GPU, else ``tasks_per_node`` or 1."""
-        return self.gpus_per_node or self.tasks_per_node or 1
-
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.ntasks_per_node
-
-    def executor_parameters(self, job_name: str) -> dict[str, Any]:
-        """Keyword arguments of ``AutoExecutor.update_parameters`` (unset values left out)."""
-        params: dict[str, Any] = {
-            "name": job_name,
-            "timeout_min": self.timeout_min,
-            "nodes": self.nodes,
-            "tasks_per_node": self.ntasks_per_node,
-            "cpus_per_task": self.cpus_per_task,
-            "mem_gb": self.mem_gb,
-            # an explicit --gpus-per-node=0 is rejected by clusters without GPU GRES: leave it out on CPU
-            "gpus_per_node": self.gpus_per_node or None,
-            "slurm_partition": self.slurm_partition,
-            "slurm_account": self.slurm_account,
-            "slurm_qos": self.slurm_qos,
-            "slurm_constraint": self.slurm_constraint,
-            "slurm_signal_delay_s": self.slurm_signal_delay_s,
-            "slurm_setup": list(self.slurm_setup) or None,
-            # --requeue: `scontrol requeue` must work also where the cluster's JobRequeue default is 0
-            "slurm_additional_parameters": {"requeue": True, **self.slurm_additional_parameters},
-        }
-        return {k: v for k, v in params.items() if v is not None}
-
-
-def _check_type(key: str, value: Any, tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{key}={value!r} is not one of {list(typing.get_args(tp))}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            return None
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _check_type(key, value, inner)
-    if origin is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{key} expects a list of strings, got {value!r}")
-        return list(value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} expects a mapping, got {value!r}")
-        return dict(value)
-    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{key} expects an integer, got {type(value).__name__} {value!r}")
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} expects a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is str and not isinstance(value, str):
-        raise ConfigError(f"{key} expects a string, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _unknown_key_message(key: str, where: str) -> str:
-    valid = [f.name for f in dataclasses.fields(ClusterParams)]
-    close = [f"slurm_{key}"] if f"slurm_{key}" in valid else []
-    close += [c for c in difflib.get_close_matches(key, valid, n=3, cutoff=0.6) if c not in close]
-    hint = f" (did you mean {', '.join(close[:3])}?)" if close else ""
-    return f"{where}: unknown cluster key '{key}'{hint}. Valid keys: {', '.join(valid)}"
-
-
-def _profile_path(profile: str) -> Path:
-    p = Path(profile)
-    if p.suffix in (".yaml", ".yml"):
-        if p.is_file():
-            return p
-        raise ConfigError(f"cluster profile file '{profile}' does not exist")
-    path = CLUSTER_PROFILES_DIR / f"{profile}.yaml"
-    if path.is_file():
-        return path
-    known = sorted(x.stem for x in CLUSTER_PROFILES_DIR.glob("*.yaml"))
-    close = difflib.get_close_matches(profile, known, n=2, cutoff=0.5)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise ConfigError(
-        f"cluster profile '{profile}' not found in {CLUSTER_PROFILES_DIR}{hint}. Known: {', '.join(known)}"
-    )
-
-
-def load_cluster_params(profile: str | None = None, **flags: Any) -> ClusterParams:
-    """Cluster parameters: ``ClusterParams`` defaults < profile YAML < ``flags`` (None values are not set).
-
-    Raises:
-        ConfigError: Unknown profile or key (with close matches and the valid keys), wrong type or invalid value.
-    """
-
-    values: dict[str, Any] = {}
-    hints = typing.get_type_hints(ClusterParams)
-    if profile:
-        path = _profile_path(profile)
-        data = read_yaml_mapping(path, " of cluster keys")
-        for key, value in data.items():
-            if key not in hints:
-                raise ConfigError(_unknown_key_message(str(key), str(path)))
-            values[key] = _check_type(f"{path.name}: {key}", value, hints[key])
-    for key, value in flags.items():
-        if key not in hints:
-            raise ConfigError(_unknown_key_message(key, "flags"))
-        if value is not None:
-            values[key] = _check_type(key, value, hints[key])
-    return ClusterParams(**values)
 
 
 # ----------------------------------------------------------------------------------------------------- run config

@@ -434,7 +434,7 @@ def load_sweep(
         raise ConfigError(f"{path}: trial_backend must be 'local' or 'slurm', got {spec.trial_backend!r}")
     spec.slurm = dict(raw.get("slurm") or {})
     if not isinstance(raw.get("slurm") or {}, dict):
-        raise ConfigError(f"{path}: slurm must map launch.submit.ClusterParams keys (and 'profile') to values")
+        raise ConfigError(f"{path}: slurm must map launch.cluster_params.ClusterParams keys (and 'profile') to values")
     if spec.trial_backend == "slurm":
         try:
             slurm_cluster_params(spec.slurm, nproc)

@@ -260,13 +260,13 @@ def _report_metrics(event: dict[str, Any], last_train: dict[str, Any] | None) ->
 
 
 def slurm_cluster_params(options: dict[str, Any], nproc: int) -> Any:
-    """``launch.submit.ClusterParams`` of a trial job: ``options`` (``profile`` plus ClusterParams keys) with one task
-    per rank (one GPU per rank when ``gpus_per_node`` is set).
+    """``launch.cluster_params.ClusterParams`` of a trial job: ``options`` (``profile`` plus ClusterParams keys) with
+    one task per rank (one GPU per rank when ``gpus_per_node`` is set).
 
     Raises:
         ConfigError: an unknown profile or key (with close matches), or a bad value.
     """
-    from launch import submit  # noqa: PLC0415 - the Slurm side is needed only by this backend
+    from launch.cluster_params import load_cluster_params  # noqa: PLC0415 - needed only by the Slurm backend
 
     opts = dict(options)
     profile = opts.pop("profile", None)
@@ -276,7 +276,7 @@ def slurm_cluster_params(options: dict[str, Any], nproc: int) -> Any:
         opts["gpus_per_node"] = nproc
     else:
         opts.setdefault("tasks_per_node", nproc)
-    return submit.load_cluster_params(profile, **opts)
+    return load_cluster_params(profile, **opts)
 
 
 def submit_slurm_trial(base: str, overrides: list[str], params: Any) -> Any:

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from launch.cli import main as cli_main
+from launch.cluster_params import CLUSTER_PROFILES_DIR, ClusterParams, load_cluster_params
 from launch.status import parse_slurm_duration
-from launch.submit import CLUSTER_PROFILES_DIR, ClusterParams, load_cluster_params
 from pretrain.config import ConfigError, dump_config, load_config
 
 CONFIG = "configs/run/digits_sepvit_lite.yaml"
