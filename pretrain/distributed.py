@@ -7,6 +7,12 @@ gloo on CPU, NCCL on GPU.
 Precedence when several launchers left variables behind: ``RANK``/``WORLD_SIZE`` (torchrun, the DeepSpeed launcher,
 ``pretrain train --nproc``, submitit's ``TorchDistributedEnvironment.export()``) win over Slurm's ``SLURM_PROCID``/
 ``SLURM_NTASKS``; with neither, the process is a world of one.
+
+CPU threads (:func:`cpu_threads_per_rank`): a rank uses the CPUs it was given, never the whole machine. Its share is
+an explicit ``OMP_NUM_THREADS`` (the ``--nproc`` launcher and a sweep trial set it to their allotment divided among
+their ranks), else ``SLURM_CPUS_PER_TASK`` (each Slurm task is allotted its own), else the affinity mask divided among
+the ranks of the node; DataLoader workers of the rank count against the same share. Two ranks that each spin as
+many OpenMP threads as the machine has cores run many times slower than with their share.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ __all__ = [
     "all_reduce_max",
     "barrier",
     "broadcast_object",
+    "cpu_allotment",
+    "cpu_threads_per_rank",
     "destroy_distributed",
     "detect_environment",
     "expand_slurm_nodelist",
@@ -183,8 +191,54 @@ def find_free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def _positive_int(environ: Mapping[str, str], key: str) -> int | None:
+    try:
+        value = int(str(environ.get(key, "")).strip().split("(")[0])  # SLURM_CPUS_PER_TASK may read "2(x3)"
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
+def cpu_allotment(environ: Mapping[str, str] | None = None) -> int:
+    """CPUs this process may use, all its ranks and loader workers together.
+
+    The smallest of: the affinity mask (cgroups and ``taskset`` shrink it), ``SLURM_CPUS_PER_TASK`` inside a Slurm
+    task (with ``TaskPlugin=task/none`` the mask is the whole node), and an explicit ``OMP_NUM_THREADS``.
+    """
+    environ = os.environ if environ is None else environ
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    for key in ("SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS"):
+        given = _positive_int(environ, key)
+        if given is not None:
+            cpus = min(cpus, given)
+    return max(1, cpus)
+
+
+def cpu_threads_per_rank(
+    local_world_size: int, loader_workers: int = 0, environ: Mapping[str, str] | None = None
+) -> int:
+    """Intra-op threads for one rank: its CPU share less one per DataLoader worker, at least 1.
+
+    A rank's share is ``OMP_NUM_THREADS`` or ``SLURM_CPUS_PER_TASK`` when either is set (both are per process: a
+    launcher that shares CPUs among ranks sets ``OMP_NUM_THREADS`` to each rank's share, and Slurm allots
+    ``--cpus-per-task`` to every task), otherwise the affinity mask divided among the ``local_world_size`` ranks.
+    """
+    environ = os.environ if environ is None else environ
+    share = cpu_allotment(environ)
+    if _positive_int(environ, "OMP_NUM_THREADS") is None and _positive_int(environ, "SLURM_CPUS_PER_TASK") is None:
+        share = max(1, share // max(1, local_world_size))
+    return max(1, share - max(0, loader_workers))
+
+
 def init_distributed(
-    backend: str | None = None, device: str = "auto", timeout_min: float = 30.0, env: DistEnv | None = None
+    backend: str | None = None,
+    device: str = "auto",
+    timeout_min: float = 30.0,
+    env: DistEnv | None = None,
+    loader_workers: int = 0,
 ) -> DistInfo:
     """Join (or create) the default process group from the environment and pick this rank's device.
 
@@ -195,6 +249,7 @@ def init_distributed(
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         timeout_min: Collective timeout.
         env: Pre-detected environment; detected from ``os.environ`` when omitted.
+        loader_workers: DataLoader workers of this rank (they share its CPUs; see :func:`cpu_threads_per_rank`).
 
     Returns:
         Rank, world size, backend and the ``torch.device`` this rank trains on.
@@ -211,7 +266,9 @@ def init_distributed(
     else:
         dev = torch.device("cpu")
         # ranks sharing a node share its cores: without this each rank starts one thread per core and they thrash
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, env.local_world_size)))
+        threads = cpu_threads_per_rank(env.local_world_size, loader_workers)
+        torch.set_num_threads(threads)
+        logger.info("cpu: %d intra-op threads (allotment %d CPUs)", threads, cpu_allotment())
     backend = backend or ("nccl" if use_cuda else "gloo")
     port = env.master_port or find_free_port()
     # DeepSpeed and parts of torch read these even when the process group already exists

@@ -132,6 +132,29 @@ def submit_in_process(capsys, *argv: str) -> tuple[int, str, str]:
 # ------------------------------------------------------------------------------------------------------------ tests
 
 
+def test_a_task_with_two_cpus_per_task_trains_with_two_threads(slurm) -> None:
+    # The local Slurm runs TaskPlugin=task/none, so the task's affinity mask is the whole node: only
+    # SLURM_CPUS_PER_TASK tells a rank its share. A rank must take exactly that, whatever the machine has.
+    probe = (
+        "from pretrain.distributed import destroy_distributed, init_distributed\n"
+        "init_distributed(device='cpu')\n"
+        "import torch; print('threads', torch.get_num_threads())\n"
+        "destroy_distributed()\n"
+    )
+    env = train_env()
+    env.pop("OMP_NUM_THREADS")
+    for cpus in (1, 2):
+        out = subprocess.run(
+            ["srun", "-N1", "-n1", f"--cpus-per-task={cpus}", "--time=5", sys.executable, "-c", probe],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        assert f"threads {cpus}" in out.stdout.splitlines(), out.stdout
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
