@@ -5,6 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DATA    ?= data/digits
 PRETRAIN_CONFIG ?= configs/run/digits_sepvit_lite.yaml
+ARGS    ?=
 
 .PHONY: install test lint format pretrain clean slurm-up slurm-down bench
 
@@ -41,7 +42,7 @@ format: install
 
 pretrain: install
 	test -f $(DATA)/manifest.json || $(BIN)/pretrain data build digits --out $(DATA)
-	$(BIN)/pretrain train $(PRETRAIN_CONFIG) data.path=$(DATA) --nproc 2
+	$(BIN)/pretrain train $(PRETRAIN_CONFIG) data.path=$(DATA) $(ARGS) --nproc 2
 
 slurm-up: install
 	@if [ -x launch/local_slurm/start.sh ]; then bash launch/local_slurm/start.sh; else echo "local Slurm not available in this checkout"; fi

@@ -46,7 +46,7 @@ from pretrain.checkpoint import (
     verify_checkpoint,
 )
 from pretrain.config import Config, ConfigError, load_config, model_shape_digest
-from pretrain.distributed import detect_environment, find_free_port
+from pretrain.distributed import cpu_allotment, detect_environment, find_free_port
 
 __all__ = [
     "EXIT_FAILED",
@@ -56,6 +56,7 @@ __all__ = [
     "LaunchPlan",
     "main",
     "register",
+    "resolve_data",
     "validate_launch",
 ]
 
@@ -134,7 +135,7 @@ def validate_launch(
 
     from pretrain.engine import build_ds_config
 
-    cfg = _resolve_data(cfg)
+    cfg = resolve_data(cfg)
     build_ds_config(cfg, world)  # batch arithmetic, ZeRO/offload/EMA combinations
     _check_model(cfg)
     if cfg.trainer.precision != "fp32" or cfg.trainer.device == "cuda":
@@ -174,7 +175,13 @@ def validate_launch(
     return LaunchPlan(cfg, world, spawn, resume_from, finished, env.rank)
 
 
-def _resolve_data(cfg: Config) -> Config:
+def resolve_data(cfg: Config) -> Config:
+    """``cfg`` with ``model.num_classes`` from the data set's manifest.
+
+    Raises:
+        ConfigError: ``data.path`` holds no built data set (naming the command that builds one), or its manifest is
+            unreadable.
+    """
     manifest = Path(cfg.data.path) / "manifest.json"
     if not manifest.is_file():
         raise ConfigError(
@@ -238,7 +245,7 @@ def _train_here(plan: LaunchPlan) -> int:
 
     if plan.cfg.trainer.device == "cpu" or not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is imported: skip GPU probing
-    dist = init_distributed(device=plan.cfg.trainer.device)
+    dist = init_distributed(device=plan.cfg.trainer.device, loader_workers=plan.cfg.data.num_workers)
     try:
         result = run_training(plan.cfg, dist, plan.resume_from)
     except BaseException:
@@ -271,6 +278,8 @@ def _launch_local(nproc: int, args: argparse.Namespace) -> int:
     """Start ``nproc`` ranks of this command, forward SIGTERM/SIGUSR2, and fail fast if one rank dies."""
     port = find_free_port()
     procs: list[subprocess.Popen] = []
+    # the ranks share this process's CPUs (affinity, Slurm task, OMP_NUM_THREADS): each gets its part of them
+    threads = max(1, cpu_allotment() // nproc)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     for rank in range(nproc):
         env = dict(
@@ -281,6 +290,7 @@ def _launch_local(nproc: int, args: argparse.Namespace) -> int:
             LOCAL_WORLD_SIZE=str(nproc),
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
+            OMP_NUM_THREADS=str(threads),
             **{_LAUNCHED_BY: str(os.getpid())},
         )
         procs.append(subprocess.Popen(_child_argv(args), env=env))

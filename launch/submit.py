@@ -91,15 +91,11 @@ def validate_run(config: str, overrides: list[str], params: ClusterParams) -> Ru
         ConfigError: Naming the key or file and the fix.
     """
     from launch.cmd_train import validate_launch
-    from pretrain.config import load_config
+    from pretrain.config import absolute_paths, load_config
     from pretrain.engine import build_ds_config
 
     cfg = load_config(config, overrides)
-    overrides = [
-        *overrides,
-        f"run.output_dir={Path(cfg.run.output_dir).resolve()}",
-        f"data.path={Path(cfg.data.path).resolve()}",
-    ]
+    overrides = [*overrides, *absolute_paths(cfg)]
     cfg = load_config(config, overrides)
     warnings: list[str] = []
     needs_gpu = cfg.trainer.device == "cuda" or cfg.trainer.precision != "fp32"

@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from launch.cmd_train import resolve_data
 from launch.sweep_spec import (
     SweepSpec,
     evals_per_trial,
@@ -113,6 +114,8 @@ def _trial_spec(spec: SweepSpec, cfg: Config) -> TrialSpec:
         slurm=dict(spec.slurm),
         always_checkpoint=spec.scheduler.name == "pbt",
         stop_grace_s=spec.stop_grace_s,
+        workdir=spec.workdir or str(Path.cwd()),
+        cpus=max(1, int(spec.resources["cpu"])),
     )
 
 
@@ -161,6 +164,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> tuple[list[TrialRecord],
             logger.warning("the sweep YAML changed since %s was written; continuing with the stored spec", saved)
         spec = dataclasses.replace(spec_from_yaml(stored), output_dir=str(sweep_dir.parent), name=sweep_dir.name)
     cfg = validate_trial_configs(spec)
+    resolve_data(cfg)  # the data set must be where every trial will look, checked as `pretrain train` checks it
 
     from ray import tune  # noqa: PLC0415
     from ray.tune.search import BasicVariantGenerator  # noqa: PLC0415
@@ -286,6 +290,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     )
     if args.dry_run:
         cfg = validate_trial_configs(spec)
+        resolve_data(cfg)
         print(yaml.safe_dump(json.loads(json.dumps(spec.to_yaml())), sort_keys=False))
         print(f"trial configs valid; {evals_per_trial(spec, cfg)} eval events per trial; sweep dir {spec.sweep_dir}")
         return 0

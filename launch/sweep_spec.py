@@ -13,13 +13,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from launch.sweep_trial import format_override, slurm_cluster_params
-from pretrain.config import CONFIGS_DIR, Config, ConfigError, _all_keys, _suggest, load_config, read_yaml_mapping
+from pretrain.config import (
+    CONFIGS_DIR,
+    PATH_KEYS,
+    Config,
+    ConfigError,
+    _all_keys,
+    _suggest,
+    absolute_paths,
+    load_config,
+    read_yaml_mapping,
+)
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -62,7 +73,7 @@ _TRIAL_DEFAULT_OVERRIDES = ["checkpoint.keep_best=0", "trainer.progress_bar=fals
 _TOP_KEYS = (
     "name", "description", "output_dir", "base", "overrides", "space", "scheduler", "metric", "mode", "num_samples",
     "max_concurrent", "resources", "max_failures", "keep_checkpoints", "trial_keep_last", "trial_backend", "slurm",
-    "seed", "stop_grace_s",
+    "seed", "stop_grace_s", "workdir",
 )  # fmt: skip
 
 
@@ -161,6 +172,9 @@ class SweepSpec:
     """Seed of the sampling of the space (None: random)."""
     stop_grace_s: float = 20.0
     """Seconds a stopped trial's run gets between SIGTERM and SIGKILL."""
+    workdir: str = ""
+    """The directory ``pretrain sweep`` was run from (absolute): relative paths of the user's were resolved there, and
+    local trials run there, so a run config's relative ``base:`` files resolve as in ``pretrain train``."""
 
     @property
     def sweep_dir(self) -> Path:
@@ -453,7 +467,31 @@ def load_sweep(
         spec.name = name
     if not re.fullmatch(r"[A-Za-z0-9._-]+", spec.name) or spec.name in (".", ".."):
         raise ConfigError(f"sweep name {spec.name!r} must be a folder name (letters, digits, '.', '_', '-')")
+    _pin_paths(spec)
     return spec
+
+
+def _pin_paths(spec: SweepSpec) -> None:
+    """Make every path the user gave absolute, against the directory ``pretrain sweep`` runs in.
+
+    Trials start in Ray Tune's trial folders (or on a Slurm node): a relative ``data.path`` from the base config, an
+    override or the space would be looked up there. ``sweep.yaml`` records the absolute paths, so ``--resume`` from
+    another directory continues the same sweep.
+    """
+    cwd = Path.cwd()
+    spec.workdir = str(cwd)
+    spec.output_dir = os.path.normpath(cwd / Path(spec.output_dir).expanduser())
+    for key in PATH_KEYS:
+        dist = spec.space.get(key)
+        if dist is not None and dist.kind in ("choice", "grid"):
+            dist.values = [
+                os.path.normpath(cwd / Path(v).expanduser()) if isinstance(v, str) else v for v in dist.values
+            ]
+    try:
+        cfg = load_config(spec.base, trial_fixed_overrides(spec))
+    except ConfigError as e:
+        raise ConfigError(f"the trial config (base + overrides) is invalid: {e}") from e
+    spec.overrides = [*spec.overrides, *absolute_paths(cfg, cwd, skip=(*spec.space, "run.output_dir"))]
 
 
 def trial_fixed_overrides(spec: SweepSpec) -> list[str]:

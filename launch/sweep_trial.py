@@ -83,6 +83,10 @@ class TrialSpec:
     """Seconds between SIGTERM and SIGKILL when a trial is stopped."""
     poll_s: float = 0.5
     """Seconds between reads of ``metrics.jsonl``."""
+    workdir: str = ""
+    """Directory a local trial's run starts in (where ``pretrain sweep`` ran; its relative paths mean the same)."""
+    cpus: int = 1
+    """CPUs of a local trial (Ray's ``resources.cpu``): its ranks share them (``OMP_NUM_THREADS``)."""
     train_command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "launch.cli", "train"])
     """Command that starts a training run (``pretrain train``)."""
 
@@ -477,7 +481,9 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         cmd = [*spec.train_command, spec.base, *overrides, "--nproc", str(spec.nproc)]
         if resume:
             cmd += ["--resume", resume]
-        run = LocalRun(cmd, run_dir, spec.stop_grace_s)
+        # the run's ranks share the trial's CPUs, not the machine's: `pretrain train` divides OMP_NUM_THREADS among them
+        env = {**os.environ, "OMP_NUM_THREADS": str(spec.cpus)}
+        run = LocalRun(cmd, run_dir, spec.stop_grace_s, cwd=spec.workdir or None, env=env)
 
     reported_tag: str | None = None
     last_train: dict[str, Any] | None = None

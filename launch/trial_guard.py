@@ -218,8 +218,17 @@ def _wait_group(pgid: int, ended: Any, timeout_s: float) -> None:
 class LocalRun:
     """A ``pretrain train`` subprocess group under a detached guard."""
 
-    def __init__(self, cmd: list[str], run_dir: Path, grace_s: float):
+    def __init__(
+        self,
+        cmd: list[str],
+        run_dir: Path,
+        grace_s: float,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.cmd = cmd
+        self.cwd = cwd
+        self.env = env
         self.run_dir = run_dir
         self.sweep_dir = run_dir / SWEEP_SUBDIR
         self.grace_s = grace_s
@@ -244,7 +253,14 @@ class LocalRun:
             "--exit-file", str(self.exit_file), "--log", str(log), "--grace-s", str(self.grace_s),
             "--", *self.cmd,
         ]  # fmt: skip
-        leader = subprocess.Popen(guard, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
+        leader = subprocess.Popen(
+            guard,
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=self.cwd,
+            env=self.env,
+        )
         line = leader.stdout.readline() if leader.stdout else b""
         leader.wait()
         if not line.strip():

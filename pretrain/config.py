@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ __all__ = [
     "ScheduleConfig",
     "TrainerConfig",
     "CONFIGS_DIR",
+    "PATH_KEYS",
+    "absolute_paths",
     "config_digest",
     "config_to_dict",
     "dump_config",
@@ -514,11 +517,15 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
-def _find_yaml(kind: str, name: str, near: Path | None) -> Path:
+def _find_yaml(kind: str, name: str, near: Path | None, beside: Path | None = None) -> Path:
+    """A ``base:`` file: a path relative to the working directory, then to the run config's own folder (``beside``),
+    then to ``configs/``; a bare name is looked up in ``configs/<kind>/``. The result is absolute."""
     candidates = []
-    p = Path(name)
+    p = Path(name).expanduser()
     if p.suffix in (".yaml", ".yml"):
         candidates.append(p)
+        if beside is not None:
+            candidates.append(beside / p)
         if near is not None:
             candidates.append(near / p)
     for root in ([near] if near else []) + [CONFIGS_DIR]:
@@ -526,7 +533,7 @@ def _find_yaml(kind: str, name: str, near: Path | None) -> Path:
         candidates.append(root.parent / kind / f"{name}.yaml")
     for c in candidates:
         if c.is_file():
-            return c
+            return Path(os.path.abspath(c))
     known = sorted(x.stem for x in (CONFIGS_DIR / kind).glob("*.yaml"))
     raise ConfigError(f"{kind} config '{name}' not found (looked in configs/{kind}/); known: {', '.join(known)}")
 
@@ -563,12 +570,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         near = path.resolve().parent.parent  # configs/run/x.yaml -> configs/
         for kind in ("model", "data"):
             if kind in base:
-                section = read_yaml_mapping(_find_yaml(kind, str(base[kind]), near))
+                section = read_yaml_mapping(_find_yaml(kind, str(base[kind]), near, path.resolve().parent))
                 merged = _deep_merge(merged, {kind: section})
         merged = _deep_merge(merged, run_yaml)
     if overrides:
         merged = _deep_merge(merged, parse_overrides(overrides))
     return _build(Config, merged)
+
+
+PATH_KEYS = ("data.path", "run.output_dir")
+"""Config fields that name a file or folder. A relative value is relative to the directory the user ran the command
+in; a process that starts elsewhere (a sweep trial, a Slurm job) gets them made absolute (:func:`absolute_paths`)."""
+
+
+def absolute_paths(cfg: Config, root: str | Path | None = None, skip: tuple[str, ...] = ()) -> list[str]:
+    """``key=/absolute/path`` overrides for the relative :data:`PATH_KEYS` of ``cfg``, against ``root`` (default: the
+    working directory). Symlinks are kept as the user wrote them; ``skip`` names keys to leave alone."""
+    root = Path(root) if root is not None else Path.cwd()
+    pinned = []
+    for key in PATH_KEYS:
+        if key in skip:
+            continue
+        section, name = key.split(".")
+        value = os.path.expanduser(str(getattr(getattr(cfg, section), name)))
+        if value and not os.path.isabs(value):
+            pinned.append(f"{key}={json.dumps(os.path.normpath(os.path.join(os.path.abspath(root), value)))}")
+    return pinned
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
