@@ -1,4 +1,8 @@
-"""The ``pretrain`` command: one parser, one subcommand module each (imported lazily so ``--help`` stays fast).
+"""The ``pretrain`` command: one parser, one subcommand module each, imported only when needed.
+
+``pretrain COMMAND ...`` imports only that command's module (``pretrain status`` must not import torch, which the
+training commands need); ``pretrain --help``, no command or an unknown one import them all, so the help and the usage
+error list every command.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad config (nothing was started or written).
 """
@@ -25,7 +29,9 @@ _COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``pretrain`` parser with the subcommand that ``argv`` names, or with all of them (``argv`` None, help,
+    no command or an unknown one)."""
     parser = argparse.ArgumentParser(
         prog="pretrain",
         description="Distributed pretraining of SeTformer and SepViT: WebDataset shards, DeepSpeed ZeRO, "
@@ -33,11 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    seen = set()
-    for module_name in _COMMANDS.values():
-        if module_name in seen:
-            continue
-        seen.add(module_name)
+    first = argv[0] if argv else None
+    wanted = [_COMMANDS[first]] if first in _COMMANDS else list(dict.fromkeys(_COMMANDS.values()))
+    for module_name in wanted:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
@@ -52,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.config import ConfigError
     from pretrain.logging_utils import init_logging
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

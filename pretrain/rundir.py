@@ -56,6 +56,7 @@ __all__ = [
     "LeaseInfo",
     "acquire_lease",
     "lease_holder",
+    "process_start_time",
     "read_status",
     "write_atomic",
 ]
@@ -157,6 +158,20 @@ def _proc_start(pid: int) -> int | None:
         return None
     fields = stat.rsplit(")", 1)[1].split()
     return None if fields[0] == "Z" else int(fields[19])  # field 22 of proc(5): starttime; a zombie is gone
+
+
+def process_start_time(pid: int) -> float | None:
+    """Unix time at which process ``pid`` of this host started; None when there is none (or only its zombie)."""
+    ticks = _proc_start(pid)
+    if ticks is None:
+        return None
+    try:
+        boot = next(
+            float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line[:6] == "btime "
+        )
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _slurm_job_ended(job_id: str) -> bool:
