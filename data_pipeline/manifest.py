@@ -2,7 +2,8 @@
 
 It lists, per split, every shard with its sample count, size and sha256, plus the class names, the image format
 and the source the shards were built from. The stream derives sample keys and shard offsets from it, ``inspect``
-verifies shards against it. Schema (version 1)::
+verifies shards against it. Every sample is labelled (a ``.cls`` member holding an index into ``classes``), so a split
+with samples needs a non-empty ``classes``. Schema (version 1)::
 
     {"version": 1, "source": str, "format": "png" | "jpeg" | "mixed", "classes": [name, ...], "created": iso time,
      "splits": {"train": {"num_samples": int, "class_counts": {name: n},
@@ -165,6 +166,12 @@ class Manifest:
             if unknown:
                 raise bad(f"{at}.class_counts names classes not in 'classes': {unknown[:5]}")
             splits[str(split_name)] = SplitInfo(num_samples, class_counts, shards)
+        labelled = [name for name, split in splits.items() if split.num_samples > 0]
+        if labelled and not classes:
+            raise bad(
+                f"'classes' is empty but split(s) {', '.join(labelled)} hold samples, each with a .cls label that "
+                "indexes 'classes': the labels name no class"
+            )
         skipped = raw.get("skipped") or []
         if not isinstance(skipped, list) or not all(isinstance(x, dict) for x in skipped):
             raise bad("'skipped' must be a list of {path, reason} objects")

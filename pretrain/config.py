@@ -34,6 +34,7 @@ __all__ = [
     "RunConfig",
     "ScheduleConfig",
     "TrainerConfig",
+    "UniqueKeyLoader",
     "CONFIGS_DIR",
     "PATH_KEYS",
     "absolute_paths",
@@ -502,7 +503,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not key or key.startswith(".") or key.endswith("."):
             raise ConfigError(f"override {item!r} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml.load(raw, Loader=UniqueKeyLoader) if raw != "" else ""
+        except _DuplicateKeyError as e:
+            raise ConfigError(f"override {item!r}: {e}") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from e
         parts = key.split(".")
@@ -538,14 +541,63 @@ def _find_yaml(kind: str, name: str, near: Path | None, beside: Path | None = No
     raise ConfigError(f"{kind} config '{name}' not found (looked in configs/{kind}/); known: {', '.join(known)}")
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (plain PyYAML silently keeps the last one, so a
+    second ``optim:`` section would drop the first without a word). Keys merged in with ``<<:`` may be overridden."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._mapping_paths: dict[int, str] = {}
+        _record_mapping_paths(node, "", self._mapping_paths)
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first is not key_node:
+                where = getattr(self, "_mapping_paths", {}).get(id(node), "")
+                raise _DuplicateKeyError(
+                    f"key '{where}{key}' is given twice (lines {first.start_mark.line + 1} and "
+                    f"{key_node.start_mark.line + 1}); keep one"
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping names one key twice."""
+
+
+def _record_mapping_paths(node: yaml.Node, prefix: str, out: dict[int, str]) -> None:
+    """``out[id(mapping node)] = "section.sub."``: where each mapping sits, to name a duplicate key in full."""
+    if id(node) in out:
+        return  # an alias of a node seen already
+    if isinstance(node, yaml.MappingNode):
+        out[id(node)] = prefix
+        for key_node, value_node in node.value:
+            name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+            _record_mapping_paths(value_node, f"{prefix}{name}.", out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _record_mapping_paths(item, f"{prefix.rstrip('.')}[{i}].", out)
+
+
 def read_yaml_mapping(path: str | Path, what: str = "") -> dict[str, Any]:
-    """The top-level mapping of a YAML file (``{}`` for an empty one).
+    """The top-level mapping of a YAML file (``{}`` for an empty one), read with :class:`UniqueKeyLoader`.
 
     Raises:
-        ConfigError: Invalid YAML, or not a mapping (``what`` says of what, e.g. ``" of cluster keys"``).
+        ConfigError: Invalid YAML, a key given twice, or not a mapping (``what`` says of what, e.g.
+            ``" of cluster keys"``).
     """
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.load(Path(path).read_text(), Loader=UniqueKeyLoader) or {}
+    except _DuplicateKeyError as e:
+        raise ConfigError(f"{path}: {e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(data, dict):

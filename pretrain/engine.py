@@ -65,14 +65,18 @@ def check_batch_sizes(cfg: Config, world_size: int) -> int:
 
 
 def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config dict for ``cfg`` on ``world_size`` ranks (``deepspeed.overrides`` merged last)."""
+    """The DeepSpeed config dict for ``cfg`` on ``world_size`` ranks (``deepspeed.overrides`` merged last).
+
+    The checks run on the merged result, so a value set through ``deepspeed.overrides`` is refused exactly as the
+    typed field would be; an override may not contradict a typed field that other code reads (see
+    :data:`_TYPED_DS_KEYS`).
+
+    Raises:
+        ConfigError: Naming the key (the typed field, or ``deepspeed.overrides.<path>``) and the fix.
+    """
     check_batch_sizes(cfg, world_size)
-    if cfg.trainer.ema_decay > 0 and cfg.deepspeed.zero_stage == 3:
-        raise ConfigError("trainer.ema_decay > 0 needs full parameters on every rank: use deepspeed.zero_stage <= 2")
     zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
     if cfg.deepspeed.offload_optimizer != "none":
-        if cfg.deepspeed.zero_stage == 0:
-            raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
         zero["offload_optimizer"] = {"device": cfg.deepspeed.offload_optimizer, "pin_memory": False}
     if cfg.deepspeed.offload_param != "none":
         zero["offload_param"] = {"device": cfg.deepspeed.offload_param, "pin_memory": False}
@@ -93,7 +97,79 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
         ds["bf16"] = {"enabled": True}
     elif cfg.trainer.precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2}
-    return _merge(ds, cfg.deepspeed.overrides)
+    merged = _merge(ds, cfg.deepspeed.overrides)
+    _check_ds_config(cfg, merged)
+    _check_typed_keys(cfg, ds)
+    return merged
+
+
+_TYPED_DS_KEYS = {
+    ("zero_optimization", "stage"): "deepspeed.zero_stage",
+    ("train_micro_batch_size_per_gpu",): "data.batch_size",
+    ("gradient_accumulation_steps",): "trainer.grad_accum_steps",
+    ("train_batch_size",): "data.batch_size and trainer.grad_accum_steps",
+    ("bf16", "enabled"): "trainer.precision",
+    ("fp16", "enabled"): "trainer.precision",
+}
+"""DeepSpeed keys that a typed field sets and that code besides DeepSpeed reads through the field (a checkpoint's ZeRO
+stage, the loader's batch size, the precision's GPU check): ``deepspeed.overrides`` may repeat them, not change them."""
+
+
+def _get(d: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def _check_ds_config(cfg: Config, ds: dict[str, Any]) -> None:
+    """The ZeRO, offload, EMA and clipping rules, on the merged DeepSpeed config (each message names the key set)."""
+    overrides = cfg.deepspeed.overrides
+
+    def key(path: tuple[str, ...], typed: str) -> str:
+        return f"deepspeed.overrides.{'.'.join(path)}" if _get(overrides, path) is not None else typed
+
+    if not isinstance(ds.get("zero_optimization"), dict):
+        raise ConfigError("deepspeed.overrides.zero_optimization must be a mapping, e.g. {reduce_bucket_size: 5e7}")
+    stage_key = key(("zero_optimization", "stage"), "deepspeed.zero_stage")
+    stage = _get(ds, ("zero_optimization", "stage"))
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{stage_key}={stage!r} must be 0, 1, 2 or 3")
+    if cfg.trainer.ema_decay > 0 and stage == 3:
+        raise ConfigError(
+            f"trainer.ema_decay > 0 needs full parameters on every rank: use deepspeed.zero_stage <= 2 "
+            f"({stage_key} is 3)"
+        )
+    offload_opt = _get(ds, ("zero_optimization", "offload_optimizer", "device")) or "none"
+    if offload_opt != "none" and stage == 0:
+        where = key(("zero_optimization", "offload_optimizer", "device"), "deepspeed.offload_optimizer")
+        raise ConfigError(
+            f"deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1 ({where}={offload_opt!r}, {stage_key}=0)"
+        )
+    offload_param = _get(ds, ("zero_optimization", "offload_param", "device")) or "none"
+    if offload_param != "none" and stage != 3:
+        where = key(("zero_optimization", "offload_param", "device"), "deepspeed.offload_param")
+        raise ConfigError(
+            f"deepspeed.offload_param needs deepspeed.zero_stage=3 ({where}={offload_param!r}, {stage_key}={stage})"
+        )
+    clip = ds.get("gradient_clipping")
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
+        raise ConfigError(f"{key(('gradient_clipping',), 'optim.grad_clip')}={clip!r} must be >= 0 (0 disables)")
+
+
+def _check_typed_keys(cfg: Config, built: dict[str, Any]) -> None:
+    """Refuse an override that changes a value :data:`_TYPED_DS_KEYS` says belongs to a typed field."""
+    for path, typed in _TYPED_DS_KEYS.items():
+        given, want = _get(cfg.deepspeed.overrides, path), _get(built, path)
+        if path[-1] == "enabled":  # bf16/fp16 absent means disabled
+            given, want = (None if given is None else bool(given)), bool(want)
+        if given is None or given == want:
+            continue
+        raise ConfigError(
+            f"deepspeed.overrides.{'.'.join(path)}={given!r} contradicts {typed} (which gives {want!r}): set "
+            f"{typed} instead; the trainer and its checkpoints read that"
+        )
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
