@@ -47,6 +47,7 @@ from pretrain.checkpoint import (
 )
 from pretrain.config import Config, ConfigError, load_config, model_shape_digest
 from pretrain.distributed import cpu_allotment, detect_environment, find_free_port
+from pretrain.rundir import Lease, LeaseHeld, acquire_lease
 
 __all__ = [
     "EXIT_FAILED",
@@ -227,10 +228,17 @@ def _run(args: argparse.Namespace) -> int:
         logger.info("run %s already finished (checkpoint %s); not training again", plan.cfg.run_dir, plan.resume_from)
         code = EXIT_OK
     elif plan.spawn:
-        code = _launch_local(plan.spawn, args)
+        # the launcher owns the run directory for the ranks' whole life (they share its lease: see _train_here)
+        try:
+            lease = _acquire(plan.cfg.run_dir, None)
+        except LeaseHeld as e:
+            print(f"pretrain train: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        with lease:
+            code = _launch_local(plan.spawn, args)
     else:
         code = _train_here(plan)
-    if plan.rank == 0 and _LAUNCHED_BY not in os.environ:  # with --nproc the launcher prints it, not rank 0
+    if plan.rank == 0 and _LAUNCHED_BY not in os.environ and code != EXIT_USAGE:  # with --nproc the launcher prints
         _print_summary(plan.cfg, code)
     return code
 
@@ -246,6 +254,12 @@ def _train_here(plan: LaunchPlan) -> int:
     if plan.cfg.trainer.device == "cpu" or not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is imported: skip GPU probing
     dist = init_distributed(device=plan.cfg.trainer.device, loader_workers=plan.cfg.data.num_workers)
+    lease, refused = _take_lease(plan.cfg, dist)
+    if refused:
+        destroy_distributed()
+        if dist.rank == 0:
+            print(f"pretrain train: {refused}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         result = run_training(plan.cfg, dist, plan.resume_from)
     except BaseException:
@@ -258,11 +272,40 @@ def _train_here(plan: LaunchPlan) -> int:
             traceback.print_exc()
             sys.stderr.flush()
             sys.stdout.flush()
+            if lease is not None:
+                lease.release()
             os._exit(EXIT_FAILED)
         destroy_distributed()
         raise
+    finally:
+        if lease is not None:
+            lease.release()
     destroy_distributed()
     return result.exit_code
+
+
+def _acquire(run_dir: Path, slurm_job_id: str | None) -> Lease:
+    lease = acquire_lease(run_dir, slurm_job_id=slurm_job_id)
+    if lease.took_over:
+        logger.warning("took over the lease of %s: its holder is dead (%s)", run_dir, lease.took_over)
+    return lease
+
+
+def _take_lease(cfg: Config, dist: Any) -> tuple[Lease | None, str]:
+    """Rank 0 takes the run directory's lease before anything is written; every rank learns whether it got it.
+
+    Ranks started by ``--nproc`` run under their launcher's lease. Returns ``(lease, refusal)``: the lease this process
+    holds (None on other ranks) and, when the directory belongs to a live run, the message naming it.
+    """
+    from pretrain.distributed import broadcast_object
+
+    lease, refused = None, ""
+    if dist.rank == 0 and _LAUNCHED_BY not in os.environ:
+        try:
+            lease = _acquire(cfg.run_dir, dist.slurm_job_id)
+        except LeaseHeld as e:
+            refused = str(e)
+    return lease, str(broadcast_object(refused))
 
 
 def _child_argv(args: argparse.Namespace) -> list[str]:
