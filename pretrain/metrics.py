@@ -2,7 +2,8 @@
 throughput/MFU helpers and top-k counting.
 
 Every event is one JSON object per line in ``<run>/metrics.jsonl``; the same numeric fields go to TensorBoard under
-``train/<key>`` (step events) or ``eval/<key>`` (eval events, keys starting with ``val_``).
+``train/<key>`` (step events) or ``eval/<key>`` (eval events, keys starting with ``val_``). Flags (``skipped``,
+``resumed_in_window``) are not scalars and stay in ``metrics.jsonl``.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ One process per rank runs :func:`run_training`. Exit codes (also the process exi
   ``preempted``. Running the same command again resumes exactly (the Slurm requeue relies on this code).
 
 Exactness on resume (same world size, CPU): the model, optimizer and LR scheduler come from DeepSpeed's checkpoint;
-the data position, the torch/numpy/python RNG states (per rank) and the trainer counters from the checkpoint's
-client and per-rank state; device-side augmentation draws from a ``torch.Generator`` seeded by (trainer.seed, step,
+the data position, the torch/numpy/python RNG states (per rank) and the trainer counters (with the loss sums of the
+log window in progress, so the event that spans the resume logs the same loss) from the checkpoint's client and
+per-rank state; device-side augmentation draws from a ``torch.Generator`` seeded by (trainer.seed, step,
 micro-step, rank), so it needs no saved state. Loader iteration runs under ``torch.random.fork_rng`` so starting a new
 DataLoader iterator on resume does not shift the global RNG stream that dropout and drop path use.
 """
@@ -256,13 +257,47 @@ def build_trainer(cfg: Config, dist: DistInfo, stop: StopSignals | None = None) 
 
 @dataclass
 class _Window:
-    """Accumulates timing between two log events."""
+    """The steps since the previous train event: their losses (resumable) and this process's timing of them.
+
+    The loss sums and the step count before the resume are part of the trainer's checkpointed state, so the first
+    event after a resume averages the loss over the whole window, as the uninterrupted run does. The timing covers
+    only the steps run in this process: a full window's images over part of its time would overstate the throughput,
+    and the other life's clock is not comparable (start-up, another node).
+    """
 
     start: float = field(default_factory=time.perf_counter)
     steps: int = 0
+    """Steps timed in this process."""
     data_wait_s: float = 0.0
     loss_sum: float = 0.0
     loss_count: int = 0
+    resumed_steps: int = 0
+    """Steps of this window run before the resume (from the checkpoint)."""
+
+    def add(self, out: dict[str, Any]) -> None:
+        """Count one step's :meth:`Trainer.train_step` result (a skipped step's NaN loss is left out of the mean)."""
+        self.steps += 1
+        self.data_wait_s += out["data_wait_s"]
+        if not out["skipped"]:
+            self.loss_sum += out["loss"]
+            self.loss_count += 1
+
+    def state_dict(self) -> dict[str, int | float]:
+        """Plain numbers only (the checkpoint must load with ``torch.load(weights_only=True)``)."""
+        return {
+            "steps": int(self.resumed_steps + self.steps),
+            "loss_sum": float(self.loss_sum),
+            "loss_count": int(self.loss_count),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, int | float] | None) -> _Window:
+        """The window a checkpoint was written in; an empty one for checkpoints older than the window state."""
+        if not state:
+            return cls()
+        return cls(
+            loss_sum=float(state["loss_sum"]), loss_count=int(state["loss_count"]), resumed_steps=int(state["steps"])
+        )
 
 
 class Trainer:
@@ -295,6 +330,7 @@ class Trainer:
         self.best_step: int | None = None
         self.last_eval: dict[str, Any] = {}
         self.restarts = 0
+        self._window = _Window()  # the steps not yet logged
         # per process
         self.last_checkpoint: str | None = None
         self._last_save_time = time.monotonic()
@@ -304,7 +340,8 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Trainer counters (rank-independent), stored in DeepSpeed's client state."""
+        """Trainer counters and the loss sums of the log window in progress (rank-independent: losses are
+        all-reduced), stored in DeepSpeed's client state."""
         return {
             "step": self.step,
             "nonfinite_total": self.nonfinite_total,
@@ -313,6 +350,7 @@ class Trainer:
             "best_step": self.best_step,
             "last_eval": dict(self.last_eval),
             "restarts": self.restarts,
+            "log_window": self._window.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -322,6 +360,7 @@ class Trainer:
         self.best_metric, self.best_step = state["best_metric"], state["best_step"]
         self.last_eval = dict(state["last_eval"])
         self.restarts = int(state["restarts"])
+        self._window = _Window.from_state(state.get("log_window"))  # absent in checkpoints of older versions
 
     # -- the run -------------------------------------------------------------------------------------------------
 
@@ -373,12 +412,11 @@ class Trainer:
             return self._finish("finished", EXIT_OK)
         self._batches = self._batch_stream()
         bar = self._progress_bar()
-        window = _Window()
+        self._window.start = time.perf_counter()  # this process times its own steps only
         while self.step < max_steps:
             out = self.train_step()
             self.step += 1
-            window.steps += 1
-            window.data_wait_s += out["data_wait_s"]
+            self._window.add(out)
             if out["skipped"]:
                 self.nonfinite_total += 1
                 self.nonfinite_in_a_row += 1
@@ -389,11 +427,8 @@ class Trainer:
                 )
             else:
                 self.nonfinite_in_a_row = 0
-                window.loss_sum += out["loss"]
-                window.loss_count += 1
             if self.step % tcfg.log_every_steps == 0 or self.step == max_steps or out["skipped"]:
-                event = self.log_step(out, window)
-                window = _Window()
+                event = self.log_step(out)
                 if bar is not None:
                     bar.set_postfix(loss=f"{event['loss']:.4f}", img_s=f"{event['img_per_s']:.0f}", refresh=False)
             if bar is not None:
@@ -591,8 +626,13 @@ class Trainer:
         self._last_save_time = time.monotonic()
         self.status.update(last_checkpoint=self.last_checkpoint, step=self.step)
 
-    def log_step(self, out: dict[str, Any], window: _Window) -> dict[str, Any]:
-        """Write a train event for the steps since the previous one (throughput over that window)."""
+    def log_step(self, out: dict[str, Any]) -> dict[str, Any]:
+        """Write a train event for the steps since the previous one, then start a new window.
+
+        The loss is the mean over the whole window, across a resume too. The timing fields cover the window's steps
+        run in this process; ``resumed_in_window`` says when that is not the whole window.
+        """
+        window, self._window = self._window, _Window()
         elapsed = max(1e-9, time.perf_counter() - window.start)
         img_per_s = window.steps * self.global_batch / elapsed
         event: dict[str, Any] = {
@@ -607,6 +647,7 @@ class Trainer:
             "img_per_s_per_rank": img_per_s / self.dist.world_size,
             "data_wait_frac": window.data_wait_s / elapsed,
             "step_time_s": elapsed / max(1, window.steps),
+            "resumed_in_window": window.resumed_steps > 0,
             "peak_mem_mb": peak_memory_mb(self.dist.device),
             "nonfinite_steps": self.nonfinite_total,
             "time": time.time(),
