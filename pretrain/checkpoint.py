@@ -9,16 +9,28 @@ Layout (DESIGN.md, "Training flow")::
             rank_00000.pt ...           # per-rank state: RNGs (torch/numpy/python), data loader, corrupt counts
             ema.pt                      # EMA weights (only when trainer.ema_decay > 0)
             meta.json                   # step, digests, model config, eval metrics at save time
-            COMPLETE                    # written LAST by rank 0: JSON {files: {relative path: size in bytes}}
+            COMPLETE                    # written LAST by rank 0: JSON {files: {path: size}, sha256: {path: hex}}
         latest                          # text: name of the newest COMPLETE tag (atomically replaced)
+        rejected/<tag>/                 # checkpoints that failed verification or loading, set aside (never deleted)
 
-A checkpoint is usable only when COMPLETE exists and every file it lists is present with the listed size, so a
-directory torn by a kill (no marker) or a truncated file is detected and skipped. Everything here except
-:class:`CheckpointManager`'s save/load works without DeepSpeed, so retention and torn detection are unit-testable.
+A checkpoint is usable only when COMPLETE exists and every file it lists is present with the listed size and sha256:
+a directory torn by a kill (no marker), a truncated file or flipped bytes are detected, the checkpoint is set aside
+under ``rejected/`` with the reason, and the next older one is used. The digests are computed right after the files
+are written (still in the page cache), each rank hashing its share. Sizes alone are checked where speed matters
+(retention at every save); resume checks the digests.
+
+Trust. Our own files (``rank_*.pt``, ``ema.pt``) hold tensors and plain data and load with ``weights_only=True``.
+DeepSpeed's model and optimizer files are pickles that DeepSpeed loads itself: they are loaded only from a checkpoint
+that verifies against its marker and lies under the run's own directory (:func:`is_trusted_checkpoint`), or when the
+user says so (``--trust-checkpoint``).
+
+Everything here except :class:`CheckpointManager`'s save/load works without DeepSpeed, so retention and torn
+detection are unit-testable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -43,11 +55,18 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointManager",
     "CheckpointMismatchError",
+    "CheckpointSaveError",
+    "RunDirRefused",
+    "checkpoint_dir_bytes",
+    "estimate_checkpoint_bytes",
     "apply_retention",
     "capture_rng_state",
     "check_resume_compatible",
     "find_resume_checkpoint",
+    "is_trusted_checkpoint",
     "list_checkpoints",
+    "load_plain",
+    "reject_checkpoint",
     "read_latest",
     "read_meta",
     "rank_state_file",
@@ -55,6 +74,7 @@ __all__ = [
     "seed_rng_state",
     "step_from_tag",
     "tag_for_step",
+    "unusable_checkpoints",
     "verify_checkpoint",
     "write_complete_marker",
     "write_latest",
@@ -65,11 +85,32 @@ logger = logging.getLogger(__name__)
 COMPLETE_MARKER = "COMPLETE"
 LATEST_FILE = "latest"
 META_FILE = "meta.json"
+REJECTED_DIR = "rejected"
 _TAG_PREFIX = "step_"
+_HASH_CHUNK = 1 << 22
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint cannot be resumed with this config (model shape or world size differ)."""
+
+
+class RunDirRefused(RuntimeError):
+    """The run directory has history but no checkpoint it could resume from (every one was rejected)."""
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (disk full, read-only or vanished directory); its torn files were removed and
+    the earlier checkpoints are intact."""
+
+
+def estimate_checkpoint_bytes(n_params: int) -> int:
+    """Rough size of one checkpoint: fp32 weights, fp32 master copy and two Adam moments per parameter (16 bytes),
+    plus 10% for the rest (per-rank state, metadata)."""
+    return int(n_params * 16 * 1.1)
+
+
+def checkpoint_dir_bytes(tag_dir: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(tag_dir).rglob("*") if p.is_file())
 
 
 def tag_for_step(step: int) -> str:
@@ -104,28 +145,54 @@ def _atomic_write_text(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------------------------- marker and verification
 
 
-def write_complete_marker(tag_dir: str | Path) -> dict[str, int]:
-    """List every file of ``tag_dir`` with its size in COMPLETE (written atomically, last).
+def checkpoint_files(tag_dir: str | Path) -> list[str]:
+    """The files of a checkpoint (relative paths, sorted), without the marker and hidden temporary files."""
+    tag_dir = Path(tag_dir)
+    return [
+        p.relative_to(tag_dir).as_posix()
+        for p in sorted(tag_dir.rglob("*"))
+        if p.is_file() and p.name != COMPLETE_MARKER and not p.name.startswith(".")
+    ]
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_complete_marker(tag_dir: str | Path, digests: dict[str, str] | None = None) -> dict[str, int]:
+    """List every file of ``tag_dir`` with its size and sha256 in COMPLETE (written atomically, last).
+
+    Args:
+        tag_dir: The checkpoint.
+        digests: sha256 of files already hashed (e.g. by the ranks that wrote them); the others are hashed here.
 
     Returns:
         The recorded ``{relative path: size}``.
     """
     tag_dir = Path(tag_dir)
-    files: dict[str, int] = {}
-    for p in sorted(tag_dir.rglob("*")):
-        if p.is_file() and p.name != COMPLETE_MARKER and not p.name.startswith("."):
-            files[p.relative_to(tag_dir).as_posix()] = p.stat().st_size
+    rels = checkpoint_files(tag_dir)
+    files = {rel: (tag_dir / rel).stat().st_size for rel in rels}
+    digests = dict(digests or {})
+    for rel in rels:
+        if rel not in digests:
+            digests[rel] = sha256_file(tag_dir / rel)
     fsync_dir(tag_dir)
-    _atomic_write_text(tag_dir / COMPLETE_MARKER, json.dumps({"files": files, "time": time.time()}, indent=1))
+    marker = {"files": files, "sha256": {rel: digests[rel] for rel in rels}, "time": time.time()}
+    _atomic_write_text(tag_dir / COMPLETE_MARKER, json.dumps(marker, indent=1))
     fsync_dir(tag_dir)
     return files
 
 
-def verify_checkpoint(tag_dir: str | Path) -> tuple[bool, str]:
+def verify_checkpoint(tag_dir: str | Path, digests: bool = True) -> tuple[bool, str]:
     """Check that ``tag_dir`` is a complete, intact checkpoint.
 
+    Args:
+        tag_dir: The checkpoint.
+        digests: Also compare every file's sha256 with the marker's (reads the whole checkpoint); sizes only if not.
+
     Returns:
-        ``(True, "ok")`` or ``(False, reason)`` naming the missing marker or the missing/truncated file.
+        ``(True, "ok")`` or ``(False, reason)`` naming the missing marker or the missing, truncated or altered file.
     """
     tag_dir = Path(tag_dir)
     marker = tag_dir / COMPLETE_MARKER
@@ -134,19 +201,78 @@ def verify_checkpoint(tag_dir: str | Path) -> tuple[bool, str]:
     if not marker.is_file():
         return False, "no COMPLETE marker (the save was interrupted)"
     try:
-        files = json.loads(marker.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return False, f"unreadable COMPLETE marker ({e})"
+        content = json.loads(marker.read_text())
+        files, sums = content["files"], content.get("sha256") or {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return False, f"unreadable COMPLETE marker ({type(e).__name__}: {e})"
+    if not isinstance(files, dict) or not isinstance(sums, dict):
+        return False, "unreadable COMPLETE marker (files/sha256 are not mappings)"
     if not files:
         return False, "COMPLETE marker lists no files"
     for rel, size in files.items():
         p = tag_dir / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            return False, f"COMPLETE marker names a file outside the checkpoint ({rel})"
         if not p.is_file():
             return False, f"missing file {rel}"
         actual = p.stat().st_size
         if actual != size:
             return False, f"file {rel} has {actual} bytes, COMPLETE recorded {size} (truncated or modified)"
+    if digests:
+        if not sums:
+            return True, "ok (sizes only: the marker predates sha256 digests)"
+        for rel in files:
+            if rel not in sums:
+                return False, f"COMPLETE marker has no sha256 for {rel}"
+            if sha256_file(tag_dir / rel) != sums[rel]:
+                return False, f"file {rel} does not match its sha256 in COMPLETE (corrupted or modified)"
     return True, "ok"
+
+
+def is_trusted_checkpoint(tag_dir: str | Path, run_dir: str | Path) -> bool:
+    """True when ``tag_dir`` lies under ``run_dir`` (symlinks resolved): a checkpoint this run's own writes made."""
+    try:
+        Path(tag_dir).resolve().relative_to(Path(run_dir).resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def reject_checkpoint(tag_dir: str | Path, reason: str) -> Path | None:
+    """Set a checkpoint that failed verification or loading aside, under ``checkpoints/rejected/`` (never deleted),
+    with ``REJECTED.txt`` saying why. Returns where it went (None if it vanished)."""
+    tag_dir = Path(tag_dir)
+    dest_root = tag_dir.parent / REJECTED_DIR
+    dest_root.mkdir(exist_ok=True)
+    dest = dest_root / tag_dir.name
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = dest_root / f"{tag_dir.name}.{n}"
+    try:
+        os.rename(tag_dir, dest)
+    except FileNotFoundError:
+        return None
+    (dest / "REJECTED.txt").write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {reason}\n")
+    if read_latest(tag_dir.parent) == tag_dir.name:
+        (tag_dir.parent / LATEST_FILE).unlink(missing_ok=True)
+    logger.warning("set checkpoint %s aside as %s: %s", tag_dir, dest, reason)
+    return dest
+
+
+def load_plain(path: str | Path, map_location: Any = "cpu") -> Any:
+    """``torch.load`` of one of our own checkpoint files, tensors and plain data only (``weights_only=True``).
+
+    Files written before RNG states were stored as tensors hold numpy's state as an array: numpy's array
+    reconstruction is allowed for them (it builds arrays, never calls arbitrary code).
+    """
+    safe = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        safe.append(np._core.multiarray._reconstruct)
+    except AttributeError:  # numpy < 2
+        safe.append(np.core.multiarray._reconstruct)
+    with torch.serialization.safe_globals(safe):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def read_meta(tag_dir: str | Path) -> dict[str, Any]:
@@ -200,18 +326,30 @@ def list_checkpoints(ckpt_root: str | Path) -> list[CheckpointInfo]:
         step = step_from_tag(p.name)
         if step is None or not p.is_dir():
             continue
-        ok, reason = verify_checkpoint(p)
+        ok, reason = verify_checkpoint(p, digests=False)
         out.append(CheckpointInfo(p.name, p, step, ok, reason, read_meta(p) if ok else {}))
     return sorted(out, key=lambda c: c.step)
 
 
-def find_resume_checkpoint(ckpt_root: str | Path) -> Path | None:
-    """Newest complete and intact checkpoint; torn newer ones are skipped with a warning naming why."""
+def find_resume_checkpoint(ckpt_root: str | Path, digests: bool = True) -> Path | None:
+    """Newest complete and intact checkpoint (sha256 checked with ``digests``); newer unusable ones are skipped with a
+    warning naming why (nothing is renamed here: :meth:`CheckpointManager.load_newest` sets them aside)."""
     for info in reversed(list_checkpoints(ckpt_root)):
-        if info.complete:
+        ok, reason = verify_checkpoint(info.path, digests=digests) if info.complete else (False, info.reason)
+        if ok:
             return info.path
-        logger.warning("checkpoint %s is not usable (%s); trying the previous one", info.path, info.reason)
+        logger.warning("checkpoint %s is not usable (%s); trying the previous one", info.path, reason)
     return None
+
+
+def unusable_checkpoints(ckpt_root: str | Path) -> list[tuple[str, str]]:
+    """``(tag, reason)`` of every checkpoint that fails verification (sha256 included), oldest first."""
+    out = []
+    for info in list_checkpoints(ckpt_root):
+        ok, reason = verify_checkpoint(info.path) if info.complete else (False, info.reason)
+        if not ok:
+            out.append((info.tag, reason))
+    return out
 
 
 def apply_retention(
@@ -318,7 +456,9 @@ def check_resume_compatible(
 
 def capture_rng_state() -> dict[str, Any]:
     """RNG states of python, numpy, torch (CPU) and CUDA (when present) of this process."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # keys as a tensor: loads with weights_only=True
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -327,7 +467,9 @@ def capture_rng_state() -> dict[str, Any]:
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Undo :func:`capture_rng_state`."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -398,7 +540,7 @@ class CheckpointManager:
         Returns:
             The tag directory.
         """
-        from pretrain.distributed import barrier
+        from pretrain.distributed import all_gather_object, barrier
 
         tag = tag_for_step(step)
         tag_dir = self.root / tag
@@ -409,29 +551,131 @@ class CheckpointManager:
                 shutil.rmtree(tag_dir)
         barrier()
         t0 = time.monotonic()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
-        torch.save(rank_state, rank_state_file(tag_dir, self.rank))
-        if self.rank == 0:
-            for name, obj in (extra_files or {}).items():
-                torch.save(obj, tag_dir / name)
-            _atomic_write_text(tag_dir / META_FILE, json.dumps(meta, indent=1, default=str))
+        error = ""
+        try:
+            engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError ("iostream error")
+            error = f"{type(e).__name__}: {e}"
+            barrier()  # the other ranks end DeepSpeed's save in its closing barrier: meet them there
+        if not error:
+            try:
+                torch.save(rank_state, rank_state_file(tag_dir, self.rank))
+                if self.rank == 0:
+                    for name, obj in (extra_files or {}).items():
+                        torch.save(obj, tag_dir / name)
+                    _atomic_write_text(tag_dir / META_FILE, json.dumps(meta, indent=1, default=str))
+            except (OSError, RuntimeError) as e:
+                error = f"{type(e).__name__}: {e}"
+        errors = [e for e in all_gather_object(error) if e]  # every rank learns of a failure on any rank
+        if errors:
+            self._fail_save(tag_dir, errors[0])
         barrier()  # every rank's files are on disk before the marker says so
+        digests = self._hash_shares(tag_dir)
         if self.rank == 0:
-            write_complete_marker(tag_dir)
+            write_complete_marker(tag_dir, digests)
             write_latest(self.root, tag)
             apply_retention(self.root, self.keep_last, self.keep_best, self.best_metric, self.best_mode)
             logger.info("saved checkpoint %s in %.1f s", tag_dir, time.monotonic() - t0)
         barrier()
         return tag_dir
 
-    def load(self, engine: Any, tag_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _fail_save(self, tag_dir: Path, error: str) -> None:
+        """Remove a torn checkpoint (rank 0) and raise :class:`CheckpointSaveError` on every rank, naming the cause."""
+        from pretrain.distributed import barrier
+
+        barrier()
+        if self.rank == 0:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        free = shutil.disk_usage(self.root).free if self.root.exists() else 0
+        previous = [c for c in list_checkpoints(self.root) if c.complete]
+        need = checkpoint_dir_bytes(previous[-1].path) if previous else 0
+        if "No space left" in error or "iostream error" in error or (need and free < need):
+            mb = 1 << 20
+            reason = (
+                f"no space left on device: need ~{max(need, 1) / mb:.0f} MB in {self.root}, {free / mb:.0f} MB free"
+            )
+        elif "Read-only" in error or "Permission denied" in error:
+            reason = f"{self.root} is not writable"
+        else:
+            reason = f"could not write {tag_dir}"
+        kept = f"; the earlier checkpoints are intact (newest {previous[-1].tag})" if previous else ""
+        raise CheckpointSaveError(f"saving checkpoint {tag_dir.name} failed: {reason} ({error}){kept}")
+
+    def _hash_shares(self, tag_dir: Path) -> dict[str, str]:
+        """sha256 of every file of a just-written checkpoint, each rank hashing its share while the files are still in
+        the page cache; every rank gets all digests."""
+        from pretrain.distributed import all_gather_object, broadcast_object
+
+        rels = broadcast_object(checkpoint_files(tag_dir) if self.rank == 0 else None)
+        mine = {rel: sha256_file(tag_dir / rel) for rel in rels[self.rank :: self.world_size]}  # type: ignore[index]
+        return {rel: h for part in all_gather_object(mine) for rel, h in part.items()}  # type: ignore[union-attr]
+
+    def load_newest(
+        self, engine: Any, explicit: str | Path | None = None, extra: tuple[str, ...] = ()
+    ) -> tuple[Path, dict, dict] | None:
+        """Load the newest usable checkpoint, on every rank alike; ``explicit`` (``--resume``) instead of searching.
+
+        Rank 0 verifies each candidate (sha256 included); one that fails verification or fails to load on any rank is
+        reported with the reason and set aside under ``rejected/`` (never deleted), and the next older one is tried.
+        An ``explicit`` checkpoint is never set aside: its failure is an error. ``extra`` names our own files of the
+        checkpoint (e.g. ``ema.pt``) loaded on every rank into ``rank_state["files"]``, so they take part in the check.
+
+        Returns:
+            ``(tag_dir, client_state, rank_state)``, or None when no usable checkpoint is left.
+        """
+        from pretrain.distributed import all_reduce_max, broadcast_object
+
+        while True:
+            pick, why = None, ""
+            if self.rank == 0:
+                if explicit is not None:
+                    pick = str(explicit)
+                    ok, why = verify_checkpoint(explicit)
+                    if not ok:
+                        pick = None
+                else:
+                    pick = self._newest_verified()
+            pick, why = broadcast_object((pick, why))  # type: ignore[misc]
+            if pick is None:
+                if explicit is not None:
+                    raise RuntimeError(f"checkpoint {explicit} is not usable: {why}")
+                return None
+            error = ""
+            try:
+                client, rank_state = self.load(engine, Path(pick), verified=True)
+                rank_state["files"] = {name: load_plain(Path(pick) / name) for name in extra}
+            except Exception as e:  # a pickle that does not load, a state that does not fit: try the previous one
+                error = f"{type(e).__name__}: {e}"
+                logger.error("rank %d could not load checkpoint %s: %s", self.rank, pick, error)
+            if not all_reduce_max([1.0 if error else 0.0])[0]:
+                return Path(pick), client, rank_state
+            if explicit is not None:
+                raise RuntimeError(f"checkpoint {explicit} could not be loaded: {error or 'failed on another rank'}")
+            if self.rank == 0:
+                reject_checkpoint(pick, f"failed to load: {error or 'failed on another rank (see its log)'}")
+
+    def _newest_verified(self) -> str | None:
+        """Rank 0: the newest checkpoint that verifies; newer ones that do not are set aside with their reason."""
+        for info in reversed(list_checkpoints(self.root)):
+            ok, reason = verify_checkpoint(info.path) if info.complete else (False, info.reason)
+            if ok:
+                return str(info.path)
+            reject_checkpoint(info.path, reason)
+        return None
+
+    def load(self, engine: Any, tag_dir: str | Path, verified: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
         """Load ``tag_dir`` into ``engine`` (model, optimizer, scheduler) and read this rank's own state.
+
+        Args:
+            engine: The DeepSpeed engine.
+            tag_dir: The checkpoint.
+            verified: Rank 0 already checked the digests (:meth:`load_newest`); only sizes are checked here.
 
         Returns:
             ``(client_state, rank_state)``.
         """
         tag_dir = Path(tag_dir)
-        ok, reason = verify_checkpoint(tag_dir)
+        ok, reason = verify_checkpoint(tag_dir, digests=not verified)
         if not ok:
             raise RuntimeError(f"checkpoint {tag_dir} is not usable: {reason}")
         saved_world = int(read_meta(tag_dir).get("world_size") or self.world_size)
@@ -445,7 +689,7 @@ class CheckpointManager:
         path = rank_state_file(tag_dir, self.rank)
         if not path.is_file():
             raise RuntimeError(f"checkpoint {tag_dir} has no state for rank {self.rank} ({path.name})")
-        rank_state = torch.load(path, map_location="cpu", weights_only=False)
+        rank_state = load_plain(path)
         return client_state or {}, rank_state
 
     def _load_resharded(self, engine: Any, tag_dir: Path, saved_world: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -493,9 +737,7 @@ class CheckpointManager:
             shutil.rmtree(universal.parent, ignore_errors=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir} on {self.world_size} ranks")
-        old = [
-            torch.load(rank_state_file(tag_dir, r), map_location="cpu", weights_only=False) for r in range(saved_world)
-        ]
+        old = [load_plain(rank_state_file(tag_dir, r)) for r in range(saved_world)]
         data = dict(old[0]["data"])
         corrupt: dict[str, int] = {}
         if self.rank == 0:

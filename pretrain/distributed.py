@@ -32,6 +32,7 @@ import torch
 __all__ = [
     "DistEnv",
     "DistInfo",
+    "all_gather_object",
     "all_reduce_max",
     "barrier",
     "broadcast_object",
@@ -326,6 +327,17 @@ def all_reduce_max(values: list[float], device: torch.device | None = None) -> l
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
+
+
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's ``obj``, in rank order (``[obj]`` without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import logging
 import math
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -36,8 +35,8 @@ import torch.nn.functional as F
 
 from pretrain.checkpoint import (
     CheckpointManager,
+    RunDirRefused,
     capture_rng_state,
-    find_resume_checkpoint,
     restore_rng_state,
     seed_rng_state,
 )
@@ -52,6 +51,7 @@ from pretrain.metrics import (
     peak_memory_mb,
     topk_correct,
 )
+from pretrain.rundir import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, run_history
 
 __all__ = [
     "EXIT_FAILED",
@@ -71,10 +71,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_PREEMPTED = 3
+EMA_FILE = "ema.pt"
+"""The EMA weights in a checkpoint (ours: tensors only, loaded with ``weights_only=True``)."""
 
 
 @dataclass
@@ -366,31 +364,37 @@ class Trainer:
 
     def fit(self, resume_from: str | Path | None = None) -> TrainResult:
         """Resume (from ``resume_from`` or the run's newest complete checkpoint), then :meth:`train`."""
+        extra = (EMA_FILE,) if self.ema is not None else ()
+        loaded = self.ckpt.load_newest(self.engine, explicit=resume_from, extra=extra)
+        if loaded is not None:
+            self.resume(*loaded)
+        else:
+            history = broadcast_object(run_history(self.cfg.run_dir) if self.dist.is_main else None)
+            if history:  # every checkpoint was rejected just now: never start over a history silently
+                raise RunDirRefused(
+                    f"{self.cfg.run_dir} has the history of an earlier run ({'; '.join(history)}) but none of its "
+                    f"checkpoints could be used (see {self.cfg.run_dir / 'checkpoints' / 'rejected'}). Nothing was "
+                    "deleted. Pass --restart to start from step 0 (the history is kept in previous/), or pick "
+                    "another run.name=..."
+                )
         if self.dist.is_main:
             dump_config(self.cfg, self.cfg.run_dir / "config.yaml")
-        path = broadcast_object(
-            str(resume_from) if resume_from else _newest_checkpoint(self.cfg.run_dir / "checkpoints")
-        )
-        if path:
-            self.resume(Path(path))
-        elif self.dist.is_main and (self.cfg.run_dir / "tb").exists():
-            shutil.rmtree(self.cfg.run_dir / "tb")  # leftovers of an attempt that never checkpointed
         self.sink = build_metrics_sink(self.cfg.run_dir, self.dist.is_main, self.cfg.logging.tensorboard, self.step)
         try:
             return self.train()
         finally:
             self.sink.close()
 
-    def resume(self, tag_dir: Path) -> None:
-        """Load model, optimizer, scheduler, counters, data position, RNGs and EMA from ``tag_dir``."""
-        client, rank_state = self.ckpt.load(self.engine, tag_dir)
+    def resume(self, tag_dir: Path, client: dict[str, Any], rank_state: dict[str, Any]) -> None:
+        """Put back what :meth:`CheckpointManager.load_newest` loaded from ``tag_dir``: counters, data position, RNGs,
+        EMA (model, optimizer and scheduler are in the engine already) and the config's optimizer values."""
         changed = reapply_optim_config(self.parts, self.cfg)
         if changed:
             logger.info("resuming with the config's %s", ", ".join(changed))
         self.load_state_dict(client["trainer"])
         self.data.train.load_state_dict(rank_state["data"])
         if self.ema is not None:
-            self.ema.load_state_dict(torch.load(tag_dir / "ema.pt", map_location=self.dist.device, weights_only=False))
+            self.ema.load_state_dict(rank_state["files"][EMA_FILE])
         if rank_state["rng"] is not None:
             restore_rng_state(rank_state["rng"])
         else:  # resumed on another number of ranks: fresh per-rank streams, a function of (seed, step, rank)
@@ -619,7 +623,7 @@ class Trainer:
             "best_step": self.best_step,
             "time": time.time(),
         }
-        extra = {"ema.pt": self.ema.state_dict()} if self.ema is not None else None
+        extra = {EMA_FILE: self.ema.state_dict()} if self.ema is not None else None
         tag_dir = self.ckpt.save(self.engine, self.step, client_state, rank_state, meta, extra)
         self.last_checkpoint = str(tag_dir)
         self._saved_step = self.step
@@ -710,18 +714,14 @@ class Trainer:
             self.data.val.close()
 
 
-def _newest_checkpoint(ckpt_root: Path) -> str | None:
-    path = find_resume_checkpoint(ckpt_root)
-    return str(path) if path else None
-
-
 def run_training(cfg: Config, dist: DistInfo, resume_from: str | Path | None = None) -> TrainResult:
     """Build and fit on this rank; on an exception, ``status.json`` says failed (rank 0) and it is re-raised.
 
     Args:
         cfg: Validated config (``model.num_classes`` resolved).
         dist: This rank's process group membership.
-        resume_from: A checkpoint tag dir; None resumes from the run's newest complete checkpoint, if any.
+        resume_from: The user's ``--resume`` checkpoint; None resumes from the run's newest usable checkpoint, if any
+            (checked against its sha256 digests; ones that fail are set aside and older ones tried).
     """
     stop = StopSignals().install()
     trainer = None
