@@ -26,6 +26,7 @@ _COMMANDS = {
     "status": "launch.status",
     "cancel": "launch.status",
     "sweep": "launch.sweep",
+    "checkpoint": "launch.cmd_checkpoint",
 }
 
 

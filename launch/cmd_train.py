@@ -30,24 +30,32 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from pretrain.checkpoint import (
     CheckpointMismatchError,
+    CheckpointSaveError,
+    RunDirRefused,
     check_resume_compatible,
+    checkpoint_dir_bytes,
+    estimate_checkpoint_bytes,
     find_resume_checkpoint,
+    is_trusted_checkpoint,
     list_checkpoints,
     read_meta,
+    unusable_checkpoints,
     verify_checkpoint,
 )
 from pretrain.config import Config, ConfigError, load_config, model_shape_digest
 from pretrain.distributed import cpu_allotment, detect_environment, find_free_port
-from pretrain.rundir import Lease, LeaseHeld, acquire_lease
+from pretrain.rundir import CHECKPOINTS, PREVIOUS, Lease, LeaseHeld, acquire_lease, run_history, set_aside_history
 
 __all__ = [
     "EXIT_FAILED",
@@ -86,6 +94,16 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", type=int, default=None, help="local ranks to start (default 1, or join the launcher's)")
     p.add_argument("--resume", default=None, metavar="PATH", help="checkpoint tag dir to resume from")
     p.add_argument("--no-resume", action="store_true", help="start fresh; refuse if the run has checkpoints")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start again from step 0 although the run dir has history (moved to RUN_DIR/previous/<time>/, kept)",
+    )
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow --resume PATH outside this run's directory (DeepSpeed's files are pickles: trusted code only)",
+    )
 
 
 @dataclasses.dataclass
@@ -101,10 +119,20 @@ class LaunchPlan:
     """The resume checkpoint already reached ``trainer.max_steps``: nothing to train."""
     rank: int = 0
     """Global rank of this process (0 when it launches the ranks itself)."""
+    explicit: bool = False
+    """``resume_from`` is the user's ``--resume`` (an error if unusable), not the run dir's own newest checkpoint."""
+    restart: bool = False
+    """``--restart``: the lease holder sets the run dir's history aside before training from step 0."""
 
 
 def validate_launch(
-    config: str, overrides: list[str], nproc: int | None, resume: str | None, no_resume: bool
+    config: str,
+    overrides: list[str],
+    nproc: int | None,
+    resume: str | None,
+    no_resume: bool,
+    restart: bool = False,
+    trust_checkpoint: bool = False,
 ) -> LaunchPlan:
     """Load and check everything before any rank starts or any file is written.
 
@@ -114,6 +142,8 @@ def validate_launch(
         nproc: ``--nproc`` (None: one rank, or the launcher's world when RANK/SLURM_PROCID are set).
         resume: ``--resume`` tag dir, if given.
         no_resume: ``--no-resume``.
+        restart: ``--restart``: train from step 0, the history set aside (by the run, once it holds the lease).
+        trust_checkpoint: ``--trust-checkpoint``: ``resume`` may lie outside the run directory.
 
     Returns:
         The resolved config (``model.num_classes`` from the manifest), world size, ranks to spawn, resume point.
@@ -131,14 +161,14 @@ def validate_launch(
     if nproc is not None and nproc > 1 and env.source != "single":
         raise ConfigError(f"--nproc={nproc} inside a {env.source} launch (RANK/SLURM_PROCID set): drop --nproc")
     world = nproc if nproc is not None and env.source == "single" else env.world_size
-    if resume and no_resume:
-        raise ConfigError("--resume and --no-resume exclude each other")
+    if sum(map(bool, (resume, no_resume, restart))) > 1:
+        raise ConfigError("--resume, --no-resume and --restart exclude each other")
 
     from pretrain.engine import build_ds_config
 
     cfg = resolve_data(cfg)
     build_ds_config(cfg, world)  # batch arithmetic, ZeRO/offload/EMA combinations
-    _check_model(cfg)
+    n_params = _check_model(cfg)
     if cfg.trainer.precision != "fp32" or cfg.trainer.device == "cuda":
         import torch
 
@@ -149,9 +179,17 @@ def validate_launch(
     resume_from: Path | None = None
     if resume:
         resume_from = Path(resume)
-        ok, reason = verify_checkpoint(resume_from)
+        ok, reason = verify_checkpoint(resume_from, digests=False)  # the run checks the digests when it loads it
         if not ok:
             raise ConfigError(f"--resume {resume}: not a usable checkpoint ({reason})")
+        if not trust_checkpoint and not is_trusted_checkpoint(resume_from, cfg.run_dir):
+            raise ConfigError(
+                f"--resume {resume} lies outside this run's directory {cfg.run_dir}: a checkpoint's DeepSpeed files "
+                "are pickles, which can run code when loaded. Pass --trust-checkpoint if you trust where it came from "
+                "(e.g. your own earlier run)"
+            )
+    elif restart:
+        pass
     elif no_resume:
         complete = [c for c in list_checkpoints(ckpt_root) if c.complete]
         if complete:
@@ -161,7 +199,17 @@ def validate_launch(
                 f"{cfg.run_dir} away to start over"
             )
     else:
-        resume_from = find_resume_checkpoint(ckpt_root)
+        resume_from = find_resume_checkpoint(ckpt_root, digests=False)  # the run checks the digests (and falls back)
+        history = run_history(cfg.run_dir)
+        if resume_from is None and history:
+            rejected = [f"{tag} ({why})" for tag, why in unusable_checkpoints(ckpt_root)]
+            raise ConfigError(
+                f"{cfg.run_dir} has the history of an earlier run ({'; '.join(history)}) but no usable checkpoint"
+                + (f" (rejected: {'; '.join(rejected)})" if rejected else "")
+                + ". Nothing was changed. To start again from step 0 pass --restart (the history is moved to "
+                f"{cfg.run_dir / PREVIOUS}/<time>/, nothing is deleted), or pick another run.name=..."
+            )
+    _check_disk(cfg, resume_from, n_params)
     finished = False
     if resume_from is not None:
         meta = read_meta(resume_from)
@@ -173,7 +221,7 @@ def validate_launch(
             raise ConfigError(f"{resume_from}: {e}") from e
         finished = int(meta.get("step", -1)) >= cfg.trainer.max_steps and not resume
     spawn = world if (env.source == "single" and world > 1) else 0
-    return LaunchPlan(cfg, world, spawn, resume_from, finished, env.rank)
+    return LaunchPlan(cfg, world, spawn, resume_from, finished, env.rank, explicit=bool(resume), restart=restart)
 
 
 def resolve_data(cfg: Config) -> Config:
@@ -197,15 +245,19 @@ def resolve_data(cfg: Config) -> Config:
         raise ConfigError(f"data.path={cfg.data.path}: unreadable manifest ({e})") from e
 
 
-def _check_model(cfg: Config) -> None:
-    """Build the model on the meta device (no memory, no compute) so unknown names and kwargs fail here."""
+def _check_model(cfg: Config) -> int:
+    """Build the model on the meta device (no memory, no compute) so unknown names and kwargs fail here.
+
+    Returns:
+        The model's parameter count (0 when the meta-device build is not possible).
+    """
     import torch
 
     from pretrain.models import create_model
 
     try:
         with torch.device("meta"):
-            create_model(
+            model = create_model(
                 cfg.model.name,
                 num_classes=cfg.model.num_classes,
                 img_size=cfg.model.img_size,
@@ -217,13 +269,53 @@ def _check_model(cfg: Config) -> None:
         raise ConfigError(f"model.{cfg.model.name}: {e}") from e
     except Exception as e:  # an op without a meta kernel: the ranks will find out for real
         logger.debug("meta-device model check skipped: %s", e)
+        return 0
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_disk(cfg: Config, newest: Path | None, n_params: int) -> None:
+    """The run directory must be writable and have room for at least one more checkpoint, before anything starts.
+
+    Raises:
+        ConfigError: naming the folder, what is needed and what is free.
+    """
+    existing = cfg.run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    for folder in (existing, cfg.run_dir / CHECKPOINTS):
+        if not folder.is_dir():
+            continue
+        try:  # os.access says yes to root on a read-only mount's folders; a real write tells
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+                pass
+        except OSError as e:
+            raise ConfigError(
+                f"{folder} is not writable ({e.strerror or e}): the run writes {cfg.run_dir}; fix its permissions or "
+                "mount, or set run.output_dir to a writable folder"
+            ) from e
+    need = checkpoint_dir_bytes(newest) if newest is not None else estimate_checkpoint_bytes(n_params)
+    free = shutil.disk_usage(existing).free
+    if need and free < need:
+        mb = 1 << 20
+        raise ConfigError(
+            f"not enough space for a checkpoint in {existing}: need ~{need / mb:.0f} MB, {free / mb:.0f} MB free; "
+            "free some space or set run.output_dir to another file system"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------- run
 
 
 def _run(args: argparse.Namespace) -> int:
-    plan = validate_launch(args.config, list(args.overrides), args.nproc, args.resume, args.no_resume)
+    plan = validate_launch(
+        args.config,
+        list(args.overrides),
+        args.nproc,
+        args.resume,
+        args.no_resume,
+        restart=args.restart,
+        trust_checkpoint=args.trust_checkpoint,
+    )
     if plan.finished:
         logger.info("run %s already finished (checkpoint %s); not training again", plan.cfg.run_dir, plan.resume_from)
         code = EXIT_OK
@@ -235,6 +327,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"pretrain train: {e}", file=sys.stderr)
             return EXIT_USAGE
         with lease:
+            _set_aside(plan)
             code = _launch_local(plan.spawn, args)
     else:
         code = _train_here(plan)
@@ -260,8 +353,16 @@ def _train_here(plan: LaunchPlan) -> int:
         if dist.rank == 0:
             print(f"pretrain train: {refused}", file=sys.stderr)
         return EXIT_USAGE
+    if lease is not None:
+        _set_aside(plan)
     try:
-        result = run_training(plan.cfg, dist, plan.resume_from)
+        result = run_training(plan.cfg, dist, plan.resume_from if plan.explicit else None)
+    except (CheckpointSaveError, RunDirRefused) as e:
+        # every rank raised the same error together (no peer waits in a collective): the reason, not a traceback
+        if dist.rank == 0:
+            print(f"pretrain train: {e}", file=sys.stderr)
+        destroy_distributed()
+        return EXIT_USAGE if isinstance(e, RunDirRefused) else EXIT_FAILED
     except BaseException:
         if dist.world_size > 1:
             # A rank that failed while its peers wait in a collective must not try a collective teardown (it can
@@ -282,6 +383,14 @@ def _train_here(plan: LaunchPlan) -> int:
             lease.release()
     destroy_distributed()
     return result.exit_code
+
+
+def _set_aside(plan: LaunchPlan) -> None:
+    """``--restart``, by the lease holder: the run dir's history moves to ``previous/<time>/`` (nothing deleted)."""
+    if plan.restart:
+        moved = set_aside_history(plan.cfg.run_dir)
+        if moved is not None:
+            logger.warning("--restart: moved the earlier history of %s to %s", plan.cfg.run_dir, moved)
 
 
 def _acquire(run_dir: Path, slurm_job_id: str | None) -> Lease:
@@ -312,6 +421,8 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     argv = [sys.executable, "-m", "launch.cli", "train", args.config, *args.overrides]
     if args.resume:
         argv += ["--resume", args.resume]
+    if args.trust_checkpoint:
+        argv.append("--trust-checkpoint")
     if args.no_resume:
         argv.append("--no-resume")
     return argv

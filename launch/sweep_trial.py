@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.trial_guard import SWEEP_SUBDIR, LocalRun, note, proc_start_time, stop_previous_run, write_atomic
+from pretrain.rundir import run_history, set_aside_history
 
 __all__ = [
     "CHECKPOINT_META",
@@ -474,6 +475,10 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     else:
         stop_previous_run(run_dir, spec.stop_grace_s)
     resume, reported_step, resume_step = _prepare_resume(run_dir, trial_id, tune.get_checkpoint())
+    if resume is None and newest_checkpoint(run_dir) is None and run_history(run_dir):
+        # an earlier life failed before its first checkpoint: `pretrain train` refuses to start over a history
+        # silently, and this trial starts from step 0 again, so its history is set aside (kept) first
+        note(run_dir, "no checkpoint to resume from: earlier attempt moved to %s", set_aside_history(run_dir))
     overrides = trial_overrides(spec, config, trial_id)
     if spec.backend == "slurm":
         run: LocalRun | _SlurmRun = _SlurmRun(spec, overrides, resume, run_dir)

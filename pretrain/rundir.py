@@ -36,7 +36,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pretrain.fsutil import fsync_dir
+from pretrain.fsutil import fsync_dir, read_jsonl
 
 __all__ = [
     "CHECKPOINTS",
@@ -58,6 +58,8 @@ __all__ = [
     "lease_holder",
     "process_start_time",
     "read_status",
+    "run_history",
+    "set_aside_history",
     "write_atomic",
 ]
 
@@ -106,6 +108,46 @@ def read_status(run_dir: str | Path) -> tuple[dict[str, Any] | None, str]:
     if not isinstance(data, dict):
         return None, f"{path} does not hold a JSON object"
     return data, ""
+
+
+def run_history(run_dir: str | Path) -> list[str]:
+    """What a run directory holds of earlier lives (metrics events, TensorBoard logs, checkpoints), as phrases; []
+    for a new or empty one."""
+    run_dir = Path(run_dir)
+    found = []
+    events = read_jsonl(run_dir / METRICS)
+    if events:
+        steps = [e.get("step") for e in events if isinstance(e.get("step"), int)]
+        found.append(f"{METRICS} with {len(events)} events" + (f" up to step {max(steps)}" if steps else ""))
+    if (run_dir / TB).is_dir() and any((run_dir / TB).iterdir()):
+        found.append(f"{TB}/ (TensorBoard logs)")
+    ckpts = (
+        sorted(p.name for p in (run_dir / CHECKPOINTS).glob("*") if p.is_dir())
+        if (run_dir / CHECKPOINTS).is_dir()
+        else []
+    )
+    if ckpts:
+        found.append(f"{CHECKPOINTS}/: {', '.join(ckpts)}")
+    return found
+
+
+def set_aside_history(run_dir: str | Path) -> Path | None:
+    """Move a run directory's history (metrics, TensorBoard logs, checkpoints, status, config) into
+    ``previous/<time>/`` for a ``--restart``; nothing is deleted. Returns the folder (None if there was nothing)."""
+    run_dir = Path(run_dir)
+    names = [n for n in (METRICS, TB, CHECKPOINTS, STATUS, CONFIG_YAML) if (run_dir / n).exists()]
+    if not names:
+        return None
+    dest = run_dir / PREVIOUS / time.strftime("%Y%m%d-%H%M%S")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+    dest.mkdir(parents=True)
+    for name in names:
+        os.rename(run_dir / name, dest / name)
+    fsync_dir(run_dir)
+    return dest
 
 
 # ---------------------------------------------------------------------------------------------------------- lease
