@@ -55,7 +55,20 @@ from pretrain.checkpoint import (
 )
 from pretrain.config import Config, ConfigError, load_config, model_shape_digest
 from pretrain.distributed import cpu_allotment, detect_environment, find_free_port
-from pretrain.rundir import CHECKPOINTS, PREVIOUS, Lease, LeaseHeld, acquire_lease, run_history, set_aside_history
+from pretrain.rundir import (
+    CHECKPOINTS,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    EXIT_USAGE,
+    PREVIOUS,
+    STATUS,
+    Lease,
+    LeaseHeld,
+    acquire_lease,
+    run_history,
+    set_aside_history,
+)
 
 __all__ = [
     "EXIT_FAILED",
@@ -71,8 +84,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# mirrored from pretrain.trainer (imported lazily there: it pulls in DeepSpeed)
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 3
 _KILL_GRACE_S = 10.0
 _LAUNCHED_BY = "PRETRAIN_LOCAL_LAUNCHER_PID"  # set in the environment of ranks started by --nproc
 
@@ -505,7 +516,7 @@ def _stop_all(procs: list[subprocess.Popen]) -> None:
 def _print_summary(cfg: Config, code: int) -> None:
     """Final result for the user (stdout): state, step, val top-1, where checkpoints and TensorBoard logs are."""
     try:
-        status = json.loads((cfg.run_dir / "status.json").read_text())
+        status = json.loads((cfg.run_dir / STATUS).read_text())
     except (OSError, ValueError):
         return
     ev = status.get("last_eval") or {}

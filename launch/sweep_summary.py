@@ -18,6 +18,7 @@ from typing import Any
 from launch.sweep_spec import SweepSpec, trial_fixed_overrides
 from launch.sweep_trial import SWEEP_SUBDIR, MetricsTail, format_override
 from pretrain.config import dump_config, load_config
+from pretrain.rundir import CONFIG_YAML, METRICS, STATUS, TB
 
 __all__ = ["TrialRecord", "format_table", "summarize_sweep"]
 
@@ -45,11 +46,11 @@ def _trial_record(spec: SweepSpec, run_dir: Path, ray_info: dict[str, Any] | Non
     except (OSError, ValueError):
         trial_meta = {}
     params = dict((ray_info or {}).get("config") or trial_meta.get("params") or {})
-    events = MetricsTail(run_dir / "metrics.jsonl").read()
+    events = MetricsTail(run_dir / METRICS).read()
     curve = [(int(e["step"]), float(e[spec.metric])) for e in events if spec.metric in e and "step" in e]
     step = max([int(e.get("step", 0)) for e in events] or [0])
     try:
-        state = json.loads((run_dir / "status.json").read_text()).get("state", "")
+        state = json.loads((run_dir / STATUS).read_text()).get("state", "")
     except (OSError, ValueError):
         state = ""
     error = (ray_info or {}).get("error", "")
@@ -129,7 +130,7 @@ def _plot(spec: SweepSpec, records: list[TrialRecord], path: Path) -> None:
 def _write_best_config(spec: SweepSpec, best: TrialRecord, path: Path) -> None:
     """The best trial's resolved config as a fresh run (own name, the base's output dir and retention)."""
     reference = load_config(spec.base, spec.overrides)  # what the user asked for, without the sweep's trial settings
-    trial_yaml = Path(best.run_dir) / "config.yaml"
+    trial_yaml = Path(best.run_dir) / CONFIG_YAML
     if trial_yaml.is_file():
         cfg = load_config(trial_yaml)
     else:
@@ -148,12 +149,12 @@ def _write_best_config(spec: SweepSpec, best: TrialRecord, path: Path) -> None:
 
 
 def _link_tensorboard(sweep_dir: Path) -> None:
-    tb_root = sweep_dir / "tb"
+    tb_root = sweep_dir / TB
     tb_root.mkdir(parents=True, exist_ok=True)
     for trial in sorted((sweep_dir / "trials").glob("*")):
         link = tb_root / trial.name
-        if (trial / "tb").is_dir() and not link.exists() and not link.is_symlink():
-            link.symlink_to(Path("..") / "trials" / trial.name / "tb", target_is_directory=True)
+        if (trial / TB).is_dir() and not link.exists() and not link.is_symlink():
+            link.symlink_to(Path("..") / "trials" / trial.name / TB, target_is_directory=True)
 
 
 def summarize_sweep(spec: SweepSpec, ray_trials: dict[str, dict[str, Any]] | None = None) -> list[TrialRecord]:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.trial_guard import SWEEP_SUBDIR, LocalRun, note, proc_start_time, stop_previous_run, write_atomic
-from pretrain.rundir import run_history, set_aside_history
+from pretrain.rundir import CHECKPOINTS, LATEST, METRICS, STATUS, run_history, set_aside_history
 
 __all__ = [
     "CHECKPOINT_META",
@@ -205,9 +205,9 @@ def _checkpoint_step(path: Path) -> int | None:
 
 def newest_checkpoint(run_dir: str | Path) -> CheckpointRef | None:
     """The checkpoint ``checkpoints/latest`` names if it is complete, else the newest complete one found."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
+    ckpt_dir = Path(run_dir) / CHECKPOINTS
     try:
-        tag = (ckpt_dir / "latest").read_text().strip()
+        tag = (ckpt_dir / LATEST).read_text().strip()
         if tag and (ckpt_dir / tag / "COMPLETE").exists():
             return CheckpointRef(tag, ckpt_dir / tag, _checkpoint_step(ckpt_dir / tag))
     except OSError:
@@ -299,11 +299,11 @@ def submit_slurm_trial(base: str, overrides: list[str], params: Any) -> Any:
 
 def _plant_checkpoint(src: str, run_dir: Path) -> None:
     """Make ``src`` the newest checkpoint of ``run_dir`` (a Slurm trial job has no ``--resume``: it auto-resumes)."""
-    ckpt_root = run_dir / "checkpoints"
+    ckpt_root = run_dir / CHECKPOINTS
     shutil.rmtree(ckpt_root, ignore_errors=True)
     ckpt_root.mkdir(parents=True)
     shutil.copytree(src, ckpt_root / Path(src).name, copy_function=_link_or_copy)
-    write_atomic(ckpt_root / "latest", Path(src).name + "\n")
+    write_atomic(ckpt_root / LATEST, Path(src).name + "\n")
 
 
 def _cancel_previous_job(run_dir: Path, timeout_s: float = 120.0) -> None:
@@ -406,7 +406,7 @@ class _SlurmRun:
 def _run_state(run_dir: Path) -> str | None:
     """``state`` of the run's ``status.json`` (running, finished, failed, preempted), None if unreadable."""
     try:
-        return json.loads((run_dir / "status.json").read_text()).get("state")
+        return json.loads((run_dir / STATUS).read_text()).get("state")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -445,7 +445,7 @@ def _prepare_resume(run_dir: Path, trial_id: str, checkpoint: Any) -> tuple[str 
     shutil.copytree(src, dest, copy_function=_link_or_copy)
     if not is_own:
         # The trial's own lineage is abandoned: its checkpoints must not be auto-resumed later instead of the clone.
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
         note(run_dir, "PBT exploit: continuing from trial %s's checkpoint (step %s)", meta.get("trial_id"), step)
     return str(dest), step, max(step, 0)
 
@@ -466,7 +466,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     staging = run_dir / SWEEP_SUBDIR / "staging"
     shutil.rmtree(staging, ignore_errors=True)
     max_steps = int(config.get("trainer.max_steps", spec.max_steps))
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = run_dir / METRICS
 
     # An earlier life of this trial (PBT pause, retry, killed driver) may still be ending: its run must be gone before
     # this one reads the run dir or starts in it.

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from pretrain.fsutil import fsync_dir
+from pretrain.rundir import LATEST
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -83,7 +84,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"
-LATEST_FILE = "latest"
+LATEST_FILE = LATEST
 META_FILE = "meta.json"
 REJECTED_DIR = "rejected"
 _TAG_PREFIX = "step_"

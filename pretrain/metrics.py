@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from pretrain.fsutil import read_jsonl
+from pretrain.rundir import METRICS, TB
 
 __all__ = [
     "PEAK_FLOPS",
@@ -191,14 +192,14 @@ def build_metrics_sink(run_dir: str | Path, is_main: bool, tensorboard: bool, re
     if not is_main:
         return NullSink()
     run_dir = Path(run_dir)
-    dropped = truncate_jsonl(run_dir / "metrics.jsonl", resume_step)
+    dropped = truncate_jsonl(run_dir / METRICS, resume_step)
     if dropped:
         logger.info(
             "metrics.jsonl: dropped %d events after step %d (logged before the interruption)", dropped, resume_step
         )
-    sinks: list[MetricsSink] = [JsonlSink(run_dir / "metrics.jsonl")]
+    sinks: list[MetricsSink] = [JsonlSink(run_dir / METRICS)]
     if tensorboard:
-        sinks.append(TensorBoardSink(run_dir / "tb", purge_step=resume_step + 1 if resume_step > 0 else None))
+        sinks.append(TensorBoardSink(run_dir / TB, purge_step=resume_step + 1 if resume_step > 0 else None))
     return _MultiSink(sinks)
 
 
