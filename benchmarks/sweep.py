@@ -14,10 +14,17 @@ wall time minus those: Ray start and shutdown, trial scheduling, the guard, metr
 Ray Tune, the summary and plot. The overhead one more trial adds is ``overhead(x2) - overhead(x1)``; the target is
 below 10% of a 2-minute trial (12 s). The direct run is the reference for what a trial's training costs alone.
 
+``--readme`` measures the README's demo instead: ``pretrain sweep configs/sweep/digits_asha.yaml`` run literally from
+the repository root (8 trials, 2 at a time, 1 CPU each), against the time its trials' steps take in a direct
+``pretrain train`` of the same trial config at the same CPU share (two direct runs side by side, one thread each, the
+median ``step_time_s`` of their logs). The target: sweep wall time within 1.25x of (steps all trials trained x that
+step time / trials at once) plus the sweep's fixed start (driver start to the first trial's run start).
+
 Usage::
 
     python benchmarks/sweep.py                      # appends a section to benchmarks/RESULTS.md
     python benchmarks/sweep.py --steps 20 --no-append
+    python benchmarks/sweep.py --readme             # the README's digits ASHA sweep
 """
 
 from __future__ import annotations
@@ -107,6 +114,81 @@ def _sweep(work: Path, data: Path, args: argparse.Namespace, trials: int) -> tup
     return wall, [_trainer_wall_s(d) for d in sorted((work / name / "trials").glob("*"))]
 
 
+def _step_time_s(run_dir: Path) -> list[float]:
+    events = [yaml.safe_load(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [e["step_time_s"] for e in events if e.get("event") == "train" and e["step"] > 10]
+
+
+def _started_at(run_dir: Path) -> float:
+    header = (run_dir / "sweep" / "train.log").read_text().split("=====")[1].strip().split()[:2]
+    return datetime.datetime.strptime(" ".join(header), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+
+
+def _readme(args: argparse.Namespace) -> str:
+    """The README's digits ASHA sweep against direct runs of its trial config; returns the RESULTS.md section."""
+    import json  # noqa: PLC0415
+
+    from launch.sweep_spec import load_sweep, trial_fixed_overrides  # noqa: PLC0415
+
+    sweep_yaml = "configs/sweep/digits_asha.yaml"
+    if not (ROOT / "data" / "digits" / "manifest.json").is_file():
+        _run(
+            [sys.executable, "-m", "launch.cli", "data", "build", "digits", "--out", "data/digits"],
+            ROOT,
+            Path(os.devnull),
+        )
+    spec = load_sweep(ROOT / sweep_yaml)
+    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
+        work = Path(tmp)
+        # the trial config at the same CPU share: two runs side by side, one thread each (as 2 concurrent trials)
+        overrides = [*trial_fixed_overrides(spec), "optim.lr=1.0e-3", f"trainer.max_steps={args.direct_steps}"]
+        procs = []
+        for i in range(spec.max_concurrent):
+            argv = [sys.executable, "-m", "launch.cli", "train", spec.base, *overrides, f"run.output_dir={work}",
+                    f"run.name=direct{i}", "--nproc", "1"]  # fmt: skip
+            procs.append(
+                subprocess.Popen(argv, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            )
+        for p in procs:
+            if p.wait() != 0:
+                sys.exit(f"direct run failed ({p.returncode})")
+        step_s = statistics.median([t for i in range(spec.max_concurrent) for t in _step_time_s(work / f"direct{i}")])
+        name = f"bench_readme_{time.strftime('%Y%m%d_%H%M%S')}"
+        env = {k: v for k, v in _env().items() if k != "OMP_NUM_THREADS"}  # the user's shell
+        argv = [sys.executable, "-m", "launch.cli", "sweep", sweep_yaml, "--name", name, "--output-dir", str(work)]
+        t0 = time.time()
+        with open(work / "sweep.log", "wb") as log:
+            rc = subprocess.run(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        wall = time.time() - t0
+        if rc != 0:
+            sys.exit(f"the sweep failed ({rc}):\n{(work / 'sweep.log').read_text()[-3000:]}")
+        summary = json.loads((work / name / "summary.json").read_text())
+        fixed = min(_started_at(Path(r["run_dir"])) for r in summary) - t0
+    steps = sum(int(r["step"]) for r in summary)
+    statuses = {s: sum(r["status"] == s for r in summary) for s in sorted({r["status"] for r in summary})}
+    ideal = steps * step_s / spec.max_concurrent + fixed
+    ratio = wall / ideal
+    rows = [
+        ("sweep wall time", f"{wall:.0f} s", ", ".join(f"{n} {s}" for s, n in statuses.items())),
+        ("steps all trials trained", f"{steps}", f"{len(summary)} trials, {spec.max_concurrent} at a time"),
+        ("direct step time at 1 CPU (2 runs side by side)", f"{step_s:.3f} s", f"median, {args.direct_steps} steps"),
+        ("fixed start (driver start to first trial start)", f"{fixed:.1f} s", "config checks, Ray start"),
+        ("bound: steps x step time / 2 + fixed start", f"{ideal:.0f} s", "the trials' training alone"),
+        ("sweep / bound", f"{ratio:.2f}", "target <= 1.25 (" + ("met" if ratio <= 1.25 else "missed") + ")"),
+        (
+            "serial bound: steps x step time + fixed start",
+            f"{steps * step_s + fixed:.0f} s",
+            "the issue's literal bound",
+        ),
+    ]
+    table = "| measure | value | note |\n|---|---:|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
+    return (
+        f"## README digits ASHA sweep vs its trials' training, {datetime.datetime.now().strftime('%Y-%m-%dT%H:%M')}\n\n"
+        f"- machine: {_machine()}\n- command: `python benchmarks/sweep.py --readme` (runs `pretrain sweep "
+        f"{sweep_yaml}` from the repository root, as the README does)\n\n{table}\n"
+    )
+
+
 def _machine() -> str:
     load = os.getloadavg()
     return (
@@ -121,7 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=50, help="eval + checkpoint interval in steps (default 50)")
     p.add_argument("--data", type=Path, default=None, help="digits shards (default: built in a temp dir)")
     p.add_argument("--no-append", action="store_true", help="print only; do not append to benchmarks/RESULTS.md")
+    p.add_argument("--readme", action="store_true", help="time the README's digits ASHA sweep (see the docstring)")
+    p.add_argument("--direct-steps", type=int, default=120, help="--readme: steps of each direct reference run")
     args = p.parse_args(argv)
+    if args.readme:
+        text = _readme(args)
+        print(text)
+        if not args.no_append:
+            with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
+                f.write("\n" + text)
+        return 0
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         work = Path(tmp)
