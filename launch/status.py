@@ -72,7 +72,7 @@ __all__ = [
     "slurm_partitions",
 ]
 
-TERMINAL_RUN_STATES = frozenset({"finished", "failed", "cancelled", "dead"})
+TERMINAL_RUN_STATES = frozenset({"finished", "stopped", "failed", "cancelled", "dead"})
 """States after which a run changes no more by itself (``--watch`` ends on them)."""
 _PID_START_SLACK_S = 2.0  # status.json's "started" has whole seconds and is written after its process started
 
@@ -263,8 +263,8 @@ def _merge_state(
     """One state for the user and why, from the trainer's state, Slurm's view, the job's own records, the lease
     and `pretrain cancel`."""
     trainer = rs.trainer_state
-    if trainer == "finished":
-        return "finished", ""
+    if trainer in ("finished", "stopped"):  # stopped: a sweep's scheduler ended the run at an eval
+        return trainer, ""
     if cancelled and (info is None or info.state.split()[0] in ("COMPLETING", "CANCELLED")):
         return "cancelled", ""
     if info is not None:  # Slurm vouches for the job: a new attempt may still be taking over from a dead process

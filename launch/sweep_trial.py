@@ -7,8 +7,10 @@ trial), then tails the run's ``metrics.jsonl``. Every eval event becomes one ``t
 the time unit of the ASHA and PBT knobs) carrying the newest complete checkpoint of the run, so Ray Tune keeps the best
 ``keep_checkpoints`` of them and deletes the rest.
 
-Processes. The run is started through a guard that stops it when the trial stops, and is paused while Ray Tune
-decides on each reported result (:mod:`launch.trial_guard`); with the Slurm backend the guard ``scancel``-s the job.
+Processes. The run is started through a guard that stops it when the trial stops (:mod:`launch.trial_guard`); with the
+Slurm backend the guard ``scancel``-s the job. At each eval the run waits for Ray Tune's decision, on both backends
+(:mod:`pretrain.sweep_hook`): the trial reports the eval, then tells the run to continue, or to stop when Ray Tune
+stopped the trial, so a trial stopped at a rung trains no further than that rung.
 
 Resume. A restarted trial (sweep ``--resume``, a retry after a failure) relaunches the same command: ``pretrain train``
 auto-resumes from the newest complete checkpoint of the trial's run dir. A PBT exploit (the checkpoint Ray Tune hands
@@ -33,6 +35,7 @@ from typing import Any
 
 from launch.trial_guard import SWEEP_SUBDIR, LocalRun, note, proc_start_time, stop_previous_run, write_atomic
 from pretrain.rundir import CHECKPOINTS, LATEST, METRICS, STATUS, run_history, set_aside_history
+from pretrain.sweep_hook import CONTINUE, STOP, Heartbeat, decide, install_hook, waiting_step
 
 __all__ = [
     "CHECKPOINT_META",
@@ -356,13 +359,6 @@ class _SlurmRun:
         self.guard_pid = int(line) if line.strip() else None
         note(self.run_dir, "submitted the run as Slurm job %s", self.job.job_id)
 
-    def pause(self) -> None:
-        """Nothing: stopping a job's ranks takes Slurm operator rights (``scontrol suspend``), so a trial the scheduler
-        stops may train on until its ``scancel`` arrives."""
-
-    def resume(self) -> None:
-        pass
-
     def poll(self) -> int | None:
         """0 when the run finished, 1 when the job ended otherwise, None while it is queued, running or requeued.
 
@@ -513,10 +509,10 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
             tune.report(metrics)
 
     def report_held(event: dict[str, Any]) -> None:
-        """``report`` with the live run paused until Ray Tune has decided; a stop leaves it paused (``run.stop``)."""
-        run.pause()
+        """``report`` while the run waits at the event's step (:mod:`pretrain.sweep_hook`), then let it go on; when
+        Ray Tune stops the trial inside ``tune.report``, the ``finally`` below tells the run to stop instead."""
         report(event)
-        run.resume()
+        decide(run_dir, int(event["step"]), CONTINUE)
 
     # Evals an earlier life of this run logged up to its resume step that Ray Tune does not know (the sweep driver
     # died after they were logged): report them first, so iterations keep matching steps. The run will cut its
@@ -535,6 +531,8 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     tail = MetricsTail(metrics_path, from_end=True)
     pending: dict[str, Any] | None = None
 
+    install_hook(run_dir, timeout_s=max(120.0, 4 * spec.stop_grace_s))  # the run waits for Tune at each eval
+    heartbeat = Heartbeat(run_dir)
     try:
         run.start()
         rc = None
@@ -554,7 +552,8 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
                     last_train = event
             if pending is not None and not (max_steps and int(pending["step"]) >= max_steps):
                 ckpt = newest_checkpoint(run_dir)
-                if ckpt is not None and ckpt.step is not None and ckpt.step >= int(pending["step"]):
+                at_step = ckpt is not None and ckpt.step is not None and ckpt.step >= int(pending["step"])
+                if at_step or waiting_step(run_dir) == int(pending["step"]):
                     report_held(pending)
                     pending = None
             if rc is None:
@@ -569,7 +568,15 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         note(run_dir, "trial stopped (%s)", type(e).__name__)
         raise
     finally:
-        # First drop the staged hard links (they would keep checkpoint files alive after the trainer's retention),
-        # then stop the run: a no-op when it ended by itself, SIGTERM/scancel when the scheduler stopped the trial.
+        # First drop the staged hard links (they would keep checkpoint files alive after the trainer's retention).
+        # A run waiting at its last report (Ray Tune stopped the trial there) is told to stop: it keeps that step's
+        # checkpoint and exits by itself. Then stop the run: a no-op when it ended, SIGTERM/scancel otherwise.
+        heartbeat.stop()
         shutil.rmtree(staging, ignore_errors=True)
+        if run.poll() is None:
+            waiting = waiting_step(run_dir) == reported_step
+            decide(run_dir, reported_step, STOP)
+            deadline = time.monotonic() + spec.stop_grace_s
+            while waiting and run.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
         run.stop()

@@ -8,8 +8,8 @@ SIGKILL; neither while the run compiles a JIT extension (a killed build leaves t
 later run on the machine waits for it). With the Slurm backend the guard watches the worker the same way and
 ``scancel``-s the job (``launch.sweep_trial``'s Slurm runner).
 
-:class:`LocalRun` is the trial's handle on such a run: start, poll, pause while Ray Tune decides on a reported result,
-resume, stop. Linux only (``/proc``).
+:class:`LocalRun` is the trial's handle on such a run: start, poll, stop. While Ray Tune decides on a reported result
+the run waits by itself (:mod:`pretrain.sweep_hook`); no signal pauses it. Linux only (``/proc``).
 """
 
 from __future__ import annotations
@@ -170,7 +170,6 @@ def guard_main(argv: list[str] | None = None) -> int:
         if asked_at is not None and deadline is None and (not building or now > asked_at + _MAX_BUILD_WAIT_S):
             deadline = now + args.grace_s
             os.killpg(group, signal.SIGTERM)  # the guard ignores its own copy (on_term)
-            os.killpg(group, signal.SIGCONT)  # a run paused while Ray Tune decided (LocalRun.pause) must see it
         if deadline is not None and now > deadline and not (building and now < deadline + _MAX_BUILD_WAIT_S):
             rc = -signal.SIGKILL
             break
@@ -284,31 +283,6 @@ class LocalRun:
             except (OSError, ValueError):
                 return -1
         return None
-
-    def pause(self) -> None:
-        """SIGSTOP the run's processes (not the guard) while Ray Tune decides on a result it reported.
-
-        A native Tune trainable blocks in ``tune.report`` until the scheduler has decided; a run in its own process
-        would otherwise train on meanwhile, and a trial ASHA stops at a rung could reach its last step first. A stop
-        decision never resumes the run: the guard SIGTERMs the group and then SIGCONTs it, so the run checkpoints
-        where it was paused and exits.
-        """
-        if self.pgid is None or self.poll() is not None:
-            return
-        for pid, _ in _group_members(self.pgid):
-            if pid != self.guard_pid:
-                try:
-                    os.kill(pid, signal.SIGSTOP)
-                except ProcessLookupError:
-                    pass
-
-    def resume(self) -> None:
-        if self.pgid is None:
-            return
-        try:
-            os.killpg(self.pgid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
 
     def stop(self) -> None:
         if self.pgid is None or self.poll() is not None:

@@ -9,6 +9,7 @@ Layout of ``<run.output_dir>/<run.name>/``::
     status.json        state, step, last checkpoint, host, Slurm job id
     lease.json         the lease of the run that owns the directory now (see below)
     previous/<stamp>/  history a ``--restart`` set aside (never deleted)
+    sweep/             a sweep trial's files (its hook, see :mod:`pretrain.sweep_hook`; guard and log)
 
 The lease. One run owns a run directory at a time: rank 0 (or the ``--nproc`` launcher) takes ``lease.json`` before it
 writes anything and holds it for the run's whole life, refreshing its heartbeat. The file is created with
@@ -50,6 +51,7 @@ __all__ = [
     "METRICS",
     "PREVIOUS",
     "STATUS",
+    "SWEEP",
     "TB",
     "Lease",
     "LeaseHeld",
@@ -67,8 +69,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 3
 """Exit codes of ``pretrain train``: finished; failed; bad config, usage or a held run dir (nothing written);
 preempted (a checkpoint was saved: run the same command to continue)."""
 
-CONFIG_YAML, METRICS, STATUS, TB, CHECKPOINTS, LATEST, LEASE, PREVIOUS = (
-    "config.yaml", "metrics.jsonl", "status.json", "tb", "checkpoints", "latest", "lease.json", "previous",
+CONFIG_YAML, METRICS, STATUS, TB, CHECKPOINTS, LATEST, LEASE, PREVIOUS, SWEEP = (
+    "config.yaml", "metrics.jsonl", "status.json", "tb", "checkpoints", "latest", "lease.json", "previous", "sweep",
 )  # fmt: skip
 
 HEARTBEAT_S = 30.0

@@ -52,6 +52,7 @@ from pretrain.metrics import (
     topk_correct,
 )
 from pretrain.rundir import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, run_history
+from pretrain.sweep_hook import CONTINUE, STOP, SweepHook
 
 __all__ = [
     "EXIT_FAILED",
@@ -316,6 +317,9 @@ class Trainer:
         self.cfg, self.dist, self.parts, self.data = cfg, dist, parts, data
         self.engine = parts.engine
         self.ema, self.ckpt, self.status, self.stop = ema, ckpt, status, stop
+        # a sweep trial's run waits for the scheduler after each eval (rank 0 reads the hook; every rank knows of it)
+        self._sweep_hook = SweepHook.find(cfg.run_dir) if dist.is_main else None
+        self._in_sweep = bool(broadcast_object(self._sweep_hook is not None))
         self.flops_per_image = flops_per_image
         self.peak_flops = device_peak_flops(dist.device, cfg.trainer.precision)
         self.global_batch = cfg.data.batch_size * cfg.trainer.grad_accum_steps * dist.world_size
@@ -439,7 +443,8 @@ class Trainer:
                 bar.update(1)
             stop_signal, time_save = self._agree_on_flags()
             final = self.step >= max_steps
-            if final or (tcfg.eval_every_steps and self.step % tcfg.eval_every_steps == 0):
+            evaluating = final or (tcfg.eval_every_steps and self.step % tcfg.eval_every_steps == 0)
+            if evaluating:
                 self.evaluate()
             if self.nonfinite_in_a_row >= tcfg.max_nonfinite_steps:
                 self.save_checkpoint()
@@ -460,6 +465,12 @@ class Trainer:
             every = cfg.checkpoint.every_steps
             if (final and cfg.checkpoint.save_final) or (every and self.step % every == 0) or time_save:
                 self.save_checkpoint()
+            if evaluating and not final and self._in_sweep and (why := self._sweep_decision()) != CONTINUE:
+                if self._saved_step != self.step:
+                    self.save_checkpoint()
+                state, code = ("stopped", EXIT_OK) if why == STOP else ("preempted", EXIT_PREEMPTED)
+                by = "the sweep's scheduler" if why == STOP else why
+                return self._finish(state, code, f"stopped by {by} at step {self.step}", bar)
         return self._finish("finished", EXIT_OK, bar=bar)
 
     # -- one step ------------------------------------------------------------------------------------------------
@@ -675,6 +686,22 @@ class Trainer:
             for k, v in c.items():
                 total[k] = total.get(k, 0) + int(v)
         return total
+
+    def _sweep_decision(self) -> str:
+        """Inside a sweep: wait after this step's eval and checkpoint until the trial says ``continue`` or ``stop``
+        (:mod:`pretrain.sweep_hook`), every rank idle meanwhile; a signal ends the wait too (its name is returned)."""
+        hook = self._sweep_hook
+        if hook is not None:
+            hook.announce(self.step)
+        while True:
+            stop_signal, _ = self._agree_on_flags()
+            decision = broadcast_object(hook.poll(self.step) if hook is not None else None)
+            if stop_signal or decision is not None:
+                break
+            time.sleep(0.2)
+        if hook is not None:
+            hook.done(self.step)
+        return signal.Signals(int(stop_signal)).name if stop_signal else str(decision)
 
     def _agree_on_flags(self) -> tuple[float, bool]:
         """All ranks agree on (a stop signal on any rank, rank 0's "checkpoint minutes elapsed")."""

@@ -353,3 +353,38 @@ def test_slurm_backend_two_trials(digits_dir: Path, ray_address: str, tmp_path: 
         run_dir = Path(r["run_dir"])
         assert eval_steps(run_dir) == [EVERY, MAX_STEPS]
         assert json.loads((run_dir / "status.json").read_text()).get("slurm_job_id")  # it ran as a Slurm job
+
+
+def test_a_slurm_trial_stopped_at_a_rung_trains_no_further(digits_dir: Path, tmp_path: Path) -> None:
+    # The Slurm backend's trial run (launch.sweep_trial._SlurmRun: a `pretrain submit` job) waits at each eval for the
+    # trial's decision through the run dir, exactly as a local one: a stop at the first rung ends the job there.
+    why = _slurm_ready()
+    if why is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the Slurm sweep test: {why}")
+        pytest.skip(why)
+    from launch.sweep_trial import slurm_cluster_params, submit_slurm_trial
+    from pretrain.sweep_hook import STOP, Heartbeat, decide, install_hook, waiting_step
+
+    run_dir = tmp_path / "trials" / "rung"
+    install_hook(run_dir)
+    beat = Heartbeat(run_dir, every_s=1.0)
+    overrides = [*trial_overrides(digits_dir), f"run.output_dir={run_dir.parent}", "run.name=rung"]
+    params = slurm_cluster_params({"profile": "local", "cpus_per_task": 1, "mem_gb": 2, "timeout_min": 10}, 1)
+    job = submit_slurm_trial(str(CONFIG), overrides, params)
+    try:
+        deadline = time.monotonic() + 300
+        while waiting_step(run_dir) != EVERY:
+            assert time.monotonic() < deadline, f"job {job.job_id} never waited at step {EVERY}"
+            time.sleep(0.2)
+        time.sleep(2.0)
+        assert eval_steps(run_dir) == [EVERY] and waiting_step(run_dir) == EVERY  # waiting, not training on
+        decide(run_dir, EVERY, STOP)
+        while json.loads((run_dir / "status.json").read_text()).get("state") != "stopped":
+            assert time.monotonic() < deadline, (run_dir / "status.json").read_text()
+            time.sleep(0.2)
+    finally:
+        beat.stop()
+        subprocess.run(["scancel", str(job.job_id)], capture_output=True)
+    steps = [e["step"] for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+    assert max(steps) == EVERY < MAX_STEPS

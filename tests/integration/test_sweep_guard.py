@@ -1,8 +1,10 @@
 """The trial guard (`python -m launch.trial_guard guard`) with real processes: it stops a trial's run when the process
-it watches dies or when asked, escalates to SIGKILL after the grace period, and never interrupts a compiler build."""
+it watches dies or when asked, escalates to SIGKILL after the grace period, and never interrupts a compiler build.
+And the sweep hook with real 2-rank `pretrain train` runs: a trial's run waits at each eval for the decision."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,8 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny_run_overrides
+
+from pretrain.checkpoint import verify_checkpoint
+from pretrain.fsutil import read_jsonl
+from pretrain.sweep_hook import CONTINUE, STOP, Heartbeat, decide, install_hook, waiting_step
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the guard watches /proc")
+
+CONFIG = "configs/run/digits_sepvit_lite.yaml"
 
 
 def start_guard(tmp_path: Path, watch_pid: int, command: str, grace_s: float = 1.0) -> tuple[int, int, Path]:
@@ -98,41 +107,62 @@ def test_a_running_build_is_not_interrupted(tmp_path: Path) -> None:
     assert (tmp_path / "built").exists()
 
 
-def proc_state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+def group_cpu_s(pgid: int) -> float:
+    """User + system CPU seconds of the live processes of a process group (clock ticks of /proc/PID/stat)."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid:
+                total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
-def count_lines(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
+def train_steps(run_dir: Path) -> list[int]:
+    return [e["step"] for e in read_jsonl(run_dir / "metrics.jsonl") if e.get("event") == "train"]
 
 
-def test_a_paused_run_makes_no_progress_and_a_stop_still_ends_it(tmp_path: Path) -> None:
-    # A trial's run is paused while Ray Tune decides on the result it reported; a stop decision must end it from there.
-    from launch.trial_guard import LocalRun
+def test_a_run_in_a_sweep_waits_at_each_eval_for_the_decision(start_train, digits_dir: Path, run_root: Path) -> None:
+    # What a trial does (launch.sweep_trial): install the hook, keep a heartbeat, and after reporting an eval tell
+    # the run to continue or, when Ray Tune stopped the trial, to stop. The run must train no further than the eval
+    # it waits at, cost no CPU while waiting, and stop with a checkpoint of exactly that step.
+    run_dir = run_root / "hooked"
+    install_hook(run_dir, timeout_s=120)
+    beat = Heartbeat(run_dir, every_s=1.0)
+    overrides = tiny_run_overrides(digits_dir, run_root, "hooked", "trainer.eval_every_steps=5")
+    run = start_train(CONFIG, overrides, "--nproc", "2")
+    try:
+        deadline = time.monotonic() + 180
+        while waiting_step(run_dir) != 5:
+            assert time.monotonic() < deadline and run.proc.poll() is None, run.output[-3000:]
+            time.sleep(0.1)
+        cpu0 = group_cpu_s(run.proc.pid)
+        time.sleep(3.0)
+        assert max(train_steps(run_dir)) == 5 and waiting_step(run_dir) == 5  # no step past the eval
+        assert group_cpu_s(run.proc.pid) - cpu0 < 0.9  # 2 ranks, a launcher, loader workers: idle, not spinning
+        decide(run_dir, 5, CONTINUE)
+        while waiting_step(run_dir) != 10:
+            assert time.monotonic() < deadline and run.proc.poll() is None, run.output[-3000:]
+            time.sleep(0.1)
+        decide(run_dir, 10, STOP)
+        assert run.wait() == 0, run.output[-3000:]
+    finally:
+        beat.stop()
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "stopped" and status["step"] == 10, status
+    assert max(train_steps(run_dir)) == 10
+    assert verify_checkpoint(run_dir / "checkpoints" / "step_000010")[0]  # saved at the stop (10 is no multiple of 4)
 
-    ticks = tmp_path / "ticks"
-    run = LocalRun(["bash", "-c", f"while true; do echo x >> {ticks}; sleep 0.05; done"], tmp_path, grace_s=5.0)
-    run.start()
-    deadline = time.monotonic() + 20
-    while count_lines(ticks) < 3:
-        assert time.monotonic() < deadline, "the run never started ticking"
-        time.sleep(0.05)
 
-    run.pause()
-    time.sleep(0.3)
-    paused_at = count_lines(ticks)
-    time.sleep(1.0)
-    assert count_lines(ticks) == paused_at
-    assert proc_state(run.guard_pid) != "T"  # the guard keeps watching the trial
-    assert run.poll() is None
-
-    run.resume()
-    time.sleep(0.5)
-    assert count_lines(ticks) > paused_at
-
-    run.pause()
-    t0 = time.monotonic()
-    run.stop()
-    assert run.poll() == -signal.SIGTERM  # it got the SIGTERM (and the SIGCONT to act on it), not the SIGKILL
-    assert time.monotonic() - t0 < 5.0
-    assert group_ends(run.pgid)
+def test_a_run_whose_trial_is_gone_stops_by_itself(start_train, digits_dir: Path, run_root: Path) -> None:
+    run_dir = run_root / "orphan"
+    install_hook(run_dir, timeout_s=4)  # no heartbeat: the trial died (a killed driver, a lost node)
+    overrides = tiny_run_overrides(digits_dir, run_root, "orphan", "trainer.eval_every_steps=5")
+    run = start_train(CONFIG, overrides, "--nproc", "2")
+    assert run.wait() == 0, run.output[-3000:]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "stopped" and status["step"] == 5, status
+    assert verify_checkpoint(run_dir / "checkpoints" / "step_000005")[0]
