@@ -1,9 +1,11 @@
 """``pretrain data inspect``: check a built data set against its manifest.
 
 For every shard listed in ``manifest.json``: the file exists, its size and sha256 match the manifest, and its tar
-headers hold the listed number of samples (keys), each with an image and a ``.cls`` label. With ``deep=True`` every
-image is decoded and every label parsed as well. The report lists every bad shard with its reasons; the stream
-refuses nothing by itself, so run this after copying a data set.
+headers hold the listed number of samples (keys), each with an image and a ``.cls`` label. For shards indexed by
+``pretrain data index`` (manifest version 2) the samples are those of the shard's stored index: each must be in the tar
+with its image member, and its stored label must name a class. With ``deep=True`` every image is decoded and every
+label parsed as well. The report lists every bad shard with its reasons; the stream refuses nothing by itself, so run
+this after copying a data set.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from data_pipeline.errors import CorruptSample
 from data_pipeline.manifest import Manifest, ShardInfo, file_sha256, load_manifest
+from data_pipeline.shard_index import StoredShard, read_stored_shard, split_member_name
 
 __all__ = ["BadShard", "InspectReport", "inspect_dataset"]
 
@@ -70,8 +73,22 @@ class InspectReport:
         for cls in m.classes:
             counts = " | ".join(str(m.splits[s].class_counts.get(cls, 0)) for s in splits)
             lines.append(f"| {cls} | {counts} |")
+        if m.indexed and any(m.splits[name].skipped_samples for name in splits):
+            lines.append("")
+            for name in splits:
+                left_out = m.splits[name].skipped_samples
+                if left_out:
+                    reasons = ", ".join(f"{r} {n}" for r, n in sorted(left_out.items()))
+                    lines.append(
+                        f"{name}: {sum(left_out.values())} samples left out by `pretrain data index` ({reasons})"
+                    )
         if m.skipped:
-            lines += ["", f"{len(m.skipped)} source files were skipped at build time:"]
+            what = (
+                "shards were left out by `pretrain data index`"
+                if m.indexed
+                else "source files were skipped at build time"
+            )
+            lines += ["", f"{len(m.skipped)} {what}:"]
             lines += [f"  {s['path']}: {s['reason']}" for s in m.skipped]
         return "\n".join(lines)
 
@@ -90,8 +107,9 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def _check_shard(data_dir: Path, split: str, shard: ShardInfo, num_classes: int, deep: bool) -> tuple[list[str], int]:
+def _check_shard(data_dir: Path, split: str, shard: ShardInfo, classes: list[str], deep: bool) -> tuple[list[str], int]:
     """All problems of one shard, and the number of samples found in it."""
+    num_classes = len(classes)
     path = Manifest.shard_path(data_dir, shard)
     try:
         size = path.stat().st_size
@@ -106,6 +124,13 @@ def _check_shard(data_dir: Path, split: str, shard: ShardInfo, num_classes: int,
     members: dict[str, dict[str, int]] = {}  # key -> ext -> size
     order: list[str] = []
     failed: dict[str, list[str]] = {"bad_label": [], "decode_error": []}  # deep: keys per failure
+    stored: StoredShard | None = None
+    if shard.index is not None:
+        try:
+            stored = read_stored_shard(data_dir / shard.index)
+        except (OSError, ValueError) as e:
+            return reasons + [f"stored index unreadable ({e}); re-run `pretrain data index`"], 0
+    image_of = None if stored is None else dict(zip(stored.keys, stored.images))
     try:
         with tarfile.open(path, mode="r:") as tar:
             for info in tar:
@@ -114,15 +139,21 @@ def _check_shard(data_dir: Path, split: str, shard: ShardInfo, num_classes: int,
                 if info.offset_data + info.size > size:
                     reasons.append(f"truncated: member {info.name} ends past the end of the file")
                     break
-                key, _, ext = info.name.rsplit("/", 1)[-1].partition(".")
+                key, ext = split_member_name(info.name)
+                if key is None or ext is None:
+                    continue
                 if key not in members:
                     order.append(key)
                 members.setdefault(key, {})[ext] = info.size
-                problem = _deep_check(tar, info, ext, num_classes) if deep else None
+                checked = deep and (image_of is None or image_of.get(key) == ext)  # stored: the image members only
+                problem = _deep_check(tar, info, ext, num_classes) if checked else None
                 if problem:
                     failed[problem].append(key)
     except (tarfile.TarError, OSError, EOFError) as e:
         reasons.append(f"unreadable tar ({type(e).__name__}: {e})")
+    if stored is not None:
+        stored_reasons, found = _check_stored(stored, members, shard, classes, failed)
+        return reasons + stored_reasons, found
     found = len(members)
     if found != shard.samples:
         reasons.append(f"{found} samples in the tar, manifest says {shard.samples}")
@@ -136,6 +167,32 @@ def _check_shard(data_dir: Path, split: str, shard: ShardInfo, num_classes: int,
         if bad:
             reasons.append(f"{len(bad)} samples with {what}, e.g. {', '.join(bad[:_MAX_LISTED])}")
     return reasons, found
+
+
+def _check_stored(
+    stored: StoredShard,
+    members: dict[str, dict[str, int]],
+    shard: ShardInfo,
+    classes: list[str],
+    failed: dict[str, list[str]],
+) -> tuple[list[str], int]:
+    """Problems of a shard indexed by ``pretrain data index`` (its stored samples against the tar and the classes),
+    and the number of its stored samples found in the tar."""
+    reasons = []
+    if len(stored) != shard.samples:
+        reasons.append(f"the stored index holds {len(stored)} samples, manifest says {shard.samples}")
+    lost = [k for k, ext in zip(stored.keys, stored.images) if ext not in members.get(k, {})]
+    if lost:
+        reasons.append(f"{len(lost)} indexed samples are not in the tar, e.g. {', '.join(lost[:_MAX_LISTED])}")
+    names = set(classes)
+    for key, label in zip(stored.keys, stored.labels):
+        ok = label in names if isinstance(label, str) else isinstance(label, int) and 0 <= label < len(classes)
+        if not ok:
+            failed["bad_label"].append(key)
+    for what, bad in failed.items():
+        if bad:
+            reasons.append(f"{len(bad)} samples with {what}, e.g. {', '.join(bad[:_MAX_LISTED])}")
+    return reasons, len(stored) - len(lost)
 
 
 def _deep_check(tar: tarfile.TarFile, info: tarfile.TarInfo, ext: str, num_classes: int) -> str | None:
@@ -179,7 +236,7 @@ def inspect_dataset(data_dir: str | os.PathLike, deep: bool = False, workers: in
     jobs = [(split, shard) for split, info in manifest.splits.items() for shard in info.shards]
     n = max(1, min(workers or 4, len(jobs) or 1))
     with ThreadPoolExecutor(n) as pool:
-        results = list(pool.map(lambda j: _check_shard(root, j[0], j[1], manifest.num_classes, deep), jobs))
+        results = list(pool.map(lambda j: _check_shard(root, j[0], j[1], manifest.classes, deep), jobs))
     for (split, shard), (reasons, found) in zip(jobs, results):
         report.shards_checked += 1
         report.samples_found[split] = report.samples_found.get(split, 0) + found

@@ -1,16 +1,26 @@
-"""The data set manifest: ``DIR/manifest.json`` written last by ``pretrain data build``.
+"""The data set manifest: ``DIR/manifest.json``, written last by ``pretrain data build`` or ``pretrain data index``.
 
 It lists, per split, every shard with its sample count, size and sha256, plus the class names, the image format
-and the source the shards were built from. The stream derives sample keys and shard offsets from it, ``inspect``
-verifies shards against it. Every sample is labelled (a ``.cls`` member holding an index into ``classes``), so a split
-with samples needs a non-empty ``classes``. Schema (version 1)::
+and the source the shards were built from. ``inspect`` verifies shards against it, and the stream maps a sample's
+write index to its shard from the per-shard counts. Two versions, both read:
 
-    {"version": 1, "source": str, "format": "png" | "jpeg" | "mixed", "classes": [name, ...], "created": iso time,
+- version 1 (``pretrain data build``, our own shards): sample ``i`` of a split has the key ``{split}_{i:08d}`` and a
+  ``.cls`` member holding an index into ``classes``; the stream derives keys, nothing per sample is stored.
+- version 2 (``pretrain data index``, shards written by any WebDataset tool): every shard names its ``index``, a JSON
+  file under ``DIR/.index/`` (see :mod:`data_pipeline.wds_index`) holding its samples' keys, labels, image member and
+  member offsets in tar order; the stream takes keys and labels from there. The manifest also names the ``label``
+  rule, the ``image_exts`` present, and per split the samples left out (``skipped_samples``, by reason).
+
+Every sample is labelled, so a split with samples needs a non-empty ``classes``. Schema::
+
+    {"version": 1 | 2, "source": str, "format": "png" | "jpeg" | "mixed", "classes": [name, ...], "created": iso time,
      "splits": {"train": {"num_samples": int, "class_counts": {name: n},
                           "shards": [{"name": "train/shard-000000.tar", "samples": int, "bytes": int,
-                                      "sha256": hex}]},
+                                      "sha256": hex, "index": ".index/train/shard-000000.tar.json" (v2)}],
+                          "skipped_samples": {reason: n} (v2)},
                 "val": {...}},
-     "skipped": [{"path": str, "reason": str}]}
+     "skipped": [{"path": str, "reason": str}],
+     "label": "cls" | "txt" | "json:FIELD" (v2), "image_exts": [ext, ...] (v2)}
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from pretrain.fsutil import fsync_dir
 __all__ = [
     "MANIFEST_NAME",
     "MANIFEST_VERSION",
+    "INDEXED_MANIFEST_VERSION",
     "FORMATS",
     "Manifest",
     "file_sha256",
@@ -41,8 +52,13 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
+"""Our own shards (``pretrain data build``): keys derived from write indices."""
+INDEXED_MANIFEST_VERSION = 2
+"""Shards indexed by ``pretrain data index``: each shard has a stored per-shard index."""
 FORMATS = ("png", "jpeg", "mixed")
-_HINT = "run `pretrain data build SOURCE --out DIR` to (re)build it"
+_HINT = (
+    "run `pretrain data build SOURCE --out DIR` to (re)build it, or `pretrain data index DIR` for shards made elsewhere"
+)
 
 
 @dataclass
@@ -57,6 +73,8 @@ class ShardInfo:
     """File size in bytes."""
     sha256: str
     """Hex sha256 of the whole file."""
+    index: str | None = None
+    """Version 2: path of the shard's stored index (keys, labels, offsets) relative to the data folder."""
 
 
 @dataclass
@@ -66,6 +84,8 @@ class SplitInfo:
     num_samples: int
     class_counts: dict[str, int] = field(default_factory=dict)
     shards: list[ShardInfo] = field(default_factory=list)
+    skipped_samples: dict[str, int] = field(default_factory=dict)
+    """Version 2: samples of the split's shards left out by ``pretrain data index``, per reason."""
 
     @property
     def num_bytes(self) -> int:
@@ -84,6 +104,17 @@ class Manifest:
     created: str = ""
     skipped: list[dict[str, str]] = field(default_factory=list)
     version: int = MANIFEST_VERSION
+    label: str = ""
+    """Version 2: where labels come from (``cls``, ``txt`` or ``json:FIELD``)."""
+    image_exts: list[str] = field(default_factory=list)
+    """Version 2: the image extensions present, sorted."""
+    root: Path | None = field(default=None, repr=False, compare=False)
+    """The folder it was loaded from (not stored): where stored shard indexes are found."""
+
+    @property
+    def indexed(self) -> bool:
+        """Whether sample keys and labels come from stored per-shard indexes (version 2)."""
+        return self.version == INDEXED_MANIFEST_VERSION
 
     @property
     def num_classes(self) -> int:
@@ -96,26 +127,37 @@ class Manifest:
         return Path(data_dir) / name
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object, keys in schema order."""
-        return {
+        """The JSON object, keys in schema order; a version 1 manifest has exactly the version 1 fields."""
+        v2 = self.indexed
+
+        def shard(s: ShardInfo) -> dict[str, Any]:
+            out: dict[str, Any] = {"name": s.name, "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256}
+            if v2:
+                out["index"] = s.index
+            return out
+
+        def split(info: SplitInfo) -> dict[str, Any]:
+            out: dict[str, Any] = {
+                "num_samples": info.num_samples,
+                "class_counts": dict(info.class_counts),
+                "shards": [shard(s) for s in info.shards],
+            }
+            if v2:
+                out["skipped_samples"] = dict(info.skipped_samples)
+            return out
+
+        out = {
             "version": self.version,
             "source": self.source,
             "format": self.format,
             "classes": list(self.classes),
             "created": self.created,
-            "splits": {
-                name: {
-                    "num_samples": split.num_samples,
-                    "class_counts": dict(split.class_counts),
-                    "shards": [
-                        {"name": s.name, "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256}
-                        for s in split.shards
-                    ],
-                }
-                for name, split in self.splits.items()
-            },
+            "splits": {name: split(info) for name, info in self.splits.items()},
             "skipped": [dict(s) for s in self.skipped],
         }
+        if v2:
+            out.update(label=self.label, image_exts=list(self.image_exts))
+        return out
 
     @classmethod
     def from_dict(cls, raw: Any, where: str = MANIFEST_NAME) -> Manifest:
@@ -131,8 +173,10 @@ class Manifest:
 
         if not isinstance(raw, dict):
             raise bad("top level is not a JSON object")
-        if raw.get("version") != MANIFEST_VERSION:
-            raise bad(f"version is {raw.get('version')!r}, this code reads version {MANIFEST_VERSION}")
+        version = raw.get("version")
+        if version not in (MANIFEST_VERSION, INDEXED_MANIFEST_VERSION):
+            raise bad(f"version is {version!r}, this code reads {MANIFEST_VERSION} and {INDEXED_MANIFEST_VERSION}")
+        v2 = version == INDEXED_MANIFEST_VERSION
         for key, tp in (("source", str), ("format", str), ("classes", list), ("splits", dict)):
             if not isinstance(raw.get(key), tp):
                 raise bad(f"'{key}' is missing or not a {tp.__name__}")
@@ -150,31 +194,41 @@ class Manifest:
             for i, sh in enumerate(s["shards"]):
                 try:
                     info = ShardInfo(str(sh["name"]), int(sh["samples"]), int(sh["bytes"]), str(sh["sha256"]))
+                    if v2:
+                        info.index = str(sh["index"])
                 except (KeyError, TypeError, ValueError) as e:
-                    raise bad(f"{at}.shards[{i}] needs name, samples, bytes, sha256 ({e!r})") from None
-                if Path(info.name).is_absolute() or ".." in Path(info.name).parts:
-                    raise bad(f"{at}.shards[{i}].name {info.name!r} must be a path inside the data folder")
+                    needs = "name, samples, bytes, sha256" + ", index" * v2
+                    raise bad(f"{at}.shards[{i}] needs {needs} ({e!r})") from None
+                for what, path in (("name", info.name), ("index", info.index)):
+                    if path is not None and (Path(path).is_absolute() or ".." in Path(path).parts):
+                        raise bad(f"{at}.shards[{i}].{what} {path!r} must be a path inside the data folder")
                 shards.append(info)
             try:
                 num_samples = int(s["num_samples"])
                 class_counts = {str(k): int(v) for k, v in (s.get("class_counts") or {}).items()}
-            except (KeyError, TypeError, ValueError) as e:
+                skipped_samples = {str(k): int(v) for k, v in (s.get("skipped_samples") or {}).items()}
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise bad(f"{at} needs num_samples and class_counts ({e!r})") from None
             if sum(sh.samples for sh in shards) != num_samples:
                 raise bad(f"{at}.num_samples={num_samples} but its shards hold {sum(sh.samples for sh in shards)}")
             unknown = sorted(set(class_counts) - set(classes))
             if unknown:
                 raise bad(f"{at}.class_counts names classes not in 'classes': {unknown[:5]}")
-            splits[str(split_name)] = SplitInfo(num_samples, class_counts, shards)
+            splits[str(split_name)] = SplitInfo(num_samples, class_counts, shards, skipped_samples)
         labelled = [name for name, split in splits.items() if split.num_samples > 0]
         if labelled and not classes:
             raise bad(
-                f"'classes' is empty but split(s) {', '.join(labelled)} hold samples, each with a .cls label that "
+                f"'classes' is empty but split(s) {', '.join(labelled)} hold samples, each with a label that "
                 "indexes 'classes': the labels name no class"
             )
         skipped = raw.get("skipped") or []
         if not isinstance(skipped, list) or not all(isinstance(x, dict) for x in skipped):
             raise bad("'skipped' must be a list of {path, reason} objects")
+        label, image_exts = raw.get("label", ""), raw.get("image_exts", [])
+        if v2 and (not isinstance(label, str) or not label):
+            raise bad("'label' (cls, txt or json:FIELD) is missing")
+        if not isinstance(image_exts, list) or not all(isinstance(e, str) for e in image_exts):
+            raise bad("'image_exts' must be a list of extensions")
         return cls(
             source=raw["source"],
             format=raw["format"],
@@ -182,7 +236,9 @@ class Manifest:
             splits=splits,
             created=str(raw.get("created", "")),
             skipped=[{"path": str(x.get("path", "")), "reason": str(x.get("reason", ""))} for x in skipped],
-            version=MANIFEST_VERSION,
+            version=version,
+            label=label if v2 else "",
+            image_exts=list(image_exts) if v2 else [],
         )
 
 
@@ -190,7 +246,7 @@ def load_manifest(data_dir: str | os.PathLike) -> Manifest:
     """Reads and validates ``data_dir/manifest.json``.
 
     Args:
-        data_dir: Folder written by ``pretrain data build``.
+        data_dir: Folder written by ``pretrain data build`` or indexed by ``pretrain data index``.
 
     Raises:
         FileNotFoundError: The folder or its manifest does not exist (say to run ``pretrain data build``).
@@ -205,7 +261,9 @@ def load_manifest(data_dir: str | os.PathLike) -> Manifest:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e}); {_HINT}") from None
-    return Manifest.from_dict(raw, where=str(path))
+    manifest = Manifest.from_dict(raw, where=str(path))
+    manifest.root = Path(data_dir)
+    return manifest
 
 
 def write_manifest(manifest: Manifest, data_dir: str | os.PathLike) -> Path:

@@ -1,23 +1,42 @@
-"""The index of one tar shard: where each sample's members start and how long they are, read from the tar headers only.
+"""The index of one tar shard: where each sample's members start and how long they are, read from the tar headers only;
+and the stored per-shard index of shards made elsewhere (keys, labels), which ``pretrain data index`` writes.
 
 Every DataLoader worker indexes every shard it reads from (the stream is sample-level), so this is on the per-sample
 path: the headers are read with ``os.pread`` and parsed here (ustar and GNU fields, checksum, octal and base-256
 numbers) at about a fifth of ``tarfile``'s cost. A shard holding anything this parser does not read exactly as
 ``tarfile`` does (pax or GNU long-name headers, sparse or unknown members, a bad checksum) is indexed with ``tarfile``
 instead, so the index, and the corrupt-shard verdicts built on it, are the same either way.
+
+Members are grouped into samples by WebDataset's own rule (``webdataset.tariterators.base_plus_ext``, lower-cased
+extension as its ``group_by_keys`` does): the key is the member's path up to the first dot of its file name, directory
+prefix included. :func:`split_member_name` does the same without a regex or importing ``webdataset`` (which imports
+torch) in every loader process; a test checks it against ``base_plus_ext``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ShardIndex", "index_shard", "key_index"]
+__all__ = [
+    "IMAGE_EXTS",
+    "STORED_INDEX_DIR",
+    "STORED_INDEX_VERSION",
+    "ShardIndex",
+    "StoredShard",
+    "index_shard",
+    "key_index",
+    "pick_image",
+    "read_stored_shard",
+    "split_member_name",
+    "stored_index_name",
+]
 
 
 @dataclass
@@ -30,8 +49,43 @@ class ShardIndex:
     foreign_keys: bool  # keys outside the shard's expected range: absent keys are key_mismatch
 
 
-def index_shard(path: Path, expected: range, split: str) -> ShardIndex:
+# Image extensions in order of preference: a sample with several images is read through the first one present.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
+# Members that are never the image of a sample.
+_NON_IMAGE_EXTS = frozenset({"cls", "json", "txt"})
+
+
+def pick_image(exts: Iterable[str]) -> str | None:
+    """The member a sample's image is read from: the first of :data:`IMAGE_EXTS` present, else the first member that
+    is not a label or metadata (``cls``, ``json``, ``txt``), else None."""
+    exts = list(exts)
+    for ext in IMAGE_EXTS:
+        if ext in exts:
+            return ext
+    others = [e for e in exts if e not in _NON_IMAGE_EXTS]
+    return others[0] if others else None
+
+
+def split_member_name(name: str) -> tuple[str | None, str | None]:
+    """``(key, ext)`` of a tar member as WebDataset reads it (``base_plus_ext``: ``^((?:.*/|)[^.]+)[.]([^/]*)$``), ext
+    lower-cased; ``(None, None)`` where that regex does not match (no dot in the file name, say)."""
+    head, slash, tail = name.rpartition("/")
+    stem, dot, ext = tail.partition(".")
+    if not dot:
+        return None, None
+    if stem:
+        return head + slash + stem, ext.lower()
+    # A file name starting with a dot: the regex's [^.]+ then spans the folder's own name and slash, if dot-free.
+    if slash and "." not in head.rpartition("/")[2]:
+        return head + slash, ext.lower()
+    return None, None
+
+
+def index_shard(path: Path, expected: range | None, split: str) -> ShardIndex:
     """Scans the tar headers only (member data is seeked over) and groups members by key.
+
+    ``expected`` is the range of write indices a shard of ours holds (its keys are ``{split}_{index:08d}``); ``None``
+    for a shard indexed by ``pretrain data index``, whose keys are stored instead.
 
     The headers are read by :func:`_header_members`; a shard holding anything it does not read exactly as ``tarfile``
     does is scanned again with ``tarfile`` (:func:`_tarfile_members`), so the index is the same either way.
@@ -48,7 +102,7 @@ def index_shard(path: Path, expected: range, split: str) -> ShardIndex:
         members, problem, detail = _group_members(path, size, _tarfile_members(path, size))
     if problem is None and not members:
         problem, detail = "empty_shard", f"{path}: no members"
-    foreign = any(key_index(split, k) not in expected for k in members)
+    foreign = expected is not None and any(key_index(split, k) not in expected for k in members)
     return ShardIndex(members, problem, detail, foreign)
 
 
@@ -64,8 +118,8 @@ def _group_members(
     with closing(entries):
         try:
             for name, offset, length in entries:
-                key, dot, ext = name.rsplit("/", 1)[-1].partition(".")
-                if not dot:
+                key, ext = split_member_name(name)
+                if key is None or ext is None:
                     continue
                 if offset + length > size:
                     members.pop(key, None)  # the sample at the break is lost as a whole
@@ -224,3 +278,52 @@ def key_index(split: str, key: str) -> int:
     """Write index encoded in ``key``, or -1 if the key is not ``{split}_{digits}``."""
     prefix, sep, digits = key.rpartition("_")
     return int(digits) if sep and prefix == split and digits.isdigit() else -1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stored per-shard indexes (written by `pretrain data index`, schema in data_pipeline.wds_index)
+
+STORED_INDEX_DIR = ".index"
+"""Folder of the data set that holds one stored index per shard: ``.index/<shard name>.json``."""
+STORED_INDEX_VERSION = 1
+
+
+def stored_index_name(shard_name: str) -> str:
+    """Path of ``shard_name``'s stored index, relative to the data folder (``.index/train/a-000.tar.json``)."""
+    return f"{STORED_INDEX_DIR}/{shard_name}.json"
+
+
+@dataclass
+class StoredShard:
+    """What the stream reads from a stored index: each sample's key, label (an index into the classes, or a class
+    name) and image extension, in tar order."""
+
+    keys: list[str]
+    labels: list[int | str]
+    images: list[str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def read_stored_shard(path: Path) -> StoredShard:
+    """Reads the samples of a stored shard index.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: Not a stored index of a version this code reads.
+    """
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); re-run `pretrain data index`") from None
+    samples = raw.get("samples") if isinstance(raw, dict) else None
+    if not isinstance(samples, list) or raw.get("version") != STORED_INDEX_VERSION:
+        raise ValueError(f"{path}: not a version {STORED_INDEX_VERSION} shard index; re-run `pretrain data index`")
+    try:
+        keys = [str(s[0]) for s in samples]
+        labels = [s[1] for s in samples]
+        images = [str(s[2]) for s in samples]
+    except (IndexError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}: malformed sample entry ({e!r}); re-run `pretrain data index`") from None
+    return StoredShard(keys, labels, images)

@@ -25,9 +25,12 @@ index ``-1`` so that every rank runs the same number of batches (ZeRO-3 needs eq
 
 Sample indices and keys: a sample's index is its write index within the split. Shards hold contiguous ranges in
 manifest order, so sample ``i`` lives in the shard ``s`` with ``offset[s] <= i < offset[s + 1]`` (``offset`` is the
-running sum of the manifest's per-shard ``samples``) and its key is ``f"{split}_{i:08d}"``. The reader checks that
-the tar really holds that key; a shard holding keys outside its range makes its missing keys count as
-``key_mismatch``.
+running sum of the manifest's per-shard ``samples``) and is that shard's sample ``i - offset[s]``. In our own shards
+(manifest version 1) its key is ``f"{split}_{i:08d}"`` and its label the ``.cls`` member; a shard holding keys outside
+its range makes its missing keys count as ``key_mismatch``. In shards indexed by ``pretrain data index`` (version 2)
+key, label and image extension are the ``i - offset[s]``-th entry of the shard's stored index (read per shard, cached
+like the header scan), and a key the tar no longer holds counts as ``key_mismatch``. Either way the reader checks that
+the tar really holds the key.
 
 Workers: worker ``w`` of ``K`` yields the batches ``start + w, start + w + K, ...``; PyTorch's DataLoader fetches
 from workers round-robin starting at worker 0, so the batches arrive in order. A worker reads only the samples of
@@ -69,7 +72,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from data_pipeline.errors import DECODE_ERROR, MISSING_IMAGE, MISSING_LABEL, CorruptSample
 from data_pipeline.manifest import Manifest, load_manifest
-from data_pipeline.shard_index import ShardIndex, index_shard
+from data_pipeline.shard_index import ShardIndex, StoredShard, index_shard, pick_image, read_stored_shard
 
 __all__ = [
     "CORRUPT_REASONS",
@@ -95,17 +98,14 @@ CORRUPT_REASONS = (
     "empty_shard",  # shard file holds no members although the manifest lists samples in it
     "truncated_shard",  # tar ends or breaks mid-way; the samples from the break on are lost
     "missing_samples",  # tar read cleanly but holds fewer samples than the manifest says
-    "key_mismatch",  # tar holds keys outside the range the manifest implies for this shard
+    "key_mismatch",  # tar holds keys outside the manifest's range for this shard, or lacks a key its stored index has
     "missing_image",  # sample has no image member, or an empty one
     "missing_label",  # sample has no .cls member
-    "bad_label",  # .cls is not an ASCII int in [0, num_classes)
+    "bad_label",  # .cls (or a stored label) is not an int in [0, num_classes) or a class name of the manifest
     "read_error",  # OSError while reading member bytes
     "decode_error",  # the transform raised CorruptSample (counted under its own ``reason``, this by default)
 )
 
-# Members that are never the image of a sample.
-_NON_IMAGE_EXTS = frozenset({"cls", "json", "txt"})
-_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
 # Seed-sequence word that keeps the epoch-order RNG apart from the per-sample RNGs ([seed, epoch, index]).
 _ORDER_DOMAIN = 0x0DE7
 # Per-worker caches. The samples in flight come from a window of about shuffle_buffer + world_size * batch_size
@@ -251,8 +251,10 @@ def plan_batches(
     """Sample keys of every batch of one rank in one epoch, exactly as the loader yields them.
 
     Same arguments as :func:`batch_indices`; eval padding rows are omitted, so the last eval batches may be shorter
-    (or empty). ``pretrain data plan`` prints this; ``--skip-batches N`` is ``plan[N:]``.
+    (or empty). ``pretrain data plan`` prints this; ``--skip-batches N`` is ``plan[N:]``. Keys of shards indexed by
+    ``pretrain data index`` come from their stored indexes (the manifest must be loaded from its folder).
     """
+    manifest = _as_manifest(manifest)
     grid = batch_indices(
         manifest,
         split,
@@ -264,7 +266,21 @@ def plan_batches(
         shuffle_buffer=shuffle_buffer,
         train=train,
     )
-    return [[sample_key(split, int(i)) for i in row if i >= 0] for row in grid]
+    if not manifest.indexed:
+        return [[sample_key(split, int(i)) for i in row if i >= 0] for row in grid]
+    if manifest.root is None:
+        raise ValueError("the manifest has stored shard indexes: load it with load_manifest(DIR) or pass DIR")
+    shards = manifest.splits[split].shards
+    offsets = np.concatenate([[0], np.cumsum([sh.samples for sh in shards], dtype=np.int64)])
+    stored: dict[int, StoredShard] = {}
+
+    def key(index: int) -> str:
+        shard = int(np.searchsorted(offsets, index, side="right")) - 1
+        if shard not in stored:
+            stored[shard] = read_stored_shard(manifest.root / str(shards[shard].index))
+        return stored[shard].keys[index - int(offsets[shard])]
+
+    return [[key(int(i)) for i in row if i >= 0] for row in grid]
 
 
 def worker_batches(n_batches: int, *, num_workers: int, worker: int, start_batch: int = 0) -> range:
@@ -287,16 +303,27 @@ def worker_batches(n_batches: int, *, num_workers: int, worker: int, start_batch
 class _ShardReader:
     """Per-process cache of shard indexes and open shard files (both LRU)."""
 
-    def __init__(self, data_dir: Path, split: str, shards: Sequence[tuple[str, int]], offsets: np.ndarray):
+    def __init__(
+        self,
+        data_dir: Path,
+        split: str,
+        shards: Sequence[tuple[str, int]],
+        offsets: np.ndarray,
+        stored_paths: Sequence[Path | None],
+    ):
         self.data_dir, self.split, self.shards, self.offsets = data_dir, split, shards, offsets
+        self.stored_paths = stored_paths
         self.pid = os.getpid()
         self._indexes: OrderedDict[int, ShardIndex] = OrderedDict()
+        self._stored: OrderedDict[int, StoredShard] = OrderedDict()
         self._files: OrderedDict[int, Any] = OrderedDict()
 
     def index(self, shard: int) -> ShardIndex:
         idx = self._indexes.get(shard)
         if idx is None:
-            expected = range(int(self.offsets[shard]), int(self.offsets[shard + 1]))
+            expected = None
+            if self.stored_paths[shard] is None:
+                expected = range(int(self.offsets[shard]), int(self.offsets[shard + 1]))
             idx = index_shard(self.data_dir / self.shards[shard][0], expected, self.split)
             self._indexes[shard] = idx
             if len(self._indexes) > _MAX_CACHED_INDEXES:
@@ -304,6 +331,25 @@ class _ShardReader:
         else:
             self._indexes.move_to_end(shard)
         return idx
+
+    def stored(self, shard: int) -> StoredShard | None:
+        """The shard's stored index (keys, labels) if ``pretrain data index`` made one, else None (our own shards)."""
+        path = self.stored_paths[shard]
+        if path is None:
+            return None
+        entry = self._stored.get(shard)
+        if entry is None:
+            try:
+                entry = read_stored_shard(path)
+            except (OSError, ValueError) as e:
+                # Not a data error to skip over: every sample of the shard would go. Stop and say what to do.
+                raise RuntimeError(f"cannot read the stored index of {self.shards[shard][0]}: {e}") from e
+            self._stored[shard] = entry
+            if len(self._stored) > _MAX_CACHED_INDEXES:
+                self._stored.popitem(last=False)
+        else:
+            self._stored.move_to_end(shard)
+        return entry
 
     def read(self, shard: int, offset: int, size: int) -> bytes:
         f = self._files.get(shard)
@@ -345,14 +391,6 @@ def _new_batch_images(batch_size: int, image_size: int, shared: bool) -> torch.T
         return torch.empty(shape, dtype=torch.uint8)
     storage = torch.UntypedStorage._new_shared(math.prod(shape))  # bytes: one per uint8
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
-
-
-def _pick_image(exts: dict[str, tuple[int, int]]) -> str | None:
-    for ext in _IMAGE_EXTS:
-        if ext in exts:
-            return ext
-    others = [e for e in exts if e not in _NON_IMAGE_EXTS]
-    return others[0] if others else None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -419,6 +457,16 @@ class ShardStream(IterableDataset):
         self.num_samples = int(self.offsets[-1])
         self.num_batches = num_batches(self.num_samples, world_size=world_size, batch_size=batch_size, train=train)
         self.num_classes = len(self.manifest.classes)
+        self._class_index = {name: i for i, name in enumerate(self.manifest.classes)}
+        self._stored_paths = [
+            None if sh.index is None else self.data_dir / sh.index for sh in self.manifest.splits[split].shards
+        ]
+        missing = [str(p) for p in self._stored_paths if p is not None and not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} stored shard indexes listed in {self.data_dir}/manifest.json are missing, e.g. "
+                f"{missing[0]}; re-run `pretrain data index {self.data_dir}`"
+            )
         # [epoch, start_batch]; fork/spawn hand the same shared page to the workers.
         self._position = multiprocessing.RawArray("q", 2)
         self._reader: _ShardReader | None = None
@@ -457,7 +505,7 @@ class ShardStream(IterableDataset):
         grid = self.epoch_batches(epoch)
         if self._reader is None or self._reader.pid != os.getpid():
             # A forked worker must not share the parent's file offsets: every process opens its own files.
-            self._reader = _ShardReader(self.data_dir, self.split, self.shards, self.offsets)
+            self._reader = _ShardReader(self.data_dir, self.split, self.shards, self.offsets, self._stored_paths)
         for b in mine:
             yield self._make_batch(grid[b], epoch, grid)
 
@@ -471,31 +519,42 @@ class ShardStream(IterableDataset):
         ``out`` goes to a transform that takes it (the image returned is then ``out``).
         """
         assert self._reader is not None
-        key = sample_key(self.split, index)
         shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
         shard_name = self.shards[shard][0]
+        stored = self._reader.stored(shard)
+        pos = index - int(self.offsets[shard])
+        if stored is None:
+            key = sample_key(self.split, index)
+        elif pos < len(stored):
+            key = stored.keys[pos]
+        else:  # the stored index and the manifest disagree: the index was rewritten without the manifest
+            key = f"{shard_name}#{pos}"
+            return None, 0, ("missing_samples", key, f"the stored index of {shard_name} holds {len(stored)} samples")
         idx = self._reader.index(shard)
         exts = idx.members.get(key)
         if exts is None:
             if idx.problem is not None:
                 return None, 0, (idx.problem, key, idx.detail)
+            if stored is not None:
+                detail = f"{shard_name} holds no {key}, which `pretrain data index` found in it (changed since?)"
+                return None, 0, ("key_mismatch", key, detail)
             if idx.foreign_keys:
                 return None, 0, ("key_mismatch", key, f"{shard_name} holds keys outside its manifest range")
             return None, 0, ("missing_samples", key, f"{shard_name} has no sample {key}")
-        image_ext = _pick_image(exts)
-        if image_ext is None or exts[image_ext][1] == 0:
+        image_ext = pick_image(exts) if stored is None else stored.images[pos]
+        if image_ext is None or image_ext not in exts or exts[image_ext][1] == 0:
             return None, 0, (MISSING_IMAGE, key, f"{shard_name}: members {sorted(exts)}")
-        if "cls" not in exts:
+        if stored is None and "cls" not in exts:
             return None, 0, (MISSING_LABEL, key, f"{shard_name}: members {sorted(exts)}")
         try:
-            raw_label = self._reader.read(shard, *exts["cls"])
+            raw_label = self._reader.read(shard, *exts["cls"]) if stored is None else stored.labels[pos]
             data = self._reader.read(shard, *exts[image_ext])
         except OSError as e:
             return None, 0, ("read_error", key, f"{shard_name}: {e}")
-        try:
-            label = int(raw_label.decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            return None, 0, ("bad_label", key, f"{shard_name}: .cls={raw_label[:32]!r}")
+        label = self._label(raw_label)
+        if label is None:
+            what = f".cls={raw_label[:32]!r}" if isinstance(raw_label, bytes) else f"{raw_label!r:.40} is no class"
+            return None, 0, ("bad_label", key, f"{shard_name}: {what}")
         if self.num_classes and not 0 <= label < self.num_classes:
             return None, 0, ("bad_label", key, f"{shard_name}: label {label} not in [0, {self.num_classes})")
         rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
@@ -511,6 +570,17 @@ class ShardStream(IterableDataset):
             raise RuntimeError(f"transform failed on {key} ({shard_name}, .{image_ext}): {e!r}") from e
         self._check_image(image, key)
         return image, label, None
+
+    def _label(self, raw: bytes | int | str) -> int | None:
+        """Class index of a ``.cls`` member's bytes (ASCII int) or of a stored label (an index, or a class name)."""
+        if isinstance(raw, bytes):
+            try:
+                return int(raw.decode("ascii").strip())
+            except (UnicodeDecodeError, ValueError):
+                return None
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        return self._class_index.get(raw) if isinstance(raw, str) else None
 
     def _check_image(self, image: Any, key: str) -> None:
         if not (

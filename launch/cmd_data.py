@@ -1,7 +1,10 @@
-"""``pretrain data``: build WebDataset shards, inspect them, print the sample plan of the stream.
+"""``pretrain data``: build WebDataset shards, index shards made elsewhere, inspect them, print the stream's plan.
 
 - ``pretrain data build SOURCE --out DIR``: ``digits`` or ``imagefolder:PATH`` -> ``DIR/{train,val}/shard-*.tar``
   and ``DIR/manifest.json``; a re-run finishes an interrupted build and keeps the shards already written.
+- ``pretrain data index DIR [--split-glob SPLIT=GLOB ...] [--label cls|txt|json:FIELD] [--classes FILE]``: for
+  shards written by any WebDataset tool, ``DIR/manifest.json`` plus a stored index per shard (``DIR/.index/``);
+  unreadable shards are named and left out; exit 1 only when no usable sample is found.
 - ``pretrain data inspect DIR [--deep]``: checks every shard against the manifest; exit 1 naming each bad shard.
 - ``pretrain data plan DIR --world-size W --workers K --batch-size B``: one JSON line per batch with the exact
   sample keys each rank gets, computed by the code the loader runs.
@@ -18,7 +21,7 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["register", "run_build", "run_inspect", "run_plan"]
+__all__ = ["register", "run_build", "run_index", "run_inspect", "run_plan"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds ``data`` with its ``build``, ``inspect`` and ``plan`` subcommands."""
     data = subparsers.add_parser(
         "data",
-        help="build, inspect and plan WebDataset shards",
-        description="Build WebDataset shards from an image source, check them against their manifest, and print "
-        "the exact per-rank sample plan of the training stream.",
+        help="build, index, inspect and plan WebDataset shards",
+        description="Build WebDataset shards from an image source (or index shards written by any WebDataset tool), "
+        "check them against their manifest, and print the exact per-rank sample plan of the training stream.",
     )
     sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     data.set_defaults(func=lambda args: _usage(data))
@@ -58,6 +61,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(func=run_build)
+
+    x = sub.add_parser(
+        "index",
+        help="write manifest.json for shards written by any WebDataset tool",
+        description="Index existing WebDataset shards (webdataset.ShardWriter/TarWriter, img2dataset, downloads): "
+        "writes DIR/manifest.json and one stored index per shard under DIR/.index/ (keys, labels, member offsets), "
+        "after which train, eval, plan and inspect use DIR like shards of `pretrain data build`. Keys follow "
+        "WebDataset's rule (path up to the first dot of the file name). A sample's image is its first member of "
+        "jpg, jpeg, png, webp, ...; samples without an image or a label are left out and counted per reason. Shards "
+        "that cannot be read are named and left out; exit 1 only when no usable sample is found. A re-run reads only "
+        "new or changed shards.",
+    )
+    x.add_argument("data_dir", metavar="DIR", help="folder holding the shards (default layout: DIR/<split>/*.tar)")
+    x.add_argument(
+        "--split-glob",
+        action="append",
+        default=[],
+        metavar="SPLIT=GLOB",
+        help="shards of SPLIT, a glob relative to DIR (repeat per split), e.g. train='train-*.tar'",
+    )
+    x.add_argument(
+        "--label",
+        default="cls",
+        metavar="cls|txt|json:FIELD",
+        help="where labels are: .cls (class index, default), .txt (class name), or a .json field (index or name)",
+    )
+    x.add_argument("--classes", default=None, metavar="FILE", help="class names, one per line (default: from labels)")
+    x.add_argument("--workers", type=int, default=None, metavar="N", help="shards read in parallel (default 4)")
+    x.set_defaults(func=run_index)
 
     i = sub.add_parser(
         "inspect",
@@ -143,6 +175,58 @@ def run_build(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------------------------------------------- index
+
+
+def run_index(args: argparse.Namespace) -> int:
+    """``pretrain data index``: 0 a manifest was written, 1 no usable sample (nothing written), 2 bad usage."""
+    split_globs: dict[str, str] = {}
+    for spec in args.split_glob:
+        split, eq, pattern = spec.partition("=")
+        if not eq or not split or not pattern or split in split_globs:
+            _error("index", f"--split-glob {spec!r}: expected SPLIT=GLOB, once per split (e.g. train='train-*.tar')")
+            return EXIT_USAGE
+        split_globs[split] = pattern
+    if args.workers is not None and args.workers < 1:
+        _error("index", f"--workers={args.workers} must be >= 1")
+        return EXIT_USAGE
+    from data_pipeline.wds_index import index_dataset
+
+    try:
+        report = index_dataset(
+            args.data_dir,
+            split_globs=split_globs or None,
+            label=args.label,
+            classes_file=args.classes,
+            workers=args.workers,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        _error("index", str(e))
+        return EXIT_USAGE
+    for name, reason in report.bad_shards:
+        print(f"left out {name}: {reason}")
+    manifest = report.manifest
+    if manifest is None:
+        _error(
+            "index",
+            f"no usable sample in {args.data_dir} ({len(report.bad_shards)} shards unreadable); nothing written",
+        )
+        return EXIT_FAILED
+    print(
+        f"indexed {args.data_dir}: label {manifest.label}, {manifest.num_classes} classes, images "
+        f"{', '.join(manifest.image_exts)}; {len(report.indexed)} shards read, {len(report.reused)} unchanged"
+    )
+    for name, split in manifest.splits.items():
+        left_out = ", ".join(f"{r} {n}" for r, n in sorted(split.skipped_samples.items()))
+        print(
+            f"  {name}: {split.num_samples} samples in {len(split.shards)} shards, {split.num_bytes} bytes"
+            + (f"; left out: {left_out}" if left_out else "")
+        )
+    if report.bad_shards:
+        print(f"{len(report.bad_shards)} unreadable shards left out (listed in manifest.json under 'skipped')")
+    return EXIT_OK
+
+
 # -------------------------------------------------------------------------------------------------------- inspect
 
 
@@ -169,6 +253,11 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(report.problems())
     print(
         f"{len(report.bad_shards)} of {report.shards_checked} shards are bad; rebuild them with `pretrain data build`"
+        + (
+            " (shards made elsewhere: replace them, then re-run `pretrain data index`)"
+            if report.manifest.indexed
+            else ""
+        )
     )
     return EXIT_FAILED
 
