@@ -27,6 +27,8 @@ _COMMANDS = {
     "cancel": "launch.status",
     "sweep": "launch.sweep",
     "checkpoint": "launch.cmd_checkpoint",
+    "export": "launch.cmd_export",
+    "eval": "launch.cmd_eval",
 }
 
 

@@ -1,15 +1,42 @@
-"""The one registry of model variants: ``@register_model`` on a factory, ``create_model(name, **overrides)``."""
+"""The one registry of model variants: ``@register_model`` on a factory, ``create_model(name, **overrides)``.
+
+``create_model(name_or_file, pretrained=FILE, ...)`` also builds a model from exported weights (``pretrain export``):
+a safetensors file whose metadata holds the variant's name and its ``model`` config. Only torch and safetensors are
+used, so a model trained with DeepSpeed loads in any PyTorch program. Overrides that change the head
+(``num_classes``) re-initialise it; a new ``img_size`` goes through the family's own rule (each family module defines
+``pretrained_kwargs`` and ``adapt_pretrained``, see its docstring), which adapts what is well defined and raises
+``ValueError`` naming the part that is not.
+"""
 
 from __future__ import annotations
 
 import inspect
+import json
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import torch
 import torch.nn as nn
 
-__all__ = ["create_model", "list_models", "register_model", "model_entrypoint"]
+__all__ = [
+    "EXPORT_FORMAT",
+    "create_model",
+    "factory_parameters",
+    "list_models",
+    "model_entrypoint",
+    "model_from_state",
+    "read_pretrained",
+    "register_model",
+]
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+EXPORT_FORMAT = "vitpretrain-export-1"
+"""``format`` key of an export's metadata; a file without it was not written by ``pretrain export``."""
+
+_HEAD_PREFIX = "head."  # both families name their classifier ``head``
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -32,11 +59,105 @@ def model_entrypoint(name: str) -> Callable[..., nn.Module]:
     return _MODELS[name]
 
 
-def create_model(name: str, **overrides) -> nn.Module:
-    """Build variant ``name``; ``overrides`` replace the variant's defaults (unknown ones raise ``ValueError``)."""
-    fn = model_entrypoint(name)
-    return fn(**overrides)
-
-
 def factory_parameters(name: str) -> list[str]:
     return list(inspect.signature(model_entrypoint(name)).parameters)
+
+
+def read_pretrained(path: str | Path, weights: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and metadata of an export: ``(state_dict, meta)`` with ``meta["model_config"]`` parsed.
+
+    Args:
+        path: A ``.safetensors`` file written by ``pretrain export``.
+        weights: False reads the metadata only (the state dict is then empty).
+
+    Raises:
+        ValueError: The file is missing, not safetensors, or has no export metadata.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"pretrained file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()} if weights else {}
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise ValueError(f"{path} is not a safetensors file ({type(e).__name__}: {e})") from e
+    if raw.get("format") != EXPORT_FORMAT or "model_config" not in raw:
+        raise ValueError(
+            f"{path} has no export metadata (format {raw.get('format')!r}); write it with `pretrain export`"
+        )
+    meta: dict[str, Any] = dict(raw)
+    meta["model_config"] = json.loads(raw["model_config"])
+    return state, meta
+
+
+def _family_hook(fn: Callable[..., nn.Module], hook: str) -> Callable[..., Any] | None:
+    """A family module's named hook (``pretrained_kwargs`` or ``adapt_pretrained``), if it defines one."""
+    return getattr(sys.modules[fn.__module__], hook, None)
+
+
+def model_from_state(
+    state: dict[str, torch.Tensor], source: dict[str, Any], name: str | None = None, **overrides: Any
+) -> nn.Module:
+    """Build the model of ``source`` (a run's ``model`` config) with ``overrides`` and load ``state`` into it.
+
+    Another ``num_classes`` keeps the freshly initialised head of the build (seed torch first for a reproducible one);
+    another ``img_size`` goes through the family's ``pretrained_kwargs`` and ``adapt_pretrained`` hooks. Every other
+    weight must fit exactly.
+
+    Raises:
+        ValueError: ``name`` differs from the source's, or the family cannot adapt a part (named), or weights are
+            missing or left over.
+    """
+    if name is not None and name != source["name"]:
+        raise ValueError(f"the weights are of a {source['name']} model, not {name}")
+    fn = model_entrypoint(source["name"])
+    kwargs = {
+        "num_classes": source["num_classes"],
+        "img_size": source["img_size"],
+        "drop_path_rate": source["drop_path_rate"],
+        "drop_rate": source["drop_rate"],
+        **(source.get("kwargs") or {}),
+        **overrides,
+    }
+    prepare = _family_hook(fn, "pretrained_kwargs")
+    if prepare is not None and kwargs["img_size"] != source["img_size"]:
+        kwargs = prepare(source, kwargs)
+    model = fn(**kwargs)
+    adapt = _family_hook(fn, "adapt_pretrained")
+    if adapt is not None:
+        state = adapt(model, state, source)
+    new_head = kwargs["num_classes"] != source["num_classes"]
+    if new_head:  # the checkpoint's classifier does not fit: keep the fresh head of the build
+        state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIX)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (new_head and k.startswith(_HEAD_PREFIX))]
+    if missing or unexpected:
+        raise ValueError(
+            f"the weights do not fit {source['name']} built with {kwargs}: missing {missing[:8]}, unexpected "
+            f"{unexpected[:8]}"
+        )
+    return model
+
+
+def create_model(name: str, pretrained: str | Path | None = None, **overrides: Any) -> nn.Module:
+    """Build variant ``name``, or the model of an export.
+
+    Args:
+        name: A registered variant, or the path of an export (``.safetensors``), which then is ``pretrained``.
+        pretrained: Export to load: the model is built from the file's ``model`` config with ``overrides`` applied
+            (another ``num_classes`` gets a freshly initialised head; another ``img_size`` follows the family's
+            rule), then the weights are loaded.
+        overrides: Replace the variant's defaults (unknown ones raise ``ValueError``).
+    """
+    if pretrained is None and name not in _MODELS and (str(name).endswith(".safetensors") or Path(name).is_file()):
+        name, pretrained = None, name  # type: ignore[assignment]
+    if pretrained is not None:
+        state, meta = read_pretrained(pretrained)
+        if name is not None and name != meta["model_config"]["name"]:
+            raise ValueError(f"{pretrained} holds a {meta['model_config']['name']} model, not {name}")
+        return model_from_state(state, meta["model_config"], **overrides)
+    fn = model_entrypoint(name)
+    return fn(**overrides)

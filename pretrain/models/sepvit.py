@@ -13,6 +13,14 @@ What differs from the official classification code:
       are clamped to it (the official stage-4 behaviour), ``window_sizes`` overrides the per-block sizes, and
       ``fit_window_sizes`` adapts a window plan to a resolution (e.g. 32x32 CPU demos). Window tokens are sized
       for the ``img_size`` the model was built with: a forward pass at another size raises ``ValueError``.
+    * Pretrained weights at another input size (``create_model(FILE, img_size=...)``, ``model.init_from``;
+      :func:`adapt_pretrained`): the window sizes stay those of the checkpoint's config unless given, so the number
+      of windows of a block changes with the resolution, and its window tokens (one per window, a learned embedding
+      of the window's place in the grid) are resampled as a grid, bicubic, like the position embeddings of a ViT.
+      Nothing else depends on the size (DWA, PWA and the PEG are size-free). A block whose kind would change, one
+      window (global attention, no PWA weights) against several (PWA weights and tokens), is refused: it would drop
+      trained weights or add untrained ones. The error names the block and a ``window_sizes`` that keeps every
+      block's window count where one exists.
     * ``drop_rate`` is the dropout before the classifier (the project's ``ModelConfig`` meaning); the official
       ``drop_rate`` (after each embedding, in the MLP and after the attention projection) is ``proj_drop_rate``.
     * Attention uses ``F.scaled_dot_product_attention``; an explicit-softmax path (same outputs) runs while
@@ -52,7 +60,9 @@ __all__ = [
     "SepViTBlock",
     "SepViTStage",
     "SeparableAttention",
+    "adapt_pretrained",
     "fit_window_sizes",
+    "resample_window_tokens",
     "stage_resolutions",
     "sepvit_lite",
     "sepvit_tiny",
@@ -486,6 +496,62 @@ def _create_sepvit(
         **arch,
         **kwargs,
     )
+
+
+def resample_window_tokens(tokens: torch.Tensor, num_windows: int) -> torch.Tensor:
+    """Window tokens (1, N, 1, C) of a sqrt(N) x sqrt(N) window grid resampled (bicubic) to ``num_windows``."""
+    _, n, _, c = tokens.shape
+    old, new = round(n**0.5), round(num_windows**0.5)
+    if old * old != n or new * new != num_windows:
+        raise ValueError(f"window tokens of {n} -> {num_windows} windows: both must be square grids")
+    grid = tokens.reshape(1, old, old, c).permute(0, 3, 1, 2).float()  # (1, C, g, g), windows row-major
+    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False, antialias=new < old)
+    return grid.permute(0, 2, 3, 1).reshape(1, num_windows, 1, c).to(tokens.dtype)  # (1, N', 1, C)
+
+
+def _keep_counts_plan(src: list[list[int]], src_res: list[int], res: list[int]) -> list[list[int]] | None:
+    """Window sizes at ``res`` with the same window count per block as ``src`` at ``src_res`` (None if none)."""
+    plan = []
+    for stage, rs, rt in zip(src, src_res, res):
+        row = []
+        for w in stage:
+            count = rs // w  # windows per side
+            if rt % count:
+                return None
+            row.append(rt // count)
+        plan.append(row)
+    return plan
+
+
+def adapt_pretrained(model: SepViT, state: dict[str, torch.Tensor], source: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Fit a checkpoint's ``state`` (a model of config ``source``) to ``model``, built at another size or window plan.
+
+    Window tokens are resampled to the model's window grid; a block that would switch between one window and several
+    raises ``ValueError`` naming it (see the module docstring).
+    """
+    out = dict(state)
+    bad = []
+    for s, stage in enumerate(model.stages):
+        for b, blk in enumerate(stage.blocks):
+            key = f"stages.{s}.blocks.{b}.win_tokens"
+            old = state.get(key)
+            if (old is None) != (blk.win_tokens is None):
+                bad.append(f"stages.{s}.blocks.{b} ({1 if old is None else old.shape[1]} -> {blk.num_windows} windows)")
+            elif old is not None and old.shape != blk.win_tokens.shape:
+                out[key] = resample_window_tokens(old, blk.num_windows)
+    if bad:
+        depths = [len(st.blocks) for st in model.stages]
+        src_plan = (source.get("kwargs") or {}).get("window_sizes") or _ARCHS[source["name"]]["window_sizes"]
+        src_res = stage_resolutions(source["img_size"], len(depths))
+        keep = _keep_counts_plan(_check_window_sizes(src_plan, depths, source["img_size"]), src_res, model.resolutions)
+        hint = f"; window_sizes={keep} keeps every block's window count" if keep else ""
+        raise ValueError(
+            f"cannot adapt the {source['name']} checkpoint (img_size={source['img_size']}) to img_size="
+            f"{model.img_size} with window_sizes={model.window_sizes}: {', '.join(bad)}. A block with one window is "
+            "global attention without PWA weights and window tokens, one with several has them, so the switch would "
+            f"drop trained weights or add untrained ones{hint}"
+        )
+    return out
 
 
 @register_model

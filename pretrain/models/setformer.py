@@ -20,6 +20,13 @@ Decisions made here:
       to the stage's token count at ``img_size`` (32x32 inputs: 64, 16, 4, 1). The OT is computed in float32.
     * Inputs must have height and width divisible by 32 (stride-4 stem and three stride-2 merges); other sizes raise
       ``ValueError``. Any such size works at run time (positions are scaled to the unit square), non-square included.
+    * Pretrained weights at another input size (``create_model(FILE, img_size=...)``, ``model.init_from``;
+      :func:`pretrained_kwargs`): the only size-dependent choice is the clamping of ``num_ref`` to a stage's tokens;
+      the reference slots are a learned set, so the model keeps the checkpoint's (clamped) slot counts. Positions of
+      tokens and slots are scaled to the unit square and LePE is a 3x3 conv, so nothing else is tied to the token
+      grid. A size at which a stage has fewer tokens than the checkpoint's reference slots is refused (the clamp
+      would drop learned slots), naming the stage and the smallest size that fits. The softmax ablation has nothing
+      tied to the grid.
     * ``attention="softmax"`` builds the same backbone with global multi-head softmax attention
       (``F.scaled_dot_product_attention``, qkv bias, same LePE) for ablations.
     * A stage with ``p = 1`` (the last stage built for 32x32) has a uniform plan whatever the input, so its SeT
@@ -48,6 +55,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -65,6 +73,7 @@ __all__ = [
     "SeTformer",
     "SetformerBlock",
     "SetformerStage",
+    "pretrained_kwargs",
     "setformer_lite",
     "setformer_tiny",
     "setformer_small",
@@ -355,6 +364,40 @@ def _create_setformer(
     return SeTformer(
         img_size=img_size, num_classes=num_classes, drop_path_rate=drop_path_rate, drop_rate=drop_rate, **arch
     )
+
+
+def _built_num_ref(cfg: dict[str, Any]) -> list[int]:
+    """Per-stage reference slots of the model a ``model`` config builds (``num_ref`` clamped at its img_size)."""
+    default = inspect.signature(SeTformer.__init__).parameters["num_ref"].default
+    num_ref = _per_stage((cfg.get("kwargs") or {}).get("num_ref", default), "num_ref")
+    res = [cfg["img_size"] // (4 * 2**i) for i in range(_NUM_STAGES)]
+    return [min(int(p), r * r) for p, r in zip(num_ref, res)]
+
+
+def pretrained_kwargs(source: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Build kwargs of a model at another ``img_size`` that loads the weights of a model of config ``source``.
+
+    Keeps the checkpoint's reference slot counts; raises ``ValueError`` when a stage at the new size has fewer tokens
+    than them (see the module docstring).
+    """
+    if kwargs.get("attention", "set") != "set":
+        return kwargs
+    slots = _built_num_ref(source)
+    img = kwargs["img_size"]
+    bad, fit = [], img
+    for i, p in enumerate(slots):
+        r = img // (4 * 2**i)
+        if p > r * r:
+            bad.append(f"stage {i + 1} ({p} slots, {r}x{r}={r * r} tokens)")
+            need = 4 * 2**i * math.ceil(p**0.5)  # the stage needs ceil(sqrt(p)) tokens a side
+            fit = max(fit, -(-need // _TOTAL_STRIDE) * _TOTAL_STRIDE)
+    if bad:
+        raise ValueError(
+            f"cannot adapt the {source['name']} checkpoint (img_size={source['img_size']}) to img_size={img}: the SeT "
+            f"reference of {', '.join(bad)} has more learned slots than the stage has tokens, and the model clamps "
+            f"its reference to the token count (dropping learned slots); use img_size >= {fit}"
+        )
+    return {**kwargs, "num_ref": slots}
 
 
 @register_model
