@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launch.trial_guard import SWEEP_SUBDIR, LocalRun, note, proc_start_time, stop_previous_run, write_atomic
-from pretrain.rundir import CHECKPOINTS, LATEST, METRICS, STATUS, run_history, set_aside_history
+from launch.trial_guard import SWEEP_SUBDIR, LocalRun, note, proc_start_time, stop_previous_run
+from pretrain.rundir import CHECKPOINTS, LATEST, METRICS, STATUS, run_history, set_aside_history, write_atomic
 from pretrain.sweep_hook import CONTINUE, STOP, Heartbeat, decide, install_hook, waiting_step
 
 __all__ = [

@@ -25,11 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SWEEP_SUBDIR", "LocalRun", "guard_main", "note", "proc_start_time", "stop_previous_run", "write_atomic"]
+from pretrain.rundir import SWEEP, write_atomic
+
+__all__ = ["SWEEP_SUBDIR", "LocalRun", "guard_main", "note", "proc_start_time", "stop_previous_run"]
 
 logger = logging.getLogger(__name__)
 
-SWEEP_SUBDIR = "sweep"
+SWEEP_SUBDIR = SWEEP
 """Folder inside a trial's run dir for the sweep's own files: ``train.log`` (output of every launch of the run, each
 after a ``=====`` header), ``trial.log`` (what the sweep did: starts, stops, scancel, PBT exploits), ``trial.json``
 (trial id and parameters), ``guard.json`` and ``exit_code.*`` (the running guard), ``staging/`` (checkpoints being
@@ -97,12 +99,6 @@ def note(run_dir: Path, msg: str, *args: Any) -> None:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg % args if args else msg}\n")
     except OSError:
         pass
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def guard_main(argv: list[str] | None = None) -> int:

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from pretrain.fsutil import fsync_dir
-from pretrain.rundir import LATEST
+from pretrain.rundir import LATEST, write_atomic
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -134,15 +134,6 @@ def rank_state_file(tag_dir: str | Path, rank: int) -> Path:
     return Path(tag_dir) / f"rank_{rank:05d}.pt"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------------------- marker and verification
 
 
@@ -180,7 +171,7 @@ def write_complete_marker(tag_dir: str | Path, digests: dict[str, str] | None = 
             digests[rel] = sha256_file(tag_dir / rel)
     fsync_dir(tag_dir)
     marker = {"files": files, "sha256": {rel: digests[rel] for rel in rels}, "time": time.time()}
-    _atomic_write_text(tag_dir / COMPLETE_MARKER, json.dumps(marker, indent=1))
+    write_atomic(tag_dir / COMPLETE_MARKER, json.dumps(marker, indent=1))
     fsync_dir(tag_dir)
     return files
 
@@ -286,7 +277,7 @@ def read_meta(tag_dir: str | Path) -> dict[str, Any]:
 
 def write_latest(ckpt_root: str | Path, tag: str) -> None:
     """Atomically point ``checkpoints/latest`` at ``tag``."""
-    _atomic_write_text(Path(ckpt_root) / LATEST_FILE, tag + "\n")
+    write_atomic(Path(ckpt_root) / LATEST_FILE, tag + "\n")
 
 
 def read_latest(ckpt_root: str | Path) -> str | None:
@@ -564,7 +555,7 @@ class CheckpointManager:
                 if self.rank == 0:
                     for name, obj in (extra_files or {}).items():
                         torch.save(obj, tag_dir / name)
-                    _atomic_write_text(tag_dir / META_FILE, json.dumps(meta, indent=1, default=str))
+                    write_atomic(tag_dir / META_FILE, json.dumps(meta, indent=1, default=str))
             except (OSError, RuntimeError) as e:
                 error = f"{type(e).__name__}: {e}"
         errors = [e for e in all_gather_object(error) if e]  # every rank learns of a failure on any rank

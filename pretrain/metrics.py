@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from pretrain.fsutil import read_jsonl
-from pretrain.rundir import METRICS, TB
+from pretrain.rundir import METRICS, PREVIOUS, TB, write_atomic
 
 __all__ = [
     "PEAK_FLOPS",
@@ -173,6 +173,9 @@ class _MultiSink(MetricsSink):
 def truncate_jsonl(path: str | Path, max_step: int) -> int:
     """Keep only events with ``step <= max_step`` (atomically), so a resumed run's history has no duplicates.
 
+    The events cut off (logged by a life of the run after the checkpoint it resumes from) are not lost: they are
+    appended to ``previous/<file stem>.after-step-<max_step>.jsonl`` next to ``path``.
+
     Returns:
         The number of events dropped.
     """
@@ -180,11 +183,15 @@ def truncate_jsonl(path: str | Path, max_step: int) -> int:
     if not path.exists():
         return 0
     events = read_jsonl(path)
-    kept = [e for e in events if int(e.get("step", 0)) <= max_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
-    os.replace(tmp, path)
-    return len(events) - len(kept)
+    kept = [e for e in events if not isinstance(e.get("step"), int) or e["step"] <= max_step]
+    dropped = [e for e in events if isinstance(e.get("step"), int) and e["step"] > max_step]
+    if dropped:
+        aside = path.parent / PREVIOUS / f"{path.stem}.after-step-{max_step}.jsonl"
+        aside.parent.mkdir(exist_ok=True)
+        with open(aside, "a") as f:
+            f.write("".join(json.dumps(e) + "\n" for e in dropped))
+    write_atomic(path, "".join(json.dumps(e) + "\n" for e in kept))
+    return len(dropped)
 
 
 def build_metrics_sink(run_dir: str | Path, is_main: bool, tensorboard: bool, resume_step: int) -> MetricsSink:
@@ -234,9 +241,7 @@ class StatusFile:
             return
         self.fields["updated"] = _now()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps({k: _jsonable(v) for k, v in self.fields.items()}, indent=1, default=str))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps({k: _jsonable(v) for k, v in self.fields.items()}, indent=1, default=str))
 
 
 def _now() -> str:
