@@ -180,11 +180,16 @@ def validate_launch(
     cfg = resolve_data(cfg)
     build_ds_config(cfg, world)  # batch arithmetic, ZeRO/offload/EMA combinations
     n_params = _check_model(cfg)
-    if cfg.trainer.precision != "fp32" or cfg.trainer.device == "cuda":
+    if cfg.trainer.precision == "fp16" or cfg.trainer.device == "cuda":  # bf16 trains on CPU too (DeepSpeed bf16)
         import torch
 
+        if not torch.cuda.is_available() and cfg.trainer.device == "cuda":
+            raise ConfigError("trainer.device=cuda but no GPU is visible here; use trainer.device=auto or cpu")
         if not torch.cuda.is_available():
-            raise ConfigError(f"trainer.precision={cfg.trainer.precision} / device={cfg.trainer.device} need a GPU")
+            raise ConfigError(
+                "trainer.precision=fp16 needs a GPU (DeepSpeed's loss-scaled fp16 has no CPU kernels); on CPU use "
+                "trainer.precision=bf16 (bf16 weights, fp32 master weights) or fp32"
+            )
 
     ckpt_root = cfg.run_dir / "checkpoints"
     resume_from: Path | None = None

@@ -98,11 +98,12 @@ def validate_run(config: str, overrides: list[str], params: ClusterParams) -> Ru
     overrides = [*overrides, *absolute_paths(cfg)]
     cfg = load_config(config, overrides)
     warnings: list[str] = []
-    needs_gpu = cfg.trainer.device == "cuda" or cfg.trainer.precision != "fp32"
+    needs_gpu = cfg.trainer.device == "cuda" or cfg.trainer.precision == "fp16"  # bf16 trains on CPU ranks too
     if needs_gpu and not params.gpus_per_node:
         raise ConfigError(
             f"trainer.device={cfg.trainer.device} trainer.precision={cfg.trainer.precision} need GPUs: pass "
-            "--gpus-per-node, or train on CPU with trainer.device=cpu trainer.precision=fp32"
+            "--gpus-per-node, or train on CPU: trainer.device=auto with trainer.precision=bf16 or fp32 (fp16 is "
+            "GPU-only)"
         )
     if params.gpus_per_node and cfg.trainer.device == "cpu":
         warnings.append(f"--gpus-per-node={params.gpus_per_node} but trainer.device=cpu: the GPUs would sit idle")

@@ -3,9 +3,13 @@
 ``build_engine()`` is the one place where the single-device model becomes a distributed one. Order (rule 1):
 
 1. activation checkpointing  (``model.set_grad_checkpointing``: changes what the blocks keep for backward)
-2. compile                   (``model.compile()``: traces the checkpointed module, before ZeRO hooks exist)
-3. ZeRO init                 (``deepspeed.initialize``: partitions optimizer state / gradients / parameters and
-                              installs its hooks on the compiled module)
+2. input cast (bf16/fp16)    (a forward pre-hook gives float inputs the weights' dtype; before compile, so traced)
+3. compile                   (``model.compile()``: traces the checkpointed module, before ZeRO hooks exist)
+4. ZeRO init                 (``deepspeed.initialize``: partitions optimizer state / gradients / parameters, casts
+                              the weights to bf16/fp16 (fp32 masters stay in the optimizer) and installs its hooks)
+
+Precision: ``trainer.precision=bf16`` is DeepSpeed's bf16 engine on GPU and on CPU alike (bf16 weights and
+activations, fp32 master weights and optimizer state in ZeRO's partitions); fp16 (loss-scaled) is GPU-only.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ __all__ = [
     "build_ds_config",
     "build_engine",
     "build_lr_lambda",
+    "cast_float_inputs",
     "check_batch_sizes",
     "optimizer_state_bytes",
     "param_groups",
@@ -112,7 +117,8 @@ _TYPED_DS_KEYS = {
     ("fp16", "enabled"): "trainer.precision",
 }
 """DeepSpeed keys that a typed field sets and that code besides DeepSpeed reads through the field (a checkpoint's ZeRO
-stage, the loader's batch size, the precision's GPU check): ``deepspeed.overrides`` may repeat them, not change them."""
+stage, the loader's batch size, the precision's input cast and fp16 GPU check): ``deepspeed.overrides`` may repeat them,
+not change them."""
 
 
 def _get(d: dict[str, Any], path: tuple[str, ...]) -> Any:
@@ -273,6 +279,18 @@ def optimizer_state_bytes(optimizer: Any) -> int:
     return total
 
 
+def cast_float_inputs(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Forward pre-hook: floating-point tensor arguments take the dtype of ``module``'s weights.
+
+    DeepSpeed's bf16 engine casts the weights but not the inputs (fp16 has ``auto_cast``, bf16 nothing), and the
+    trainer feeds fp32 images from the augmentation: without this a bf16 model fails on its first layer (float input,
+    bf16 weight). The dtype is read at call time, so the hook follows the engine's cast and does nothing to an fp32
+    copy of the model (the EMA, an export).
+    """
+    dtype = next(module.parameters()).dtype
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() and a.dtype != dtype else a for a in args)
+
+
 @dataclass
 class EngineParts:
     """What :func:`build_engine` returns."""
@@ -338,10 +356,13 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int) -> EngineParts:
     # 1. activation checkpointing
     if cfg.trainer.activation_checkpointing:
         model.set_grad_checkpointing(True)
-    # 2. compile
+    # 2. input cast: bf16/fp16 weights need inputs of their dtype (DeepSpeed casts only the weights, in step 4)
+    if cfg.trainer.precision != "fp32":
+        model.register_forward_pre_hook(cast_float_inputs)
+    # 3. compile
     if cfg.trainer.compile:
         model.compile()
-    # 3. ZeRO init: the client optimizer's param groups carry the weight-decay split
+    # 4. ZeRO init: the client optimizer's param groups carry the weight-decay split
     groups = param_groups(model, cfg.optim.weight_decay)
     if cfg.optim.name == "adamw":
         opt: torch.optim.Optimizer = torch.optim.AdamW(
