@@ -191,7 +191,7 @@ def validate_launch(
                 "trainer.precision=bf16 (bf16 weights, fp32 master weights) or fp32"
             )
 
-    ckpt_root = cfg.run_dir / "checkpoints"
+    ckpt_root = cfg.run_dir / CHECKPOINTS
     resume_from: Path | None = None
     if resume:
         resume_from = Path(resume)
