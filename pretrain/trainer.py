@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from pretrain.checkpoint import (
     CheckpointManager,
@@ -43,13 +42,13 @@ from pretrain.checkpoint import (
 from pretrain.config import Config, config_digest, dump_config, model_shape_digest
 from pretrain.distributed import DistInfo, all_reduce_max, broadcast_object
 from pretrain.engine import EngineParts, ModelEMA, build_engine, reapply_optim_config, soft_target_cross_entropy
+from pretrain.evaluate import eval_metrics, evaluate_models
 from pretrain.metrics import (
     MetricsSink,
     StatusFile,
     build_metrics_sink,
     device_peak_flops,
     peak_memory_mb,
-    topk_correct,
 )
 from pretrain.rundir import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, run_history
 from pretrain.sweep_hook import CONTINUE, STOP, SweepHook
@@ -555,28 +554,13 @@ class Trainer:
             return {}
         t0 = time.perf_counter()
         models = [("", self.engine)] + ([("_ema", self.ema.module)] if self.ema is not None else [])
-        sums = torch.zeros(len(models), 4, dtype=torch.float64)  # loss, top1, top5, count
         self.engine.eval()
         mean, std = self.cfg.augment.mean, self.cfg.augment.std
-        with torch.random.fork_rng(devices=[]):
-            for batch in self.data.val:
-                images = self.data.normalize(batch["image"].to(self.dist.device), mean, std)
-                labels, valid = batch["label"].to(self.dist.device), batch["valid"].to(self.dist.device)
-                for i, (_, model) in enumerate(models):
-                    logits = model(images.to(next(model.parameters()).dtype)).float()
-                    ce = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
-                    top1, top5 = topk_correct(logits, labels, valid)
-                    sums[i] += torch.stack([(ce * valid).sum(), top1, top5, valid.sum()]).double().cpu()
-        if self.dist.world_size > 1:
-            torch.distributed.all_reduce(sums)
+        normalize = lambda images: self.data.normalize(images, mean, std)
+        sums = evaluate_models([m for _, m in models], self.data.val, normalize, self.dist.device, self.dist.world_size)
         self.engine.train()
         event: dict[str, Any] = {"event": "eval", "step": self.step, "epoch": self._epoch()}
-        for i, (suffix, _) in enumerate(models):
-            n = max(1.0, float(sums[i, 3]))
-            event[f"val_loss{suffix}"] = float(sums[i, 0]) / n
-            event[f"val_top1{suffix}"] = float(sums[i, 1]) / n
-            event[f"val_top5{suffix}"] = float(sums[i, 2]) / n
-        event["val_samples"] = int(sums[0, 3])
+        event |= eval_metrics(sums, [suffix for suffix, _ in models])
         event["eval_time_s"] = time.perf_counter() - t0
         self._track_best(event)
         self.last_eval = {k: v for k, v in event.items() if k.startswith("val_")} | {"step": self.step}

@@ -1,0 +1,220 @@
+"""``pretrain eval CHECKPOINT|FILE|RUN_DIR --data DIR [--split val] [--batch-size B] [--nproc N] [--ema] [--out JSON]``.
+
+Scores a model on one split of a data set built by ``pretrain data build``: top-1, top-5 and the mean cross-entropy
+over every sample of the split, exactly once each whatever the number of ranks (the trainer's own eval code,
+:mod:`pretrain.evaluate`). The model is an export (``pretrain export``), a checkpoint, or a run directory's newest
+usable checkpoint (verified by sha256 and consolidated as an export would be; ``--ema`` takes a checkpoint's EMA
+weights). Images get the run's eval transform and normalisation (the run's ``augment`` section, from the export's
+metadata or the run's ``config.yaml``; the defaults, with a warning, when neither is known).
+
+The result is printed and written as JSON (``--out``; by default ``<run dir>/eval/<tag>-<split>[-ema].json`` for a
+checkpoint inside its run directory, ``<FILE without .safetensors>.eval-<split>.json`` for an export, and next to any
+other checkpoint). ``--nproc N`` starts N local ranks (gloo); under torchrun or Slurm the command joins the ranks it
+finds, like ``pretrain train``. Exit 0 on success, 1 when the model or a rank fails, 2 on bad arguments (a path that is
+neither, a missing split, a head that does not match the data set's classes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pretrain.rundir import CHECKPOINTS, EXIT_FAILED, EXIT_OK, EXIT_USAGE
+
+__all__ = ["default_output", "eval_command", "register"]
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    """Add ``pretrain eval``."""
+    p = subparsers.add_parser(
+        "eval",
+        help="top-1/top-5/loss of a checkpoint or export on a data set split",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("path", metavar="CHECKPOINT|FILE|RUN_DIR")
+    p.add_argument("--data", required=True, metavar="DIR", help="data set folder (holds manifest.json)")
+    p.add_argument("--split", default="val", help="split to score (default val)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass on each rank (default 64)")
+    p.add_argument("--nproc", type=int, default=None, help="local ranks to start (default 1, or join the launcher's)")
+    p.add_argument("--num-workers", type=int, default=1, help="data loader workers per rank (default 1)")
+    p.add_argument("--ema", action="store_true", help="score a checkpoint's EMA weights")
+    p.add_argument("--out", default=None, metavar="JSON", help="where to write the result (default: see above)")
+    p.set_defaults(func=eval_command)
+
+
+def default_output(path: Path, tag_dir: Path | None, split: str, ema: bool) -> Path:
+    """Where the result goes without ``--out`` (see the module docstring)."""
+    if tag_dir is None:  # an export
+        stem = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
+        return path.with_name(f"{stem}.eval-{split}.json")
+    name = f"{tag_dir.name}-{split}{'-ema' if ema else ''}.json"
+    if tag_dir.parent.name == CHECKPOINTS:
+        return tag_dir.parent.parent / "eval" / name
+    return tag_dir.parent / name
+
+
+def _check_args(args: argparse.Namespace) -> str:
+    """The reason the arguments cannot work, or ''."""
+    from data_pipeline.manifest import load_manifest
+
+    path = Path(args.path)
+    if not path.exists():
+        return f"{path} does not exist"
+    if args.batch_size < 1 or (args.nproc is not None and args.nproc < 1) or args.num_workers < 0:
+        return "--batch-size and --nproc must be >= 1, --num-workers >= 0"
+    try:
+        manifest = load_manifest(args.data)
+    except (OSError, ValueError) as e:
+        return f"--data {args.data}: {e}"
+    if args.split not in manifest.splits:
+        return f"--data {args.data} has no split {args.split!r} (splits: {', '.join(sorted(manifest.splits))})"
+    return ""
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from pretrain.distributed import detect_environment
+
+    problem = _check_args(args)
+    if problem:
+        print(f"pretrain eval: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    env = detect_environment()
+    if args.nproc and args.nproc > 1 and env.source == "single":
+        return _launch_local(args)
+    return _evaluate_here(args, env)
+
+
+def _evaluate_here(args: argparse.Namespace, env: Any) -> int:
+    """This rank's share: load the model, stream its part of the split, all-reduce the sums; rank 0 reports."""
+    import torch
+
+    from data_pipeline.augment import normalize
+    from data_pipeline.manifest import load_manifest
+    from pretrain.config import AugmentConfig, ConfigError
+    from pretrain.distributed import destroy_distributed, init_distributed
+    from pretrain.evaluate import build_eval_loader, eval_metrics, evaluate_models
+    from pretrain.export import ExportError, checkpoint_source
+    from pretrain.models._registry import model_from_state
+    from pretrain.rundir import write_atomic
+
+    t0 = time.perf_counter()
+    dist = init_distributed(device="cpu", env=env, loader_workers=args.num_workers) if env.world_size > 1 else None
+    rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
+    device = dist.device if dist else torch.device("cpu")
+    path = Path(args.path)
+    try:
+        try:
+            state, meta = checkpoint_source(path, ema=args.ema)
+            model = model_from_state(state, meta["model_config"]).eval()
+        except (ExportError, ValueError) as e:
+            print(f"pretrain eval: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        model_cfg = meta["model_config"]
+        classes = load_manifest(args.data).num_classes
+        if model_cfg["num_classes"] != classes:
+            print(
+                f"pretrain eval: the model has {model_cfg['num_classes']} outputs but {args.data} has {classes} "
+                "classes; score it on the data set it was trained or fine-tuned for",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        if not meta.get("augment") and rank == 0:
+            logger.warning("the run's augment section is unknown: evaluating with the default eval transform")
+        try:
+            augment = AugmentConfig(**(meta.get("augment") or {}))
+        except (TypeError, ConfigError) as e:
+            print(f"pretrain eval: the run's augment section is unusable ({e})", file=sys.stderr)
+            return EXIT_FAILED
+        loader = build_eval_loader(
+            args.data, args.split, augment, model_cfg["img_size"], args.batch_size, rank, world, args.num_workers
+        )
+        try:
+            sums = evaluate_models(
+                [model.to(device)], loader, lambda x: normalize(x, augment.mean, augment.std), device, world
+            )
+        finally:
+            loader.close()
+        metrics = eval_metrics(sums)
+        if rank == 0:
+            tag_dir = None if path.is_file() else Path(meta["source"])  # the checkpoint a run dir resolved to
+            out = Path(args.out) if args.out else default_output(path, tag_dir, args.split, args.ema)
+            result = {
+                "top1": metrics["val_top1"],
+                "top5": metrics["val_top5"],
+                "loss": metrics["val_loss"],
+                "samples": metrics["val_samples"],
+                "split": args.split,
+                "data": str(Path(args.data).resolve()),
+                "model": model_cfg["name"],
+                "source": meta.get("source", str(path.resolve())),
+                "step": int(meta["step"]) if str(meta.get("step", "")).isdigit() else None,
+                "ema": args.ema or meta.get("ema") == "true",
+                "world_size": world,
+                "eval_time_s": time.perf_counter() - t0,
+                "time": time.time(),
+            }
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(out, json.dumps(result, indent=1) + "\n")
+            print(
+                f"pretrain eval: {model_cfg['name']} step {result['step']} on {args.split} ({result['samples']} "
+                f"samples): top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f}"
+            )
+            print(f"  result: {out}")
+        return EXIT_OK
+    finally:
+        if dist is not None:
+            destroy_distributed()
+
+
+def _launch_local(args: argparse.Namespace) -> int:
+    """Start ``--nproc`` ranks of this command on a free port; if one fails, stop the others and exit 1 naming it."""
+    from pretrain.distributed import cpu_allotment, find_free_port
+
+    nproc, port = args.nproc, find_free_port()
+    threads = max(1, cpu_allotment() // nproc)
+    argv = [sys.executable, "-m", "launch.cli", "eval", args.path, "--data", args.data, "--split", args.split]
+    argv += ["--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers)]
+    argv += (["--ema"] if args.ema else []) + (["--out", args.out] if args.out else [])
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    procs = [
+        subprocess.Popen(
+            argv,
+            env=dict(
+                base,
+                RANK=str(r),
+                WORLD_SIZE=str(nproc),
+                LOCAL_RANK=str(r),
+                LOCAL_WORLD_SIZE=str(nproc),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                OMP_NUM_THREADS=str(threads),
+            ),
+        )
+        for r in range(nproc)
+    ]
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, EXIT_OK)]
+            if failed:
+                rank, code = failed[0]
+                print(f"pretrain eval: rank {rank} exited with code {code}; stopping the others", file=sys.stderr)
+                return code if code and code > 0 else EXIT_FAILED
+            if all(c is not None for c in codes):
+                return EXIT_OK
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
