@@ -83,6 +83,8 @@ class ModelConfig:
     """Dropout before the classifier."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments of the variant (e.g. ``window_sizes`` for SepViT, ``attention`` for SeTformer)."""
+    init_from: str = ""
+    """Start from these weights (an export, a checkpoint or a run dir), adapted to this head and size; no optimizer."""
 
     def __post_init__(self):
         if self.img_size <= 0:
@@ -630,7 +632,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return _build(Config, merged)
 
 
-PATH_KEYS = ("data.path", "run.output_dir")
+PATH_KEYS = ("data.path", "run.output_dir", "model.init_from")
 """Config fields that name a file or folder. A relative value is relative to the directory the user ran the command
 in; a process that starts elsewhere (a sweep trial, a Slurm job) gets them made absolute (:func:`absolute_paths`)."""
 
@@ -665,5 +667,6 @@ def config_digest(cfg: Config) -> str:
 
 def model_shape_digest(cfg: Config) -> str:
     """Digest of what fixes parameter shapes; a resumed run must match it (lr, steps, intervals may change)."""
-    shape = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("drop_path_rate", "drop_rate")}
+    ignore = ("drop_path_rate", "drop_rate", "init_from")  # init_from: where the weights began, not their shape
+    shape = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ignore}
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]

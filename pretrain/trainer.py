@@ -50,7 +50,7 @@ from pretrain.metrics import (
     device_peak_flops,
     peak_memory_mb,
 )
-from pretrain.rundir import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, run_history
+from pretrain.rundir import CHECKPOINTS, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, run_history
 from pretrain.sweep_hook import CONTINUE, STOP, SweepHook
 
 __all__ = [
@@ -143,18 +143,30 @@ def resolve_num_classes(cfg: Config) -> Config:
 
 
 def build_model(cfg: Config) -> nn.Module:
-    """The single-device model of ``cfg.model`` (initialised from ``trainer.seed``, identical on every rank)."""
+    """The single-device model of ``cfg.model`` (initialised from ``trainer.seed``, identical on every rank).
+
+    With ``model.init_from`` the weights come from that export or checkpoint (a new head and input size adapted by the
+    model family), unless the run has a checkpoint of its own: a resume continues from that, never from init_from.
+    """
+    from pretrain.checkpoint import list_checkpoints
     from pretrain.models import create_model
 
     torch.manual_seed(cfg.trainer.seed)
-    return create_model(
-        cfg.model.name,
+    kwargs = dict(
         num_classes=cfg.model.num_classes,
         img_size=cfg.model.img_size,
         drop_path_rate=cfg.model.drop_path_rate,
         drop_rate=cfg.model.drop_rate,
         **cfg.model.kwargs,
     )
+    init = cfg.model.init_from
+    if init and not any(c.complete for c in list_checkpoints(cfg.run_dir / CHECKPOINTS)):
+        from pretrain.export import load_pretrained
+
+        model = load_pretrained(init, cfg.model.name, **kwargs)
+        logger.info("initialised the weights from %s (its optimizer state is not carried over)", init)
+        return model
+    return create_model(cfg.model.name, **kwargs)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import yaml
 
 from launch.cli import main as cli_main
 from pretrain.checkpoint import write_complete_marker
-from pretrain.config import ModelConfig
+from pretrain.config import ModelConfig, absolute_paths, load_config, model_shape_digest
 from pretrain.export import ExportError, export_weights
 from pretrain.models import create_model, read_pretrained
 
@@ -189,3 +189,12 @@ def test_loading_imports_no_deepspeed_and_refuses_foreign_files(tmp_path):
     save_file({"w": torch.zeros(2)}, str(foreign))
     with pytest.raises(ValueError, match="no export metadata"):
         create_model(foreign)
+
+
+def test_init_from_is_a_path_and_not_part_of_the_model_shape(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plain = load_config(REPO / "configs/run/digits_sepvit_lite.yaml")
+    tuned = load_config(REPO / "configs/run/digits_sepvit_lite_finetune.yaml")
+    assert tuned.model.init_from == "runs/digits_sepvit_lite"
+    assert model_shape_digest(tuned) == model_shape_digest(plain)  # old checkpoints still resume
+    assert f"model.init_from={json.dumps(str(tmp_path / 'runs/digits_sepvit_lite'))}" in absolute_paths(tuned)
