@@ -49,7 +49,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 EMA_FILE = "ema.pt"
-"""The trainer's EMA weights in a checkpoint (``pretrain.trainer.EMA_FILE``; not imported: that pulls DeepSpeed)."""
+"""The EMA weights in a checkpoint, written by the trainer (ours: tensors only, loaded with ``weights_only=True``)."""
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -43,6 +43,7 @@ from pretrain.config import Config, config_digest, dump_config, model_shape_dige
 from pretrain.distributed import DistInfo, all_reduce_max, broadcast_object
 from pretrain.engine import EngineParts, ModelEMA, build_engine, reapply_optim_config, soft_target_cross_entropy
 from pretrain.evaluate import eval_metrics, evaluate_models
+from pretrain.export import EMA_FILE, load_pretrained
 from pretrain.metrics import (
     MetricsSink,
     StatusFile,
@@ -70,9 +71,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-EMA_FILE = "ema.pt"
-"""The EMA weights in a checkpoint (ours: tensors only, loaded with ``weights_only=True``)."""
 
 
 @dataclass
@@ -161,8 +159,6 @@ def build_model(cfg: Config) -> nn.Module:
     )
     init = cfg.model.init_from
     if init and not any(c.complete for c in list_checkpoints(cfg.run_dir / CHECKPOINTS)):
-        from pretrain.export import load_pretrained
-
         model = load_pretrained(init, cfg.model.name, **kwargs)
         logger.info("initialised the weights from %s (its optimizer state is not carried over)", init)
         return model
