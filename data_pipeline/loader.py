@@ -18,6 +18,10 @@ Corrupt samples: workers put one event per skipped sample into the batch; the lo
 every ``corrupt_log_every``-th per reason) only the events of batches it hands out. The counts are therefore the
 number of skipped samples per reason in the consumed batches, exact whatever the prefetching, and they are part of
 ``state_dict()``.
+
+Epoch order version: ``state_dict()`` records the stream's ``"order"``; a state without it was written before
+version 2 and resumes with :data:`~data_pipeline.stream.LEGACY_ORDER` (and keeps it for the rest of that run), so an
+old run continues with the sample order it started with.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from data_pipeline.stream import ShardStream, Transform
+from data_pipeline.stream import LEGACY_ORDER, ORDER_VERSION, ORDER_VERSIONS, ShardStream, Transform
 
 __all__ = ["ResumableLoader", "build_loader"]
 
@@ -141,6 +145,7 @@ class ResumableLoader:
             "world_size": self.stream.world_size,
             "batch_size": self.stream.batch_size,
             "data_fingerprint": self.data_fingerprint(),
+            "order": self.stream.order,
         }
 
     def data_fingerprint(self) -> str:
@@ -153,16 +158,23 @@ class ResumableLoader:
         """Makes the next iteration start at batch ``batches_done`` of ``epoch``.
 
         ``world_size`` and ``batch_size`` may change together as long as their product (the global batch) stays the
-        same: the global sample sequence, and so the meaning of ``batches_done``, is unchanged.
+        same: the global sample sequence, and so the meaning of ``batches_done``, is unchanged. The stream takes the
+        state's epoch order version (:data:`~data_pipeline.stream.LEGACY_ORDER` when it has none).
 
         Raises:
             ValueError: A key is missing, or the seed or the global batch differ (the message names the field), or
-                ``batches_done`` is beyond this epoch.
+                ``batches_done`` is beyond this epoch, or the order version is unknown.
         """
         missing = [k for k in _STATE_KEYS if k not in state]
         if missing:
             raise ValueError(f"loader state lacks {missing}; expected keys {list(_STATE_KEYS)}")
         seed, world_size, batch_size = int(state["seed"]), int(state["world_size"]), int(state["batch_size"])
+        order = int(state.get("order", LEGACY_ORDER))  # absent in states written before version 2
+        if order not in ORDER_VERSIONS:
+            raise ValueError(
+                f"order: the checkpoint's epoch order version {order} is unknown to this code "
+                f"(known: {list(ORDER_VERSIONS)}); resume it with the code that wrote it"
+            )
         saved_fp = state.get("data_fingerprint")  # absent in states written before it existed
         if saved_fp is not None and saved_fp != self.data_fingerprint():
             raise ValueError(
@@ -196,6 +208,9 @@ class ResumableLoader:
             )
         if done == len(self) and done > 0:
             epoch, done = epoch + 1, 0
+        if order != ORDER_VERSION:
+            logger.info("resuming with the checkpoint's epoch order version %d (new runs use %d)", order, ORDER_VERSION)
+        self.stream.set_order(order)
         self._epoch, self._batches_done = epoch, done
         self._corrupt = {str(k): int(v) for k, v in dict(state["corrupt"]).items()}
 

@@ -7,11 +7,16 @@ Order of an epoch (``train=True``):
 
 1. the split's shards are permuted with an RNG seeded from ``(seed, epoch)``;
 2. their samples are laid out in that shard order, each shard's samples in write order;
-3. a windowed shuffle mixes samples within about ``shuffle_buffer`` positions: layout position ``i`` gets the sort key
-   ``i + u_i * shuffle_buffer`` with ``u_i ~ U[0, 1)`` and the samples are sorted by key. This deviates from the
-   sequential shuffle buffer of WebDataset on purpose: it mixes as widely (a sample moves by less than
-   ``shuffle_buffer`` places; with ``shuffle_buffer >= num_samples`` it is a uniform permutation), has no block edges,
-   and it is one vectorised ``argsort`` per epoch, cheap enough for every worker to recompute at ImageNet scale;
+3. a windowed shuffle mixes samples within about ``shuffle_buffer`` (``L``) positions: layout position ``i`` gets the
+   sort key ``i + u_i * L`` with ``u_i ~ U[0, 1)`` and the samples are sorted by key, ties by layout position. This
+   deviates from the sequential shuffle buffer of WebDataset on purpose: it mixes as widely (a sample moves by less
+   than ``L`` places; with ``L >= num_samples`` it is a uniform permutation) and has no block edges. ``u_i`` is
+   splitmix64 of a counter (``hash(seed, epoch) + i * golden``), so the keys of any layout range are computed alone,
+   and since key ``i`` lies in ``[i, i + L]`` the sample at output position ``p`` comes from layout positions
+   ``[p - L + 1, p + L - 1]``: output positions ``[a, b)`` are ranked exactly by sorting the keys of the layout window
+   ``[a - 2L, b + 2L)`` (:class:`EpochOrder`). A process thus holds the shard permutation and running counts plus
+   one window, never the whole epoch. Runs started before this (order version 1, :data:`LEGACY_ORDER`) drew ``u_i``
+   from one sequential numpy stream and sorted the whole epoch in every process; their checkpoints resume with it;
 4. the order is cut to a multiple of the global batch ``world_size * batch_size`` (less than one global batch is
    dropped). Global batch ``g`` is positions ``[g * W * B, (g + 1) * W * B)``; rank ``r`` takes rows
    ``[r * B, (r + 1) * B)`` of it.
@@ -76,6 +81,10 @@ from data_pipeline.shard_index import ShardIndex, StoredShard, index_shard, pick
 
 __all__ = [
     "CORRUPT_REASONS",
+    "LEGACY_ORDER",
+    "ORDER_VERSION",
+    "ORDER_VERSIONS",
+    "EpochOrder",
     "ShardStream",
     "Transform",
     "batch_indices",
@@ -108,6 +117,16 @@ CORRUPT_REASONS = (
 
 # Seed-sequence word that keeps the epoch-order RNG apart from the per-sample RNGs ([seed, epoch, index]).
 _ORDER_DOMAIN = 0x0DE7
+# splitmix64's counter increment (2**64 / golden ratio) and its wrap-around mask.
+_GOLDEN = 0x9E3779B97F4A7C15
+_MASK64 = 2**64 - 1
+
+LEGACY_ORDER = 1
+"""Epoch order of runs started before version 2: sort keys from one sequential numpy stream, the whole epoch at once
+in every process. A checkpoint's data state without ``"order"`` resumes with it, and keeps it."""
+ORDER_VERSION = 2
+"""Epoch order of new runs: sort keys from a counter-based hash, so a process computes only the positions it needs."""
+ORDER_VERSIONS = (LEGACY_ORDER, ORDER_VERSION)
 # Per-worker caches. The samples in flight come from a window of about shuffle_buffer + world_size * batch_size
 # layout positions, i.e. a handful of shards at usual sizes; an index costs a few hundred bytes per sample, so 32
 # indexes of 10k-sample shards stay near 100 MB per worker.
@@ -161,9 +180,17 @@ def _check_layout_args(world_size: int, rank: int, batch_size: int, shuffle_buff
 
 
 def epoch_order(
-    shard_samples: Sequence[int], *, seed: int, epoch: int, shuffle_buffer: int, train: bool = True
+    shard_samples: Sequence[int],
+    *,
+    seed: int,
+    epoch: int,
+    shuffle_buffer: int,
+    train: bool = True,
+    order: int = ORDER_VERSION,
 ) -> np.ndarray:
-    """The global sample order of one epoch, before the cut to whole global batches.
+    """The whole global sample order of one epoch, before the cut to whole global batches.
+
+    Memory grows with the number of samples: the loader asks :class:`EpochOrder` for the positions it needs instead.
 
     Args:
         shard_samples: Samples per shard, in manifest order.
@@ -171,21 +198,167 @@ def epoch_order(
         epoch: Epoch number.
         shuffle_buffer: Width of the windowed shuffle, in samples.
         train: ``False`` returns write order (eval).
+        order: Order version (:data:`ORDER_VERSION`, or :data:`LEGACY_ORDER` for runs started before it).
 
     Returns:
         int64 array of sample write indices, length ``sum(shard_samples)``.
     """
-    counts = np.asarray(shard_samples, dtype=np.int64)
+    full = EpochOrder(shard_samples, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, train=train, order=order)
+    return full.slice(0, full.num_samples)
+
+
+def _mix64(z: int) -> int:
+    """splitmix64's output function on a Python int (64-bit wrapping arithmetic)."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _order_base(seed: int, epoch: int) -> int:
+    """64-bit hash of ``(seed, epoch)`` that starts the per-position counter of an epoch's sort keys."""
+    z = _mix64(_ORDER_DOMAIN)
+    for word in (seed, epoch):  # any size: fed 64 bits at a time, then the word count, so (a, b) != (a', b')
+        n = 0
+        while True:
+            z = _mix64((z + (word & _MASK64) + _GOLDEN) & _MASK64)
+            word, n = word >> 64, n + 1
+            if word == 0:
+                break
+        z = _mix64((z + n) & _MASK64)
+    return z
+
+
+def _uniform(base: int, start: int, stop: int) -> np.ndarray:
+    """``u_i ~ U[0, 1)`` for layout positions ``[start, stop)``: splitmix64 of the counter ``base + i * golden``.
+
+    Counter-based, so any range is computed alone and equals the same range of a longer call. float64
+    ``(stop - start,)`` with 53 random bits each.
+    """
+    z = np.arange(start, stop, dtype=np.uint64)  # uint64 arithmetic below wraps modulo 2**64, as splitmix64 wants
+    z *= np.uint64(_GOLDEN)
+    z += np.uint64(base)
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    z >>= np.uint64(11)
+    return z.astype(np.float64) * 2.0**-53
+
+
+class EpochOrder:
+    """The global sample order of one epoch, computed a range of output positions at a time.
+
+    Holds the shard permutation and the shards' running counts (O(number of shards)); :meth:`slice` computes the sort
+    keys of a layout window about ``4 * shuffle_buffer`` wider than the range asked for, nothing else (see the module
+    docstring). :data:`LEGACY_ORDER` computes the whole order at construction, as runs before version 2 did.
+
+    Args:
+        shard_samples: Samples per shard, in manifest order.
+        seed: Stream seed (>= 0).
+        epoch: Epoch number (>= 0).
+        shuffle_buffer: Width of the windowed shuffle, in samples (>= 1).
+        train: ``False``: write order (eval).
+        order: Order version, one of :data:`ORDER_VERSIONS`.
+
+    Raises:
+        ValueError: ``order`` is not a known version.
+    """
+
+    def __init__(
+        self,
+        shard_samples: Sequence[int] | np.ndarray,
+        *,
+        seed: int,
+        epoch: int,
+        shuffle_buffer: int,
+        train: bool = True,
+        order: int = ORDER_VERSION,
+    ):
+        if order not in ORDER_VERSIONS:
+            raise ValueError(f"order={order!r} is not a known epoch order version; known: {list(ORDER_VERSIONS)}")
+        counts = np.asarray(shard_samples, dtype=np.int64)
+        self.num_samples = int(counts.sum())
+        self.train, self.shuffle_buffer, self.order = train, shuffle_buffer, order
+        self._legacy: np.ndarray | None = None
+        if not train:
+            return
+        rng = np.random.default_rng([_ORDER_DOMAIN, seed, epoch])
+        perm = rng.permutation(len(counts))  # shards in layout order; the same draw in both versions
+        if order == LEGACY_ORDER:
+            self._legacy = _legacy_order(counts, perm, rng, shuffle_buffer)
+            return
+        self._counts = counts
+        self._perm = perm.astype(np.int32 if len(counts) < 2**31 else np.int64)
+        del perm
+        self._write_ends = np.cumsum(counts)  # (S,) write index one past shard s
+        self._layout_ends = counts[self._perm]
+        np.cumsum(self._layout_ends, out=self._layout_ends)  # (S,) layout position one past the k-th laid shard
+        self._base = _order_base(seed, epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def keys(self, start: int, stop: int) -> np.ndarray:
+        """Sort keys ``i + u_i * shuffle_buffer`` of layout positions ``[start, stop)`` (float64, version 2)."""
+        u = _uniform(self._base, start, stop)
+        return np.arange(start, stop, dtype=np.float64) + u * self.shuffle_buffer
+
+    def write_index(self, layout: np.ndarray) -> np.ndarray:
+        """Sample write indices of layout positions (int64, any shape; version 2)."""
+        k = np.searchsorted(self._layout_ends, layout, side="right")  # laid shard holding it (empty ones skipped)
+        shard = self._perm[k]
+        n = self._counts[shard]
+        return self._write_ends[shard] - n + (layout - (self._layout_ends[k] - n))
+
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        """Sample write indices at output positions ``[start, stop)`` of the epoch (int64, ``stop - start``).
+
+        Raises:
+            ValueError: The range is not within ``[0, num_samples]``.
+        """
+        if not 0 <= start <= stop <= self.num_samples:
+            raise ValueError(f"positions [{start}, {stop}) are not within the epoch's [0, {self.num_samples})")
+        if not self.train:
+            return np.arange(start, stop, dtype=np.int64)
+        if self._legacy is not None:
+            return self._legacy[start:stop].copy()
+        if start == stop:
+            return np.zeros(0, dtype=np.int64)
+        # With L = shuffle_buffer, key i lies in [i, i + L] (the upper end only by rounding) and ties go to the
+        # smaller layout position, so every i <= j - L sorts before j and every i >= j + L after it: the sample at
+        # output position p has its layout position within [p - L + 1, p + L - 1]. A window reaching 2L past both
+        # ends holds all of [start, stop)'s samples and ranks each of them exactly: for them, everything left of the
+        # window sorts before and everything right of it after. The assert checks exactly that for the ones picked.
+        w, n = self.shuffle_buffer, self.num_samples
+        lo, hi = max(0, start - 2 * w), min(n, stop + 2 * w)
+        by_key = np.argsort(self.keys(lo, hi), kind="stable")  # stable: ties by layout position, a total order
+        layout = by_key[start - lo : stop - lo] + lo  # window rank == global rank - lo for the exact ones
+        exact_left = lo == 0 or bool(layout.min() >= lo + w - 1)  # all i < lo are <= j - L
+        exact_right = hi == n or bool(layout.max() <= hi - w)  # all i >= hi are >= j + L
+        assert exact_left and exact_right, (start, stop, lo, hi, w)
+        return self.write_index(layout)
+
+    def batch(self, batch: int, *, world_size: int, rank: int, batch_size: int) -> np.ndarray:
+        """Sample write indices of rank ``rank``'s batch ``batch`` (int64 ``(batch_size,)``, ``-1``: eval padding).
+
+        Global batch ``g`` is positions ``[g * world_size * batch_size, (g + 1) * world_size * batch_size)``; the rank
+        takes its rows ``[rank * batch_size, (rank + 1) * batch_size)``.
+        """
+        start = (batch * world_size + rank) * batch_size
+        rows = np.full(batch_size, -1, dtype=np.int64)
+        real = min(start + batch_size, self.num_samples) - min(start, self.num_samples)
+        rows[:real] = self.slice(min(start, self.num_samples), min(start, self.num_samples) + real)
+        return rows
+
+
+def _legacy_order(counts: np.ndarray, perm: np.ndarray, rng: np.random.Generator, shuffle_buffer: int) -> np.ndarray:
+    """Version 1: the whole epoch, keys drawn from ``rng`` after the shard permutation (kept bit for bit)."""
     offsets = np.concatenate([[0], np.cumsum(counts)])
     total = int(offsets[-1])
-    if not train:
-        return np.arange(total, dtype=np.int64)
-    rng = np.random.default_rng([_ORDER_DOMAIN, seed, epoch])
-    perm = rng.permutation(len(counts))
     layout = np.concatenate(
         [np.arange(offsets[s], offsets[s + 1], dtype=np.int64) for s in perm] or [np.zeros(0, np.int64)]
     )
-    # Windowed shuffle (see module docstring): position i sorts at i + U[0, shuffle_buffer).
     keys = np.arange(total, dtype=np.float64) + rng.random(total) * shuffle_buffer
     return layout[np.argsort(keys, kind="stable")]
 
@@ -207,8 +380,9 @@ def batch_indices(
     batch_size: int,
     shuffle_buffer: int,
     train: bool = True,
+    order: int = ORDER_VERSION,
 ) -> np.ndarray:
-    """Sample write indices of every batch of one rank in one epoch.
+    """Sample write indices of every batch of one rank in one epoch (the loader computes one batch at a time).
 
     Args:
         manifest: A loaded manifest, or the data folder holding ``manifest.json``.
@@ -220,18 +394,21 @@ def batch_indices(
         batch_size: Samples per batch per rank.
         shuffle_buffer: Width of the windowed shuffle, in samples.
         train: Shuffle and drop the last partial global batch; ``False`` keeps write order and pads with ``-1``.
+        order: Epoch order version (:data:`ORDER_VERSION`; :data:`LEGACY_ORDER` for runs started before it).
 
     Returns:
         int64 array ``(num_batches, batch_size)``; ``-1`` marks eval padding rows.
     """
     _check_layout_args(world_size, rank, batch_size, shuffle_buffer, seed, epoch)
     shards = split_shards(_as_manifest(manifest), split)
-    order = epoch_order([n for _, n in shards], seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, train=train)
-    n_batches = num_batches(len(order), world_size=world_size, batch_size=batch_size, train=train)
+    epoch_plan = EpochOrder(
+        [n for _, n in shards], seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, train=train, order=order
+    )
+    n_batches = num_batches(len(epoch_plan), world_size=world_size, batch_size=batch_size, train=train)
     global_batch = world_size * batch_size
     grid = np.full(n_batches * global_batch, -1, dtype=np.int64)
-    used = min(len(order), len(grid))  # train: cut to whole global batches; eval: the rest stays -1 padding
-    grid[:used] = order[:used]
+    used = min(len(epoch_plan), len(grid))  # train: cut to whole global batches; eval: the rest stays -1 padding
+    grid[:used] = epoch_plan.slice(0, used)
     # (n_batches, W, B): global batch g, rank r's rows
     return grid.reshape(n_batches, world_size, batch_size)[:, rank, :].copy()
 
@@ -247,6 +424,7 @@ def plan_batches(
     batch_size: int,
     shuffle_buffer: int,
     train: bool = True,
+    order: int = ORDER_VERSION,
 ) -> list[list[str]]:
     """Sample keys of every batch of one rank in one epoch, exactly as the loader yields them.
 
@@ -265,6 +443,7 @@ def plan_batches(
         batch_size=batch_size,
         shuffle_buffer=shuffle_buffer,
         train=train,
+        order=order,
     )
     if not manifest.indexed:
         return [[sample_key(split, int(i)) for i in row if i >= 0] for row in grid]
@@ -404,8 +583,9 @@ class ShardStream(IterableDataset):
     "corrupt": [(reason, key, detail), ...]}``. Invalid rows are zero-filled; ``index`` is the sample's write index,
     or ``-1`` for eval padding.
 
-    The epoch and the first batch to produce live in shared memory (:meth:`set_position`), so persistent DataLoader
-    workers see changes made in the main process when the next iteration starts.
+    The epoch, the first batch to produce and the epoch order version live in shared memory (:meth:`set_position`,
+    :meth:`set_order`), so persistent DataLoader workers see changes made in the main process when the next iteration
+    starts. Each process computes only its own batches' samples (:class:`EpochOrder`).
 
     Args:
         data_dir: Folder with ``manifest.json`` and the shards.
@@ -467,10 +647,11 @@ class ShardStream(IterableDataset):
                 f"{len(missing)} stored shard indexes listed in {self.data_dir}/manifest.json are missing, e.g. "
                 f"{missing[0]}; re-run `pretrain data index {self.data_dir}`"
             )
-        # [epoch, start_batch]; fork/spawn hand the same shared page to the workers.
-        self._position = multiprocessing.RawArray("q", 2)
+        # [epoch, start_batch, order version]; fork/spawn hand the same shared page to the workers.
+        self._position = multiprocessing.RawArray("q", 3)
+        self._position[2] = ORDER_VERSION
         self._reader: _ShardReader | None = None
-        self._plan_cache: tuple[int, np.ndarray] | None = None
+        self._plan_cache: tuple[tuple[int, int], EpochOrder | np.ndarray] | None = None
 
     def set_position(self, epoch: int, start_batch: int) -> None:
         """Makes the next ``iter()`` (in the main process or any worker) produce ``epoch`` from ``start_batch``."""
@@ -478,22 +659,44 @@ class ShardStream(IterableDataset):
             raise ValueError(f"position epoch={epoch}, start_batch={start_batch} out of range (0..{self.num_batches})")
         self._position[0], self._position[1] = epoch, start_batch
 
-    def epoch_batches(self, epoch: int) -> np.ndarray:
-        """This rank's ``(num_batches, batch_size)`` sample indices of ``epoch`` (cached for the last epoch asked)."""
-        if self._plan_cache is None or self._plan_cache[0] != epoch:
-            grid = batch_indices(
-                self.manifest,
-                self.split,
-                seed=self.seed,
-                epoch=epoch,
-                world_size=self.world_size,
-                rank=self.rank,
-                batch_size=self.batch_size,
-                shuffle_buffer=self.shuffle_buffer,
-                train=self.train,
-            )
-            self._plan_cache = (epoch, grid)
+    @property
+    def order(self) -> int:
+        """Epoch order version the next ``iter()`` uses (:data:`ORDER_VERSION` unless a legacy state set it)."""
+        return int(self._position[2])
+
+    def set_order(self, order: int) -> None:
+        """Makes the next ``iter()`` use epoch order version ``order`` (one of :data:`ORDER_VERSIONS`)."""
+        if order not in ORDER_VERSIONS:
+            raise ValueError(f"order={order!r} is not a known epoch order version; known: {list(ORDER_VERSIONS)}")
+        self._position[2] = order
+
+    def _epoch_plan(self, epoch: int) -> EpochOrder | np.ndarray:
+        """``epoch``'s order in the current version (cached for the last epoch asked).
+
+        Version 2: an :class:`EpochOrder`, each batch computed when asked. Legacy: this rank's whole
+        ``(num_batches, batch_size)`` grid, as before version 2 (the whole epoch is sorted either way; the grid is
+        ``1 / world_size`` of it).
+        """
+        key = (epoch, self.order)
+        if self._plan_cache is None or self._plan_cache[0] != key:
+            self._plan_cache = None  # a legacy plan is a large array: never hold two
+            kw = dict(seed=self.seed, epoch=epoch, shuffle_buffer=self.shuffle_buffer, train=self.train)
+            if self.order == LEGACY_ORDER:
+                layout = dict(world_size=self.world_size, rank=self.rank, batch_size=self.batch_size)
+                plan = batch_indices(self.manifest, self.split, order=LEGACY_ORDER, **layout, **kw)
+            else:
+                plan = EpochOrder(np.diff(self.offsets), order=self.order, **kw)
+            self._plan_cache = (key, plan)
         return self._plan_cache[1]
+
+    def batch_rows(self, epoch: int, batch: int) -> np.ndarray:
+        """Sample write indices of this rank's batch ``batch`` of ``epoch`` (int64 ``(batch_size,)``; -1: padding)."""
+        if not 0 <= batch < self.num_batches:
+            raise ValueError(f"batch={batch} is not in [0, {self.num_batches})")
+        plan = self._epoch_plan(epoch)
+        if isinstance(plan, np.ndarray):
+            return plan[batch]
+        return plan.batch(batch, world_size=self.world_size, rank=self.rank, batch_size=self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch, start = int(self._position[0]), int(self._position[1])
@@ -502,12 +705,11 @@ class ShardStream(IterableDataset):
         mine = worker_batches(self.num_batches, num_workers=n_workers, worker=worker, start_batch=start)
         if len(mine) == 0:
             return
-        grid = self.epoch_batches(epoch)
         if self._reader is None or self._reader.pid != os.getpid():
             # A forked worker must not share the parent's file offsets: every process opens its own files.
             self._reader = _ShardReader(self.data_dir, self.split, self.shards, self.offsets, self._stored_paths)
         for b in mine:
-            yield self._make_batch(grid[b], epoch, grid)
+            yield self._make_batch(self.batch_rows(epoch, b), epoch)
 
     # -- one batch -------------------------------------------------------------------------------------------------
 
@@ -595,19 +797,25 @@ class ShardStream(IterableDataset):
                 f"transform returned {tuple(image.shape)} for {key}; the stream's image_size is {self.image_size}"
             )
 
-    def _probe_image_size(self, epoch: int, grid: np.ndarray) -> int:
-        """Decodes samples of the epoch until one works, to size an all-invalid batch before any success (rare)."""
-        for index in grid.reshape(-1)[:_SIZE_PROBE_LIMIT]:
-            if index >= 0:
-                image, _, _ = self._load(int(index), epoch)
-                if image is not None:
-                    return int(image.shape[-1])
+    def _probe_image_size(self, epoch: int) -> int:
+        """Decodes this rank's samples of the epoch until one works, to size an all-invalid batch before any success
+        (rare)."""
+        tried = 0
+        for b in range(math.ceil(_SIZE_PROBE_LIMIT / self.batch_size)):
+            if b >= self.num_batches:
+                break
+            for index in self.batch_rows(epoch, b)[: _SIZE_PROBE_LIMIT - tried].tolist():
+                tried += 1
+                if index >= 0:
+                    image, _, _ = self._load(index, epoch)
+                    if image is not None:
+                        return int(image.shape[-1])
         raise RuntimeError(
             f"no decodable sample among the first {_SIZE_PROBE_LIMIT} of split {self.split!r} on rank {self.rank}; "
             "pass image_size to size the padding, or check the data with `pretrain data inspect`"
         )
 
-    def _make_batch(self, rows: np.ndarray, epoch: int, grid: np.ndarray) -> dict[str, Any]:
+    def _make_batch(self, rows: np.ndarray, epoch: int) -> dict[str, Any]:
         # (B, 3, S, S), uninitialised: every row is either written by a decoded sample or zeroed below
         new_images = partial(_new_batch_images, self.batch_size, shared=get_worker_info() is not None)
         images = None if self.image_size is None else new_images(self.image_size)
@@ -628,7 +836,7 @@ class ShardStream(IterableDataset):
             if image is not out:
                 images[i] = image
         if images is None:  # no sample decoded and the size still unknown
-            self.image_size = self._probe_image_size(epoch, grid)
+            self.image_size = self._probe_image_size(epoch)
             images = new_images(self.image_size)
         if not valid.all():
             images[~valid] = 0  # padding and corrupt rows (a transform may have written part of one before failing)
