@@ -44,6 +44,7 @@ pretrain: install
 	test -f $(DATA)/manifest.json || $(BIN)/pretrain data build digits --out $(DATA)
 	$(BIN)/pretrain train $(PRETRAIN_CONFIG) data.path=$(DATA) $(ARGS) --nproc 2
 
+# A real Slurm on this machine: 2 nodes (n1, n2: one slurmd each) by default; SLURM_NODES=1 make slurm-up for one node
 slurm-up: install
 	@if [ -x launch/local_slurm/start.sh ]; then bash launch/local_slurm/start.sh; else echo "local Slurm not available in this checkout"; fi
 

@@ -8,6 +8,13 @@ Precedence when several launchers left variables behind: ``RANK``/``WORLD_SIZE``
 ``pretrain train --nproc``, submitit's ``TorchDistributedEnvironment.export()``) win over Slurm's ``SLURM_PROCID``/
 ``SLURM_NTASKS``; with neither, the process is a world of one.
 
+A Slurm step read directly (``srun pretrain train``, one task per rank, on one node or many): the global rank is
+``SLURM_PROCID`` and the world ``SLURM_NTASKS``; the local rank ``SLURM_LOCALID`` and the ranks on this node come from
+the step's per-node task counts (``SLURM_STEP_TASKS_PER_NODE``, e.g. ``2(x3),1``) at this node's index
+(``SLURM_NODEID``), so an uneven layout gives every node its own count; the rendezvous host is the first node of the
+step (``SLURM_STEP_NODELIST``, where task 0 runs), else of the job, and its port is derived from the job id, so every
+task of every node computes the same address without talking to the others.
+
 CPU threads (:func:`cpu_threads_per_rank`): a rank uses the CPUs it was given, never the whole machine. Its share is
 an explicit ``OMP_NUM_THREADS`` (the ``--nproc`` launcher and a sweep trial set it to their allotment divided among
 their ranks), else ``SLURM_CPUS_PER_TASK`` (each Slurm task is allotted its own), else the affinity mask divided among
@@ -44,6 +51,7 @@ __all__ = [
     "find_free_port",
     "init_distributed",
     "slurm_master_addr",
+    "slurm_tasks_on_node",
 ]
 
 logger = logging.getLogger(__name__)
@@ -126,8 +134,19 @@ def expand_slurm_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
+def slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int | None:
+    """Tasks on node ``node_id`` from a Slurm per-node count such as ``2(x3),1`` (None when it cannot be read)."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not m:
+            return None
+        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
+    return counts[node_id] if 0 <= node_id < len(counts) else None
+
+
 def slurm_master_addr(nodelist: str) -> str:
-    """First host of ``SLURM_JOB_NODELIST``: ``scontrol show hostnames`` when available, else a local parser."""
+    """First host of a Slurm node list (the step's or the job's): ``scontrol show hostnames``, else a local parser."""
     if shutil.which("scontrol"):
         try:
             out = subprocess.run(
@@ -169,12 +188,15 @@ def detect_environment(environ: Mapping[str, str] | None = None) -> DistEnv:
         rank = _int(env, "SLURM_PROCID")
         world = _int(env, "SLURM_NTASKS")
         local_rank = _int(env, "SLURM_LOCALID", 0)
-        tasks_per_node = env.get("SLURM_NTASKS_PER_NODE", "") or env.get("SLURM_TASKS_PER_NODE", "")
-        m = re.match(r"(\d+)", tasks_per_node)
-        local_world = int(m.group(1)) if m else world
-        addr = env.get("MASTER_ADDR") or (
-            slurm_master_addr(env["SLURM_JOB_NODELIST"]) if env.get("SLURM_JOB_NODELIST") else "127.0.0.1"
-        )
+        local_world = None
+        for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):  # the step's own layout first
+            if env.get(key):
+                local_world = slurm_tasks_on_node(env[key], _int(env, "SLURM_NODEID", 0))
+                break
+        if local_world is None:
+            local_world = _int(env, "SLURM_NTASKS_PER_NODE", world)
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")  # task 0 runs on the step's first
+        addr = env.get("MASTER_ADDR") or (slurm_master_addr(nodelist) if nodelist else "127.0.0.1")
         default_port = _SLURM_PORT_BASE + int(job_id or 0) % _SLURM_PORT_SPAN
         port = _int(env, "MASTER_PORT", default_port)
         source = "slurm"
@@ -290,10 +312,14 @@ def init_distributed(
             timeout=datetime.timedelta(minutes=timeout_min),
         )
     logger.info(
-        "distributed: rank %d/%d (local %d) backend=%s device=%s from %s",
+        "distributed: rank %d/%d (local %d/%d) on %s, rendezvous %s:%d, backend=%s device=%s from %s",
         env.rank,
         env.world_size,
         env.local_rank,
+        env.local_world_size,
+        os.environ.get("SLURMD_NODENAME") or socket.gethostname(),  # the Slurm node name where there is one
+        env.master_addr,
+        port,
         backend,
         dev,
         env.source,

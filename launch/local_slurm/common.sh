@@ -27,6 +27,22 @@ stop_daemon() { # stop_daemon PIDFILE NAME: TERM the recorded pid, KILL it after
     kill -KILL "$pid" 2>/dev/null || true
 }
 
+any_slurmd_alive() {
+    local f
+    for f in /run/slurmd.pid /run/slurmd-*.pid; do
+        pid_alive "$f" slurmd && return 0
+    done
+    return 1
+}
+
+stop_slurmds() { # every slurmd this script started, under any layout (one node: slurmd.pid before %n pid files)
+    local f
+    for f in /run/slurmd.pid /run/slurmd-*.pid; do
+        [ -e "$f" ] && stop_daemon "$f" slurmd
+    done
+    return 0
+}
+
 # take_lock: one start.sh or stop.sh at a time (fd 9, released when the script exits). The 2>/dev/null is scoped to
 # the group: on `exec` alone it would silence the script's stderr for good.
 take_lock() {

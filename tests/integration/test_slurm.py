@@ -1,5 +1,7 @@
 """`pretrain submit`/`status`/`cancel` against the real local Slurm (``make slurm-up``), real submitit, real training.
 
+The local cluster has 2 nodes by default (n1, n2: one slurmd each on this host, names in /etc/hosts); the single-node
+tests run on either, the multi-node ones need 2 (``SLURM_NODES=1 make slurm-up`` skips them, except under CI=true).
 Runs are tiny (20 steps of 16 images per rank, 2 CPU ranks). Covered:
 
 - a 2-task Slurm job preempted with ``scancel --signal=USR2`` checkpoints, requeues itself, resumes and ends with the
@@ -8,7 +10,11 @@ Runs are tiny (20 steps of 16 images per rank, 2 CPU ranks). Covered:
 - a job reaching its time limit (``--time-min 1``) checkpoints through the trainer's signal path, is requeued as a
   timeout, resumes from that checkpoint; then ``pretrain cancel`` ends it and ``pretrain status`` says cancelled;
 - a job whose training cannot start on the node is shown as failed by ``pretrain status`` with its log tail;
-- bad parameters (unknown partition, too many nodes, zero nodes, missing config) exit 2 and submit nothing.
+- bad parameters (unknown partition, too many nodes, zero nodes, missing config) exit 2 and submit nothing;
+- multi-node: a 3-task ``srun`` over 2 nodes finds its ranks, per-node local ranks and the first node as rendezvous
+  from Slurm's variables alone, and joins one process group; a ``--nodes 2`` job (one rank per node) matches
+  ``pretrain train --nproc 2`` loss for loss, and preempted with USR2 it checkpoints on both nodes, requeues and
+  resumes exactly.
 
 Requeued jobs wait ~2 min (Slurm's cred_expire) before they are eligible: the tests release them with
 ``scontrol update jobid=J StartTime=now``. Without a working Slurm the tests skip, except under CI=true where they fail.
@@ -29,8 +35,8 @@ import torch
 from conftest import REPO, TINY_RUN_STEPS, tiny_run_overrides, train_env
 
 from launch.cli import main as cli_main
-from launch.status import read_job_events, read_run_status, slurm_job_info
-from pretrain.checkpoint import step_from_tag, verify_checkpoint
+from launch.status import read_job_events, read_run_status, slurm_job_info, slurm_partitions
+from pretrain.checkpoint import COMPLETE_MARKER, step_from_tag, verify_checkpoint
 from pretrain.metrics import read_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]
@@ -159,7 +165,7 @@ def test_a_task_with_two_cpus_per_task_trains_with_two_threads(slurm) -> None:
     "argv, message",
     [
         (["--partition", "nosuch"], "unknown partition 'nosuch'"),
-        (["--nodes", "3"], "--nodes=3 but partition 'debug' has 1 node(s)"),
+        (["--nodes", "99"], "--nodes=99 but partition 'debug' has {debug_nodes} node(s)"),
         (["--nodes", "0"], "nodes=0 must be >= 1"),
         (["--config-missing"], "does not exist"),
     ],
@@ -173,7 +179,7 @@ def test_bad_parameters_exit_2_and_submit_nothing(slurm, digits_dir, tmp_path, c
         capsys, config, *tiny_run_overrides(digits_dir, tmp_path, "bad"), "--profile", "local", *argv
     )
     assert code == 2, (out, err)
-    assert message in err
+    assert message.format(debug_nodes=slurm_partitions()["debug"]) in err
     assert queued_job_ids() <= before, "a job was submitted"
     assert not (tmp_path / "bad").exists(), "the run directory was created"
 
@@ -211,11 +217,15 @@ def reference(digits_dir, tmp_path_factory, start_train) -> Path:
     return out / "ref"
 
 
-def test_preempted_job_requeues_resumes_and_matches_nproc2(slurm, reference, digits_dir, tmp_path):
-    run_dir = tmp_path / "preempt"
-    argv = [sys.executable, "-m", "launch.cli", "submit", CONFIG, *tiny_run_overrides(digits_dir, tmp_path, "preempt")]
-    argv += ["--profile", "local", "--max-timeout-requeues", "0", "--wait"]
-    log = tmp_path / "submit.log"
+def run_preempted_job(
+    slurm, digits_dir: Path, tmp_path: Path, name: str, *flags: str, overrides: tuple[str, ...] = ()
+) -> tuple[Path, str]:
+    """Submit the tiny run (``--wait``), USR2 the job at step 6, follow it through the requeue; (run dir, job id)."""
+    run_dir = tmp_path / name
+    argv = [sys.executable, "-m", "launch.cli", "submit", CONFIG, *tiny_run_overrides(digits_dir, tmp_path, name)]
+    argv += list(overrides)
+    argv += ["--profile", "local", "--max-timeout-requeues", "0", "--wait", *flags]
+    log = tmp_path / f"{name}.submit.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen(argv, cwd=REPO, env=train_env(), stdout=f, stderr=subprocess.STDOUT)
     try:
@@ -230,7 +240,23 @@ def test_preempted_job_requeues_resumes_and_matches_nproc2(slurm, reference, dig
     output = log.read_text(errors="replace")
     assert proc.returncode == 0, output[-5000:]
     assert "run finished, val_top1=" in output
+    return run_dir, job_id
 
+
+def assert_same_run_as(run_dir: Path, reference: Path) -> None:
+    """The whole logged train series (all but the timing fields), val top-1 and final weights are the reference's."""
+    series_keys = ("step", "loss", "lr", "grad_norm", "epoch")
+    got = [{k: e[k] for k in series_keys} for e in train_events(run_dir)]
+    want = [{k: e[k] for k in series_keys} for e in train_events(reference)]
+    assert [e["step"] for e in got] == list(range(1, MAX_STEPS + 1)), "every step logged exactly once"
+    assert got == want, [(g, w) for g, w in zip(got, want, strict=False) if g != w][:5]
+    assert val_top1(run_dir) == val_top1(reference)
+    a, b = final_weights(run_dir), final_weights(reference)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_preempted_job_requeues_resumes_and_matches_nproc2(slurm, reference, digits_dir, tmp_path):
+    run_dir, job_id = run_preempted_job(slurm, digits_dir, tmp_path, "preempt")
     events = read_job_events(run_dir)
     requeues = [e for e in events if e["event"] == "requeue"]
     assert [r["reason"] for r in requeues] == ["preemption"], events
@@ -242,15 +268,7 @@ def test_preempted_job_requeues_resumes_and_matches_nproc2(slurm, reference, dig
     assert f"Requeued job {job_id} (0 remaining timeouts)" in logs
     assert f"resumed from {ckpt} at step {requeues[0]['step']}" in logs
 
-    # the same run as `pretrain train --nproc 2`: the whole logged train series, val top-1, final weights
-    series_keys = ("step", "loss", "lr", "grad_norm", "epoch")  # all but the timing fields
-    got = [{k: e[k] for k in series_keys} for e in train_events(run_dir)]
-    want = [{k: e[k] for k in series_keys} for e in train_events(reference)]
-    assert [e["step"] for e in got] == list(range(1, MAX_STEPS + 1)), "every step logged exactly once"
-    assert got == want, [(g, w) for g, w in zip(got, want, strict=False) if g != w][:5]
-    assert val_top1(run_dir) == val_top1(reference)
-    a, b = final_weights(run_dir), final_weights(reference)
-    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert_same_run_as(run_dir, reference)  # the same run as `pretrain train --nproc 2`
 
     rs = read_run_status(run_dir)
     assert (rs.state, rs.job_id, rs.slurm_state, rs.restarts) == ("finished", job_id, "COMPLETED", 1)
@@ -302,3 +320,93 @@ def test_time_limit_checkpoints_requeues_and_resumes_then_cancel(slurm, digits_d
     assert cli_main(["status", str(run_dir)]) == 0
     shown = capsys.readouterr().out
     assert "state:      cancelled" in shown and "(timeout at step" in shown
+
+
+# ------------------------------------------------------------------------------------------------------ multi-node
+
+
+def slurm_nodes() -> list[str]:
+    out = subprocess.run(["sinfo", "-h", "-N", "-p", "debug", "-o", "%N"], capture_output=True, text=True, timeout=30)
+    return sorted(set(out.stdout.split()))
+
+
+@pytest.fixture(scope="module")
+def two_nodes(slurm) -> list[str]:
+    """The names of two nodes of the local cluster (``make slurm-up`` starts n1 and n2)."""
+    nodes = slurm_nodes()
+    if len(nodes) < 2:
+        _unavailable(f"the local Slurm has {len(nodes)} node(s) ({nodes}); these tests need 2: make slurm-up")
+    return nodes[:2]
+
+
+PROBE = """
+import json, os
+from pretrain.distributed import all_gather_object, destroy_distributed, detect_environment, init_distributed
+env = detect_environment()
+init_distributed(device="cpu", env=env)
+nodes = all_gather_object(os.environ["SLURMD_NODENAME"])  # a real collective across the nodes
+print("PROBE", json.dumps(dict(rank=env.rank, world=env.world_size, local_rank=env.local_rank,
+    local_world=env.local_world_size, addr=env.master_addr, port=env.master_port, source=env.source,
+    node=os.environ["SLURMD_NODENAME"], nodes=nodes)), flush=True)
+destroy_distributed()
+"""
+
+
+def test_srun_over_two_nodes_ranks_local_ranks_and_rendezvous_from_slurm(two_nodes):
+    # 3 tasks on 2 nodes: an uneven layout (2 + 1), so each node must read its own task count, not the first node's
+    nodelist = ",".join(two_nodes)
+    out = subprocess.run(
+        ["srun", "-N2", "-n3", "-w", nodelist, "--cpus-per-task=1", "--time=5", sys.executable, "-c", PROBE],
+        cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    tasks = sorted((json.loads(line.split(" ", 1)[1]) for line in out.stdout.splitlines() if line.startswith("PROBE")),
+                   key=lambda t: t["rank"])  # fmt: skip
+    assert [t["rank"] for t in tasks] == [0, 1, 2] and {t["world"] for t in tasks} == {3}
+    assert {t["source"] for t in tasks} == {"slurm"}  # read from Slurm's variables, no launcher in between
+    by_node = {n: [t for t in tasks if t["node"] == n] for n in two_nodes}
+    assert sorted(len(ts) for ts in by_node.values()) == [1, 2], "ranks on both nodes"
+    for ts in by_node.values():
+        assert [t["local_rank"] for t in ts] == list(range(len(ts)))
+        assert {t["local_world"] for t in ts} == {len(ts)}
+    first = tasks[0]["node"]
+    assert first == two_nodes[0]  # task 0 runs on the step's first node ...
+    assert {(t["addr"], t["port"]) for t in tasks} == {(first, tasks[0]["port"])}  # ... the rendezvous of all
+    assert all(t["nodes"] == [u["node"] for u in tasks] for t in tasks)
+
+
+def task_log(run_dir: Path, job_id: str, task: int) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted((run_dir / "slurm").glob(f"{job_id}_{task}_log.*")))
+
+
+def test_two_node_job_matches_nproc2_and_resumes_exactly_after_usr2(slurm, two_nodes, reference, digits_dir, tmp_path):
+    # one rank per node, the same global batch as `pretrain train --nproc 2`
+    run_dir, job_id = run_preempted_job(
+        slurm, digits_dir, tmp_path, "twonode", "--nodes", "2", "--tasks-per-node", "1",
+        overrides=("checkpoint.keep_last=10",),  # keeps the checkpoint of the signal, to look at its files
+    )  # fmt: skip
+    events = read_job_events(run_dir)
+    starts = [e for e in events if e["event"] == "start"]
+    assert [(e["hosts"], e["world_size"], e["slurm_restart_count"]) for e in starts] == [
+        (two_nodes, 2, 0),
+        (two_nodes, 2, 1),
+    ]
+    for task in (0, 1):
+        log = task_log(run_dir, job_id, task)
+        # submitit's record of where the task ran: node <task> of 2, the only rank there, in both attempts
+        assert log.count(f"local_rank=0(1), node={task}(2), global_rank={task}(2)") == 2, log[-3000:]
+        assert "received SIGUSR2: will checkpoint" in log  # the signal reached the rank on each node
+    # rank 0 rendezvoused on the allocation's first node
+    assert f"rank 0/2 (local 0/1) on {two_nodes[0]}, rendezvous {two_nodes[0]}:" in task_log(run_dir, job_id, 0)
+
+    (requeue,) = [e for e in events if e["event"] == "requeue"]
+    assert requeue["reason"] == "preemption" and requeue["step"] >= 6
+    # the checkpoint written on the signal holds both ranks' shares (each rank hashed its own files)
+    listed = json.loads((Path(requeue["checkpoint"]) / COMPLETE_MARKER).read_text())["files"]
+    assert {"rank_00000.pt", "rank_00001.pt"} <= listed.keys()
+    assert any(f.startswith("zero_pp_rank_0_") for f in listed) and any(f.startswith("zero_pp_rank_1_") for f in listed)
+    assert f"resumed from {requeue['checkpoint']} at step {requeue['step']}" in slurm_logs(run_dir, job_id)
+
+    assert_same_run_as(run_dir, reference)  # loss for loss, val top-1 and weights: `pretrain train --nproc 2`
+    rs = read_run_status(run_dir)
+    assert (rs.state, rs.slurm_state, rs.restarts) == ("finished", "COMPLETED", 1)
