@@ -240,7 +240,7 @@ class TrainerConfig:
     seed: int = 0
     """Seed of model init, augmentation and dropout (data order has ``data.seed``)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Training precision; bf16/fp16 need a GPU."""
+    """Training precision: fp32, bf16 (bf16 weights with fp32 masters, on CPU as on GPU) or fp16 (GPU only)."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step."""
     global_batch_size: int = 0
@@ -344,8 +344,11 @@ class Config:
                 f"schedule.warmup_steps={self.schedule.warmup_steps} exceeds trainer.max_steps="
                 f"{self.trainer.max_steps}; lower the warmup or raise max_steps"
             )
-        if self.trainer.precision != "fp32" and self.trainer.device == "cpu":
-            raise ConfigError(f"trainer.precision={self.trainer.precision} needs a GPU; use trainer.precision=fp32")
+        if self.trainer.precision == "fp16" and self.trainer.device == "cpu":
+            raise ConfigError(
+                "trainer.precision=fp16 needs a GPU (DeepSpeed's loss-scaled fp16 has no CPU kernels); on CPU use "
+                "trainer.precision=bf16 (bf16 weights, fp32 master weights) or fp32"
+            )
 
     @property
     def run_dir(self) -> Path:

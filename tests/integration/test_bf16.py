@@ -10,8 +10,7 @@ moments in its partitions and hands the model bf16 copies. Covered, each against
   checkpoint and continues the run;
 - fp16, which has no CPU path, is refused before anything starts, naming bf16.
 
-The runs set ``trainer.device=auto`` (CPU here): ``pretrain.config`` still refuses bf16 with ``trainer.device=cpu``.
-On a machine with CUDA, ``auto`` would train on the GPU, so these CPU tests skip there.
+The runs keep the digits config's ``trainer.device=cpu``, so they are CPU runs on any machine.
 """
 
 from __future__ import annotations
@@ -28,11 +27,7 @@ from conftest import TINY_RUN_STEPS, tiny_run_overrides
 from pretrain.checkpoint import COMPLETE_MARKER
 from pretrain.metrics import read_jsonl
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.world_size(2),
-    pytest.mark.skipif(torch.cuda.is_available(), reason="CPU bf16 runs; trainer.device=auto would pick the GPU"),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]
 
 CONFIG = "configs/run/digits_sepvit_lite.yaml"
 STEPS = TINY_RUN_STEPS  # 20 steps of 2 x 16 images: ~75% val top-1 already (69% at step 10)
@@ -43,7 +38,7 @@ def bf16_overrides(data: Path, out: Path, name: str, *extra: str) -> list[str]:
     # No drop path (its RNG streams are per rank and restart on another world size) and no loader workers, so the
     # elastic resume can be compared with the reference step by step.
     return tiny_run_overrides(
-        data, out, name, "trainer.precision=bf16", "trainer.device=auto", "model.drop_path_rate=0",
+        data, out, name, "trainer.precision=bf16", "model.drop_path_rate=0",
         "data.num_workers=0", *extra,
     )  # fmt: skip
 
@@ -149,7 +144,7 @@ def test_bf16_elastic_resume_from_two_ranks_to_one(reference, digits_dir, run_ro
 
 
 def test_fp16_on_cpu_is_refused_naming_bf16(digits_dir, run_root, start_train):
-    overrides = tiny_run_overrides(digits_dir, run_root, "fp16", "trainer.precision=fp16", "trainer.device=auto")
+    overrides = tiny_run_overrides(digits_dir, run_root, "fp16", "trainer.precision=fp16")
     run = start_train(CONFIG, overrides, "--nproc", "2")
     assert run.wait(timeout=120) == 2, run.output[-3000:]
     assert "trainer.precision=fp16 needs a GPU" in run.output and "use trainer.precision=bf16" in run.output
