@@ -1,4 +1,4 @@
-"""After pretraining, on real 2-rank digits runs: export (ZeRO 0, 2, 3), eval, fine-tune from the export.
+"""After pretraining, on real 2-rank digits runs: export (ZeRO 0, 2, 3; bf16), eval, fine-tune from the export.
 
 The exported model must compute the training engine's logits: the engine is rebuilt on 2 ranks and loads the
 checkpoint the way a resume does (``CheckpointManager.load``), then both see the same batch. ``pretrain eval`` of the
@@ -198,3 +198,22 @@ def test_fine_tune_from_an_export_with_another_head_then_resume(pretrained, digi
     assert "resumed from" in resumed.output and "step_000006" in resumed.output
     assert "initialised the weights from" not in resumed.output
     assert [e["step"] for e in resumed_log] == list(range(1, 9))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU bf16 run; trainer.device=auto would pick the GPU")
+def test_export_of_a_bf16_run_holds_the_fp32_master_weights(digits_dir, run_root, start_train, tmp_path):
+    extra = ["trainer.precision=bf16", "trainer.device=auto", "trainer.max_steps=4", "trainer.eval_every_steps=0"]
+    extra += ["schedule.warmup_steps=2", "data.num_workers=1"]
+    overrides = tiny_run_overrides(digits_dir, run_root, "bf16", *extra)
+    run = start_train(CONFIG, overrides, "--nproc", "2")
+    assert run.wait() == 0, run.output[-5000:]
+    tag = run_root / "bf16" / "checkpoints" / "step_000004"
+    assert (tag / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
+    for dtype in ("fp32", "bf16"):
+        assert cli_main(["export", str(tag), "--out", str(tmp_path / f"{dtype}.safetensors"), "--dtype", dtype]) == 0
+    fp32, _ = read_pretrained(tmp_path / "fp32.safetensors")
+    bf16, _ = read_pretrained(tmp_path / "bf16.safetensors")
+    module = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]  # the engine's bf16 copy
+    assert set(fp32) == set(bf16) == set(module) and all(v.dtype == torch.float32 for v in fp32.values())
+    assert all(torch.equal(bf16[k], v) and torch.equal(fp32[k].to(torch.bfloat16), v) for k, v in module.items())
+    assert any(not torch.equal(fp32[k], v.float()) for k, v in module.items()), "fp32 master, not the bf16 copy"
