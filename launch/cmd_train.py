@@ -178,6 +178,11 @@ def validate_launch(
     from pretrain.engine import build_ds_config
 
     cfg = resolve_data(cfg)
+    if cfg.model.init_from and not Path(cfg.model.init_from).exists():
+        raise ConfigError(
+            f"model.init_from={cfg.model.init_from}: no such file or directory (an export from `pretrain export`, a "
+            "checkpoint or a run directory)"
+        )
     build_ds_config(cfg, world)  # batch arithmetic, ZeRO/offload/EMA combinations
     n_params = _check_model(cfg)
     if cfg.trainer.precision == "fp16" or cfg.trainer.device == "cuda":  # bf16 trains on CPU too (DeepSpeed bf16)

@@ -156,3 +156,12 @@ def test_overrides_that_agree_or_add_keys_pass() -> None:
     assert ds["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu"}} and ds["bf16"] == {
         "enabled": False
     }
+
+
+def test_a_missing_init_from_exits_2_before_anything_starts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = make_dataset(tmp_path / "data", {"train": [8], "val": [4]})
+    out = tmp_path / "runs"
+    argv = [f"data.path={data}", f"run.output_dir={out}", "model.init_from=nothing.safetensors"]
+    assert main(["train", str(RUN_CONFIG), *argv]) == 2
+    assert "model.init_from=nothing.safetensors: no such file or directory" in capsys.readouterr().err
+    assert not out.exists()
