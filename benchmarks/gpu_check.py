@@ -71,7 +71,8 @@ def _settings(dry: bool) -> dict[str, Any]:
     cpus = os.cpu_count() or 2
     if dry:
         return dict(
-            images=240, img_size=32, batch=16, steps=3, log_every=1, workers=1, tokens=[64, 144, 256, 400],
+            images=240, img_size=32, batch=16, steps=3, log_every=1, compile_steps=3, compile_log_every=1, workers=1,
+            tokens=[64, 144, 256, 400],
             dim=32, heads=4, num_ref=8, models={"sepvit": "sepvit_lite_32", "setformer": "setformer_lite_32"},
             configs={f: f"configs/run/digits_{f}_lite.yaml" for f in ("sepvit", "setformer")},
             compile=False, resume=dict(steps=6, every=2, batch=8, workers=1),
@@ -79,13 +80,16 @@ def _settings(dry: bool) -> dict[str, Any]:
             budget_s=dict(data=30, train=60, train_compile=60, loader=30, set=30, resume=75),
         )  # fmt: skip
     return dict(
-        images=4096, img_size=224, batch=256, steps=40, log_every=10, workers=max(1, min(12, cpus - 2)), tokens=TOKENS,
+        images=4096, img_size=224, batch=256, steps=20, log_every=5, compile_steps=10, compile_log_every=5,
+        workers=max(1, min(12, cpus - 2)), tokens=TOKENS,
         dim=256, heads=8, num_ref=64, models={"sepvit": "sepvit_tiny", "setformer": "setformer_tiny"},
         configs={f: f"configs/run/imagenet_{f}_tiny.yaml" for f in ("sepvit", "setformer")},
-        # a GPU step of this small model takes milliseconds: the kill needs many steps after the checkpoint to land in
-        compile=True, resume=dict(steps=200, every=50, batch=16, workers=2),
-        # seconds per stage: 20 + 2 x 40 + 2 x 80 + 25 + 35 + 90 = 410 s, under 8 min with gpu_check.sh's install
-        budget_s=dict(data=20, train=40, train_compile=80, loader=25, set=35, resume=90),
+        # measured on an H200: ~0.09 s a step (log and checkpoint included), so 30 steps after the kill's checkpoint
+        compile=True, resume=dict(steps=40, every=10, batch=16, workers=2),
+        # seconds per stage, from two H200 runs: ~15 s start-up a run, a first CUDA step of 5-8 s, then 0.23 s a step
+        # for sepvit_tiny and 0.47 s for setformer_tiny at batch 256; sepvit_tiny compiles in ~95 s, setformer_tiny in
+        # over 105 s. 15 + 2 x 30 + 2 x 110 + 12 + 18 + 95 = 420 s, under 8 min with gpu_check.sh's install (27-41 s)
+        budget_s=dict(data=15, train=30, train_compile=110, loader=12, set=18, resume=95),
     )  # fmt: skip
 
 
@@ -204,8 +208,8 @@ def _train_overrides(work: Path, s: dict, name: str, batch: int, compile_: bool)
         f"data.path={work / 'shards'}",
         f"run.output_dir={work / 'runs'}",
         f"run.name={name}",
-        f"trainer.max_steps={s['steps']}",
-        f"trainer.log_every_steps={s['log_every']}",
+        f"trainer.max_steps={s['compile_steps' if compile_ else 'steps']}",
+        f"trainer.log_every_steps={s['compile_log_every' if compile_ else 'log_every']}",
         "trainer.eval_every_steps=0",
         "trainer.global_batch_size=0",
         "trainer.precision=bf16",
@@ -226,7 +230,7 @@ def _train_overrides(work: Path, s: dict, name: str, batch: int, compile_: bool)
 
 def _train_row(events: list[dict], batch: int) -> dict[str, Any] | None:
     train = [e for e in events if e.get("event") == "train"]
-    steady = train[1:] or train  # the first window holds start-up (and compilation)
+    steady = train[1:]  # the first window holds the first steps' kernel loading (and compilation)
     if not steady:
         return None
     img_s = sum(e["img_per_s"] for e in steady) / len(steady)
@@ -260,8 +264,17 @@ def stage_train(work: Path, s: dict, family: str, compile_: bool, budget_s: floa
             batch //= 2  # CUDA OOM: half the batch, same budget
             continue
         break
-    got = _train_row(_read_jsonl(run_dir / "metrics.jsonl"), batch)
+    events = _read_jsonl(run_dir / "metrics.jsonl")
+    got = _train_row(events, batch)
     setting = f"{model}, {s['img_size']}², bf16, batch {batch}, {s['workers']} loader workers"
+    first = next((e for e in events if e.get("event") == "train"), None)
+    if got is None and first is not None:  # a measurement too, not a failure: what the first steps cost
+        result = (
+            f"INCOMPLETE: the first {first['step']} steps (compilation included) took "
+            f"{first['step_time_s'] * first['step']:.0f} s; no later log window within the {budget_s:.0f} s budget"
+        )
+        _emit(work, "train", dict(check=check, setting=setting, result=result))
+        return
     if got is None:
         why = "timed out" if rc is None else f"exit {rc}"
         tail = " | ".join(out.strip().splitlines()[-2:])[-300:]
@@ -270,7 +283,8 @@ def stage_train(work: Path, s: dict, family: str, compile_: bool, budget_s: floa
     mfu = f"MFU {got['mfu']:.1%}" if got["mfu"] is not None else "MFU n/a (no peak FLOP/s for this device)"
     result = (
         f"{got['img_per_s']:,.0f} img/s ({got['model_img_per_s']:,.0f} model-bound), {mfu}, "
-        f"peak {got['peak_mem_mb']:,.0f} MiB, data wait {got['data_wait']:.0%}, {got['steps']} steps"
+        f"peak {got['peak_mem_mb']:,.0f} MiB, data wait {got['data_wait']:.0%}, {got['steps']} steps; the first "
+        f"{first['step']} (compilation included) took {first['step_time_s'] * first['step']:.0f} s"
         + ("" if rc == 0 else " (stopped at the stage budget)")
     )
     _emit(work, "train", dict(check=check, setting=setting, result=result, **got))
@@ -487,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="every stage at tiny size on CPU; table to --table")
     p.add_argument("--table", default=None, help="write the table here (dry run default: a temp file)")
     p.add_argument("--work", default=None, help="scratch folder (default: a temp folder, removed at the end)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["train", "compile", "loader", "set", "resume"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["eager", "compile", "loader", "set", "resume"])
     args = p.parse_args(argv)
     dry = args.dry_run or os.environ.get("GPU_CHECK_DRY") == "1"
     s = _settings(dry)
@@ -522,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
             check = f"train {family}" + (" + compile" if compile_ else "")
             if not data_ok:
                 skipped[check] = "skipped: no shards (data build failed)"
-            elif "train" in args.skip or (compile_ and "compile" in args.skip):
+            elif ("compile" if compile_ else "eager") in args.skip:
                 skipped[check] = "skipped (--skip)"
             elif compile_ and not s["compile"]:
                 skipped[check] = "skipped in the dry run (CPU inductor compiles take minutes); GPU runs it"

@@ -2,16 +2,16 @@
 # The GPU check: bf16 training images/s, MFU and peak memory of sepvit_tiny and setformer_tiny at 224 (torch.compile
 # off and on), the loader's images/s against that appetite, SeT vs SDPA at 1k-64k tokens, and a bf16 SIGKILL-and-resume
 # on the GPU. One table, appended to benchmarks/RESULTS.md with the device name and date. At most ~8 minutes on one GPU
-# machine: the install below is capped at 60 s and every stage of benchmarks/gpu_check.py has its own budget (410 s
-# together) and is killed at it, its row saying so.
+# machine: the install below is capped at 60 s (27 s measured on an H200 from carried wheels) and every stage of
+# benchmarks/gpu_check.py has its own budget (420 s together) and is killed at it, its row saying so.
 #
 #   bash benchmarks/gpu_check.sh             # on the GPU machine, from anywhere
 #   bash benchmarks/gpu_check.sh --dry-run   # every stage at tiny size on CPU (~1 min); table to a temp file
 #   GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh
 #
 # The Python environment: the machine's own torch (with CUDA) is used, never installed or replaced.
-# - GPU_CHECK_VENV (default .venv-gpu in the repository) is created once with --system-site-packages, so it sees the
-#   machine's torch, and reused after that (~5 s to create).
+# - GPU_CHECK_VENV (default ~/.cache/vitpretrain/venv-gpu, outside the repository) is created once with
+#   --system-site-packages, so it sees the machine's torch, and reused after that (~5 s to create).
 # - The repository goes in with `pip install --no-deps -e .` (no download, ~5 s; --no-deps because pyproject pins
 #   torch==2.13.0 and constraints.txt pins it too: resolving either would replace the machine's torch).
 # - Whatever of the other dependencies is missing (deepspeed, webdataset, submitit, simplejpeg, ...) is installed
@@ -33,16 +33,20 @@ if [ "$DRY" = 1 ]; then
     if [ -x .venv/bin/python ]; then PY=${GPU_CHECK_PYTHON:-.venv/bin/python}; else PY=${GPU_CHECK_PYTHON:-python3}; fi
     say "dry run on CPU with $PY (nothing installed)"
 else
-    VENV=${GPU_CHECK_VENV:-.venv-gpu}
+    VENV=${GPU_CHECK_VENV:-$HOME/.cache/vitpretrain/venv-gpu}
     BASE_PY=${GPU_CHECK_PYTHON:-python3}
     if ! "$BASE_PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
         say "warning: $BASE_PY's torch sees no CUDA device; the stages will fail (use --dry-run on CPU)"
     fi
     if [ ! -x "$VENV/bin/python" ]; then
         say "creating $VENV (--system-site-packages: the machine's torch)"
-        "$BASE_PY" -m venv --system-site-packages "$VENV" || { say "cannot create $VENV"; exit 2; }
+        mkdir -p "$(dirname "$VENV")" && "$BASE_PY" -m venv --system-site-packages "$VENV" || { say "cannot create $VENV"; exit 2; }
     fi
     PY="$VENV/bin/python"
+    # --system-site-packages reaches the base interpreter's packages only; where python3 is itself a venv (the torch
+    # of a GPU image often is), a .pth file adds that venv's site-packages after ours
+    "$BASE_PY" -c "import site; print('\n'.join(site.getsitepackages()))" \
+        >"$("$PY" -c "import site; print(site.getsitepackages()[0])")/_gpu_check_base.pth"
     TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
     PIN="$(mktemp)"
     echo "torch==$TORCH_VERSION" >"$PIN"  # pip may never replace the machine's torch
@@ -64,7 +68,8 @@ print(" ".join(r for m, r in reqs.items() if importlib.util.find_spec(m) is None
 EOF
 )
     if [ -n "$MISSING" ]; then
-        say "missing: $MISSING; installing (torch pinned to $TORCH_VERSION)"
+        say "missing: $MISSING; installing (torch pinned to $TORCH_VERSION; pip's resolver complaints about" \
+            "vitpretrain's own pins, torch==2.13.0 and ray, are expected: they are not installed on purpose)"
         for req in $MISSING; do
             left=$((60 - (SECONDS - INSTALL_START)))
             if [ "$left" -le 5 ]; then say "install budget (60 s) spent: $req skipped"; continue; fi
