@@ -178,11 +178,6 @@ def validate_launch(
     from pretrain.engine import build_ds_config
 
     cfg = resolve_data(cfg)
-    if cfg.model.init_from and not Path(cfg.model.init_from).exists():
-        raise ConfigError(
-            f"model.init_from={cfg.model.init_from}: no such file or directory (an export from `pretrain export`, a "
-            "checkpoint or a run directory)"
-        )
     build_ds_config(cfg, world)  # batch arithmetic, ZeRO/offload/EMA combinations
     n_params = _check_model(cfg)
     if cfg.trainer.precision == "fp16" or cfg.trainer.device == "cuda":  # bf16 trains on CPU too (DeepSpeed bf16)
@@ -230,6 +225,12 @@ def validate_launch(
                 + ". Nothing was changed. To start again from step 0 pass --restart (the history is moved to "
                 f"{cfg.run_dir / PREVIOUS}/<time>/, nothing is deleted), or pick another run.name=..."
             )
+    if resume_from is None and cfg.model.init_from and not Path(cfg.model.init_from).exists():
+        # only a fresh start reads init_from: a run with its own checkpoint resumes from that
+        raise ConfigError(
+            f"model.init_from={cfg.model.init_from}: no such file or directory (an export from `pretrain export`, a "
+            "checkpoint or a run directory)"
+        )
     _check_disk(cfg, resume_from, n_params)
     finished = False
     if resume_from is not None:
