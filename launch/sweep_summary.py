@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from launch.sweep_spec import SweepSpec, trial_fixed_overrides
-from launch.sweep_trial import SWEEP_SUBDIR, MetricsTail, format_override
+from launch.sweep_trial import CHECKPOINT_META, SWEEP_SUBDIR, MetricsTail, format_override, newest_checkpoint
 from pretrain.config import dump_config, load_config
 from pretrain.rundir import CONFIG_YAML, METRICS, STATUS, TB
 
-__all__ = ["TrialRecord", "format_table", "summarize_sweep"]
+__all__ = ["best_checkpoint", "TrialRecord", "format_table", "summarize_sweep"]
 
 
 @dataclass
@@ -148,6 +148,23 @@ def _write_best_config(spec: SweepSpec, best: TrialRecord, path: Path) -> None:
     load_config(path)  # it must load as is
 
 
+def best_checkpoint(sweep_dir: Path, best: TrialRecord) -> Path | None:
+    """The checkpoint of the best trial at its best eval if Ray Tune kept it (``tune/``), else the newest one the
+    trial's run dir holds; None if neither exists."""
+    kept = []
+    for path in (sweep_dir / "tune").glob("*/checkpoint_*"):
+        try:
+            meta = json.loads((path / CHECKPOINT_META).read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("trial_id") == best.trial_id and isinstance(meta.get("step"), int):
+            kept.append((meta["step"] == best.best_step, meta["step"], path))
+    if kept:
+        return max(kept)[2]
+    own = newest_checkpoint(best.run_dir)
+    return own.path if own is not None else None
+
+
 def _link_tensorboard(sweep_dir: Path) -> None:
     tb_root = sweep_dir / TB
     tb_root.mkdir(parents=True, exist_ok=True)
@@ -195,6 +212,10 @@ def summarize_sweep(spec: SweepSpec, ray_trials: dict[str, dict[str, Any]] | Non
     if ranked:
         print(f"best: {ranked[0].trial_id} {spec.metric}={ranked[0].best:.4f} at step {ranked[0].best_step}")
         print(f"  config:      {sweep_dir / 'best_config.yaml'}   (pretrain train {sweep_dir / 'best_config.yaml'})")
+        ckpt = best_checkpoint(sweep_dir, ranked[0])
+        if ckpt is not None:
+            print(f"  checkpoint:  {ckpt}")
+            print(f"  export:      pretrain export {ckpt} --out {sweep_dir / 'best.safetensors'}")
     print(f"  plot:        {sweep_dir / 'metric_vs_step.png'}")
     print(f"  tensorboard: tensorboard --logdir {sweep_dir / 'tb'}")
     return records

@@ -175,6 +175,10 @@ def test_asha_sweep_stops_bad_trials_early(digits_dir: Path, ray_address: str, t
     for r in stopped:
         assert r["step"] < MAX_STEPS and eval_steps(Path(r["run_dir"]))[0] == EVERY
     assert summary[0]["params"]["optim.lr"] == 2.0e-3  # ranked first
+    # the best trial's checkpoint and how to export it, for the next user of the weights
+    best_ckpt = next(line.split()[-1] for line in log.splitlines() if line.strip().startswith("checkpoint:"))
+    assert f"pretrain export {best_ckpt} --out {tmp_path / 'asha' / 'best.safetensors'}" in log
+    assert Path(best_ckpt).is_dir() and (Path(best_ckpt) / "COMPLETE").is_file()
     assert wait_no_trainers(str(sweep_dir)) == []  # stopped trials' runs were terminated, no orphans
 
     # outputs: table, plot, best config (a fresh run, loadable by `pretrain train`), TensorBoard links
