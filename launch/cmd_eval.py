@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -178,41 +176,14 @@ def _evaluate_here(args: argparse.Namespace, env: Any) -> int:
 
 def _launch_local(args: argparse.Namespace) -> int:
     """Start ``--nproc`` ranks of this command on a free port; if one fails, stop the others and exit 1 naming it."""
-    from pretrain.distributed import cpu_allotment, find_free_port
+    from launch.cmd_train import start_local_ranks, watch_ranks
 
-    nproc, port = args.nproc, find_free_port()
-    threads = max(1, cpu_allotment() // nproc)
     argv = [sys.executable, "-m", "launch.cli", "eval", args.path, "--data", args.data, "--split", args.split]
     argv += ["--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers)]
     argv += (["--ema"] if args.ema else []) + (["--out", args.out] if args.out else [])
-    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    procs = [
-        subprocess.Popen(
-            argv,
-            env=dict(
-                base,
-                RANK=str(r),
-                WORLD_SIZE=str(nproc),
-                LOCAL_RANK=str(r),
-                LOCAL_WORLD_SIZE=str(nproc),
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-                OMP_NUM_THREADS=str(threads),
-            ),
-        )
-        for r in range(nproc)
-    ]
+    procs = start_local_ranks(argv, args.nproc)
     try:
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, EXIT_OK)]
-            if failed:
-                rank, code = failed[0]
-                print(f"pretrain eval: rank {rank} exited with code {code}; stopping the others", file=sys.stderr)
-                return code if code and code > 0 else EXIT_FAILED
-            if all(c is not None for c in codes):
-                return EXIT_OK
-            time.sleep(0.2)
+        return watch_ranks(procs, "eval", ok=(EXIT_OK,))
     finally:
         for p in procs:
             if p.poll() is None:

@@ -79,7 +79,9 @@ __all__ = [
     "main",
     "register",
     "resolve_data",
+    "start_local_ranks",
     "validate_launch",
+    "watch_ranks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -450,13 +452,15 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def _launch_local(nproc: int, args: argparse.Namespace) -> int:
-    """Start ``nproc`` ranks of this command, forward SIGTERM/SIGUSR2, and fail fast if one rank dies."""
+def start_local_ranks(argv: list[str], nproc: int, extra_env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+    """Start ``nproc`` local ranks of ``argv`` with a torchrun-style environment on a free port.
+
+    The ranks share this process's CPUs (affinity, Slurm task, OMP_NUM_THREADS): each gets its part of them.
+    """
     port = find_free_port()
-    procs: list[subprocess.Popen] = []
-    # the ranks share this process's CPUs (affinity, Slurm task, OMP_NUM_THREADS): each gets its part of them
     threads = max(1, cpu_allotment() // nproc)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    procs = []
     for rank in range(nproc):
         env = dict(
             base_env,
@@ -467,10 +471,16 @@ def _launch_local(nproc: int, args: argparse.Namespace) -> int:
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
             OMP_NUM_THREADS=str(threads),
-            **{_LAUNCHED_BY: str(os.getpid())},
+            **(extra_env or {}),
         )
-        procs.append(subprocess.Popen(_child_argv(args), env=env))
+        procs.append(subprocess.Popen(argv, env=env))
     logger.info("started %d ranks (pids %s), rendezvous 127.0.0.1:%d", nproc, [p.pid for p in procs], port)
+    return procs
+
+
+def _launch_local(nproc: int, args: argparse.Namespace) -> int:
+    """Start ``nproc`` ranks of this command, forward SIGTERM/SIGUSR2, and fail fast if one rank dies."""
+    procs = start_local_ranks(_child_argv(args), nproc, {_LAUNCHED_BY: str(os.getpid())})
 
     def forward(signum: int, frame: Any) -> None:
         logger.warning("forwarding %s to the ranks", signal.Signals(signum).name)
@@ -486,7 +496,7 @@ def _launch_local(nproc: int, args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR2)}
     previous[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)
     try:
-        return _watch(procs)
+        return watch_ranks(procs)
     except KeyboardInterrupt:
         _stop_all(procs)
         return 130
@@ -495,16 +505,20 @@ def _launch_local(nproc: int, args: argparse.Namespace) -> int:
             signal.signal(s, h)
 
 
-def _watch(procs: list[subprocess.Popen]) -> int:
+def watch_ranks(
+    procs: list[subprocess.Popen], command: str = "train", ok: tuple[int, ...] = (EXIT_OK, EXIT_PREEMPTED)
+) -> int:
+    """Wait for local ranks; when one exits with a code outside ``ok``, kill the others and return its code (1 for a
+    signal). Otherwise the preempted code if any rank was preempted, else 0."""
     while True:
         codes = [p.poll() for p in procs]
-        failed = [(r, c) for r, c in enumerate(codes) if c is not None and c not in (EXIT_OK, EXIT_PREEMPTED)]
+        failed = [(r, c) for r, c in enumerate(codes) if c is not None and c not in ok]
         if failed:
             rank, code = failed[0]
             how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
             others = [r for r, c in enumerate(codes) if c is None]
             logger.error("rank %d %s; stopping the other ranks %s", rank, how, others)
-            print(f"pretrain train: rank {rank} {how}; stopped the other ranks", file=sys.stderr)
+            print(f"pretrain {command}: rank {rank} {how}; stopped the other ranks", file=sys.stderr)
             _stop_all(procs)
             return code if code > 0 else EXIT_FAILED
         if all(c is not None for c in codes):
