@@ -37,6 +37,8 @@ from pretrain.fsutil import fsync_dir
 
 __all__ = [
     "MANIFEST_NAME",
+    "previous_manifest",
+    "same_manifest_content",
     "MANIFEST_VERSION",
     "INDEXED_MANIFEST_VERSION",
     "FORMATS",
@@ -264,6 +266,22 @@ def load_manifest(data_dir: str | os.PathLike) -> Manifest:
     manifest = Manifest.from_dict(raw, where=str(path))
     manifest.root = Path(data_dir)
     return manifest
+
+
+def previous_manifest(data_dir: str | os.PathLike) -> Manifest | None:
+    """The manifest an earlier build or index left in ``data_dir``, or None when there is none usable."""
+    try:
+        return load_manifest(data_dir)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def same_manifest_content(a: Manifest, b: Manifest) -> bool:
+    """True when two manifests differ in their creation time at most (a re-run that found nothing new)."""
+    da, db = a.to_dict(), b.to_dict()
+    da.pop("created")
+    db.pop("created")
+    return da == db
 
 
 def write_manifest(manifest: Manifest, data_dir: str | os.PathLike) -> Path:

@@ -61,7 +61,8 @@ from data_pipeline.manifest import (
     ShardInfo,
     SplitInfo,
     file_sha256,
-    load_manifest,
+    previous_manifest,
+    same_manifest_content,
     write_manifest,
 )
 from data_pipeline.shard_index import (
@@ -418,8 +419,8 @@ def index_dataset(
     manifest = _make_manifest(splits, results, rule, classes, report.bad_shards)
     if manifest is None:
         return report
-    previous = _previous_manifest(root)
-    if previous is not None and _same_content(previous, manifest):
+    previous = previous_manifest(root)
+    if previous is not None and same_manifest_content(previous, manifest):
         manifest.created = previous.created  # nothing changed: keep the file byte-identical
     write_manifest(manifest, root)
     manifest.root = root
@@ -481,17 +482,3 @@ def _make_manifest(
         label=str(rule),
         image_exts=sorted(image_exts),
     )
-
-
-def _previous_manifest(root: Path) -> Manifest | None:
-    try:
-        return load_manifest(root)
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _same_content(a: Manifest, b: Manifest) -> bool:
-    da, db = a.to_dict(), b.to_dict()
-    da.pop("created")
-    db.pop("created")
-    return da == db

@@ -39,7 +39,8 @@ from data_pipeline.manifest import (
     ShardInfo,
     SplitInfo,
     file_sha256,
-    load_manifest,
+    previous_manifest,
+    same_manifest_content,
     write_manifest,
 )
 from data_pipeline.sources import Source, SourceItem, UnreadableImage, open_source
@@ -318,7 +319,7 @@ def build_shards(
     src = open_source(source, val=val, val_fraction=val_fraction)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    previous = _previous_manifest(out)
+    previous = previous_manifest(out)
     n_workers = _default_workers() if workers is None else max(1, int(workers))
     pool: Executor | _SerialExecutor
     if n_workers > 1:
@@ -340,7 +341,7 @@ def build_shards(
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     manifest = _make_manifest(src, items, plans, infos, skipped)
-    if previous is not None and _same_content(previous, manifest):
+    if previous is not None and same_manifest_content(previous, manifest):
         manifest.created = previous.created  # nothing changed: keep the file byte-identical
     write_manifest(manifest, out)
     logger.info(
@@ -419,17 +420,3 @@ def _make_manifest(
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         skipped=skipped,
     )
-
-
-def _previous_manifest(out: Path) -> Manifest | None:
-    try:
-        return load_manifest(out)
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _same_content(a: Manifest, b: Manifest) -> bool:
-    da, db = a.to_dict(), b.to_dict()
-    da.pop("created")
-    db.pop("created")
-    return da == db
