@@ -302,6 +302,12 @@ class CheckpointInfo:
     reason: str
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def usable(self, digests: bool = True) -> tuple[bool, str]:
+        """``(ok, reason)``: the listing's size check, then (``digests``) every file's sha256."""
+        if not self.complete or not digests:
+            return self.complete, self.reason
+        return verify_checkpoint(self.path)
+
     def metric(self, name: str) -> float | None:
         """Eval metric recorded at save time (``meta.json`` ``metrics``), if any."""
         v = (self.meta.get("metrics") or {}).get(name)
@@ -327,7 +333,7 @@ def find_resume_checkpoint(ckpt_root: str | Path, digests: bool = True) -> Path 
     """Newest complete and intact checkpoint (sha256 checked with ``digests``); newer unusable ones are skipped with a
     warning naming why (nothing is renamed here: :meth:`CheckpointManager.load_newest` sets them aside)."""
     for info in reversed(list_checkpoints(ckpt_root)):
-        ok, reason = verify_checkpoint(info.path, digests=digests) if info.complete else (False, info.reason)
+        ok, reason = info.usable(digests)
         if ok:
             return info.path
         logger.warning("checkpoint %s is not usable (%s); trying the previous one", info.path, reason)
@@ -338,7 +344,7 @@ def unusable_checkpoints(ckpt_root: str | Path) -> list[tuple[str, str]]:
     """``(tag, reason)`` of every checkpoint that fails verification (sha256 included), oldest first."""
     out = []
     for info in list_checkpoints(ckpt_root):
-        ok, reason = verify_checkpoint(info.path) if info.complete else (False, info.reason)
+        ok, reason = info.usable()
         if not ok:
             out.append((info.tag, reason))
     return out
@@ -649,7 +655,7 @@ class CheckpointManager:
     def _newest_verified(self) -> str | None:
         """Rank 0: the newest checkpoint that verifies; newer ones that do not are set aside with their reason."""
         for info in reversed(list_checkpoints(self.root)):
-            ok, reason = verify_checkpoint(info.path) if info.complete else (False, info.reason)
+            ok, reason = info.usable()
             if ok:
                 return str(info.path)
             reject_checkpoint(info.path, reason)
