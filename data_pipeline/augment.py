@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from pretrain.config import AugmentConfig
+    from data_pipeline.config import AugmentConfig
 
 __all__ = ["RANDAUG_OPS", "DeviceAugment", "normalize", "soft_targets"]
 
@@ -183,7 +183,7 @@ class DeviceAugment:
     """Batched train-time augmentation configured by an ``augment`` config section.
 
     Args:
-        aug: The ``augment`` section (``pretrain.config.AugmentConfig``); every op is off when its knob is 0
+        aug: The ``augment`` section (``data_pipeline.config.AugmentConfig``); every op is off when its knob is 0
             (``randaug_n``, ``color_jitter``, ``random_erasing``, ``mixup_alpha`` and ``cutmix_alpha`` or
             ``mix_prob``, ``label_smoothing``).
         num_classes: Width of the soft targets.

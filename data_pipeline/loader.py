@@ -31,14 +31,18 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader
 
+if TYPE_CHECKING:
+    from data_pipeline.config import AugmentConfig, DataConfig
+
 from data_pipeline.stream import LEGACY_ORDER, ORDER_VERSION, ORDER_VERSIONS, ShardStream, Transform
 
-__all__ = ["ResumableLoader", "build_loader"]
+__all__ = ["DataParts", "ResumableLoader", "build_data", "build_loader"]
 
 logger = logging.getLogger(__name__)
 
@@ -348,3 +352,51 @@ def build_loader(
         pin_memory=pin_memory,
         timeout_s=timeout_s,
     )
+
+
+@dataclass
+class DataParts:
+    """Loaders and augmentation of one rank."""
+
+    train: ResumableLoader
+    val: ResumableLoader | None
+    augment: Any
+    """:class:`~data_pipeline.augment.DeviceAugment`: the batch-level augmentation, run on the rank's device."""
+    normalize: Any
+    """:func:`~data_pipeline.augment.normalize`: the eval-time normalisation."""
+
+
+def build_data(
+    data: DataConfig,
+    augment: AugmentConfig,
+    *,
+    img_size: int,
+    num_classes: int,
+    rank: int,
+    world_size: int,
+    corrupt_log_every: int = 100,
+) -> DataParts:
+    """Train/val loaders of one rank (``data`` section), the device-side augmentation and the eval normalisation."""
+    from data_pipeline.augment import DeviceAugment, normalize
+    from data_pipeline.transforms import build_transforms
+
+    train_tf, eval_tf = build_transforms(augment, img_size)
+    common = dict(
+        rank=rank,
+        world_size=world_size,
+        num_workers=data.num_workers,
+        seed=data.seed,
+        shuffle_buffer=data.shuffle_buffer,
+        prefetch_factor=data.prefetch_factor,
+        corrupt_log_every=corrupt_log_every,
+        image_size=img_size,
+        persistent_workers=data.persistent_workers and data.num_workers > 0,
+    )
+    train = build_loader(
+        data.path, data.train_split, train=True, batch_size=data.batch_size, transform=train_tf, **common
+    )
+    val = None
+    if data.val_split:
+        batch = data.val_batch_size or data.batch_size
+        val = build_loader(data.path, data.val_split, train=False, batch_size=batch, transform=eval_tf, **common)
+    return DataParts(train, val, DeviceAugment(augment, num_classes), normalize)

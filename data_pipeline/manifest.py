@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pretrain.fsutil import fsync_dir
+from data_pipeline.fsutil import fsync_dir
 
 __all__ = [
     "MANIFEST_NAME",

@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover - depends on the build
     _jpeg_roi = None
 
 if TYPE_CHECKING:
-    from pretrain.config import AugmentConfig
+    from data_pipeline.config import AugmentConfig
 
 __all__ = [
     "EvalTransform",

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from data_pipeline.fsutil import fsync_dir
 from data_pipeline.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -44,7 +45,6 @@ from data_pipeline.manifest import (
     write_manifest,
 )
 from data_pipeline.sources import Source, SourceItem, UnreadableImage, open_source
-from pretrain.fsutil import fsync_dir
 
 __all__ = ["ShardPlan", "build_shards", "plan_shards", "tar_size"]
 

@@ -1,28 +1,16 @@
-"""File-system helpers without heavy imports: durable renames (checkpoint and manifest writers) and JSON-lines
-reading (metrics, Slurm job events; ``pretrain status`` must not import torch)."""
+"""File-system helpers without heavy imports: durable renames (:func:`fsync_dir`, owned by ``data_pipeline`` whose
+shard and manifest writers need it too) and JSON-lines reading (metrics, Slurm job events; ``pretrain status`` must
+not import torch)."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.fsutil import fsync_dir
+
 __all__ = ["fsync_dir", "read_jsonl"]
-
-
-def fsync_dir(path: str | Path) -> None:
-    """Makes a rename in ``path`` durable (best effort: some file systems refuse to open or fsync folders)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from data_pipeline.loader import DataParts, build_data
 from pretrain.checkpoint import (
     CheckpointManager,
     RunDirRefused,
@@ -63,7 +64,6 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "augment_seed",
-    "build_data",
     "build_model",
     "build_trainer",
     "resolve_num_classes",
@@ -165,56 +165,6 @@ def build_model(cfg: Config) -> nn.Module:
     return create_model(cfg.model.name, **kwargs)
 
 
-@dataclass
-class DataParts:
-    """Loaders and augmentation of one rank."""
-
-    train: Any
-    val: Any | None
-    augment: Any
-    normalize: Any
-
-
-def build_data(cfg: Config, dist: DistInfo) -> DataParts:
-    """Train/val loaders of this rank, the device-side augmentation and the eval normalisation."""
-    from data_pipeline.augment import DeviceAugment, normalize
-    from data_pipeline.loader import build_loader
-    from data_pipeline.transforms import build_transforms
-
-    train_tf, eval_tf = build_transforms(cfg.augment, cfg.model.img_size)
-    common = dict(
-        rank=dist.rank,
-        world_size=dist.world_size,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.data.seed,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        prefetch_factor=cfg.data.prefetch_factor,
-        corrupt_log_every=cfg.logging.corrupt_log_every,
-        image_size=cfg.model.img_size,
-    )
-    train = build_loader(
-        cfg.data.path,
-        cfg.data.train_split,
-        train=True,
-        batch_size=cfg.data.batch_size,
-        transform=train_tf,
-        persistent_workers=cfg.data.persistent_workers and cfg.data.num_workers > 0,
-        **common,
-    )
-    val = None
-    if cfg.data.val_split:
-        val = build_loader(
-            cfg.data.path,
-            cfg.data.val_split,
-            train=False,
-            batch_size=cfg.data.val_batch_size or cfg.data.batch_size,
-            transform=eval_tf,
-            persistent_workers=cfg.data.persistent_workers and cfg.data.num_workers > 0,
-            **common,
-        )
-    return DataParts(train, val, DeviceAugment(cfg.augment, cfg.model.num_classes), normalize)
-
-
 def _flops_per_image(model: nn.Module, cfg: Config, device: torch.device) -> float | None:
     """Training FLOPs per image (fwd + bwd = 3 × forward, 2 FLOPs per MAC); only needed for MFU on GPU."""
     if device.type != "cuda":
@@ -237,7 +187,15 @@ def build_trainer(cfg: Config, dist: DistInfo, stop: StopSignals | None = None) 
     t1 = time.perf_counter()
     parts = build_engine(cfg, model, dist.world_size)
     t2 = time.perf_counter()
-    data = build_data(cfg, dist)
+    data = build_data(
+        cfg.data,
+        cfg.augment,
+        img_size=cfg.model.img_size,
+        num_classes=cfg.model.num_classes,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        corrupt_log_every=cfg.logging.corrupt_log_every,
+    )
     logger.info("built model %.1f s, DeepSpeed engine %.1f s, data %.1f s", t1 - t0, t2 - t1, time.perf_counter() - t2)
     ckpt = CheckpointManager(
         cfg.run_dir / "checkpoints",

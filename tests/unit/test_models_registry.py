@@ -132,6 +132,28 @@ def test_model_code_does_not_import_distributed_deepspeed_or_data_pipeline():
     assert not offenders
 
 
+def test_data_pipeline_imports_nothing_from_pretrain_or_launch():
+    # imports go one way: launch -> pretrain -> data_pipeline; checked on the source (lazy imports included) and by
+    # importing every data_pipeline module in a fresh interpreter
+    files = sorted((ROOT / "data_pipeline").rglob("*.py"))
+    assert len(files) > 10
+    offenders = {
+        f"{f.relative_to(ROOT)}: {m}"
+        for f in files
+        for m in _imported_modules(f)
+        if m.split(".")[0] in ("pretrain", "launch")
+    }
+    assert not offenders
+    modules = [f"data_pipeline.{f.stem}" for f in files if f.stem != "__init__"]
+    code = (
+        f"import importlib, json, sys; [importlib.import_module(m) for m in {modules!r}]; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('pretrain', 'launch'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
 def test_pretrain_models_cli_lists_every_variant(capsys):
     from launch.cli import main
 
