@@ -239,7 +239,12 @@ def validate_launch(
         meta = read_meta(resume_from)
         try:
             check_resume_compatible(
-                meta, dataclasses.asdict(cfg.model), model_shape_digest(cfg), world, cfg.data.batch_size
+                meta,
+                dataclasses.asdict(cfg.model),
+                model_shape_digest(cfg),
+                world,
+                cfg.data.batch_size,
+                cfg.optim.layer_decay,
             )
         except CheckpointMismatchError as e:
             raise ConfigError(f"{resume_from}: {e}") from e

@@ -394,8 +394,10 @@ def check_resume_compatible(
     shape_digest: str,
     world_size: int,
     batch_size: int | None = None,
+    layer_decay: float = 1.0,
 ) -> None:
-    """Refuse a resume whose model shape differs from the checkpoint's, or whose ranks x micro-batch does.
+    """Refuse a resume whose model shape differs from the checkpoint's, or whose ranks x micro-batch or optimizer
+    param groups (``optim.layer_decay``) do.
 
     Another world size is fine when the global micro-batch (ranks x ``data.batch_size``) is the same: the ZeRO
     partitions are resharded on load (:meth:`CheckpointManager.load`) and the data stream continues at the same sample.
@@ -406,6 +408,7 @@ def check_resume_compatible(
         shape_digest: ``model_shape_digest(cfg)`` of the new run.
         world_size: Ranks of the new run.
         batch_size: ``data.batch_size`` of the new run (None: not checked).
+        layer_decay: ``optim.layer_decay`` of the new run; the checkpoint's optimizer state is laid out by its groups.
 
     Raises:
         CheckpointMismatchError: Naming each differing ``model.*`` field (old -> new), or the global batches with a
@@ -424,6 +427,13 @@ def check_resume_compatible(
             "cannot resume: the model shape differs from the checkpoint's ("
             + ("; ".join(diffs) or "model shape digest differs")
             + "). Restore those values, or start a new run with a different run.name"
+        )
+    old_decay = float(meta.get("layer_decay", 1.0))  # checkpoints of older versions: no layer decay
+    if old_decay != layer_decay:
+        raise CheckpointMismatchError(
+            f"cannot resume with optim.layer_decay={layer_decay:g}: the checkpoint was trained with {old_decay:g}, and "
+            "its optimizer state is laid out by the param groups that value makes. Set optim.layer_decay="
+            f"{old_decay:g}, or start a new run from these weights with model.init_from=<this checkpoint>"
         )
     old_world, old_batch = meta.get("world_size"), meta.get("batch_size")
     if old_world is None or int(old_world) == world_size:

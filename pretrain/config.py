@@ -109,6 +109,10 @@ class OptimConfig:
     """SGD momentum."""
     grad_clip: float = 5.0
     """Gradient norm clipping; 0 disables."""
+    layer_decay: float = 1.0
+    """Layer-wise lr decay (BEiT, timm) for fine-tuning: block k of L (0-based, over all stages) gets
+    ``lr * layer_decay ** (L - k)``, the patch embedding ``lr * layer_decay ** (L + 1)``, final norm and head ``lr``;
+    1.0 disables."""
 
     def __post_init__(self):
         if self.lr <= 0:
@@ -119,6 +123,8 @@ class OptimConfig:
             raise ConfigError("optim.betas needs two values, e.g. [0.9, 0.999]")
         if self.grad_clip < 0:
             raise ConfigError(f"optim.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"optim.layer_decay={self.layer_decay} must be in (0, 1] (1.0 disables)")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -185,17 +186,71 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: decayed weights, and no decay for ndim <= 1 params (norms, biases) and ``no_weight_decay()``."""
+_BLOCK = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.")
+_STAGE = re.compile(r"^stages\.(\d+)\.")
+
+
+def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """Depth of every parameter for layer-wise lr decay: ``({name: layer id}, L)`` with L blocks in the model.
+
+    Both families are ``stages.S.blocks.B`` (BEiT's rule, on the blocks of all stages counted in order, as timm's
+    ``param_groups_layer_decay`` does for hierarchical models): block k of the model (0-based over all stages) is
+    layer k + 1; a stage's own parts outside its blocks (patch embedding or downsampling, SepViT's positional conv)
+    are the layer just before the stage's first block, so stage 1's patch embedding is layer 0 (the stem); anything
+    after the last stage (final norm, head) is layer L + 1.
+
+    Raises:
+        ConfigError: The model has no ``stages.S.blocks.B`` parameters (layer decay cannot place them).
+    """
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    blocks: dict[int, set[int]] = {}
+    for name in names:
+        if m := _BLOCK.match(name):
+            blocks.setdefault(int(m[1]), set()).add(int(m[2]))
+    if not blocks:
+        raise ConfigError(
+            f"optim.layer_decay needs a model built of stages.S.blocks.B; {type(model).__name__} has none: set "
+            "optim.layer_decay=1.0"
+        )
+    before, total = {}, 0  # blocks before each stage
+    for stage in range(max(blocks) + 1):
+        before[stage] = total
+        total += len(blocks.get(stage, ()))
+    ids = {}
+    for name in names:
+        if m := _BLOCK.match(name):
+            ids[name] = before[int(m[1])] + int(m[2]) + 1
+        elif m := _STAGE.match(name):
+            ids[name] = before.get(int(m[1]), total)
+        else:
+            ids[name] = total + 1
+    return ids, total
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+    """The optimizer's param groups: weight decay off for ndim <= 1 params (norms, biases) and ``no_weight_decay()``,
+    and with ``layer_decay < 1`` an lr scale per layer (:func:`layer_ids`): ``layer_decay ** (L + 1 - layer)``.
+
+    ``layer_decay == 1``: two groups, decayed weights then the rest. Otherwise one group per (layer, decayed), in that
+    order. Each group carries ``lr_scale`` and ``decayed`` for :func:`reapply_optim_config`; its ``lr`` is the
+    scaled ``optim.lr`` the schedule multiplies.
+    """
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    ids, total = layer_ids(model) if layer_decay != 1.0 else ({}, 0)
+    groups: dict[tuple[int, bool], list[nn.Parameter]] = {(0, True): [], (0, False): []}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+        if p.requires_grad:
+            decayed = not (p.ndim <= 1 or name in skip)
+            groups.setdefault((ids.get(name, 0), decayed), []).append(p)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {
+            "params": params,
+            "weight_decay": weight_decay if decayed else 0.0,
+            "lr_scale": layer_decay ** (total + 1 - layer) if layer_decay != 1.0 else 1.0,
+            "decayed": decayed,
+        }
+        for (layer, decayed), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))
+        if params or layer_decay == 1.0
     ]
 
 
@@ -303,6 +358,9 @@ class EngineParts:
     """Per-step LR schedule, stepped by the engine and saved in its checkpoint."""
     ds_config: dict[str, Any]
     """The DeepSpeed config used."""
+    group_specs: list[tuple[float, bool]]
+    """``(lr_scale, decayed)`` of each param group, in order (:func:`param_groups`); a checkpoint load replaces the
+    groups' dicts with the saved ones, which checkpoints of older versions wrote without these keys."""
 
 
 def reapply_optim_config(parts: EngineParts, cfg: Config) -> list[str]:
@@ -319,15 +377,18 @@ def reapply_optim_config(parts: EngineParts, cfg: Config) -> list[str]:
         {"eps": optim.eps, "betas": tuple(optim.betas)} if optim.name == "adamw" else {"momentum": optim.momentum}
     )
     changes = []
-    old_base = sched.base_lrs[0] if sched.base_lrs else None
-    if old_base != optim.lr:
+    specs = parts.group_specs
+    old_base = sched.base_lrs[0] / specs[0][0] if sched.base_lrs else None
+    if old_base is None or not math.isclose(old_base, optim.lr, rel_tol=1e-12):
         changes.append(f"optim.lr={optim.lr:g} (the checkpoint's {old_base:g})")
-    sched.base_lrs = [optim.lr for _ in groups]
-    for i, (group, lmbda) in enumerate(zip(groups, sched.lr_lambdas)):
-        group["initial_lr"] = optim.lr
-        group["lr"] = optim.lr * lmbda(sched.last_epoch)
-        decay = optim.weight_decay if i == 0 else 0.0  # param_groups(): decayed weights first, then the rest
-        if i == 0 and group.get("weight_decay") != decay:
+    sched.base_lrs = [optim.lr * scale for scale, _ in specs]
+    first_decayed = next((i for i, (_, decayed) in enumerate(specs) if decayed), 0)
+    for i, (group, lmbda, (scale, decayed)) in enumerate(zip(groups, sched.lr_lambdas, specs)):
+        group["initial_lr"] = sched.base_lrs[i]
+        group["lr"] = sched.base_lrs[i] * lmbda(sched.last_epoch)
+        group["lr_scale"], group["decayed"] = scale, decayed
+        decay = optim.weight_decay if decayed else 0.0
+        if i == first_decayed and group.get("weight_decay") != decay:
             changes.append(f"optim.weight_decay={decay:g} (the checkpoint's {group.get('weight_decay'):g})")
         group["weight_decay"] = decay
         for key, value in want.items():
@@ -363,7 +424,9 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int) -> EngineParts:
     if cfg.trainer.compile:
         model.compile()
     # 4. ZeRO init: the client optimizer's param groups carry the weight-decay split
-    groups = param_groups(model, cfg.optim.weight_decay)
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
+    for g in groups:
+        g["lr"] = cfg.optim.lr * g["lr_scale"]
     if cfg.optim.name == "adamw":
         opt: torch.optim.Optimizer = torch.optim.AdamW(
             groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
@@ -377,4 +440,5 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int) -> EngineParts:
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=ds_config
     )
-    return EngineParts(engine, optimizer, scheduler, ds_config)
+    specs = [(g["lr_scale"], g["decayed"]) for g in groups]
+    return EngineParts(engine, optimizer, scheduler, ds_config, specs)

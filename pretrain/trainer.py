@@ -450,7 +450,7 @@ class Trainer:
         """
         engine, accum, dev = self.engine, self.cfg.trainer.grad_accum_steps, self.dist.device
         engine.train()
-        lr = self.parts.optimizer.param_groups[0]["lr"]
+        lr = self.parts.optimizer.param_groups[0]["lr"] / self.parts.group_specs[0][0]  # optim.lr scheduled
         data_wait, losses, bad_micro, grad_norm = 0.0, [], 0, None
         for micro in range(accum):
             t0 = time.perf_counter()
@@ -579,6 +579,7 @@ class Trainer:
             "config_digest": client_state["config_digest"],
             "model_shape_digest": client_state["model_shape_digest"],
             "model_config": dataclasses.asdict(self.cfg.model),
+            "layer_decay": self.cfg.optim.layer_decay,
             "metrics": dict(self.last_eval),
             "best_metric": self.best_metric,
             "best_step": self.best_step,

@@ -185,7 +185,7 @@ def test_fine_tune_from_an_export_with_another_head_then_resume(pretrained, digi
         assert run.wait() == 0, run.output[-5000:]
         return run, [e for e in read_jsonl(run_root / name / "metrics.jsonl") if e["event"] == "train"]
 
-    tuned, tuned_log = train("tuned", 6, f"model.init_from={export}")
+    tuned, tuned_log = train("tuned", 6, f"model.init_from={export}", "optim.layer_decay=0.75")
     assert "initialised the weights from" in tuned.output and "optimizer state is not carried over" in tuned.output
     _, scratch_log = train("scratch", 6)
     assert [e["step"] for e in tuned_log] == [e["step"] for e in scratch_log] == list(range(1, 7))
@@ -194,7 +194,10 @@ def test_fine_tune_from_an_export_with_another_head_then_resume(pretrained, digi
     assert tuned_loss[-1] < scratch_loss[-1] and sum(tuned_loss[3:]) < sum(scratch_loss[3:]), (tuned_loss, scratch_loss)
 
     export.unlink()  # a resume reads the run's own checkpoint, never init_from again
-    resumed, resumed_log = train("tuned", 8, f"model.init_from={export}")
+    overrides = tiny_run_overrides(digits_dir, run_root, "tuned", *common, "trainer.max_steps=8")
+    refused = start_train(CONFIG, overrides, "--nproc", "2")  # without the run's layer decay: its groups differ
+    assert refused.wait() == 2 and "optim.layer_decay=1" in refused.output and "trained with 0.75" in refused.output
+    resumed, resumed_log = train("tuned", 8, f"model.init_from={export}", "optim.layer_decay=0.75")
     assert "resumed from" in resumed.output and "step_000006" in resumed.output
     assert "initialised the weights from" not in resumed.output
     assert [e["step"] for e in resumed_log] == list(range(1, 9))

@@ -166,3 +166,14 @@ def test_rng_state_round_trip():
     restore_rng_state(state)
     b = (random.random(), np.random.rand(), torch.rand(3))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_layer_decay_change_is_refused_naming_both_values_and_the_fine_tune_route():
+    meta = {"model_shape_digest": "aaa", "world_size": 2, "batch_size": 16, "model_config": {}}
+    check_resume_compatible(meta, {}, "aaa", world_size=2, layer_decay=1.0)  # older checkpoints: no layer decay
+    with pytest.raises(
+        CheckpointMismatchError, match=r"optim\.layer_decay=0\.75: the checkpoint was trained with 1"
+    ) as e:
+        check_resume_compatible(meta, {}, "aaa", world_size=2, layer_decay=0.75)
+    assert "model.init_from" in str(e.value)
+    check_resume_compatible({**meta, "layer_decay": 0.75}, {}, "aaa", world_size=2, layer_decay=0.75)

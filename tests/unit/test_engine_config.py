@@ -15,6 +15,7 @@ from pretrain.engine import (
     build_ds_config,
     build_lr_lambda,
     check_batch_sizes,
+    layer_ids,
     optimizer_state_bytes,
     param_groups,
     soft_target_cross_entropy,
@@ -83,6 +84,103 @@ def test_param_groups_skip_decay_on_norms_biases_and_no_weight_decay():
     assert set(model.no_weight_decay()) <= no_decay_names
     assert any(n.endswith("bias") for n in no_decay_names)
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["sepvit_lite", "setformer_lite"])
+def test_layer_decay_places_every_parameter_by_depth(name):
+    from pretrain.models import create_model
+
+    model = create_model(name, num_classes=10)
+    ids, blocks = layer_ids(model)
+    assert blocks == sum(model_depths(model))  # every block of every stage
+    assert set(ids) == {n for n, _ in model.named_parameters()}
+    first = next(n for n in ids if n.startswith("stages.0.") and ".blocks." not in n)
+    assert ids[first] == 0  # the stem
+    assert {ids[n] for n in ids if n.startswith("stages.0.blocks.0.")} == {1}  # the first block
+    last_stage = len(model_depths(model)) - 1
+    last_block = next(n for n in ids if n.startswith(f"stages.{last_stage}.blocks.{model_depths(model)[-1] - 1}."))
+    assert ids[last_block] == blocks
+    assert ids["head.weight"] == ids["norm.weight"] == blocks + 1
+    stage1_in = next(n for n in ids if n.startswith("stages.1.") and ".blocks." not in n)
+    assert ids[stage1_in] == model_depths(model)[0]  # with the last block of stage 1 (1-based), before stage 2's
+
+    groups = param_groups(model, 0.05, layer_decay=0.5)
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert by_param[id(params["head.weight"])]["lr_scale"] == 1.0
+    assert by_param[id(params[first])]["lr_scale"] == pytest.approx(0.5 ** (blocks + 1))
+    assert by_param[id(params[last_block])]["lr_scale"] == pytest.approx(0.5)
+    assert (
+        by_param[id(params["head.bias"])]["weight_decay"] == 0.0
+        and by_param[id(params["head.weight"])]["weight_decay"] == 0.05
+    )
+    scales = [g["lr_scale"] for g in groups]
+    assert scales == sorted(scales)  # shallow layers first
+
+
+def model_depths(model) -> list[int]:
+    return [len(stage.blocks) for stage in model.stages]
+
+
+def test_layer_decay_one_keeps_the_two_groups_and_bad_values_are_refused():
+    from pretrain.models import create_model
+
+    model = create_model("setformer_lite", num_classes=10)
+    groups = param_groups(model, 0.05)
+    assert [(g["weight_decay"], g["lr_scale"], g["decayed"]) for g in groups] == [(0.05, 1.0, True), (0.0, 1.0, False)]
+    for bad in ("0", "1.5", "-0.2"):
+        with pytest.raises(ConfigError, match=rf"optim.layer_decay={float(bad)} must be in \(0, 1\]"):
+            cfg_with(f"optim.layer_decay={bad}")
+
+
+_LAYER_DECAY_ENGINE = """
+import json, sys
+import torch
+from pretrain.config import load_config
+from pretrain.distributed import init_distributed
+from pretrain.engine import build_engine, reapply_optim_config
+from pretrain.trainer import build_model
+
+cfg = load_config("configs/run/digits_sepvit_lite.yaml", sys.argv[1:])
+dist = init_distributed(device="cpu")
+parts = build_engine(cfg, build_model(cfg), dist.world_size)
+out = []
+for step in range(3):
+    loss = parts.engine(torch.randn(4, 3, 32, 32)).square().mean()
+    parts.engine.backward(loss)
+    parts.engine.step()
+    out.append([g["lr"] for g in parts.optimizer.param_groups])
+changed = reapply_optim_config(parts, cfg)  # as after a resume with the same config: nothing changes
+out.append([g["lr"] for g in parts.optimizer.param_groups])
+print(json.dumps({"lrs": out, "specs": parts.group_specs, "changed": changed}))
+"""
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_layer_decay_lrs_in_a_real_deepspeed_engine(stage):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, train_env
+
+    from pretrain.distributed import find_free_port
+
+    overrides = ["optim.layer_decay=0.5", "optim.lr=1e-3", "schedule.warmup_steps=0", "schedule.name=constant",
+                 f"deepspeed.zero_stage={stage}", "model.img_size=32", "trainer.device=cpu"]  # fmt: skip
+    env = {**train_env(), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(find_free_port())}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", _LAYER_DECAY_ENGINE, *overrides], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    scales = [scale for scale, _ in got["specs"]]
+    assert len(scales) > 4 and scales[-1] == 1.0 and min(scales) < 0.01
+    for lrs in got["lrs"]:  # what DeepSpeed's optimizer steps with, every step: lr x the group's scale
+        assert lrs == pytest.approx([1e-3 * s for s in scales], rel=1e-9)
+    assert got["changed"] == []
 
 
 def test_lr_schedule_warmup_then_cosine():
