@@ -1,11 +1,12 @@
 """``pretrain data inspect``: check a built data set against its manifest.
 
 For every shard listed in ``manifest.json``: the file exists, its size and sha256 match the manifest, and its tar
-headers hold the listed number of samples (keys), each with an image and a ``.cls`` label. For shards indexed by
-``pretrain data index`` (manifest version 2) the samples are those of the shard's stored index: each must be in the tar
-with its image member, and its stored label must name a class. With ``deep=True`` every image is decoded and every
-label parsed as well. The report lists every bad shard with its reasons; the stream refuses nothing by itself, so run
-this after copying a data set.
+headers (read with ``tarfile``) hold the listed number of samples (keys), each with an image and a ``.cls`` label; the
+shard's stored index, which the loader reads instead of the tar headers, lists the same members at the same offsets.
+For shards indexed by ``pretrain data index`` (manifest version 2) the samples are those of the shard's stored index:
+each must be in the tar with its image member at the stored offsets, and its stored label must name a class. With
+``deep=True`` every image is decoded and every label parsed as well. The report lists every bad shard with its
+reasons; the stream refuses nothing by itself, so run this after copying a data set.
 """
 
 from __future__ import annotations
@@ -107,8 +108,11 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def _check_shard(data_dir: Path, split: str, shard: ShardInfo, classes: list[str], deep: bool) -> tuple[list[str], int]:
-    """All problems of one shard, and the number of samples found in it."""
+def _check_shard(
+    data_dir: Path, shard: ShardInfo, classes: list[str], deep: bool, foreign: bool
+) -> tuple[list[str], int]:
+    """All problems of one shard, and the number of samples found in it (``foreign``: indexed by ``pretrain data
+    index``, its samples are those of its stored index)."""
     num_classes = len(classes)
     path = Manifest.shard_path(data_dir, shard)
     try:
@@ -121,7 +125,7 @@ def _check_shard(data_dir: Path, split: str, shard: ShardInfo, classes: list[str
     sha = file_sha256(path)
     if sha != shard.sha256:
         reasons.append(f"sha256 {sha[:12]}... does not match the manifest's {shard.sha256[:12]}...")
-    members: dict[str, dict[str, int]] = {}  # key -> ext -> size
+    members: dict[str, dict[str, tuple[int, int]]] = {}  # key -> ext -> (offset_data, size)
     order: list[str] = []
     failed: dict[str, list[str]] = {"bad_label": [], "decode_error": []}  # deep: keys per failure
     stored: StoredShard | None = None
@@ -129,8 +133,12 @@ def _check_shard(data_dir: Path, split: str, shard: ShardInfo, classes: list[str
         try:
             stored = read_stored_shard(data_dir / shard.index)
         except (OSError, ValueError) as e:
-            return reasons + [f"stored index unreadable ({e}); re-run `pretrain data index`"], 0
+            if foreign:
+                return reasons + [f"stored index unreadable ({e}); re-run `pretrain data index`"], 0
+            reasons.append(f"stored index unusable ({e}); re-run `pretrain data build` with the same arguments")
+    own, stored = (None, stored) if foreign else (stored, None)
     image_of = None if stored is None else dict(zip(stored.keys, stored.images))
+    read_whole = True  # the tar was read to its end without a break
     try:
         with tarfile.open(path, mode="r:") as tar:
             for info in tar:
@@ -138,19 +146,29 @@ def _check_shard(data_dir: Path, split: str, shard: ShardInfo, classes: list[str
                     continue
                 if info.offset_data + info.size > size:
                     reasons.append(f"truncated: member {info.name} ends past the end of the file")
+                    read_whole = False
                     break
                 key, ext = split_member_name(info.name)
                 if key is None or ext is None:
                     continue
                 if key not in members:
                     order.append(key)
-                members.setdefault(key, {})[ext] = info.size
+                members.setdefault(key, {})[ext] = (info.offset_data, info.size)
                 checked = deep and (image_of is None or image_of.get(key) == ext)  # stored: the image members only
                 problem = _deep_check(tar, info, ext, num_classes) if checked else None
                 if problem:
                     failed[problem].append(key)
     except (tarfile.TarError, OSError, EOFError) as e:
         reasons.append(f"unreadable tar ({type(e).__name__}: {e})")
+        read_whole = False
+    if own is not None and read_whole:
+        differ = [k for k, spans in zip(own.keys, own.members) if members.get(k) != spans]
+        if differ or len(own) != len(members) or own.bytes != size:
+            reasons.append(
+                f"stored index does not match the tar ({len(differ)} of its {len(own)} samples' members differ, "
+                f"e.g. {', '.join(differ[:_MAX_LISTED]) or '-'}; {own.bytes} bytes); re-run `pretrain data build` "
+                "with the same arguments"
+            )
     if stored is not None:
         stored_reasons, found = _check_stored(stored, members, shard, classes, failed)
         return reasons + stored_reasons, found
@@ -171,7 +189,7 @@ def _check_shard(data_dir: Path, split: str, shard: ShardInfo, classes: list[str
 
 def _check_stored(
     stored: StoredShard,
-    members: dict[str, dict[str, int]],
+    members: dict[str, dict[str, tuple[int, int]]],
     shard: ShardInfo,
     classes: list[str],
     failed: dict[str, list[str]],
@@ -184,6 +202,12 @@ def _check_stored(
     lost = [k for k, ext in zip(stored.keys, stored.images) if ext not in members.get(k, {})]
     if lost:
         reasons.append(f"{len(lost)} indexed samples are not in the tar, e.g. {', '.join(lost[:_MAX_LISTED])}")
+    moved = [k for k, spans in zip(stored.keys, stored.members) if k in members and members[k] != spans]
+    if moved:
+        reasons.append(
+            f"{len(moved)} indexed samples' members are not at their stored offsets, e.g. "
+            f"{', '.join(moved[:_MAX_LISTED])}; re-run `pretrain data index`"
+        )
     names = set(classes)
     for key, label in zip(stored.keys, stored.labels):
         ok = label in names if isinstance(label, str) else isinstance(label, int) and 0 <= label < len(classes)
@@ -236,7 +260,7 @@ def inspect_dataset(data_dir: str | os.PathLike, deep: bool = False, workers: in
     jobs = [(split, shard) for split, info in manifest.splits.items() for shard in info.shards]
     n = max(1, min(workers or 4, len(jobs) or 1))
     with ThreadPoolExecutor(n) as pool:
-        results = list(pool.map(lambda j: _check_shard(root, j[0], j[1], manifest.classes, deep), jobs))
+        results = list(pool.map(lambda j: _check_shard(root, j[1], manifest.classes, deep, manifest.indexed), jobs))
     for (split, shard), (reasons, found) in zip(jobs, results):
         report.shards_checked += 1
         report.samples_found[split] = report.samples_found.get(split, 0) + found

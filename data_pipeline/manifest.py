@@ -5,7 +5,9 @@ and the source the shards were built from. ``inspect`` verifies shards against i
 write index to its shard from the per-shard counts. Two versions, both read:
 
 - version 1 (``pretrain data build``, our own shards): sample ``i`` of a split has the key ``{split}_{i:08d}`` and a
-  ``.cls`` member holding an index into ``classes``; the stream derives keys, nothing per sample is stored.
+  ``.cls`` member holding an index into ``classes``; the stream derives keys. Each shard names its ``index`` under
+  ``DIR/.index/`` (member offsets, so readers do not scan the tar; see :mod:`data_pipeline.shard_index`); shards of
+  a build made before stored indexes existed name none and are scanned.
 - version 2 (``pretrain data index``, shards written by any WebDataset tool): every shard names its ``index``, a JSON
   file under ``DIR/.index/`` (see :mod:`data_pipeline.wds_index`) holding its samples' keys, labels, image member and
   member offsets in tar order; the stream takes keys and labels from there. The manifest also names the ``label``
@@ -16,7 +18,7 @@ Every sample is labelled, so a split with samples needs a non-empty ``classes``.
     {"version": 1 | 2, "source": str, "format": "png" | "jpeg" | "mixed", "classes": [name, ...], "created": iso time,
      "splits": {"train": {"num_samples": int, "class_counts": {name: n},
                           "shards": [{"name": "train/shard-000000.tar", "samples": int, "bytes": int,
-                                      "sha256": hex, "index": ".index/train/shard-000000.tar.json" (v2)}],
+                                      "sha256": hex, "index": ".index/train/shard-000000.tar.json"}],
                           "skipped_samples": {reason: n} (v2)},
                 "val": {...}},
      "skipped": [{"path": str, "reason": str}],
@@ -76,7 +78,8 @@ class ShardInfo:
     sha256: str
     """Hex sha256 of the whole file."""
     index: str | None = None
-    """Version 2: path of the shard's stored index (keys, labels, offsets) relative to the data folder."""
+    """Path of the shard's stored index (keys, labels, offsets) relative to the data folder; version 1: None for a
+    build made before stored indexes existed."""
 
 
 @dataclass
@@ -134,7 +137,7 @@ class Manifest:
 
         def shard(s: ShardInfo) -> dict[str, Any]:
             out: dict[str, Any] = {"name": s.name, "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256}
-            if v2:
+            if v2 or s.index is not None:
                 out["index"] = s.index
             return out
 
@@ -196,7 +199,7 @@ class Manifest:
             for i, sh in enumerate(s["shards"]):
                 try:
                     info = ShardInfo(str(sh["name"]), int(sh["samples"]), int(sh["bytes"]), str(sh["sha256"]))
-                    if v2:
+                    if v2 or sh.get("index") is not None:
                         info.index = str(sh["index"])
                 except (KeyError, TypeError, ValueError) as e:
                     needs = "name, samples, bytes, sha256" + ", index" * v2

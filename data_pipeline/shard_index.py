@@ -1,16 +1,33 @@
-"""The index of one tar shard: where each sample's members start and how long they are, read from the tar headers only;
-and the stored per-shard index of shards made elsewhere (keys, labels), which ``pretrain data index`` writes.
+"""The index of one tar shard: where each sample's members start and how long they are, and what went wrong reading it.
 
-Every DataLoader worker indexes every shard it reads from (the stream is sample-level), so this is on the per-sample
-path: the headers are read with ``os.pread`` and parsed here (ustar and GNU fields, checksum, octal and base-256
-numbers) at about a fifth of ``tarfile``'s cost. A shard holding anything this parser does not read exactly as
-``tarfile`` does (pax or GNU long-name headers, sparse or unknown members, a bad checksum) is indexed with ``tarfile``
-instead, so the index, and the corrupt-shard verdicts built on it, are the same either way.
+Written once, read by every loader worker. Each shard has a stored index, ``DIR/.index/<shard name>.json`` (schema
+below), written when the shard is made known to us: by ``pretrain data build`` as it writes the shard (it knows every
+offset then, :mod:`data_pipeline.writer`), by ``pretrain data index`` for shards made by other tools
+(:mod:`data_pipeline.wds_index`). A worker opening a shard parses that file instead of reading the tar's headers
+(:func:`index_shard` with ``stored``); only its size is checked against the shard (one ``stat``).
+
+The one tar reader left is ``tarfile`` (:func:`index_shard` without ``stored``), for what has no usable stored index:
+shards ``pretrain data index`` reads for the first time, data sets built before stored indexes existed, a shard whose
+size no longer matches its stored index (cut short or replaced after it was indexed), and one of our shards whose
+stored index cannot be read. It reports what it finds wrong (``missing_shard``, ``empty_shard``, ``truncated_shard``
+with the members intact before the break), which the stream counts per sample.
 
 Members are grouped into samples by WebDataset's own rule (``webdataset.tariterators.base_plus_ext``, lower-cased
 extension as its ``group_by_keys`` does): the key is the member's path up to the first dot of its file name, directory
 prefix included. :func:`split_member_name` does the same without a regex or importing ``webdataset`` (which imports
 torch) in every loader process; a test checks it against ``base_plus_ext``.
+
+Stored index, ``DIR/.index/<shard name>.json``, version 1 (:func:`read_stored_shard` reads it,
+:func:`write_stored_index` writes it)::
+
+    {"version": 1, "shard": "train/a-000.tar", "bytes": int, "mtime_ns": int | null, "sha256": hex, "label": "cls",
+     "classes_sha256": hex | null, "image_exts": {ext: n}, "skipped": {reason: n}, "label_counts": [[label, n], ...],
+     "samples": [[key, label, image_ext, {ext: [offset_data, size]}], ...]}      # in tar order, every member
+
+``label`` is the label rule (``cls``, ``txt``, ``json:FIELD``) and a sample's label an index into the classes or a
+class name; ``classes_sha256`` is the sha256 of the class names joined by newlines (null: classes taken from the
+labels). ``pretrain data build`` writes ``mtime_ns: null`` (its shards' bytes are reproducible, and so is their index:
+a re-run keeps both byte for byte); ``pretrain data index`` records the mtime to skip unchanged shards on a re-run.
 """
 
 from __future__ import annotations
@@ -18,11 +35,13 @@ from __future__ import annotations
 import json
 import os
 import tarfile
-import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from data_pipeline.fsutil import fsync_dir
 
 __all__ = [
     "IMAGE_EXTS",
@@ -33,9 +52,12 @@ __all__ = [
     "index_shard",
     "key_index",
     "pick_image",
+    "encode_stored_index",
+    "read_stored_entry",
     "read_stored_shard",
     "split_member_name",
     "stored_index_name",
+    "write_stored_index",
 ]
 
 
@@ -81,14 +103,16 @@ def split_member_name(name: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-def index_shard(path: Path, expected: range | None, split: str) -> ShardIndex:
-    """Scans the tar headers only (member data is seeked over) and groups members by key.
+def index_shard(path: Path, expected: range | None, split: str, stored: StoredShard | None = None) -> ShardIndex:
+    """The members of one shard by key, from its stored index when its size matches the shard, else from a tar scan.
 
-    ``expected`` is the range of write indices a shard of ours holds (its keys are ``{split}_{index:08d}``); ``None``
-    for a shard indexed by ``pretrain data index``, whose keys are stored instead.
-
-    The headers are read by :func:`_header_members`; a shard holding anything it does not read exactly as ``tarfile``
-    does is scanned again with ``tarfile`` (:func:`_tarfile_members`), so the index is the same either way.
+    Args:
+        path: The shard.
+        expected: The range of write indices a shard of ours holds (its keys are ``{split}_{index:08d}``; keys outside
+            it make ``foreign_keys`` true); ``None`` for a shard indexed by ``pretrain data index``.
+        split: The split (for ``expected``).
+        stored: The shard's stored index, trusted for keys and offsets as long as its ``bytes`` is the shard's size:
+            then the tar is not opened. ``None``, or a size that differs: the tar is scanned with ``tarfile``.
     """
     try:
         size = path.stat().st_size
@@ -96,9 +120,10 @@ def index_shard(path: Path, expected: range | None, split: str) -> ShardIndex:
         return ShardIndex({}, "missing_shard", f"{path}: {e.strerror or e}", False)
     if size == 0:
         return ShardIndex({}, "empty_shard", f"{path}: 0 bytes", False)
-    try:
-        members, problem, detail = _group_members(path, size, _header_members(path, size))
-    except _NotPlainTar:
+    if stored is not None and stored.bytes == size:
+        members = dict(zip(stored.keys, stored.members))
+        problem, detail = None, ""
+    else:
         members, problem, detail = _group_members(path, size, _tarfile_members(path, size))
     if problem is None and not members:
         problem, detail = "empty_shard", f"{path}: no members"
@@ -139,139 +164,18 @@ class _NoEndMarker(Exception):
     """The archive's last member ends exactly at the end of the file: no end-of-archive blocks follow."""
 
 
-class _NotPlainTar(Exception):
-    """The header scan met what it does not read exactly as ``tarfile`` does: the shard goes to ``tarfile``."""
-
-
 def _tarfile_members(path: Path, size: int) -> Iterator[tuple[str, int, int]]:
-    """``(name, offset_data, size)`` of each regular file in the tar, read with ``tarfile`` (every tar format)."""
+    """``(name, offset_data, size)`` of each regular file in the tar, read with ``tarfile`` (every tar format).
+
+    Raises:
+        _NoEndMarker: The last member ends at the end of the file (``tarfile`` itself takes that as a complete tar).
+    """
     with tarfile.open(path, mode="r:") as tar:
         for info in tar:
             if info.isfile():
                 yield info.name, info.offset_data, info.size
         if tar.offset >= size:  # the header that was not there would have started at the end of the file
             raise _NoEndMarker
-
-
-# Header layout (POSIX ustar; GNU tar and tarfile's GNU format use the same fields up to byte 345):
-# name [0:100], mode [100:108], uid [108:116], gid [116:124], size [124:136], mtime [136:148], chksum [148:156],
-# typeflag [156], linkname, magic, version, uname, gname [157:329], devmajor [329:337], devminor [337:345],
-# prefix [345:500]. tarfile reads [345:500] as the ustar name prefix whatever the magic says, and so does this scan.
-_BLOCK = tarfile.BLOCKSIZE
-_END_BLOCK = bytes(_BLOCK)
-_REGULAR_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)  # data follows the header
-# Member types tarfile reads without data blocks after the header. Any other type goes to tarfile: pax ('x', 'g',
-# 'X'), GNU long names ('L', 'K') and sparse files ('S') change how the next header is read, unknown ones are rare.
-_NO_DATA_TYPES = (
-    tarfile.LNKTYPE,
-    tarfile.SYMTYPE,
-    tarfile.CHRTYPE,
-    tarfile.BLKTYPE,
-    tarfile.DIRTYPE,
-    tarfile.FIFOTYPE,
-)
-# Number fields besides size and chksum, as runs of equal width (start, stop, width): mode uid gid, mtime, devmajor
-# devminor. Checked once per distinct run and scan: writers repeat them (our shards: one owner, mode and mtime).
-_OTHER_NUMBERS = ((100, 124, 8), (136, 148, 12), (329, 345, 8))
-
-
-def _header_members(path: Path, size: int) -> Iterator[tuple[str, int, int]]:
-    """What :func:`_tarfile_members` yields and raises, read straight from the 512-byte headers with ``os.pread``.
-
-    Reads each header as ``tarfile.TarInfo.frombuf`` does (checksum, every number field, name and prefix, the V7
-    directory form) and moves on as ``TarFile.next`` does, at about a fifth of its CPU time: no ``TarInfo``, file
-    object or member list.
-
-    Raises:
-        tarfile.ReadError: A member's data blocks run past the end of the file (where ``TarFile.next`` raises it).
-        _NoEndMarker: The archive stops at the end of the file, as in :func:`_tarfile_members`.
-        _NotPlainTar: Anything read otherwise by tarfile, or reported by it: a pax, GNU long-name, sparse or unknown
-            member type, a bad checksum (tarfile also takes a signed-char sum), a number field that is not plain octal
-            or base-256, a negative size, a short first header, an OSError.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise _NotPlainTar from e
-    try:
-        checked: set[bytes] = set()  # number fields other than the size already parsed: the same in most headers
-        offset = 0
-        while True:
-            try:
-                header = os.pread(fd, _BLOCK, offset)
-            except OSError as e:
-                raise _NotPlainTar from e
-            if len(header) < _BLOCK:
-                if offset == 0:  # tarfile raises ReadError("empty file" / "truncated header")
-                    raise _NotPlainTar
-                break  # tarfile ends the archive here (a part of a header counts as none)
-            if header == _END_BLOCK:
-                break
-            if _tar_number(header[148:156]) != _header_checksum(header):
-                raise _NotPlainTar
-            for start, stop, width in _OTHER_NUMBERS:
-                run = header[start:stop]
-                if run not in checked:  # raises where tarfile would find the header invalid
-                    for i in range(0, stop - start, width):
-                        _tar_number(run[i : i + width])
-                    checked.add(run)
-            length = _tar_number(header[124:136])
-            kind = header[156:157]
-            name = _tar_string(header[:100])
-            data = offset + _BLOCK
-            if kind == tarfile.AREGTYPE and name.endswith("/"):
-                kind = tarfile.DIRTYPE  # the old V7 form of a directory
-            if kind in _REGULAR_TYPES:
-                if length < 0:
-                    raise _NotPlainTar
-                if header[345]:
-                    name = f"{_tar_string(header[345:500])}/{name}"
-                yield name, data, length
-                offset = data + -(-length // _BLOCK) * _BLOCK
-                if offset != data and offset > size:  # TarFile.next reads the byte before the next header
-                    raise tarfile.ReadError("unexpected end of data")
-            elif kind in _NO_DATA_TYPES:
-                offset = data
-            else:
-                raise _NotPlainTar
-        if offset >= size:
-            raise _NoEndMarker
-    finally:
-        os.close(fd)
-
-
-def _tar_number(field: bytes) -> int:
-    """A header number field as ``tarfile.nti`` reads it: octal text up to a NUL, or GNU base-256 (first byte 0x80,
-    or 0xff for a negative number).
-
-    Raises:
-        _NotPlainTar: Text that ``int`` refuses or that ``str.strip`` would read differently (tarfile strips more
-            whitespace than ``bytes.strip``); ``tarfile`` decides.
-    """
-    if field[0] in (0x80, 0xFF):
-        n = int.from_bytes(field[1:], "big")
-        return n - 256 ** (len(field) - 1) if field[0] == 0xFF else n
-    try:
-        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
-    except ValueError:
-        raise _NotPlainTar from None
-
-
-def _header_checksum(header: bytes) -> int:
-    """Sum of the header's bytes with the checksum field [148:156] counted as 8 spaces (the unsigned ustar sum).
-
-    Summed by zlib: the low 16 bits of ``adler32(chunk)`` are ``1 + sum(chunk)`` while that stays below 65521, so
-    each chunk holds at most 256 bytes (255 * 256 = 65280); a Python ``sum`` over 512 bytes takes 4x longer.
-    """
-    view = memoryview(header)
-    low = 0xFFFF
-    sums = (zlib.adler32(view[:148]) & low) + (zlib.adler32(view[156:356]) & low) + (zlib.adler32(view[356:]) & low)
-    return sums - 3 + 8 * 32  # 3 chunks: 1 + sum each
-
-
-def _tar_string(field: bytes) -> str:
-    """A header text field as ``tarfile.nts`` reads it with the TarFile defaults: up to the first NUL, decoded."""
-    return field.split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
 
 
 def key_index(split: str, key: str) -> int:
@@ -281,7 +185,7 @@ def key_index(split: str, key: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Stored per-shard indexes (written by `pretrain data index`, schema in data_pipeline.wds_index)
+# Stored per-shard indexes (schema in the module docstring)
 
 STORED_INDEX_DIR = ".index"
 """Folder of the data set that holds one stored index per shard: ``.index/<shard name>.json``."""
@@ -295,35 +199,87 @@ def stored_index_name(shard_name: str) -> str:
 
 @dataclass
 class StoredShard:
-    """What the stream reads from a stored index: each sample's key, label (an index into the classes, or a class
-    name) and image extension, in tar order."""
+    """What the stream reads from a stored index: the shard's size, and each sample's key, label (an index into the
+    classes, or a class name), image extension and members ``{ext: (offset_data, size)}``, in tar order."""
 
+    bytes: int
     keys: list[str]
     labels: list[int | str]
     images: list[str]
+    members: list[dict[str, tuple[int, int]]]
 
     def __len__(self) -> int:
         return len(self.keys)
 
 
-def read_stored_shard(path: Path) -> StoredShard:
-    """Reads the samples of a stored shard index.
+def read_stored_entry(path: Path) -> dict[str, Any]:
+    """The parsed JSON object of a stored index of the version this code reads.
 
     Raises:
-        FileNotFoundError: No such file.
-        ValueError: Not a stored index of a version this code reads.
+        OSError: It cannot be read (``FileNotFoundError``: no such file).
+        ValueError: Not valid JSON, or not a version :data:`STORED_INDEX_VERSION` stored index.
     """
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        raw = json.loads(Path(path).read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); re-run `pretrain data index`") from None
-    samples = raw.get("samples") if isinstance(raw, dict) else None
-    if not isinstance(samples, list) or raw.get("version") != STORED_INDEX_VERSION:
-        raise ValueError(f"{path}: not a version {STORED_INDEX_VERSION} shard index; re-run `pretrain data index`")
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict) or raw.get("version") != STORED_INDEX_VERSION:
+        raise ValueError(f"{path}: not a version {STORED_INDEX_VERSION} stored shard index")
+    return raw
+
+
+def read_stored_shard(path: Path) -> StoredShard:
+    """Reads the samples of a stored shard index, checking every entry's shape and that each member lies within the
+    shard's recorded size.
+
+    Raises:
+        OSError: It cannot be read (``FileNotFoundError``: no such file).
+        ValueError: Not a stored index of a version this code reads, or a malformed entry.
+    """
+    raw = read_stored_entry(path)
+    size, samples = raw.get("bytes"), raw.get("samples")
+    if not isinstance(size, int) or not isinstance(samples, list):
+        raise ValueError(f"{path}: 'bytes' or 'samples' is missing")
+    keys: list[str] = []
+    labels: list[int | str] = []
+    images: list[str] = []
+    members: list[dict[str, tuple[int, int]]] = []
     try:
-        keys = [str(s[0]) for s in samples]
-        labels = [s[1] for s in samples]
-        images = [str(s[2]) for s in samples]
-    except (IndexError, TypeError, KeyError) as e:
-        raise ValueError(f"{path}: malformed sample entry ({e!r}); re-run `pretrain data index`") from None
-    return StoredShard(keys, labels, images)
+        for key, label, image, exts in samples:
+            spans = {ext: (int(span[0]), int(span[1])) for ext, span in exts.items()}
+            if not all(0 <= offset and 0 <= n and offset + n <= size for offset, n in spans.values()):
+                raise ValueError(f"sample {key}: a member lies outside the shard's {size} bytes")
+            keys.append(key)
+            labels.append(label)
+            images.append(image)
+            members.append(spans)
+    except (IndexError, TypeError, KeyError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: malformed sample entry ({e})") from None
+    if not all(isinstance(k, str) for k in keys) or not all(isinstance(e, str) for e in images):
+        raise ValueError(f"{path}: a sample key or image extension is not a string")
+    return StoredShard(size, keys, labels, images, members)
+
+
+def encode_stored_index(entry: dict[str, Any]) -> bytes:
+    """The bytes of a stored index file: compact JSON in the entry's key order, one line."""
+    return json.dumps(entry, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def write_stored_index(path: Path, entry: dict[str, Any]) -> bool:
+    """Writes a stored index atomically (temp file, fsync, rename, fsync of the folder) unless ``path`` already holds
+    exactly these bytes; returns whether it wrote."""
+    data = encode_stored_index(entry)
+    try:
+        if path.read_bytes() == data:
+            return False
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return True

@@ -33,14 +33,21 @@ manifest order, so sample ``i`` lives in the shard ``s`` with ``offset[s] <= i <
 running sum of the manifest's per-shard ``samples``) and is that shard's sample ``i - offset[s]``. In our own shards
 (manifest version 1) its key is ``f"{split}_{i:08d}"`` and its label the ``.cls`` member; a shard holding keys outside
 its range makes its missing keys count as ``key_mismatch``. In shards indexed by ``pretrain data index`` (version 2)
-key, label and image extension are the ``i - offset[s]``-th entry of the shard's stored index (read per shard, cached
-like the header scan), and a key the tar no longer holds counts as ``key_mismatch``. Either way the reader checks that
-the tar really holds the key.
+key, label and image extension are the ``i - offset[s]``-th entry of the shard's stored index, and a key the tar no
+longer holds counts as ``key_mismatch``. Either way the reader checks that the shard holds the key.
+
+Reading: a worker finds a sample's members through the shard's index (:func:`data_pipeline.shard_index.index_shard`,
+built once per shard and process, cached): the stored index ``.index/<shard>.json`` that ``pretrain data build`` or
+``pretrain data index`` wrote, when its recorded size is the shard's size, so the tar's headers are not read; else a
+``tarfile`` scan of the tar, which also tells how it is broken (missing, empty, truncated). A data set built before
+stored indexes existed (a version 1 manifest whose shards name no ``index``) is scanned, with the same batches. A
+stored index of our own shard that cannot be read or does not list the shard's samples is warned about once per
+shard and process and the shard scanned; one of a shard indexed by ``pretrain data index`` is an error that says to
+re-run it (its keys and labels are nowhere else).
 
 Workers: worker ``w`` of ``K`` yields the batches ``start + w, start + w + K, ...``; PyTorch's DataLoader fetches
 from workers round-robin starting at worker 0, so the batches arrive in order. A worker reads only the samples of
-its own batches, by seeking to member offsets taken from the tar headers (one header scan per shard, cached), so
-skipped batches are neither read nor decoded.
+its own batches, by seeking to their members' offsets, so skipped batches are neither read nor decoded.
 
 Corrupt data never raises: each affected sample becomes a zero-filled row with ``valid=False`` and one event
 ``(reason, key, detail)`` in the batch's ``"corrupt"`` list; the loader in the main process counts and logs the
@@ -480,7 +487,11 @@ def worker_batches(n_batches: int, *, num_workers: int, worker: int, start_batch
 
 
 class _ShardReader:
-    """Per-process cache of shard indexes and open shard files (both LRU)."""
+    """Per-process cache of shard indexes and open shard files (both LRU).
+
+    ``stored_paths[s]`` is shard ``s``'s stored index (None: a data set built before stored indexes, scanned);
+    ``foreign``: the shards were indexed by ``pretrain data index`` (keys and labels come from their stored indexes).
+    """
 
     def __init__(
         self,
@@ -489,21 +500,26 @@ class _ShardReader:
         shards: Sequence[tuple[str, int]],
         offsets: np.ndarray,
         stored_paths: Sequence[Path | None],
+        foreign: bool,
     ):
         self.data_dir, self.split, self.shards, self.offsets = data_dir, split, shards, offsets
-        self.stored_paths = stored_paths
+        self.stored_paths, self.foreign = stored_paths, foreign
         self.pid = os.getpid()
         self._indexes: OrderedDict[int, ShardIndex] = OrderedDict()
         self._stored: OrderedDict[int, StoredShard] = OrderedDict()
         self._files: OrderedDict[int, Any] = OrderedDict()
+        self._warned: set[int] = set()  # our shards whose stored index could not be used, warned about once
 
     def index(self, shard: int) -> ShardIndex:
+        """The shard's members by key: from its stored index, or a tar scan (see the module docstring)."""
         idx = self._indexes.get(shard)
         if idx is None:
-            expected = None
-            if self.stored_paths[shard] is None:
+            path = self.data_dir / self.shards[shard][0]
+            if self.foreign:
+                idx = index_shard(path, None, self.split, self.stored(shard))
+            else:
                 expected = range(int(self.offsets[shard]), int(self.offsets[shard + 1]))
-            idx = index_shard(self.data_dir / self.shards[shard][0], expected, self.split)
+                idx = index_shard(path, expected, self.split, self._own_stored(shard, expected))
             self._indexes[shard] = idx
             if len(self._indexes) > _MAX_CACHED_INDEXES:
                 self._indexes.popitem(last=False)
@@ -511,18 +527,42 @@ class _ShardReader:
             self._indexes.move_to_end(shard)
         return idx
 
-    def stored(self, shard: int) -> StoredShard | None:
-        """The shard's stored index (keys, labels) if ``pretrain data index`` made one, else None (our own shards)."""
+    def _own_stored(self, shard: int, expected: range) -> StoredShard | None:
+        """The stored index ``pretrain data build`` wrote for our shard, if it has one that lists exactly the shard's
+        samples; else None (the shard is scanned), with a warning once per shard if it has one that cannot be used."""
         path = self.stored_paths[shard]
         if path is None:
+            return None  # built before stored indexes
+        try:
+            stored = read_stored_shard(path)
+            if stored.keys != [sample_key(self.split, i) for i in expected]:
+                raise ValueError(f"{path}: its samples are not the {len(expected)} the manifest lists for the shard")
+        except (OSError, ValueError) as e:
+            if shard not in self._warned:
+                self._warned.add(shard)
+                logger.warning(
+                    "stored index of %s unusable (%s): scanning the tar instead; re-run `pretrain data "
+                    "build` with the same arguments to rewrite it (the shards are kept)",
+                    self.shards[shard][0],
+                    e,
+                )
+            return None
+        return stored
+
+    def stored(self, shard: int) -> StoredShard | None:
+        """The shard's stored index if ``pretrain data index`` made it (keys, labels), else None (our own shards)."""
+        if not self.foreign:
             return None
         entry = self._stored.get(shard)
         if entry is None:
             try:
-                entry = read_stored_shard(path)
+                entry = read_stored_shard(self.stored_paths[shard])  # type: ignore[arg-type] - set for every shard
             except (OSError, ValueError) as e:
                 # Not a data error to skip over: every sample of the shard would go. Stop and say what to do.
-                raise RuntimeError(f"cannot read the stored index of {self.shards[shard][0]}: {e}") from e
+                raise RuntimeError(
+                    f"cannot read the stored index of {self.shards[shard][0]}: {e}; re-run `pretrain data index "
+                    f"{self.data_dir}`"
+                ) from e
             self._stored[shard] = entry
             if len(self._stored) > _MAX_CACHED_INDEXES:
                 self._stored.popitem(last=False)
@@ -641,7 +681,10 @@ class ShardStream(IterableDataset):
         self._stored_paths = [
             None if sh.index is None else self.data_dir / sh.index for sh in self.manifest.splits[split].shards
         ]
-        missing = [str(p) for p in self._stored_paths if p is not None and not p.is_file()]
+        # Our own shards' stored indexes are not checked here: a shard whose index is missing or broken is scanned.
+        missing = (
+            [str(p) for p in self._stored_paths if p is not None and not p.is_file()] if self.manifest.indexed else []
+        )
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} stored shard indexes listed in {self.data_dir}/manifest.json are missing, e.g. "
@@ -707,7 +750,9 @@ class ShardStream(IterableDataset):
             return
         if self._reader is None or self._reader.pid != os.getpid():
             # A forked worker must not share the parent's file offsets: every process opens its own files.
-            self._reader = _ShardReader(self.data_dir, self.split, self.shards, self.offsets, self._stored_paths)
+            self._reader = _ShardReader(
+                self.data_dir, self.split, self.shards, self.offsets, self._stored_paths, self.manifest.indexed
+            )
         for b in mine:
             yield self._make_batch(self.batch_rows(epoch, b), epoch)
 

@@ -11,9 +11,9 @@ Reading: samples come from WebDataset's own reader (``tar_file_expander`` + ``gr
 path up to the first dot of its file name, ``__*__`` metadata is skipped, extensions are lower-cased) and labels are
 decoded by its ``autodecode.basichandlers``, so a sample here is what ``webdataset.WebDataset`` yields. Those iterators
 give no file offsets, and exact resumable random access needs them (a loader worker seeks to the members of its own
-batches and reads nothing else), so offsets come from our tar header scan (:func:`data_pipeline.shard_index
-.index_shard`, the scan the loader runs) and every sample WebDataset yields is checked against it: same key, same
-member sizes.
+batches and reads nothing else), so offsets come from a ``tarfile`` scan (:func:`data_pipeline.shard_index
+.index_shard`, the reader the loader falls back to) and every sample WebDataset yields is checked against it: same
+key, same member sizes. The loader then reads the offsets from the stored index and never scans the shard.
 
 Choices:
 
@@ -27,22 +27,18 @@ Choices:
   labels (K = largest label + 1);
 - splits: the folder layout (``DIR/<split>/*.tar``) or ``--split-glob SPLIT=GLOB`` (relative to DIR); each split's
   shards in name order, which is the write order the stream starts from;
-- a shard that cannot be read (truncated, not a tar, read differently by WebDataset and the header scan) is left out
+- a shard that cannot be read (truncated, not a tar, read differently by WebDataset and tarfile) is left out
   and listed in ``manifest["skipped"]`` with the reason; the command fails only when no usable sample is left;
 - a re-run reuses the stored index of every shard whose size and mtime (or, when only the mtime moved, sha256), label
   rule and classes are unchanged, so indexing a grown folder reads only the new shards.
 
-Stored index, ``DIR/.index/<shard name>.json`` (version 1; ``shard_index.read_stored_shard`` reads it)::
-
-    {"version": 1, "shard": "train/a-000.tar", "bytes": int, "mtime_ns": int, "sha256": hex, "label": "cls",
-     "classes_sha256": hex | null, "image_exts": {ext: n}, "skipped": {reason: n}, "label_counts": [[label, n], ...],
-     "samples": [[key, label, image_ext, {ext: [offset_data, size]}], ...]}      # in tar order
+Stored index: ``DIR/.index/<shard name>.json``, the schema ``pretrain data build`` writes for its own shards
+(:mod:`data_pipeline.shard_index`), with the shard's mtime and the ``--label`` rule and ``--classes`` it was read with.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import tarfile
@@ -70,7 +66,9 @@ from data_pipeline.shard_index import (
     STORED_INDEX_DIR,
     STORED_INDEX_VERSION,
     index_shard,
+    read_stored_entry,
     stored_index_name,
+    write_stored_index,
 )
 
 __all__ = ["BAD_LABEL", "DUPLICATE_KEY", "IndexReport", "LabelRule", "find_splits", "index_dataset", "read_classes"]
@@ -245,19 +243,9 @@ class _ShardResult:
 
 def _read_entry(path: Path) -> dict[str, Any] | None:
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        return read_stored_entry(path)
     except (OSError, ValueError):
         return None
-    return raw if isinstance(raw, dict) and raw.get("version") == STORED_INDEX_VERSION else None
-
-
-def _write_entry(path: Path, entry: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(entry, f, separators=(",", ":"))
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _reusable(prev: dict[str, Any] | None, name: str, st: os.stat_result, rule: str, classes_sha: str | None) -> bool:
@@ -289,7 +277,7 @@ def _index_shard(
             return _ShardResult(name, _summary(prev), reused=True)
         if file_sha256(path) == prev.get("sha256"):  # copied or touched: same bytes
             prev["mtime_ns"] = st.st_mtime_ns
-            _write_entry(entry_path, prev)
+            write_stored_index(entry_path, prev)
             return _ShardResult(name, _summary(prev), reused=True)
     scan = index_shard(path, None, "")
     if scan.problem is not None:
@@ -308,11 +296,11 @@ def _index_shard(
                 key = sample["__key__"]
                 members = {k: v for k, v in sample.items() if not k.startswith("__")}
                 seen[key] += 1
-                if seen[key] > 1:  # left out below; the header scan merged its members, so nothing to compare
+                if seen[key] > 1:  # left out below; the tarfile scan merged its members, so nothing to compare
                     continue
                 scanned = scan.members.get(key, {})
                 if any(ext not in scanned or scanned[ext][1] != len(data) for ext, data in members.items()):
-                    return _ShardResult(name, reason=f"WebDataset and the tar header scan read sample {key} apart")
+                    return _ShardResult(name, reason=f"WebDataset and tarfile read sample {key} apart")
                 try:
                     image = next((ext for ext in IMAGE_EXTS if ext in members), None)
                     if image is None or not members[image]:
@@ -349,7 +337,7 @@ def _index_shard(
         "label_counts": [[label, n] for label, n in Counter(s[1] for s in samples).items()],
         "samples": samples,
     }
-    _write_entry(entry_path, entry)
+    write_stored_index(entry_path, entry)
     return _ShardResult(name, _summary(entry))
 
 

@@ -8,10 +8,16 @@ A build runs in four steps:
    by ``max_samples_per_shard`` and ``shard_size_mb``; sample ``i`` of a split gets key ``{split}_{i:08d}``. The plan
    is a pure function of the source, so shard ``k`` always holds the same samples and bytes.
 3. **write**: shards are written in parallel, each atomically (``*.tar.tmp``, fsync, rename) followed by a sidecar
-   ``*.tar.sha256`` (``sha256sum -c`` format). A shard whose final file already exists with the planned size and
-   members and whose sha256 matches its sidecar is kept, so an interrupted build resumes where it stopped.
+   ``*.tar.sha256`` (``sha256sum -c`` format) and its stored index ``.index/<shard>.json`` (every member's data
+   offset and size, each sample's key, label and image member; schema in :mod:`data_pipeline.shard_index`), also
+   atomic. The offsets come from the plan: a USTAR member is one 512-byte header, then its data padded to whole
+   blocks (:meth:`ShardPlan.stored_index`; the planned size is checked against the file written). A shard whose final
+   file already exists with the planned size and members and whose sha256 matches its sidecar is kept, so an
+   interrupted build resumes where it stopped; a kept shard's stored index is written if it is missing or differs
+   from the plan's (a build made before stored indexes existed gets them this way, without rewriting a shard).
 4. **manifest**: ``manifest.json`` is removed when the build starts and written last; it lists every shard with
-   samples, bytes and sha256. Tar headers carry a fixed mtime and owner, so the bytes of a shard are reproducible.
+   samples, bytes, sha256 and its stored index. Tar headers carry a fixed mtime and owner, so the bytes of a shard are
+   reproducible, and so are those of its stored index (``mtime_ns`` null).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import multiprocessing
 import os
 import tarfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -44,6 +51,7 @@ from data_pipeline.manifest import (
     same_manifest_content,
     write_manifest,
 )
+from data_pipeline.shard_index import STORED_INDEX_DIR, STORED_INDEX_VERSION, stored_index_name, write_stored_index
 from data_pipeline.sources import Source, SourceItem, UnreadableImage, open_source
 
 __all__ = ["ShardPlan", "build_shards", "plan_shards", "tar_size"]
@@ -86,6 +94,32 @@ class ShardPlan:
     name: str
     samples: tuple[PlannedSample, ...]
     bytes: int
+
+    def stored_index(self, sha256: str, classes: list[str]) -> dict[str, Any]:
+        """The shard's stored index (schema in :mod:`data_pipeline.shard_index`), from the plan alone: member ``j``'s
+        data starts one header after the end of member ``j - 1``'s padded data."""
+        samples: list[list[Any]] = []
+        offset = 0
+        for s in self.samples:
+            spans: dict[str, list[int]] = {}
+            for name, _, size in s.members():
+                spans[name[len(s.key) + 1 :]] = [offset + _BLOCK, size]
+                offset += _member_bytes(size)
+            samples.append([s.key, int(s.item.label), s.item.ext, spans])
+        labels = Counter(int(s.item.label) for s in self.samples)
+        return {
+            "version": STORED_INDEX_VERSION,
+            "shard": self.name,
+            "bytes": self.bytes,
+            "mtime_ns": None,  # the bytes are reproducible: so is this file
+            "sha256": sha256,
+            "label": "cls",
+            "classes_sha256": hashlib.sha256("\n".join(classes).encode()).hexdigest(),
+            "image_exts": dict(sorted(Counter(s.item.ext for s in self.samples).items())),
+            "skipped": {},
+            "label_counts": [[label, n] for label, n in sorted(labels.items())],
+            "samples": samples,
+        }
 
 
 def _cls_bytes(label: int) -> bytes:
@@ -204,11 +238,15 @@ def _kept_sha(path: Path, plan: ShardPlan) -> str | None:
 
 
 def _write_shard(out_dir: Path, plan: ShardPlan, source: Source) -> tuple[ShardInfo, bool]:
-    """Writes (or keeps) one shard; returns its manifest entry and whether it was written."""
+    """Writes (or keeps) one shard and its stored index; returns its manifest entry and whether the shard was
+    written."""
     final = out_dir / plan.name
+    index_name = stored_index_name(plan.name)
     sha = _kept_sha(final, plan)
     if sha is not None:
-        return ShardInfo(plan.name, len(plan.samples), plan.bytes, sha), False
+        if write_stored_index(out_dir / index_name, plan.stored_index(sha, source.classes)):
+            logger.info("kept %s, (re)wrote its stored index", plan.name)
+        return ShardInfo(plan.name, len(plan.samples), plan.bytes, sha, index_name), False
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(final.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -236,7 +274,8 @@ def _write_shard(out_dir: Path, plan: ShardPlan, source: Source) -> tuple[ShardI
     side_tmp.write_text(f"{sha}  {final.name}\n")
     os.replace(side_tmp, _sidecar(final))
     fsync_dir(final.parent)
-    return ShardInfo(plan.name, len(plan.samples), plan.bytes, sha), True
+    write_stored_index(out_dir / index_name, plan.stored_index(sha, source.classes))
+    return ShardInfo(plan.name, len(plan.samples), plan.bytes, sha, index_name), True
 
 
 # ------------------------------------------------------------------------------------------------------ the build
@@ -273,14 +312,16 @@ def _default_workers() -> int:
 
 
 def _cleanup(out_dir: Path, plans: list[ShardPlan]) -> None:
-    """Removes temp files of an interrupted build and shard files the plan no longer has."""
+    """Removes temp files of an interrupted build and shard files (and stored indexes) the plan no longer has."""
     keep = {p.name for p in plans} | {p.name + ".sha256" for p in plans}
-    for path in sorted(out_dir.glob("*/shard-*")):
+    keep |= {stored_index_name(p.name) for p in plans}
+    paths = [*out_dir.glob("*/shard-*"), *out_dir.glob(f"{STORED_INDEX_DIR}/*/shard-*")]
+    for path in sorted(paths):
         rel = path.relative_to(out_dir).as_posix()
         if rel.endswith(".tmp"):
             logger.info("removing leftover %s of an interrupted build", rel)
             path.unlink()
-        elif rel not in keep and (rel.endswith(".tar") or rel.endswith(".tar.sha256")):
+        elif rel not in keep and rel.endswith((".tar", ".tar.sha256", ".tar.json")):
             logger.warning("removing %s: not part of this build's plan", rel)
             path.unlink()
 

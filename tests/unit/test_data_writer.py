@@ -35,6 +35,33 @@ def read_split(data_dir: Path, split: str) -> list[dict[str, bytes]]:
     return [samples[k] for k in sorted(samples)]
 
 
+def assert_stored_indexes_match_the_tars(data_dir: Path) -> int:
+    """Every shard's stored index (named by the manifest) lists every member of the tar at tarfile's
+    ``offset_data``/``size``, each sample's key, ``.cls`` label and image member, and the shard's size and sha256.
+    Returns the number of members checked."""
+    checked = 0
+    for info in load_manifest(data_dir).splits.values():
+        for shard in info.shards:
+            assert shard.index == f".index/{shard.name}.json"
+            entry = json.loads((data_dir / shard.index).read_bytes())
+            assert (entry["version"], entry["shard"], entry["bytes"], entry["sha256"], entry["label"]) == (
+                1, shard.name, shard.bytes, shard.sha256, "cls"
+            )  # fmt: skip
+            want: dict[str, dict[str, list[int]]] = {}
+            labels: dict[str, int] = {}
+            with tarfile.open(data_dir / shard.name) as tar:
+                for m in tar:
+                    key, _, ext = m.name.partition(".")
+                    want.setdefault(key, {})[ext] = [m.offset_data, m.size]
+                    if ext == "cls":
+                        labels[key] = int(tar.extractfile(m).read())
+            assert [s[0] for s in entry["samples"]] == list(want)  # tar order
+            for key, label, image, members in entry["samples"]:
+                assert members == want[key] and label == labels[key] and image in members and image != "json"
+                checked += len(members)
+    return checked
+
+
 def tree_bytes(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -126,6 +153,15 @@ def test_digits_manifest_counts_stratified_and_checksums(digits: Path) -> None:
     assert read == [(k, ["cls", "json", "png"]) for k in keys[1]]
 
 
+def test_build_writes_a_stored_index_per_shard(digits: Path) -> None:
+    """`pretrain data build` writes .index/<shard>.json for every shard, offsets as tarfile reads them."""
+    assert assert_stored_indexes_match_the_tars(digits) == 1797 * 3  # .cls, .json, .png of every sample
+    entry = json.loads((digits / ".index/val/shard-000000.tar.json").read_bytes())
+    assert entry["mtime_ns"] is None and entry["image_exts"] == {"png": 300} and entry["skipped"] == {}
+    assert sum(n for _, n in entry["label_counts"]) == 300
+    assert entry["classes_sha256"] == hashlib.sha256("\n".join(str(i) for i in range(10)).encode()).hexdigest()
+
+
 def test_digits_samples_decode_to_the_right_digit(digits: Path) -> None:
     from sklearn.datasets import load_digits
 
@@ -166,7 +202,13 @@ def test_interrupted_build_resumes_to_identical_result(digits: Path, tmp_path: P
         f.seek(5000)
         f.write(b"\xff\xfe\xfd")
     (ds / "train/shard-000003.tar.sha256").unlink()
+    # stored indexes: one gone, one damaged, one torn write left behind, one of a shard no longer planned
+    (ds / ".index/train/shard-000003.tar.json").unlink()
+    (ds / ".index/val/shard-000000.tar.json").write_text('{"version": 1}')
+    (ds / ".index/train/shard-000000.tar.json.tmp").write_text("{")
+    (ds / ".index/train/shard-000009.tar.json").write_text("{}")
     kept = (ds / "train/shard-000000.tar").stat().st_mtime_ns
+    kept_index = (ds / ".index/train/shard-000001.tar.json").stat().st_mtime_ns
 
     manifest = build_shards("digits", ds, max_samples_per_shard=400, workers=2, progress=False)
     after = tree_bytes(ds)
@@ -176,6 +218,7 @@ def test_interrupted_build_resumes_to_identical_result(digits: Path, tmp_path: P
         k: v for k, v in before_manifest.items() if k != "created"
     }
     assert (ds / "train/shard-000000.tar").stat().st_mtime_ns == kept  # a finished shard is not rewritten
+    assert (ds / ".index/train/shard-000001.tar.json").stat().st_mtime_ns == kept_index  # nor its intact index
     assert manifest.splits["train"].num_samples == 1497
     # re-running a finished build changes nothing, not even the manifest's timestamp
     first = (ds / "manifest.json").read_bytes()
@@ -223,6 +266,7 @@ def test_imagefolder_separate_val_tree_and_cli(photos: Path, tmp_path: Path, cap
     assert "notes.JPEG" in printed and "truncated.JPEG" in printed  # skipped files are named
     m = load_manifest(out)
     assert (m.splits["train"].num_samples, m.splits["val"].num_samples) == (19, 6)
+    assert assert_stored_indexes_match_the_tars(out) == 25 * 3
     for smp in read_split(out, "val"):
         assert smp["jpg"] == (val / json.loads(smp["json"])["source"]).read_bytes()
     assert "--val" in m.source
@@ -273,6 +317,22 @@ def test_inspect_names_checksum_mismatch_and_truncated_shards(
     (ds / "manifest.json").write_text("{not json")
     assert run_cli(["data", "inspect", str(ds)]) == 1
     assert "pretrain data build" in capsys.readouterr().err
+
+
+def test_inspect_names_a_stored_index_that_does_not_match_its_shard(digits: Path, tmp_path: Path) -> None:
+    ds = tmp_path / "ds"
+    shutil.copytree(digits, ds)
+    moved = ds / ".index/train/shard-000002.tar.json"
+    entry = json.loads(moved.read_bytes())
+    entry["samples"][7][3]["png"][0] += 512  # one member's offset off by a block
+    moved.write_text(json.dumps(entry))
+    (ds / ".index/val/shard-000000.tar.json").write_text("{not json")
+    bad = {b.name: " ".join(b.reasons) for b in inspect_dataset(ds).bad_shards}
+    assert set(bad) == {"train/shard-000002.tar", "val/shard-000000.tar"}
+    assert "stored index does not match the tar (1 of its 400 samples' members differ" in bad["train/shard-000002.tar"]
+    assert (
+        "stored index unusable" in bad["val/shard-000000.tar"] and "pretrain data build" in bad["val/shard-000000.tar"]
+    )
 
 
 def test_load_manifest_errors_name_the_path(tmp_path: Path) -> None:

@@ -323,6 +323,34 @@ def test_reindex_of_a_grown_folder_reads_only_the_new_shard(tmp_path: Path) -> N
     assert index_dataset(root, label="json:label").indexed != []  # another label rule reads every shard again
 
 
+def test_shards_indexed_here_are_read_without_scanning_unless_cut(
+    imagenet_like: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offsets, keys and labels come from the stored index: no tar is opened while its size matches. A shard cut after
+    indexing is scanned and its lost samples counted; an unreadable stored index is an error naming the fix."""
+    root = imagenet_like["root"]
+    assert index_dataset(root).manifest is not None
+    real_open = tarfile.open
+
+    def refuse(name=None, *args, **kwargs):
+        raise AssertionError(f"tarfile.open({name!r}) on a shard with a stored index")
+
+    monkeypatch.setattr(tarfile, "open", refuse)
+    with loader(root, train=False) as eval_loader:
+        assert sum(int(b["valid"].sum()) for b in eval_loader) == 35 and eval_loader.corrupt_counts() == {}
+    monkeypatch.setattr(tarfile, "open", real_open)
+
+    shard = root / "train" / "shard-000003.tar"  # samples 36..47 of the manifest's 35 (shard 2 left out): 23..34
+    truncate_inside(shard, f"_{10000 + 40}.jpg")  # the 5th sample of the shard: 8 lost
+    with loader(root, train=False) as eval_loader:
+        assert sum(int(b["valid"].sum()) for b in eval_loader) == 35 - 8
+        assert eval_loader.corrupt_counts() == {"truncated_shard": 8}
+
+    (root / stored_index_name("train/shard-000001.tar")).write_text("{not json")
+    with loader(root, train=False) as eval_loader, pytest.raises(RuntimeError, match="re-run `pretrain data index"):
+        list(eval_loader)
+
+
 def test_our_shards_read_back_by_webdataset_and_indexed_alike(tmp_path: Path) -> None:
     from data_pipeline.writer import build_shards
 

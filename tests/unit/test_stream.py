@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import logging
+import shutil
 import tarfile
 import types
 from multiprocessing.reduction import ForkingPickler
@@ -439,29 +441,141 @@ def test_image_size_must_match_the_transform(jpeg_dir: Path) -> None:
         _loader(jpeg_dir, transform=TrainTransform(24), image_size=32)
 
 
-def test_corrupt_batches_same_as_with_tarfile_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The stream's batches and corrupt events (reason, key, detail) over damaged shards do not depend on which
-    reader indexed them."""
-    data_dir, expected, _ = _corrupt_dataset(tmp_path)
+# ---------------------------------------------------------------------------------------------------------------------
+# Shards of `pretrain data build` are read through their stored index: no tar header is read
+
+
+@pytest.fixture(scope="module")
+def built_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 PNGs in 3 class folders, built by ``pretrain data build`` into 7 train shards (6 samples, the last 4)."""
+    from data_pipeline.writer import build_shards
+
+    root = tmp_path_factory.mktemp("built")
+    for i in range(40):
+        folder = root / "images" / f"class{i % NUM_CLASSES}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"img{i:02d}.png").write_bytes(png_bytes(i))
+    build_shards(f"imagefolder:{root / 'images'}", root / "ds", val_fraction=0.0, max_samples_per_shard=6, workers=1,
+                 progress=False)  # fmt: skip
+    return root / "ds"
+
+
+def _samples_by_index(data_dir: Path) -> dict[int, dict[str, bytes]]:
+    """Every sample's members by write index, read with tarfile."""
+    out: dict[int, dict[str, bytes]] = {}
+    for shard in load_manifest(data_dir).splits["train"].shards:
+        with tarfile.open(data_dir / shard.name) as tar:
+            for m in tar:
+                key, _, ext = m.name.partition(".")
+                out.setdefault(int(key.split("_")[1]), {})[ext] = tar.extractfile(m).read()
+    return out
+
+
+def _copy_without_index(data_dir: Path, out: Path) -> Path:
+    """The data set as a build made before stored indexes left it: no ``.index/``, no ``index`` in the manifest."""
+    shutil.copytree(data_dir, out, ignore=shutil.ignore_patterns(".index"))
+    raw = json.loads((out / "manifest.json").read_text())
+    for shard in raw["splits"]["train"]["shards"]:
+        del shard["index"]
+    (out / "manifest.json").write_text(json.dumps(raw, indent=1))
+    return out
+
+
+@pytest.fixture
+def tar_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records the path of every ``tarfile.open`` in this process (and in forked DataLoader workers' own copies)."""
+    calls: list[str] = []
+    real = tarfile.open
+
+    def counting(name=None, *args, **kwargs):
+        calls.append(Path(name).name if name is not None else "<fileobj>")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile, "open", counting)
+    return calls
+
+
+def test_built_shards_are_read_without_scanning(built_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every batch of two epochs, with 0 and 2 workers, holds the right pixels and labels while no tar is opened
+    with tarfile (each worker reads the offsets from the stored indexes)."""
+    samples = _samples_by_index(built_dir)
+
+    def refuse(name=None, *args, **kwargs):
+        raise AssertionError(f"tarfile.open({name!r}) on a shard with a stored index")
+
+    monkeypatch.setattr(tarfile, "open", refuse)  # forked workers inherit it
+    for workers in (0, 2):
+        loader = _loader(built_dir, workers=workers)
+        batches = list(itertools.islice(loader.iter_batches(), 2 * len(loader)))
+        loader.close()
+        assert len(batches) == 2 * (40 // BATCH) and loader.corrupt_counts() == {}
+        for n, b in enumerate(batches):
+            assert bool(b["valid"].all())
+            for row, i in enumerate(b["index"].tolist()):
+                assert int(b["label"][row]) == int(samples[i]["cls"])
+                want = png_transform(samples[i]["png"], "png", np.random.default_rng([SEED, n // 10, i]))
+                assert torch.equal(b["image"][row], want)
+
+
+def test_data_set_built_before_stored_indexes_gives_the_same_batches(built_dir: Path, tmp_path: Path) -> None:
+    """The same shards without stored indexes (scanned with tarfile): bitwise the same batches, plan and data
+    fingerprint, so a checkpoint moves between the two."""
+    old = _copy_without_index(built_dir, tmp_path / "old")
+    assert load_manifest(old).splits["train"].shards[0].index is None
     runs = {}
-    for reader in ("header", "tarfile"):
-        with monkeypatch.context() as m:
-            if reader == "tarfile":
-                m.setattr(shard_index, "_header_members", shard_index._tarfile_members)
-            ds = ShardStream(
-                data_dir, "train", train=True, rank=0, world_size=1, batch_size=8, seed=SEED, shuffle_buffer=BUFFER,
-                transform=png_transform,
-            )  # fmt: skip
-            ds.set_position(0, 0)
-            runs[reader] = list(ds)
-    _assert_same_batches(runs["header"], runs["tarfile"])
-    # (reason, key, detail); a decode error's detail names the address of a BytesIO: left out
-    events = {
-        reader: [event[:2] if event[0] == "decode_error" else event for b in batches for event in b["corrupt"]]
-        for reader, batches in runs.items()
-    }
-    assert events["header"] == events["tarfile"]
-    counts: dict[str, int] = {}
-    for reason, *_ in events["header"]:
-        counts[reason] = counts.get(reason, 0) + 1
-    assert counts == expected
+    for name, data_dir in (("indexed", built_dir), ("old", old)):
+        loader = _loader(data_dir, rank=1, world_size=2, batch_size=2, workers=2)
+        runs[name] = list(itertools.islice(loader.iter_batches(), 2 * len(loader)))
+        runs[name + " state"] = loader.state_dict()
+        loader.close()
+    _assert_same_batches(runs["old"], runs["indexed"])
+    assert runs["old state"] == runs["indexed state"]
+    kw = dict(seed=SEED, epoch=1, world_size=2, rank=0, batch_size=2, shuffle_buffer=BUFFER)
+    assert plan_batches(old, "train", **kw) == plan_batches(built_dir, "train", **kw)
+
+
+def test_shard_cut_after_build_is_counted_exactly(built_dir: Path, tmp_path: Path, tar_opens: list[str]) -> None:
+    """A shard cut inside a sample's image after the build no longer has its stored index's size: it alone is
+    scanned, and exactly the samples from the cut on are counted as truncated_shard, with 0 and 2 workers."""
+    data_dir = tmp_path / "ds"
+    shutil.copytree(built_dir, data_dir)
+    shard = data_dir / shard_name("train", 2)  # samples 12..17
+    with tarfile.open(shard) as tar:
+        cut = tar.getmember(f"{sample_key('train', 14)}.png").offset_data + 10
+    shard.write_bytes(shard.read_bytes()[:cut])
+    tar_opens.clear()
+    for workers in (0, 2):
+        loader = _loader(data_dir, train=False, workers=workers)  # eval: every sample once
+        valid = [i for b in loader for i, v in zip(b["index"].tolist(), b["valid"].tolist()) if v]
+        assert loader.corrupt_counts() == {"truncated_shard": 4}  # 14, 15, 16, 17
+        assert sorted(valid) == [i for i in range(40) if not 14 <= i < 18]
+        loader.close()
+        if workers == 0:
+            assert tar_opens == ["shard-000002.tar"]
+
+
+def test_broken_stored_index_of_a_built_shard_is_scanned_with_a_warning(
+    built_dir: Path, tmp_path: Path, tar_opens: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stored indexes that are not JSON, list other samples, or are gone: those shards are scanned (the same
+    batches), each named in one warning; a corrupt index does not stop training."""
+    data_dir = tmp_path / "ds"
+    shutil.copytree(built_dir, data_dir)
+    index = lambda shard: data_dir / shard_index.stored_index_name(shard_name("train", shard))
+    index(1).write_text("{not json")
+    entry = json.loads(index(3).read_text())
+    entry["samples"][0][0], entry["samples"][1][0] = entry["samples"][1][0], entry["samples"][0][0]  # two keys swapped
+    index(3).write_text(json.dumps(entry))
+    index(5).unlink()
+    tar_opens.clear()
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.stream"):
+        loader = _loader(data_dir)
+        batches = list(itertools.islice(loader.iter_batches(), 2 * len(loader)))
+        loader.close()
+    reference = _loader(built_dir)
+    _assert_same_batches(batches, list(itertools.islice(reference.iter_batches(), 2 * len(reference))))
+    assert loader.corrupt_counts() == {}
+    assert sorted(tar_opens) == ["shard-000001.tar", "shard-000003.tar", "shard-000005.tar"]  # once each: cached
+    warned = sorted(r.getMessage().split()[3] for r in caplog.records if "unusable" in r.getMessage())
+    assert warned == [shard_name("train", s) for s in (1, 3, 5)]
+    assert all("pretrain data build" in r.getMessage() for r in caplog.records)
