@@ -173,8 +173,6 @@ class TrainerConfig:
     """Training device; auto picks CUDA when present."""
     progress_bar: bool = True
     """Rank-0 progress bar."""
-    debug_nonfinite_steps: list[int] = field(default_factory=list)
-    """DEBUG ONLY (tests of the NaN guard): 1-based steps whose loss rank 0 replaces by NaN. Leave empty."""
 
     def __post_init__(self):
         if self.max_steps <= 0:

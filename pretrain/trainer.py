@@ -465,8 +465,6 @@ class Trainer:
             valid = batch["valid"].to(dev)
             logits = engine(images)
             loss = soft_target_cross_entropy(logits, targets, valid)
-            if self.step + 1 in self.cfg.trainer.debug_nonfinite_steps and self.dist.rank == 0:
-                loss = loss + float("nan")  # DEBUG ONLY: exercises the cross-rank non-finite guard
             # one all-reduce gives the global mean loss and, through NaN propagation, the cross-rank finiteness
             n_valid = valid.sum().to(torch.float64)
             stats = torch.stack([loss.detach().to(torch.float64) * n_valid, n_valid])

@@ -130,14 +130,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 class TrainRun:
     """`pretrain train` as a real subprocess (its own process group, so a test can SIGKILL the whole run)."""
 
-    def __init__(self, argv: list[str], cwd: Path, log: Path):
+    def __init__(self, argv: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None):
         import subprocess
 
         self.argv = argv
         self.log_path = log
         self._log = open(log, "ab")
         self.proc = subprocess.Popen(
-            argv, cwd=cwd, env=train_env(), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            argv, cwd=cwd, env=env or train_env(), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
 
     def wait(self, timeout: float = 240.0) -> int:
@@ -180,14 +180,15 @@ class TrainRun:
 
 @pytest.fixture(scope="session")
 def start_train(scratch_root: Path, deepspeed_cpu_ops: None):
-    """``start_train(config, overrides, *flags) -> TrainRun``; every run still alive at session end is SIGKILLed."""
+    """``start_train(config, overrides, *flags, env=None) -> TrainRun``; every run still alive at session end is
+    SIGKILLed."""
     runs: list[TrainRun] = []
     logs = scratch_root / "train_logs"
     logs.mkdir()
 
-    def start(config: str | Path, overrides: list[str], *flags: str) -> TrainRun:
+    def start(config: str | Path, overrides: list[str], *flags: str, env: dict[str, str] | None = None) -> TrainRun:
         argv = [sys.executable, "-m", "launch.cli", "train", str(config), *overrides, *flags]
-        run = TrainRun(argv, REPO, logs / f"run{len(runs)}.log")
+        run = TrainRun(argv, REPO, logs / f"run{len(runs)}.log", env)
         runs.append(run)
         return run
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_env
 
 from launch.cli import main
 from pretrain.checkpoint import list_checkpoints, verify_checkpoint
@@ -50,12 +51,12 @@ def test_missing_data_exits_2_with_advice(run_root, capsys):
 @pytest.mark.slow
 @pytest.mark.world_size(2)
 def test_nan_guard_skips_steps_and_stops_after_the_limit(digits_dir, run_root, start_train):
-    """Rank 0's loss is NaN at steps 2, 4, 5, 6 (debug field): both ranks skip those steps (no update); the third
-    in a row stops the run with status failed and a checkpoint whose weights equal step 3's."""
+    """Rank 0's loss is NaN at steps 2, 4, 5, 6 (injected by tests/faults/sitecustomize.py): both ranks skip those
+    steps (no update); the third in a row stops the run with status failed and a checkpoint whose weights equal step
+    3's."""
     overrides = [
         *base(digits_dir, run_root, "nan"),
         "trainer.max_steps=10",
-        "trainer.debug_nonfinite_steps=[2,4,5,6]",
         "trainer.max_nonfinite_steps=3",
         "trainer.log_every_steps=1",
         "trainer.eval_every_steps=0",
@@ -67,7 +68,9 @@ def test_nan_guard_skips_steps_and_stops_after_the_limit(digits_dir, run_root, s
         "checkpoint.every_minutes=0",
         "checkpoint.keep_last=5",
     ]
-    run = start_train(CONFIG, overrides, "--nproc", "2")
+    faults = str(Path(__file__).resolve().parent.parent / "faults")
+    env = train_env(PRETRAIN_FAULT_NONFINITE_STEPS="2,4,5,6", PYTHONPATH=faults)
+    run = start_train(CONFIG, overrides, "--nproc", "2", env=env)
     assert run.wait() == 1, run.output[-5000:]
     assert "3 non-finite losses in a row" in run.output
     run_dir = run_root / "nan"
