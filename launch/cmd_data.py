@@ -1,6 +1,7 @@
 """``pretrain data``: build WebDataset shards, index shards made elsewhere, inspect them, print the stream's plan.
 
-- ``pretrain data build SOURCE --out DIR``: ``digits`` or ``imagefolder:PATH`` -> ``DIR/{train,val}/shard-*.tar``
+- ``pretrain data build SOURCE --out DIR``: ``digits``, ``digit-pairs[:KEY=VALUE,...]`` or ``imagefolder:PATH`` ->
+  ``DIR/{train,val}/shard-*.tar``
   and ``DIR/manifest.json``; a re-run finishes an interrupted build and keeps the shards already written.
 - ``pretrain data index DIR [--split-glob SPLIT=GLOB ...] [--label cls|txt|json:FIELD] [--classes FILE]``: for
   shards written by any WebDataset tool, ``DIR/manifest.json`` plus a stored index per shard (``DIR/.index/``);
@@ -41,12 +42,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     b = sub.add_parser(
         "build",
-        help="write shards and manifest.json from digits or an image folder",
+        help="write shards and manifest.json from digits, digit pairs or an image folder",
         description="Write DIR/{train,val}/shard-NNNNNN.tar and DIR/manifest.json. SOURCE is 'digits' (scikit-learn's "
-        "1,797 handwritten digits as 32x32 RGB PNG) or 'imagefolder:PATH' (one folder per class; files stored as "
-        "they are). Unreadable files are skipped and listed. Re-running finishes an interrupted build.",
+        "1,797 handwritten digits as 32x32 RGB PNG), 'digit-pairs' (two of those digits far apart on a 64x64 canvas, "
+        "labelled same/different class; options as 'digit-pairs:canvas=96,distractors=2,seed=1', keys canvas, scale, "
+        "train_pairs, val_pairs, distractors, distractor_level, min_distance, seed) or 'imagefolder:PATH' (one folder "
+        "per class; files stored as they are). Unreadable files are skipped and listed. Re-running finishes an "
+        "interrupted build.",
     )
-    b.add_argument("source", metavar="SOURCE", help="'digits' or 'imagefolder:PATH'")
+    b.add_argument("source", metavar="SOURCE", help="'digits', 'digit-pairs[:KEY=VALUE,...]' or 'imagefolder:PATH'")
     b.add_argument("--out", required=True, metavar="DIR", help="output folder")
     b.add_argument("--shard-size-mb", type=float, default=256.0, metavar="N", help="target shard size in MiB")
     b.add_argument("--max-samples-per-shard", type=int, default=10000, metavar="N", help="most samples per shard")
