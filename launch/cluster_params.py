@@ -2,21 +2,18 @@
 
 Names follow submitit's AutoExecutor: generic parameters (``timeout_min``, ``mem_gb``, ``tasks_per_node``) and
 ``slurm_``-prefixed ones only where they mean nothing elsewhere (``slurm_partition``, ``slurm_signal_delay_s``). Unknown
-profiles and keys, wrong types and invalid values raise ``ConfigError`` naming the key, close matches and the valid
-keys, before anything is written or submitted.
+profiles and keys, wrong types and invalid values raise ``ConfigError`` naming the key and the closest valid keys,
+before anything is written or submitted (the checks of run configs: :func:`pretrain.config.build_dataclass`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pretrain.config import CONFIGS_DIR, ConfigError, read_yaml_mapping
+from pretrain.config import CONFIGS_DIR, ConfigError, build_dataclass, read_yaml_mapping
 
 __all__ = ["CLUSTER_PROFILES_DIR", "ClusterParams", "load_cluster_params"]
 
@@ -121,44 +118,6 @@ class ClusterParams:
         return {k: v for k, v in params.items() if v is not None}
 
 
-def _check_type(key: str, value: Any, tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{key}={value!r} is not one of {list(typing.get_args(tp))}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            return None
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _check_type(key, value, inner)
-    if origin is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{key} expects a list of strings, got {value!r}")
-        return list(value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} expects a mapping, got {value!r}")
-        return dict(value)
-    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{key} expects an integer, got {type(value).__name__} {value!r}")
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} expects a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is str and not isinstance(value, str):
-        raise ConfigError(f"{key} expects a string, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _unknown_key_message(key: str, where: str) -> str:
-    valid = [f.name for f in dataclasses.fields(ClusterParams)]
-    close = [f"slurm_{key}"] if f"slurm_{key}" in valid else []
-    close += [c for c in difflib.get_close_matches(key, valid, n=3, cutoff=0.6) if c not in close]
-    hint = f" (did you mean {', '.join(close[:3])}?)" if close else ""
-    return f"{where}: unknown cluster key '{key}'{hint}. Valid keys: {', '.join(valid)}"
-
-
 def _profile_path(profile: str) -> Path:
     p = Path(profile)
     if p.suffix in (".yaml", ".yml"):
@@ -177,24 +136,16 @@ def _profile_path(profile: str) -> Path:
 
 
 def load_cluster_params(profile: str | None = None, **flags: Any) -> ClusterParams:
-    """Cluster parameters: ``ClusterParams`` defaults < profile YAML < ``flags`` (None values are not set).
+    """Cluster parameters: ``ClusterParams`` defaults < profile YAML < ``flags`` (None values are not set), checked by
+    the code that checks run configs (:func:`pretrain.config.build_dataclass`).
 
     Raises:
-        ConfigError: Unknown profile or key (with close matches and the valid keys), wrong type or invalid value.
+        ConfigError: Unknown profile or key (with the closest valid keys), wrong type or invalid value.
     """
-
-    values: dict[str, Any] = {}
-    hints = typing.get_type_hints(ClusterParams)
-    if profile:
-        path = _profile_path(profile)
-        data = read_yaml_mapping(path, " of cluster keys")
-        for key, value in data.items():
-            if key not in hints:
-                raise ConfigError(_unknown_key_message(str(key), str(path)))
-            values[key] = _check_type(f"{path.name}: {key}", value, hints[key])
-    for key, value in flags.items():
-        if key not in hints:
-            raise ConfigError(_unknown_key_message(key, "flags"))
-        if value is not None:
-            values[key] = _check_type(key, value, hints[key])
-    return ClusterParams(**values)
+    path = _profile_path(profile) if profile else None
+    values = read_yaml_mapping(path, " of cluster keys") if path else {}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return build_dataclass(ClusterParams, values, kind="cluster")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from e

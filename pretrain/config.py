@@ -40,6 +40,7 @@ __all__ = [
     "CONFIGS_DIR",
     "PATH_KEYS",
     "absolute_paths",
+    "build_dataclass",
     "config_digest",
     "config_to_dict",
     "dump_config",
@@ -364,8 +365,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _build(cls, data: dict[str, Any], prefix: str = ""):
-    """Instantiate dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+def _build(cls, data: dict[str, Any], prefix: str = "", root: Any = None, kind: str = "config"):
+    """Instantiate dataclass ``cls`` from a nested dict, rejecting unknown keys (suggesting keys of ``root``, default
+    :class:`Config`) and wrong types."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} expects a mapping, got {data!r}")
     hints = _hints(cls)
@@ -373,7 +375,7 @@ def _build(cls, data: dict[str, Any], prefix: str = ""):
     for k in data:
         if k not in names:
             full = f"{prefix}{k}"
-            raise ConfigError(f"unknown config key '{full}'{_suggest(full, _all_keys())}")
+            raise ConfigError(f"unknown {kind} key '{full}'{_suggest(full, _all_keys(root or Config))}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -381,7 +383,7 @@ def _build(cls, data: dict[str, Any], prefix: str = ""):
         tp = hints[f.name]
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, data[f.name] or {}, key + ".")
+            kwargs[f.name] = _build(tp, data[f.name] or {}, key + ".", root, kind)
         else:
             kwargs[f.name] = _coerce(data[f.name], tp, key)
     try:
@@ -390,6 +392,17 @@ def _build(cls, data: dict[str, Any], prefix: str = ""):
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix.rstrip('.')}: {e}") from e
+
+
+def build_dataclass(cls: Any, data: dict[str, Any], kind: str = "config") -> Any:
+    """``cls(**data)`` checked as a run config is: an unknown key fails naming the closest valid keys of ``cls``, values
+    are checked against (and coerced to) the annotations, nested dataclasses are built from mappings, and ``cls``'s
+    ``__post_init__`` checks run. ``kind`` names the schema in messages ("unknown cluster key ...").
+
+    Raises:
+        ConfigError: naming the key and the fix.
+    """
+    return _build(cls, data, root=cls, kind=kind)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -123,9 +123,8 @@ def test_executor_parameters_are_names_submitit_accepts(tmp_path):
 def test_unknown_profile_key_suggests_the_valid_one(tmp_path):
     profile = tmp_path / "site.yaml"
     profile.write_text("partition: gpu\nnodes: 2\n")
-    with pytest.raises(ConfigError, match=r"unknown cluster key 'partition' \(did you mean slurm_partition\?\)") as e:
+    with pytest.raises(ConfigError, match=r"yaml: unknown cluster key 'partition'; did you mean slurm_partition\?"):
         load_cluster_params(str(profile))
-    assert "Valid keys:" in str(e.value) and "timeout_min" in str(e.value)
     profile.write_text("timeout_mins: 10\n")
     with pytest.raises(ConfigError, match="did you mean timeout_min"):
         load_cluster_params(str(profile))
@@ -146,7 +145,8 @@ def test_unknown_profile_name_lists_the_known_ones():
         ({"timeout_min": 1, "slurm_signal_delay_s": 60}, "slurm_signal_delay_s=60 must be >= 0 and below"),
         ({"cluster": "local", "nodes": 2}, "local executor runs on this machine only"),
         ({"cluster": "pbs"}, r"cluster='pbs' is not one of \['slurm', 'local'\]"),
-        ({"nodes": "2"}, "nodes expects an integer, got str"),
+        ({"nodes": "two"}, "nodes expects an integer, got str"),
+        ({"gpus_per_nod": 2}, "unknown cluster key 'gpus_per_nod'; did you mean gpus_per_node"),
         ({"slurm_partition": ""}, "slurm_partition is empty"),
     ],
 )
