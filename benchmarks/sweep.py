@@ -9,8 +9,8 @@ The same tiny digits training run (SepViT-Lite, one CPU rank, ``--steps`` steps,
 
 On a shared machine the speed of training itself varies several-fold from minute to minute, so the overhead is not
 taken as a difference of wall times between runs. Inside each sweep, the wall time of every trial's training process
-is measured (the guard's start stamp in ``sweep/train.log`` to its exit-code file), and the sweep's overhead is its
-wall time minus those: Ray start and shutdown, trial scheduling, the guard, metrics polling, checkpoint hand-over to
+is measured (the start stamp in ``sweep/train.log`` to its exit-code file), and the sweep's overhead is its
+wall time minus those: Ray start and shutdown, trial scheduling, waiting for decisions, checkpoint hand-over to
 Ray Tune, the summary and plot. The overhead one more trial adds is ``overhead(x2) - overhead(x1)``; the target is
 below 10% of a 2-minute trial (12 s). The direct run is the reference for what a trial's training costs alone.
 
@@ -88,7 +88,7 @@ def _direct(work: Path, data: Path, args: argparse.Namespace) -> float:
 
 
 def _trainer_wall_s(run_dir: Path) -> float:
-    """Wall time of a trial's training process: the guard's start stamp to its exit-code file."""
+    """Wall time of a trial's training process: its start stamp to its exit-code file."""
     header = (run_dir / "sweep" / "train.log").read_text().split("=====")[1].strip().split()[:2]
     started = datetime.datetime.strptime(" ".join(header), "%Y-%m-%d %H:%M:%S.%f").timestamp()
     exit_file = max((run_dir / "sweep").glob("exit_code*"), key=lambda p: p.stat().st_mtime)
@@ -128,7 +128,7 @@ def _readme(args: argparse.Namespace) -> str:
     """The README's digits ASHA sweep against direct runs of its trial config; returns the RESULTS.md section."""
     import json  # noqa: PLC0415
 
-    from launch.sweep_spec import load_sweep, trial_fixed_overrides  # noqa: PLC0415
+    from launch.sweep.spec import load_sweep  # noqa: PLC0415
 
     sweep_yaml = "configs/sweep/digits_asha.yaml"
     if not (ROOT / "data" / "digits" / "manifest.json").is_file():
@@ -141,7 +141,7 @@ def _readme(args: argparse.Namespace) -> str:
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         work = Path(tmp)
         # the trial config at the same CPU share: two runs side by side, one thread each (as 2 concurrent trials)
-        overrides = [*trial_fixed_overrides(spec), "optim.lr=1.0e-3", f"trainer.max_steps={args.direct_steps}"]
+        overrides = [*spec.trial_overrides(), "optim.lr=1.0e-3", f"trainer.max_steps={args.direct_steps}"]
         procs = []
         for i in range(spec.max_concurrent):
             argv = [sys.executable, "-m", "launch.cli", "train", spec.base, *overrides, f"run.output_dir={work}",

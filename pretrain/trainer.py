@@ -406,7 +406,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{event['loss']:.4f}", img_s=f"{event['img_per_s']:.0f}", refresh=False)
             if bar is not None:
                 bar.update(1)
-            stop_signal, time_save = self._agree_on_flags()
+            stop_signal, time_save, sweep_stop = self._agree_on_flags()
             final = self.step >= max_steps
             evaluating = final or (tcfg.eval_every_steps and self.step % tcfg.eval_every_steps == 0)
             if evaluating:
@@ -430,7 +430,8 @@ class Trainer:
             every = cfg.checkpoint.every_steps
             if (final and cfg.checkpoint.save_final) or (every and self.step % every == 0) or time_save:
                 self.save_checkpoint()
-            if evaluating and not final and self._in_sweep and (why := self._sweep_decision()) != CONTINUE:
+            sweep_wait = (evaluating and self._in_sweep) or sweep_stop
+            if sweep_wait and not final and (why := STOP if sweep_stop else self._sweep_decision()) != CONTINUE:
                 if self._saved_step != self.step:
                     self.save_checkpoint()
                 state, code = ("stopped", EXIT_OK) if why == STOP else ("preempted", EXIT_PREEMPTED)
@@ -643,8 +644,8 @@ class Trainer:
         if hook is not None:
             hook.announce(self.step)
         while True:
-            stop_signal, _ = self._agree_on_flags()
-            decision = broadcast_object(hook.poll(self.step) if hook is not None else None)
+            stop_signal, _, sweep_stop = self._agree_on_flags()
+            decision = STOP if sweep_stop else broadcast_object(hook.poll(self.step) if hook is not None else None)
             if stop_signal or decision is not None:
                 break
             time.sleep(0.2)
@@ -652,12 +653,14 @@ class Trainer:
             hook.done(self.step)
         return signal.Signals(int(stop_signal)).name if stop_signal else str(decision)
 
-    def _agree_on_flags(self) -> tuple[float, bool]:
-        """All ranks agree on (a stop signal on any rank, rank 0's "checkpoint minutes elapsed")."""
+    def _agree_on_flags(self) -> tuple[float, bool, bool]:
+        """All ranks agree on (a stop signal on any rank, rank 0's "checkpoint minutes elapsed", rank 0's "the sweep
+        trial is gone or asks for a stop")."""
         minutes = self.cfg.checkpoint.every_minutes
         time_save = self.dist.is_main and minutes > 0 and time.monotonic() - self._last_save_time >= minutes * 60.0
-        sig, save = all_reduce_max([float(self.stop.received or 0), float(time_save)])
-        return sig, bool(save)
+        sweep_stop = self._sweep_hook is not None and self._sweep_hook.stop_requested()
+        sig, save, sweep = all_reduce_max([float(self.stop.received or 0), float(time_save), float(sweep_stop)])
+        return sig, bool(save), bool(sweep)
 
     def _epoch(self) -> int:
         return int(self.data.train.state_dict()["epoch"])

@@ -28,6 +28,7 @@ CONFIG = REPO / "configs" / "run" / "digits_sepvit_lite.yaml"
 MAX_STEPS = 10
 LONG_STEPS = 30
 EVERY = 5  # eval and checkpoint interval in steps: at step 5, lr 2e-3 is clearly ahead of a hopeless lr
+HEARTBEAT_TIMEOUT_S = 15  # launch.sweep.trial.TrialSpec.heartbeat_timeout_s
 
 
 def trial_overrides(data: Path) -> list[str]:
@@ -108,8 +109,7 @@ def eval_steps(run_dir: Path) -> list[int]:
 
 
 def trainer_pids(marker: str) -> list[tuple[int, str]]:
-    """(pid, command line) of the live processes of training runs that mention ``marker`` (a sweep's unique folder),
-    their guards included (a guard's command line holds the run's)."""
+    """(pid, command line) of the live processes of training runs that mention ``marker`` (a sweep's unique folder)."""
     out = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -240,7 +240,10 @@ def test_pbt_exploit_clones_the_better_trials_checkpoint_and_perturbs_its_lr(
     assert f"PBT exploit: continuing from trial {good['trial_id']}'s checkpoint (step {EVERY})" in trial_log
     mutated = bad["params"]["optim.lr"]
     assert mutated in (pytest.approx(2.0e-3 * 1.2), pytest.approx(2.0e-3 * 0.8)), bad["params"]
-    assert f"optim.lr={mutated}" in lives(bad)[1] and f"resume_from/step_{EVERY:06d}" in lives(bad)[1]
+    # the donor's checkpoint became the newest of the bad trial's run dir, which its second run resumed from
+    assert f"optim.lr={mutated}" in lives(bad)[1]
+    second_life = (Path(bad["run_dir"]) / "sweep" / "train.log").read_text().split("=====")[-1]
+    assert f"resumed from {Path(bad['run_dir']) / 'checkpoints' / f'step_{EVERY:06d}'}" in second_life
     # it trained on from the donor's weights with its own lr: far ahead of where the hopeless lr stood, and not a copy
     # of the donor's second half (the checkpoint's lr would have given the donor's losses bit for bit)
     assert bad["curve"][-1][1] > bad["curve"][0][1] + 0.1, bad["curve"]
@@ -275,14 +278,18 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(
         time.sleep(0.2)
     assert driver.proc.poll() is None, "the sweep ended before it could be killed:\n" + driver.wait(1)[1][-3000:]
     assert first is not None and second is not None
-    # Freeze the second run where it is (its guard stays awake): the sweep driver's death reaches the guard only after
-    # Ray noticed it, seconds during which the run would otherwise train on to its last step. The guard then sends
-    # SIGTERM and SIGCONT, and the run checkpoints and stops where it was frozen.
-    for pid, cmd in trainer_pids(str(second)):
-        if "trial_guard" not in cmd:
-            os.kill(pid, signal.SIGSTOP)
+    # Freeze the second run where it is (a test's SIGSTOP): the driver's death reaches the run through its trial's
+    # heartbeat only, seconds during which the run would otherwise train on to its last step. Thawed once the
+    # heartbeat is stale, the run checkpoints and stops by itself at the end of its step.
+    pgid = os.getpgid(json.loads((second / "lease.json").read_text())["pid"])
+    os.killpg(pgid, signal.SIGSTOP)
     driver.kill()
-    # the killed driver's trials stop with it (the guard of each run watches its Ray worker)
+    alive = second / "sweep" / "alive"
+    deadline = time.monotonic() + 120
+    while time.time() - alive.stat().st_mtime < HEARTBEAT_TIMEOUT_S + 3:  # the killed driver's trials end with it
+        assert time.monotonic() < deadline, "the trial's heartbeat went on after its driver was killed"
+        time.sleep(0.5)
+    os.killpg(pgid, signal.SIGCONT)
     assert wait_no_trainers(str(sweep_dir), timeout=60) == []
     finished_metrics = (first / "metrics.jsonl").read_bytes()
     finished_mtime = (first / "metrics.jsonl").stat().st_mtime_ns
@@ -360,21 +367,21 @@ def test_slurm_backend_two_trials(digits_dir: Path, ray_address: str, tmp_path: 
 
 
 def test_a_slurm_trial_stopped_at_a_rung_trains_no_further(digits_dir: Path, tmp_path: Path) -> None:
-    # The Slurm backend's trial run (launch.sweep_trial._SlurmRun: a `pretrain submit` job) waits at each eval for the
+    # The Slurm backend's trial run (launch.sweep.trial._SlurmRun: a `pretrain submit` job) waits at each eval for the
     # trial's decision through the run dir, exactly as a local one: a stop at the first rung ends the job there.
     why = _slurm_ready()
     if why is not None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must run the Slurm sweep test: {why}")
         pytest.skip(why)
-    from launch.sweep_trial import slurm_cluster_params, submit_slurm_trial
+    from launch.sweep.trial import slurm_params, submit_slurm_trial
     from pretrain.sweep_hook import STOP, Heartbeat, decide, install_hook, waiting_step
 
     run_dir = tmp_path / "trials" / "rung"
     install_hook(run_dir)
     beat = Heartbeat(run_dir, every_s=1.0)
     overrides = [*trial_overrides(digits_dir), f"run.output_dir={run_dir.parent}", "run.name=rung"]
-    params = slurm_cluster_params({"profile": "local", "cpus_per_task": 1, "mem_gb": 2, "timeout_min": 10}, 1)
+    params = slurm_params({"profile": "local", "cpus_per_task": 1, "mem_gb": 2, "timeout_min": 10}, 1)
     job = submit_slurm_trial(str(CONFIG), overrides, params)
     try:
         deadline = time.monotonic() + 300

@@ -3,15 +3,14 @@ knobs, every trial config resolved before a sweep starts, and the small file hel
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import yaml
 
 from launch.cli import main as cli_main
-from launch.sweep_spec import load_sweep, validate_trial_configs
-from launch.sweep_trial import MetricsTail, format_override, newest_checkpoint, stage_checkpoint
+from launch.sweep.spec import format_override, load_sweep, validate_trial_configs
+from launch.sweep.trial import newest_checkpoint
 from pretrain.config import CONFIGS_DIR, ConfigError, parse_overrides
 
 BASE = str(CONFIGS_DIR / "run" / "digits_sepvit_lite.yaml")
@@ -27,8 +26,8 @@ def write(tmp_path: Path, **fields) -> Path:
 def test_minimal_sweep_defaults(tmp_path: Path) -> None:
     spec = load_sweep(write(tmp_path))
     assert spec.name == "sweep" and spec.metric == "val_top1" and spec.mode == "max"
-    assert spec.scheduler.name == "asha" and spec.scheduler.knobs["grace_period"] == 1
-    assert spec.resources == {"cpu": 1, "gpu": 0, "nproc": 1}
+    assert spec.scheduler.name == "asha" and spec.scheduler.grace_period == 1
+    assert (spec.resources.cpu, spec.resources.gpu, spec.resources.nproc) == (1, 0, 1)
     assert Path(spec.base).is_absolute()
     validate_trial_configs(spec)
 
@@ -75,18 +74,23 @@ def test_numeric_strings_in_bounds(tmp_path: Path) -> None:
     path = tmp_path / "s.yaml"
     path.write_text(f"base: {BASE}\nspace:\n  optim.lr: {{loguniform: [1e-4, 1e-2]}}\n")  # YAML 1.1: strings
     spec = load_sweep(path)
-    assert spec.space["optim.lr"].values == [1.0e-4, 1.0e-2]
+    assert spec.space["optim.lr"] == {"loguniform": [1.0e-4, 1.0e-2]}
 
 
 def test_unknown_top_level_and_scheduler_keys(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="unknown key 'schedular'.*did you mean scheduler"):
+    # the same checks, and messages, as run configs (pretrain.config.build_dataclass)
+    with pytest.raises(ConfigError, match="unknown sweep key 'schedular'.*did you mean scheduler"):
         load_sweep(write(tmp_path, schedular={"name": "asha"}))
-    with pytest.raises(ConfigError, match="unknown key 'grace'.*grace_period"):
+    with pytest.raises(ConfigError, match="unknown sweep key 'scheduler.grace'.*scheduler.grace_period"):
         load_sweep(write(tmp_path, scheduler={"name": "asha", "grace": 2}))
-    with pytest.raises(ConfigError, match="unknown key 'hyperband'"):
+    with pytest.raises(ConfigError, match=r"scheduler.name='hyperband' is not one of \['asha', 'pbt', 'fifo'\]"):
         load_sweep(write(tmp_path, scheduler={"name": "hyperband"}))
+    with pytest.raises(ConfigError, match="scheduler.grace_period expects an integer"):
+        load_sweep(write(tmp_path, scheduler={"name": "asha", "grace_period": "two"}))
     with pytest.raises(ConfigError, match="reduction_factor must be > 1"):
         load_sweep(write(tmp_path, scheduler={"name": "asha", "reduction_factor": 1}))
+    with pytest.raises(ConfigError, match="scheduler.synch is no setting of asha"):
+        load_sweep(write(tmp_path, scheduler={"name": "asha", "synch": True}))
 
 
 def test_metric_and_mode(tmp_path: Path) -> None:
@@ -98,11 +102,11 @@ def test_metric_and_mode(tmp_path: Path) -> None:
 
 
 def test_resources_and_counts(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="unknown key 'gpus'.*gpu"):
+    with pytest.raises(ConfigError, match="unknown sweep key 'resources.gpus'.*resources.gpu"):
         load_sweep(write(tmp_path, resources={"gpus": 1}))
     with pytest.raises(ConfigError, match="one GPU per rank"):
         load_sweep(write(tmp_path, resources={"gpu": 1, "nproc": 2}))
-    with pytest.raises(ConfigError, match="num_samples must be an integer >= 1"):
+    with pytest.raises(ConfigError, match="num_samples must be >= 1"):
         load_sweep(write(tmp_path, num_samples=0))
     spec = load_sweep(write(tmp_path, num_samples=3), num_samples=5, max_concurrent=2, name="other")
     assert (spec.num_samples, spec.max_concurrent, spec.name) == (5, 2, "other")
@@ -161,75 +165,15 @@ def test_format_override_round_trips_through_parse_overrides(value) -> None:
     assert parsed == value and type(parsed) is type(value)
 
 
-def test_metrics_tail_reads_complete_lines_and_follows_a_replaced_file(tmp_path: Path) -> None:
-    path = tmp_path / "metrics.jsonl"
-    tail = MetricsTail(path)
-    assert tail.read() == []
-    path.write_text('{"step": 1}\n{"step": 2')  # torn last line
-    assert tail.read() == [{"step": 1}]
-    with open(path, "a") as f:
-        f.write(', "x": 1}\nnot json\n')
-    assert tail.read() == [{"step": 2, "x": 1}]
-    # a resumed run cuts the file back by replacing it: read again from its start
-    tmp = tmp_path / "m.tmp"
-    tmp.write_text('{"step": 1}\n{"step": 5}\n')
-    tmp.replace(path)
-    assert [e["step"] for e in tail.read()] == [1, 5]
-    assert MetricsTail(path, from_end=True).read() == []
-
-
-def test_newest_checkpoint_and_staging(tmp_path: Path) -> None:
+def test_newest_checkpoint_is_the_complete_one_latest_names(tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert newest_checkpoint(run) is None
     for step in (10, 20):
         d = run / "checkpoints" / f"step_{step:06d}"
         d.mkdir(parents=True)
-        (d / "model.pt").write_bytes(b"x" * step)
-        (d / "meta.json").write_text(json.dumps({"step": step}))
         (d / "COMPLETE").write_text("{}")
     (run / "checkpoints" / "step_000030").mkdir()  # torn: no COMPLETE
     (run / "checkpoints" / "latest").write_text("step_000020\n")
-    ref = newest_checkpoint(run)
-    assert ref is not None and (ref.tag, ref.step) == ("step_000020", 20)
-    staged = stage_checkpoint(ref, tmp_path / "staging" / ref.tag, {"trial_id": "t"})
-    assert staged is not None and (staged / "model.pt").read_bytes() == b"x" * 20
-    assert (staged / "model.pt").stat().st_ino == (ref.path / "model.pt").stat().st_ino  # a hard link, not a copy
-    assert json.loads((staged / ".sweep_checkpoint.json").read_text())["step"] == 20
-    (run / "checkpoints" / "latest").write_text("step_000030\n")  # names a torn one: fall back to the newest complete
-    assert newest_checkpoint(run).tag == "step_000020"
-
-
-def test_checkpoints_ray_tune_lost_are_restaged_from_the_trials_run_dir(tmp_path: Path) -> None:
-    # A resumed sweep whose saved Ray Tune state names a checkpoint Tune's retention had deleted: the restore fails with
-    # Tune's own error, and the trial's newest run-dir checkpoint is put where Tune looks for it.
-    from ray.tune import Result
-
-    from launch.sweep import restage_lost_checkpoints
-
-    trials = tmp_path / "trials"
-    d = trials / "ab12c_00001" / "checkpoints" / "step_000015"
-    d.mkdir(parents=True)
-    (d / "model.pt").write_bytes(b"w" * 15)
-    (d / "COMPLETE").write_text("{}")
-    (trials / "ab12c_00000").mkdir()  # no checkpoint of its own: nothing to put back
-    tune_dir = tmp_path / "tune"
-    lost = tune_dir / "run_trial_ab12c_00001_1_optim_lr=0.0010_2026-11-21_19-29-51" / "checkpoint_000003"
-    message = (
-        "ray::ImplicitFunc.restore() ...\nValueError: Could not recover from checkpoint as it does not exist on "
-        f"storage anymore. Got storage fs type `local` and path: {lost}"
-    )
-    results = [
-        Result(metrics={}, checkpoint=None, error=ValueError(message), path=str(lost.parent)),
-        Result(
-            metrics={},
-            checkpoint=None,
-            error=ValueError(message.replace("00001", "00000")),
-            path=str(tune_dir / "run_trial_ab12c_00000_0_optim_lr=0.0020_2026-11-21_19-29-51"),
-        ),
-        Result(metrics={}, checkpoint=None, error=RuntimeError("exited with code 1"), path=str(tune_dir / "x")),
-    ]
-    assert restage_lost_checkpoints(results, trials) == ["ab12c_00001"]
-    assert (lost / "model.pt").read_bytes() == b"w" * 15
-    meta = json.loads((lost / ".sweep_checkpoint.json").read_text())
-    assert meta["trial_id"] == "ab12c_00001" and meta["step"] == 15  # the trial resumes its own run dir from it
-    assert not (tune_dir / "run_trial_ab12c_00000_0_optim_lr=0.0020_2026-11-21_19-29-51").exists()
+    assert newest_checkpoint(run) == run / "checkpoints" / "step_000020"
+    (run / "checkpoints" / "latest").write_text("step_000030\n")
+    assert newest_checkpoint(run) is None

@@ -1,26 +1,26 @@
 """The end of a sweep: the trials ranked by their eval metric, and the files written for people to read.
 
 :func:`summarize_sweep` builds one :class:`TrialRecord` per trial from its run dir (``metrics.jsonl``, ``status.json``,
-``sweep/trial.json``) and Ray Tune's view of it (when the sweep just ran), prints the ranked table and writes
-``summary.txt``/``summary.json``, ``metric_vs_step.png``, ``best_config.yaml`` and the ``tb/`` links into the sweep
-dir (layout in :mod:`launch.sweep`).
+``sweep/trial.json``) and Ray Tune's view of it (when the sweep just ran), prints the ranked table, the best config and
+checkpoint with the ``pretrain export`` command for it, and writes ``summary.txt``/``summary.json``,
+``metric_vs_step.png``, ``best_config.yaml`` and the ``tb/`` links into the sweep dir.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launch.sweep_spec import SweepSpec, trial_fixed_overrides
-from launch.sweep_trial import CHECKPOINT_META, SWEEP_SUBDIR, MetricsTail, format_override, newest_checkpoint
+from launch.sweep.spec import SweepSpec, format_override
+from launch.sweep.trial import newest_checkpoint
 from pretrain.config import dump_config, load_config
-from pretrain.rundir import CONFIG_YAML, METRICS, STATUS, TB
+from pretrain.fsutil import read_jsonl
+from pretrain.rundir import CONFIG_YAML, METRICS, SWEEP, TB, read_status
 
-__all__ = ["best_checkpoint", "TrialRecord", "format_table", "summarize_sweep"]
+__all__ = ["TrialRecord", "best_checkpoint", "format_table", "summarize_sweep"]
 
 
 @dataclass
@@ -42,17 +42,14 @@ class TrialRecord:
 
 def _trial_record(spec: SweepSpec, run_dir: Path, ray_info: dict[str, Any] | None, max_steps: int) -> TrialRecord:
     try:
-        trial_meta = json.loads((run_dir / "sweep" / "trial.json").read_text())
-    except (OSError, ValueError):
-        trial_meta = {}
-    params = dict((ray_info or {}).get("config") or trial_meta.get("params") or {})
-    events = MetricsTail(run_dir / METRICS).read()
+        params = json.loads((run_dir / SWEEP / "trial.json").read_text())["params"]
+    except (OSError, ValueError, KeyError):
+        params = {}
+    params = dict((ray_info or {}).get("config") or params)
+    events = read_jsonl(run_dir / METRICS)
     curve = [(int(e["step"]), float(e[spec.metric])) for e in events if spec.metric in e and "step" in e]
     step = max([int(e.get("step", 0)) for e in events] or [0])
-    try:
-        state = json.loads((run_dir / STATUS).read_text()).get("state", "")
-    except (OSError, ValueError):
-        state = ""
+    state = (read_status(run_dir)[0] or {}).get("state", "")
     error = (ray_info or {}).get("error", "")
     if error:
         status = "error"
@@ -64,40 +61,28 @@ def _trial_record(spec: SweepSpec, run_dir: Path, ray_info: dict[str, Any] | Non
         status = "running" if state == "running" else "pending"
     best = best_step = last = None
     if curve:
-        pick = max if spec.mode == "max" else min
-        best_step, best = pick(curve, key=lambda sv: sv[1])
+        best_step, best = (max if spec.mode == "max" else min)(curve, key=lambda sv: sv[1])
         last = curve[-1][1]
     return TrialRecord(run_dir.name, params, status, step, best, best_step, last, str(run_dir), error, curve)
 
 
 def _format_value(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def format_table(spec: SweepSpec, records: list[TrialRecord]) -> str:
     """The ranked table: rank, trial, status, steps, best metric (at step), last metric, parameters."""
     keys = sorted({k for r in records for k in r.params})
     header = ["rank", "trial", "status", "steps", f"best {spec.metric}", "at step", "last", *keys]
-    rows = []
-    for i, r in enumerate(records, 1):
-        rows.append(
-            [
-                str(i),
-                r.trial_id,
-                r.status,
-                str(r.step),
-                "-" if r.best is None else f"{r.best:.4f}",
-                "-" if r.best_step is None else str(r.best_step),
-                "-" if r.last is None else f"{r.last:.4f}",
-                *[_format_value(r.params.get(k, "")) for k in keys],
-            ]
-        )
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
+    rows = [
+        [str(i), r.trial_id, r.status, str(r.step), "-" if r.best is None else f"{r.best:.4f}",
+         "-" if r.best_step is None else str(r.best_step), "-" if r.last is None else f"{r.last:.4f}",
+         *[_format_value(r.params.get(k, "")) for k in keys]]
+        for i, r in enumerate(records, 1)
+    ]  # fmt: skip
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
+    lines = [header, ["-" * w for w in widths], *rows]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
 def _plot(spec: SweepSpec, records: list[TrialRecord], path: Path) -> None:
@@ -108,12 +93,11 @@ def _plot(spec: SweepSpec, records: list[TrialRecord], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
     for r in records:
-        if not r.curve:
-            continue
-        steps, values = zip(*r.curve)
-        params = ", ".join(f"{k.rsplit('.', 1)[-1]}={_format_value(v)}" for k, v in sorted(r.params.items()))
-        style = "-" if r.status == "finished" else "--"
-        ax.plot(steps, values, style, marker="o", markersize=3, label=f"{r.trial_id} ({r.status}) {params}")
+        if r.curve:
+            steps, values = zip(*r.curve)
+            params = ", ".join(f"{k.rsplit('.', 1)[-1]}={_format_value(v)}" for k, v in sorted(r.params.items()))
+            style = "-" if r.status == "finished" else "--"
+            ax.plot(steps, values, style, marker="o", markersize=3, label=f"{r.trial_id} ({r.status}) {params}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(spec.metric)
     ax.set_title(f"sweep {spec.name}: {spec.metric} vs step ({spec.scheduler.name}; dashed = stopped early)")
@@ -149,20 +133,17 @@ def _write_best_config(spec: SweepSpec, best: TrialRecord, path: Path) -> None:
 
 
 def best_checkpoint(sweep_dir: Path, best: TrialRecord) -> Path | None:
-    """The checkpoint of the best trial at its best eval if Ray Tune kept it (``tune/``), else the newest one the
-    trial's run dir holds; None if neither exists."""
+    """The best trial's checkpoint at its best eval if Ray Tune kept it (``tune/``; the trial wrote its id and step
+    into the checkpoint's Ray metadata), else the newest one of its run dir; None if neither exists."""
     kept = []
     for path in (sweep_dir / "tune").glob("*/checkpoint_*"):
         try:
-            meta = json.loads((path / CHECKPOINT_META).read_text())
+            meta = json.loads((path / ".metadata.json").read_text())
         except (OSError, ValueError):
             continue
         if meta.get("trial_id") == best.trial_id and isinstance(meta.get("step"), int):
-            kept.append((meta["step"] == best.best_step, meta["step"], path))
-    if kept:
-        return max(kept)[2]
-    own = newest_checkpoint(best.run_dir)
-    return own.path if own is not None else None
+            kept.append((meta["step"] == best.best_step, meta["step"], str(path)))
+    return Path(max(kept)[2]) if kept else newest_checkpoint(best.run_dir)
 
 
 def _link_tensorboard(sweep_dir: Path) -> None:
@@ -183,18 +164,12 @@ def summarize_sweep(spec: SweepSpec, ray_trials: dict[str, dict[str, Any]] | Non
             built from the trials' run dirs alone.
     """
     sweep_dir = spec.sweep_dir.resolve()
-    ray_trials = ray_trials or {}
-    max_steps = load_config(spec.base, trial_fixed_overrides(spec)).trainer.max_steps
+    max_steps = load_config(spec.base, spec.trial_overrides()).trainer.max_steps
     run_dirs = {p.name: p for p in sorted((sweep_dir / "trials").glob("*")) if p.is_dir()}
     if ray_trials:  # leftovers of a driver killed before Ray Tune recorded their trials are not part of the sweep
-        run_dirs = {k: v for k, v in run_dirs.items() if k in ray_trials}
-    for d in run_dirs.values():  # hard links a stopped trial had staged for Ray Tune when it was killed
-        shutil.rmtree(d / SWEEP_SUBDIR / "staging", ignore_errors=True)
-    for trial_id in ray_trials:
-        run_dirs.setdefault(trial_id, sweep_dir / "trials" / trial_id)
-    records = [
-        _trial_record(spec, d, ray_trials.get(tid) if ray_trials else None, max_steps) for tid, d in run_dirs.items()
-    ]
+        run_dirs = {t: run_dirs.get(t, sweep_dir / "trials" / t) for t in ray_trials}
+    records = [_trial_record(spec, d, (ray_trials or {}).get(t) if ray_trials else None, max_steps)
+               for t, d in run_dirs.items()]  # fmt: skip
     sign = 1.0 if spec.mode == "max" else -1.0
     records.sort(key=lambda r: (r.best is None, -sign * (r.best if r.best is not None else 0.0), r.trial_id))
 
@@ -206,14 +181,12 @@ def summarize_sweep(spec: SweepSpec, ray_trials: dict[str, dict[str, Any]] | Non
     _plot(spec, records, sweep_dir / "metric_vs_step.png")
     _link_tensorboard(sweep_dir)
     ranked = [r for r in records if r.best is not None and r.status != "error"]
-    if ranked:
-        _write_best_config(spec, ranked[0], sweep_dir / "best_config.yaml")
     print(f"\nsweep {spec.name}: {len(records)} trials, ranked by {spec.metric} ({spec.mode})\n{table}\n")
     if ranked:
+        _write_best_config(spec, ranked[0], sweep_dir / "best_config.yaml")
         print(f"best: {ranked[0].trial_id} {spec.metric}={ranked[0].best:.4f} at step {ranked[0].best_step}")
         print(f"  config:      {sweep_dir / 'best_config.yaml'}   (pretrain train {sweep_dir / 'best_config.yaml'})")
-        ckpt = best_checkpoint(sweep_dir, ranked[0])
-        if ckpt is not None:
+        if (ckpt := best_checkpoint(sweep_dir, ranked[0])) is not None:
             print(f"  checkpoint:  {ckpt}")
             print(f"  export:      pretrain export {ckpt} --out {sweep_dir / 'best.safetensors'}")
     print(f"  plot:        {sweep_dir / 'metric_vs_step.png'}")

@@ -1,0 +1,407 @@
+"""The sweep YAML: its schema (:class:`SweepSpec`) and its checks, before anything starts.
+
+The schema is dataclasses built by :func:`pretrain.config.build_dataclass`, the code that builds run configs: an
+unknown key fails naming the closest valid ones, values are checked against the annotations, and ``__post_init__``
+checks ranges. Search-space and PBT-mutation keys are *config paths*, checked against the run config's schema;
+:func:`validate_trial_configs` resolves one trial config per value of every dimension (both ends of ranges, every
+choice), so a value the run config rejects fails the sweep at once (exit 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pretrain.config import (
+    CONFIGS_DIR,
+    PATH_KEYS,
+    Config,
+    ConfigError,
+    _all_keys,
+    _suggest,
+    absolute_paths,
+    build_dataclass,
+    load_config,
+    read_yaml_mapping,
+)
+
+__all__ = ["EVAL_METRICS", "Resources", "SchedulerSpec", "SweepSpec", "load_sweep", "validate_trial_configs"]
+
+EVAL_METRICS = {"val_loss": "min", "val_top1": "max", "val_top5": "max"}
+"""Metrics of the trainer's eval events, with the mode that makes sense for each."""
+
+_KINDS = ("choice", "uniform", "loguniform", "randint", "grid")
+"""``{choice: [a, b]}``, ``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``, ``{randint: [lo, hi]}`` (hi excluded),
+``{grid: [a, b]}`` (every value, times ``num_samples``)."""
+
+_ASHA_KEYS = {"grace_period", "reduction_factor", "max_t", "brackets"}
+_PBT_KEYS = {"perturbation_interval", "hyperparam_mutations", "quantile_fraction", "resample_probability",
+             "burn_in_period", "perturbation_factors", "synch"}  # fmt: skip
+
+
+def format_override(key: str, value: Any) -> str:
+    """``key=value`` that :func:`pretrain.config.parse_overrides` reads back as the same value (YAML 1.1 reads
+    ``1e-05`` as a string: a float's mantissa always gets a dot)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float) and math.isfinite(v):
+            mantissa, _, exponent = repr(v).partition("e")
+            return mantissa + ("" if "." in mantissa else ".0") + ("e" + exponent if exponent else "")
+        if isinstance(v, float):
+            return ".nan" if math.isnan(v) else (".inf" if v > 0 else "-.inf")
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{json.dumps(str(k))}: {fmt(x)}" for k, x in v.items()) + "}"
+        if isinstance(v, int) and not isinstance(v, bool):
+            return str(v)
+        return json.dumps(v if isinstance(v, bool) or v is None else str(v))  # quoted: '1a2b3_00001' is no number
+
+    return f"{key}={fmt(value)}"
+
+
+def _check_path(path: str, where: str) -> None:
+    """``path`` must name a field of the run config (or a key under an open mapping such as ``model.kwargs``)."""
+    hints: dict[str, Any] = {}
+
+    def walk(cls: Any, prefix: str) -> None:
+        for name, tp in typing.get_type_hints(cls).items():
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{name}.")
+            else:
+                hints[prefix + name] = tp
+
+    walk(Config, "")
+    mappings = [k for k, tp in hints.items() if typing.get_origin(tp) is dict]
+    if path in hints or any(path.startswith(m + ".") for m in mappings):
+        if path.startswith("run."):
+            raise ConfigError(f"{where}: '{path}' is set by the sweep for every trial (its run dir) and cannot vary")
+        return
+    hint = _suggest(path, sorted(hints))
+    if not hint and path in _all_keys():
+        example = min(k for k in hints if k.startswith(path + "."))
+        hint = f"; '{path}' is a section, name one of its fields (e.g. {example})"
+    raise ConfigError(f"{where}: unknown config path '{path}'{hint}")
+
+
+def _distribution(raw: Any, where: str, kinds: tuple[str, ...] = _KINDS) -> dict[str, list[Any]]:
+    """A checked ``{kind: values}`` (numbers given as YAML 1.1 strings, ``1e-4``, read as numbers)."""
+    if isinstance(raw, list):
+        raise ConfigError(f"{where}: a bare list is ambiguous; write {{choice: {raw}}} or {{grid: {raw}}}")
+    if not isinstance(raw, dict) or len(raw) != 1:
+        raise ConfigError(f"{where}: expected one of {', '.join(kinds)} as a mapping, e.g. {{loguniform: [1e-4, 0.1]}}")
+    ((kind, values),) = raw.items()
+    if kind not in kinds:
+        close = difflib.get_close_matches(str(kind), kinds, n=2, cutoff=0.5)
+        raise ConfigError(f"{where}: unknown key '{kind}'; " + (f"did you mean {', '.join(close)}?" if close else
+                                                                  f"known: {', '.join(kinds)}"))  # fmt: skip
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{where}: {kind} needs a non-empty list, got {values!r}")
+    if kind in ("choice", "grid"):
+        return {kind: list(values)}
+    try:
+        lo, hi = (float(v) if isinstance(v, str) else v for v in values)
+    except ValueError:
+        lo = hi = None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)):
+        raise ConfigError(f"{where}: {kind} needs [low, high] numbers, got {values!r}")
+    if not lo < hi:
+        raise ConfigError(f"{where}: {kind} needs low < high, got {values!r}")
+    if kind == "loguniform" and lo <= 0:
+        raise ConfigError(f"{where}: loguniform needs low > 0, got {lo!r}")
+    if kind == "randint" and not (isinstance(lo, int) and isinstance(hi, int)):
+        raise ConfigError(f"{where}: randint needs integer bounds [low, high), got {values!r}")
+    return {kind: [lo, hi] if kind == "randint" else [float(lo), float(hi)]}
+
+
+def points(dist: dict[str, list[Any]]) -> list[Any]:
+    """Values that exercise a dimension when validating trial configs: every choice, both ends of a range."""
+    ((kind, values),) = dist.items()
+    if kind in ("choice", "grid"):
+        return list(values)
+    return [values[0], values[1] - 1] if kind == "randint" else list(values)
+
+
+def to_tune(dist: dict[str, list[Any]], for_mutation: bool = False) -> Any:
+    """The Ray Tune domain of a dimension (PBT mutations take a plain list for ``choice``)."""
+    from ray import tune  # noqa: PLC0415
+
+    ((kind, values),) = dist.items()
+    if kind == "choice" and for_mutation:
+        return list(values)
+    return {"choice": tune.choice, "grid": tune.grid_search}.get(kind, lambda v: getattr(tune, kind)(*v))(values)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+@dataclass
+class SchedulerSpec:
+    """Trial scheduler. Times are counted in eval events (Ray Tune iterations), not optimizer steps."""
+
+    name: Literal["asha", "pbt", "fifo"] = "asha"
+    """``asha`` (stops bad trials early), ``pbt`` (population based training) or ``fifo`` (every trial to the end)."""
+    grace_period: int = 1
+    """ASHA: evals a trial gets before it can be stopped."""
+    reduction_factor: float = 2
+    """ASHA: 1/reduction_factor of the trials continue at each rung."""
+    max_t: int | None = None
+    """ASHA: evals of the longest trial (default: from the trial config)."""
+    brackets: int = 1
+    """ASHA: brackets of successive halving."""
+    perturbation_interval: int = 1
+    """PBT: evals between exploit/explore decisions."""
+    hyperparam_mutations: dict[str, Any] = field(default_factory=dict)
+    """PBT: config path -> distribution (as in ``space``, no ``grid``)."""
+    quantile_fraction: float = 0.25
+    """PBT: the bottom fraction clones the top fraction."""
+    resample_probability: float = 0.25
+    """PBT: chance of resampling a value instead of perturbing it."""
+    burn_in_period: int = 0
+    """PBT: evals before the first perturbation."""
+    perturbation_factors: list[float] = field(default_factory=lambda: [1.2, 0.8])
+    """PBT: factors a continuous value is multiplied by."""
+    synch: bool = False
+    """PBT: wait for every trial at each perturbation."""
+
+    def __post_init__(self):
+        given = {f.name for f in dataclasses.fields(self) if getattr(self, f.name) != _default(f)}
+        own = {"asha": _ASHA_KEYS, "pbt": _PBT_KEYS, "fifo": set()}[self.name]
+        if extra := sorted(given - own - {"name"}):
+            raise ConfigError(f"scheduler.{extra[0]} is no setting of {self.name}; it takes {sorted(own) or 'none'}")
+        if min(self.grace_period, self.brackets, self.perturbation_interval) < 1:
+            raise ConfigError("scheduler.grace_period, brackets and perturbation_interval must be >= 1 (evals)")
+        if self.reduction_factor <= 1:
+            raise ConfigError(f"scheduler.reduction_factor must be > 1, got {self.reduction_factor}")
+        if self.max_t is not None and self.max_t < self.grace_period:
+            raise ConfigError(f"scheduler.max_t must be >= grace_period (evals), got {self.max_t}")
+        if not 0 < self.quantile_fraction <= 0.5 or not 0 <= self.resample_probability <= 1:
+            raise ConfigError("scheduler.quantile_fraction must be in (0, 0.5], resample_probability in [0, 1]")
+        if len(self.perturbation_factors) != 2 or min(self.perturbation_factors) <= 0:
+            raise ConfigError("scheduler.perturbation_factors must be two positive numbers, e.g. [1.2, 0.8]")
+        if self.name == "pbt" and not self.hyperparam_mutations:
+            raise ConfigError("scheduler.hyperparam_mutations: PBT needs config paths to mutate, e.g. optim.lr")
+        for path, dist in list(self.hyperparam_mutations.items()):
+            _check_path(str(path), "scheduler.hyperparam_mutations")
+            kinds = tuple(k for k in _KINDS if k != "grid")
+            self.hyperparam_mutations[path] = _distribution(dist, f"scheduler.hyperparam_mutations.{path}", kinds)
+
+
+@dataclass
+class Resources:
+    """What one trial gets."""
+
+    cpu: float = 1
+    """Ray CPUs of a local trial; its ranks share them (``OMP_NUM_THREADS``)."""
+    gpu: float = 0
+    """Ray GPUs of a local trial (one per rank)."""
+    nproc: int = 1
+    """Ranks of the trial's run (``pretrain train --nproc``; tasks of a Slurm trial)."""
+
+    def __post_init__(self):
+        if self.cpu < 0 or self.gpu < 0 or self.nproc < 1:
+            raise ConfigError("resources.cpu and resources.gpu must be >= 0, resources.nproc >= 1")
+        if 0 < self.gpu < self.nproc:
+            raise ConfigError(f"resources.gpu={self.gpu} is less than nproc={self.nproc} (one GPU per rank)")
+
+
+@dataclass
+class SweepSpec:
+    """A sweep YAML. ``sweep.yaml`` in the sweep dir is this, with every path absolute (what ``--resume`` runs)."""
+
+    base: str
+    """Run config of every trial (a path, or a name in ``configs/run/``)."""
+    space: dict[str, Any]
+    """Config path -> distribution, e.g. ``optim.lr: {loguniform: [1.0e-4, 1.0e-2]}``."""
+    name: str = ""
+    """Sweep name (default: the YAML's file name); the sweep dir is ``output_dir/name``."""
+    description: str = ""
+    """Free text."""
+    output_dir: str = "runs/sweeps"
+    """Parent folder of sweep dirs."""
+    overrides: list[str] = field(default_factory=list)
+    """``section.field=value`` applied to every trial."""
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    """Trial scheduler (``scheduler: fifo`` is short for ``{name: fifo}``)."""
+    metric: str = "val_top1"
+    """Eval metric that ranks trials and checkpoints."""
+    mode: str = ""
+    """``max`` or ``min`` (default: what suits the metric)."""
+    num_samples: int = 1
+    """Samples of the space (with ``grid`` dimensions: repeats of the grid)."""
+    max_concurrent: int = 0
+    """Trials running at once; 0: as many as the resources allow."""
+    resources: Resources = field(default_factory=Resources)
+    """Per trial."""
+    max_failures: int = 1
+    """Retries of a failed trial (it resumes from its newest checkpoint)."""
+    keep_checkpoints: int = 2
+    """Checkpoints Ray Tune keeps per trial, the best by ``metric``."""
+    trial_keep_last: int = 1
+    """``checkpoint.keep_last`` of each trial's own run dir (resume needs one)."""
+    trial_backend: Literal["local", "slurm"] = "local"
+    """``local`` (a process per trial) or ``slurm`` (a Slurm job per trial; the driver stays here)."""
+    slurm: dict[str, Any] = field(default_factory=dict)
+    """Slurm trials: ``profile`` (``configs/cluster/``) and ``launch.cluster_params.ClusterParams`` keys."""
+    seed: int | None = 0
+    """Seed of the sampling of the space (None: random)."""
+    stop_grace_s: float = 20.0
+    """Seconds a stopped trial's run gets to checkpoint and end before it is signalled (Slurm: cancelled)."""
+    workdir: str = ""
+    """Where ``pretrain sweep`` ran (absolute): local trials run there, so relative ``base:`` files resolve alike."""
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[A-Za-z0-9._-]*", self.name) or self.name in (".", ".."):
+            raise ConfigError(f"sweep name {self.name!r} must be a folder name (letters, digits, '.', '_', '-')")
+        if self.metric not in EVAL_METRICS:
+            close = difflib.get_close_matches(self.metric, list(EVAL_METRICS), n=3, cutoff=0.5)
+            raise ConfigError(f"metric '{self.metric}' is not an eval metric of the trainer" +
+                              (f"; did you mean {', '.join(close)}?" if close else "") +
+                              f" (known: {', '.join(EVAL_METRICS)})")  # fmt: skip
+        self.mode = self.mode or EVAL_METRICS[self.metric]
+        if self.mode not in ("min", "max"):
+            raise ConfigError(f"mode must be 'min' or 'max', got {self.mode!r}")
+        for key, low in (("num_samples", 1), ("max_concurrent", 0), ("max_failures", 0), ("keep_checkpoints", 1),
+                         ("trial_keep_last", 1), ("stop_grace_s", 0)):  # fmt: skip
+            if getattr(self, key) < low:
+                raise ConfigError(f"{key} must be >= {low}, got {getattr(self, key)!r}")
+        for o in self.overrides:
+            if o.split("=", 1)[0].strip() in ("run.name", "run.output_dir"):
+                raise ConfigError(f"overrides: '{o}' is set by the sweep for every trial; use the sweep's name")
+        if not self.space:
+            raise ConfigError("'space' must map config paths to distributions, e.g. optim.lr: {uniform: [1e-4, 0.1]}")
+        for path, dist in list(self.space.items()):
+            _check_path(str(path), "space")
+            self.space[path] = _distribution(dist, f"space.{path}")
+
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def dimensions(self) -> dict[str, dict[str, list[Any]]]:
+        """The space plus the PBT mutations it does not sample (PBT mutates values the trials started with)."""
+        return {**self.scheduler.hyperparam_mutations, **self.space}
+
+    def trial_overrides(self) -> list[str]:
+        """Overrides of every trial: the sweep's trial defaults (Ray Tune keeps the best checkpoints, a trial's run dir
+        its newest; no progress bar in logs nobody watches), then the sweep's own."""
+        return [f"checkpoint.keep_last={self.trial_keep_last}", "checkpoint.keep_best=0", "trainer.progress_bar=false",
+                *self.overrides]  # fmt: skip
+
+    def to_yaml(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def build_spec(raw: dict[str, Any], where: str) -> SweepSpec:
+    """A :class:`SweepSpec` from a YAML mapping (``sweep.yaml`` too), checked as run configs are."""
+    raw = dict(raw)
+    if isinstance(raw.get("scheduler"), str):
+        raw["scheduler"] = {"name": raw["scheduler"].lower()}
+    for key in ("base", "space"):
+        raw.setdefault(key, {} if key == "space" else "")
+    try:
+        return build_dataclass(SweepSpec, raw, kind="sweep")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def load_sweep(path: str | Path, extra_overrides: list[str] | None = None, **flags: Any) -> SweepSpec:
+    """Read and check a sweep YAML; ``flags`` (the CLI's ``--name`` etc., None: not given) override its fields, and
+    every path is made absolute against the working directory (trials start elsewhere: Ray's folders, Slurm nodes).
+
+    Raises:
+        ConfigError: naming the bad key or value, with the closest valid keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        known = sorted(p.name for p in (CONFIGS_DIR / "sweep").glob("*.yaml"))
+        raise ConfigError(f"sweep config '{path}' does not exist; examples in configs/sweep/: {', '.join(known)}")
+    raw = read_yaml_mapping(path)
+    if "base" not in raw:
+        raise ConfigError(f"{path}: 'base' (the run config of every trial) is missing")
+    raw["overrides"] = [*(raw.get("overrides") or []), *(extra_overrides or [])]
+    raw.update({k: v for k, v in flags.items() if v is not None})
+    raw["name"] = raw.get("name") or path.stem
+    spec = build_spec(raw, str(path))
+    if spec.trial_backend == "slurm":
+        from launch.sweep.trial import slurm_params  # noqa: PLC0415
+
+        try:
+            slurm_params(spec.slurm, spec.resources.nproc)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: slurm: {e}") from e
+    cwd = Path.cwd()
+    spec.workdir = str(cwd)
+    spec.output_dir = os.path.normpath(cwd / Path(spec.output_dir).expanduser())
+    spec.base = str(_find_base(spec.base, path))
+    for key in PATH_KEYS:  # a path in the space: every value absolute
+        if key in spec.space and ("choice" in spec.space[key] or "grid" in spec.space[key]):
+            ((kind, values),) = spec.space[key].items()
+            spec.space[key] = {kind: [os.path.normpath(cwd / os.path.expanduser(v)) for v in values]}
+    try:
+        cfg = load_config(spec.base, spec.trial_overrides())
+    except ConfigError as e:
+        raise ConfigError(f"the trial config (base + overrides) is invalid: {e}") from e
+    spec.overrides += absolute_paths(cfg, cwd, skip=(*spec.space, "run.output_dir"))
+    return spec
+
+
+def _find_base(base: str, sweep_path: Path) -> Path:
+    p = Path(base).expanduser()
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p, sweep_path.parent / p, CONFIGS_DIR.parent / p]
+    candidates += [] if p.suffix in (".yaml", ".yml") else [CONFIGS_DIR / "run" / f"{base}.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    known = sorted(x.stem for x in (CONFIGS_DIR / "run").glob("*.yaml"))
+    raise ConfigError(f"{sweep_path}: base run config '{base}' not found; known in configs/run/: {', '.join(known)}")
+
+
+def validate_trial_configs(spec: SweepSpec) -> Config:
+    """Resolve one trial config per value of every dimension (others at their first value); return the first.
+
+    Raises:
+        ConfigError: naming the dimension and value whose trial config is invalid.
+    """
+    fixed = [*spec.trial_overrides(), "run.name=validate"]
+    dims = {k: points(d) for k, d in spec.dimensions().items()}
+    first = {k: v[0] for k, v in dims.items()}
+    for key, value in [(None, None)] + [(k, v) for k, vs in dims.items() for v in vs[1:]]:
+        point = {**first, key: value} if key else first
+        try:
+            cfg = load_config(spec.base, fixed + [format_override(k, v) for k, v in point.items()])
+        except ConfigError as e:
+            what = f"space {key}={value!r}" if key else f"trial config with {first}"
+            raise ConfigError(f"{what}: the trial config is invalid: {e}") from e
+        if key is None:
+            first_cfg = cfg
+    if not first_cfg.data.val_split:
+        raise ConfigError("the sweep needs evaluation to report its metric, but data.val_split is empty")
+    ev, ck = first_cfg.trainer.eval_every_steps, first_cfg.checkpoint.every_steps
+    if spec.scheduler.name == "pbt" and (ev <= 0 or ck <= 0 or ev % ck):
+        raise ConfigError(
+            f"PBT clones checkpoints at evals: checkpoint.every_steps={ck} must divide trainer.eval_every_steps="
+            f"{ev} (both > 0); add e.g. 'checkpoint.every_steps={max(ev, 1)}' to the sweep's overrides"
+        )
+    return first_cfg
+
+
+def evals_per_trial(spec: SweepSpec, cfg: Config) -> int:
+    """Eval events of the longest trial (ASHA's ``max_t`` default)."""
+    dims = spec.dimensions()
+
+    def values(key: str, default: int) -> list[int]:
+        return [default, *(int(v) for v in points(dims[key]))] if key in dims else [default]
+
+    steps = max(values("trainer.max_steps", cfg.trainer.max_steps))
+    every = min(values("trainer.eval_every_steps", cfg.trainer.eval_every_steps))
+    return max(1, math.ceil(steps / every)) if every > 0 else 1
