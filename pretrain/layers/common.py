@@ -16,7 +16,11 @@ def trunc_normal_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
 
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample: zero the residual branch with probability ``p`` and rescale the rest."""
+    """Stochastic depth per sample: zero the residual branch with probability ``p`` and rescale the rest.
+
+    ``residual(x, y)`` is ``x + self(y)`` in one pass over memory (``addcmul`` with the per-sample scale), and ``y``
+    may be any view of the shape of ``x`` (e.g. windows not yet reversed): the sum is written in the layout of ``x``.
+    """
 
     def __init__(self, p: float = 0.0):
         super().__init__()
@@ -25,10 +29,18 @@ class DropPath(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
             return x
+        return x * self._scale(x)
+
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
         keep = 1.0 - self.p
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # one draw per sample
-        mask = x.new_empty(shape).bernoulli_(keep)
-        return x * mask / keep
+        return x.new_empty(shape).bernoulli_(keep).div_(keep)  # (B, 1, ..., 1): 0 or 1 / keep
+
+    def residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``x + DropPath(y)``: one elementwise pass whose output has the memory layout of ``x``."""
+        if self.p == 0.0 or not self.training:
+            return torch.add(x, y)
+        return torch.addcmul(x, y, self._scale(y))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

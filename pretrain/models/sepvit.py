@@ -5,7 +5,15 @@ pixels plus one learnable *window token* (depthwise self-attention, DWA); then, 
 between the window tokens whose values are the DWA outputs of whole windows (pointwise self-attention, PWA).
 Grouped self-attention (GSA) is the official code's 7/14 window-size alternation inside a stage. The macro design
 is hierarchical: overlapping conv embeddings (7x7/4, then 3x3/2), pre-norm blocks, one PEG per stage after the
-first block, final LayerNorm, mean pooling and a linear head. See ``MODELS.md`` section 2 for the spec.
+first block, final LayerNorm, mean pooling and a linear head. Inside DSSA, DWA adds its (normed) input back to the
+attention output (inner shortcut); PWA's queries and keys come from GELU(LN(window tokens)), its values are the DWA
+outputs of whole windows (no value projection) and its output is added to them (second shortcut); a single-window
+block (global attention) has no token and no PWA.
+
+Layout, for speed (the math is the official one; ``tests/unit/test_model_reference.py`` holds it): the token map
+stays (B, H, W, C) in memory between blocks (the convs run channels-last), norm1 runs on it before the window
+partition, which is one copy into the attention input with the tokens in front; q/k/v are strided views of the qkv
+output, and the window reverse, the residual and drop-path are one ``addcmul`` pass.
 
 What differs from the official classification code:
     * The window count is computed from ``img_size`` instead of being hard-wired for 224x224, so any input size
@@ -158,7 +166,9 @@ class OverlapPatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(dim)  # official PatchEmbed keeps the PyTorch default eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)  # (B, C, H, W)
+        # channels-last conv (the later stages get a channels-last view of the previous map anyway): the output is
+        # then (B, H, W, C) in memory and the norm reads it in place instead of copying a permuted view
+        x = self.proj(x.contiguous(memory_format=torch.channels_last))  # (B, C, H, W), channels-last in memory
         return self.norm(x.permute(0, 2, 3, 1))  # (B, H, W, C)
 
 
@@ -207,6 +217,17 @@ class SeparableAttention(nn.Module):
         attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
         return attn @ v, attn.detach()
 
+    def _window_attend(self, qw: torch.Tensor, kw: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """PWA: softmax over windows (N_w x N_w per head, small) applied to whole windows by one batched matmul.
+
+        SDPA would do the same math, but its kernels are tuned for head widths near 64, not ``w*w*d`` (1,568 at
+        w = 7): the explicit product is a plain GEMM.
+        """
+        attn = ((qw * self.scale) @ kw.transpose(-2, -1)).softmax(dim=-1)  # (B, h, Nw, Nw)
+        if self.keep_attn:
+            self.last_pwa_attn = attn.detach()
+        return attn @ v  # (B, h, Nw, P*d)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """DWA, the inner shortcut, PWA (several windows) and the output projection.
 
@@ -218,13 +239,14 @@ class SeparableAttention(nn.Module):
         """
         B, Nw, L, C = x.shape
         h, d = self.num_heads, self.head_dim
-        # DWA: attention inside each window over its pixels and its token
-        qkv = self.qkv(x).reshape(B * Nw, L, 3, h, d).permute(2, 0, 3, 1, 4)  # (3, B*Nw, h, L, d)
-        q, k, v = qkv.unbind(0)  # unbind, not indexing: its backward stacks instead of zero-filling 3 copies
-        o, attn = self._attend(q, k, v)  # (B*Nw, h, L, d)
+        # DWA: attention inside each window over its pixels and its token. q, k, v are strided views of one qkv
+        # buffer (split, not unbind: the backward concatenates the three gradients straight into one buffer).
+        qkv = self.qkv(x).view(B * Nw, L, 3 * C)  # (B*Nw, L, 3C)
+        q, k, v = (t.view(B * Nw, L, h, d).transpose(1, 2) for t in qkv.split(C, dim=-1))  # (B*Nw, h, L, d)
+        o, attn = self._attend(q, k, v)  # (B*Nw, h, L, d), laid out (B*Nw, L, h, d) by SDPA
         if attn is not None:  # only touched while keeping maps (no module mutation on the fast path)
             self.last_dwa_attn = attn.reshape(B, Nw, h, L, L)
-        o = o.transpose(1, 2).reshape(B, Nw, L, C) + x  # inner shortcut, (B, Nw, L, C)
+        o = torch.add(x, o.transpose(1, 2).reshape(B, Nw, L, C))  # inner shortcut, (B, Nw, L, C)
         if not self.use_pwa:
             return self.proj_drop(self.proj(o))
 
@@ -232,12 +254,10 @@ class SeparableAttention(nn.Module):
         P = L - 1
         t, f = o.split([1, P], dim=2)  # (B, Nw, 1, C) window tokens, (B, Nw, P, C) window features, P = w*w
         qk = self.pwa_qk(self.win_tokens_act(self.win_tokens_norm(t)))  # (B, Nw, 1, 2C)
-        qw, kw = qk.reshape(B, Nw, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, h, Nw, d)
+        qw, kw = (u.view(B, Nw, h, d).transpose(1, 2) for u in qk.split(C, dim=-1))  # 2 x (B, h, Nw, d)
         v = f.reshape(B, Nw, P, h, d).permute(0, 3, 1, 2, 4).reshape(B, h, Nw, P * d)  # no value projection
-        y, attn = self._attend(qw, kw, v)  # (B, h, Nw, P*d)
-        if attn is not None:
-            self.last_pwa_attn = attn
-        y = y.reshape(B, h, Nw, P, d).permute(0, 2, 3, 1, 4).reshape(B, Nw, P, C) + f  # second shortcut
+        y = self._window_attend(qw, kw, v)  # (B, h, Nw, P*d)
+        y = torch.add(f, y.view(B, h, Nw, P, d).permute(0, 2, 3, 1, 4).reshape(B, Nw, P, C))  # 2nd shortcut
         return self.proj_drop(self.proj(y))  # (B, Nw, P, C)
 
 
@@ -274,13 +294,25 @@ class SepViTBlock(nn.Module):
         B, H, W, C = x.shape
         ws = self.window_size
         gh, gw = H // ws, W // ws
-        win = x.reshape(B, gh, ws, gw, ws, C).transpose(2, 3).reshape(B, gh * gw, ws * ws, C)  # (B, Nw, w*w, C)
-        if self.win_tokens is not None:
-            win = torch.cat([self.win_tokens.expand(B, -1, -1, -1), win], dim=2)  # (B, Nw, w*w+1, C)
-        y = self.attn(self.norm1(win))  # (B, Nw, w*w, C)
-        y = y.reshape(B, gh, gw, ws, ws, C).transpose(2, 3).reshape(B, H, W, C)  # window reverse
-        x = x + self.drop_path(y)
-        return x + self.drop_path(self.mlp(self.norm2(x)))  # (B, H, W, C)
+        L = ws * ws + (self.win_tokens is not None)
+        # norm1 is per token, so it runs on the contiguous map (and once on the tokens, not per sample); the windows
+        # are then written once into the attention input, tokens first: (B, Nw, L, C)
+        xn = self.norm1(x)  # (B, H, W, C)
+        if self.win_tokens is None and gh == gw == 1:
+            win = xn.view(B, 1, L, C)  # one window: the map itself
+        else:
+            win = xn.new_empty(B, gh * gw, L, C)
+            if self.win_tokens is not None:
+                n1 = self.norm1  # the functional call: module hooks (e.g. FLOP counters) see norm1 once per forward
+                tokens = F.layer_norm(self.win_tokens[:, :, 0], n1.normalized_shape, n1.weight, n1.bias, n1.eps)
+                win[:, :, 0] = tokens  # (1, Nw, C) broadcast over the batch
+            pixels = win[:, :, L - ws * ws :].view(B, gh, gw, ws, ws, C)
+            pixels.copy_(xn.view(B, gh, ws, gw, ws, C).transpose(2, 3))  # window partition
+        y = self.attn(win)  # (B, Nw, w*w, C)
+        # window reverse, residual and drop path in one pass, written in the layout of x
+        y = y.view(B, gh, gw, ws, ws, C).transpose(2, 3)  # (B, gh, ws, gw, ws, C)
+        x = self.drop_path.residual(x.view(B, gh, ws, gw, ws, C), y).view(B, H, W, C)
+        return self.drop_path.residual(x, self.mlp(self.norm2(x)))  # (B, H, W, C)
 
     def extra_repr(self) -> str:
         return f"window_size={self.window_size}, num_windows={self.num_windows}"
