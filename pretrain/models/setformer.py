@@ -96,7 +96,9 @@ class ConvEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, C_in, H, W) -> tokens (B, H' W', C) and the grid (H', W')."""
-        x = self.conv(x)  # (B, C, H', W')
+        # channels-last conv (the merges get a channels-last view of the previous stage's tokens anyway): the output
+        # is then (B, H' W', C) in memory and the norm reads the tokens in place instead of copying a transposed view
+        x = self.conv(x.contiguous(memory_format=torch.channels_last))  # (B, C, H', W'), channels-last in memory
         grid = (x.shape[-2], x.shape[-1])
         return self.norm(x.flatten(2).transpose(1, 2)), grid  # (B, N, C)
 
@@ -137,8 +139,8 @@ class SetformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
         """(B, N, C) tokens on a (H, W) grid -> (B, N, C)."""
-        x = x + self.drop_path(self.attn(self.norm1(x), grid_size))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self.drop_path.residual(x, self.attn(self.norm1(x), grid_size))  # x + DropPath(attn), one pass
+        return self.drop_path.residual(x, self.mlp(self.norm2(x)))
 
 
 class SetformerStage(nn.Module):
