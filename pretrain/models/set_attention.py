@@ -3,31 +3,60 @@
 SeTformer (Shamsolmoali et al., "SeTformer is What You Need for Vision and Language", AAAI 2024, arXiv 2401.03540)
 replaces dot-product self-attention with "SeT": embed the tokens in an RKHS (Nystrom approximation of a
 positive-definite kernel), align them with a learned reference set by Sinkhorn's algorithm, and aggregate along the
-transport plan. The paper body and code are not available; this layer follows docs/MODELS.md §1.3 and the project
-decisions of §5, which reconstruct the layer from OTKE (Mialon et al., ICLR 2021, ``claying/OTK``). INFERRED parts
-and the choices made here:
+transport plan. Verified from the paper (abstract and third-party summaries; its body and code were not reachable):
+a non-negative transport plan, a kernel-based cost, OT to a learned reference, a cost linear in the number of tokens,
+and an exponential distance penalty as the positional term. Everything else is reconstructed from OTKE (Mialon et
+al., ICLR 2021, ``claying/OTK``), whose layer SeT's description matches, or is our choice; each point says which.
 
 - Per head: an input projection (one ``Linear(C, C)`` split into heads, like a query projection; optional), then the
   Nystrom map ``psi(x) = |x| kappa(Z x/|x|) kappa(Z Z^T)^(-1/2)`` with ``k`` learnable anchors ``Z`` renormalised
-  to unit norm in every forward, ``kappa(t) = exp(alpha (t - 1))``, ``alpha = 1 / kernel_sigma**2``. The whitening
-  ``(kappa(Z Z^T) + ridge I)^(-1/2)`` is computed in float32 by an eigendecomposition with a hand-written backward
-  (the divided differences of ``s^(-1/2)`` have a closed form, so degenerate eigenvalues cause no blow-up).
-- Reference ``y``: ``p`` learnable slots per head, laid out on an ``a x b`` grid (``a = b = sqrt(p)`` when ``p`` is
-  square, otherwise the most square factorisation), used by the positional penalty only.
-- Similarity ``S = psi(X) y^T``; Gibbs kernel ``K = exp(S / eps) * W`` with ``W_ij = exp(-|pos_i - pos_j|_1 /
-  pos_sigma)``, token and reference positions being cell centres scaled to ``[0, 1]^2``. "Modulating" the cost by
-  ``W`` is thus an additive, linear-in-distance term of the cost (``-S - eps log W``): it keeps its meaning for
+  to unit norm in every forward, ``kappa(t) = exp(alpha (t - 1))``, ``alpha = 1 / kernel_sigma**2`` (OTKE/CKN form).
+  The whitening ``(kappa(Z Z^T) + ridge I)^(-1/2)`` is computed in float32 by an eigendecomposition with a
+  hand-written backward (the divided differences of ``s^(-1/2)`` have a closed form, so degenerate eigenvalues cause
+  no blow-up).
+- ``kernel_sigma = 2.0`` (our choice; CKN's default is 0.5). ``psi(x)^T psi(y)`` should approximate
+  ``kappa(x, y) = |x| |y| exp(alpha (cos(x, y) - 1))``, but ``k`` random anchors in ``d`` dimensions cover the sphere
+  too sparsely for a narrow kernel. Measured at init on 512 random inputs with ``k = d = 32`` (error relative to
+  ``|x| |y|``): sigma 0.5 gives ``psi(x)^T psi(x) = 0.02`` where the kernel is 1 and a max error of 0.99; sigma 1.0:
+  0.61 max, 0.050 rms; sigma 2.0: 0.15 max, 0.016 rms (``k = 64``: 0.064 max, 0.006 rms; ``d = k = 16``: 0.20 max,
+  0.025 rms). tests/unit/test_set_attention.py bounds the default at 0.2 max / 0.025 rms. The wider kernel is closer
+  to linear in ``x``; the reference and the anchors are learned, so the map's sharpness is too. Table evidence:
+  rows ``set_sigma0.5`` and ``set`` of the SeT quality ablation in benchmarks/RESULTS.md.
+- Reference ``y``: ``p`` learnable slots per head, ``N(0, 1)`` at init, laid out on an ``a x b`` grid (``a = b =
+  sqrt(p)`` when ``p`` is square, otherwise the most square factorisation), used by the positional term.
+- Similarity ``S = psi(X) y^T`` (the kernel cost is ``-S``); log Gibbs kernel ``S / eps + lambda_h log W`` with
+  ``log W_ij = -|pos_i - pos_j|_1 / pos_sigma``, token and reference positions being cell centres scaled to
+  ``[0, 1]^2``. Our choice of form: an additive, linear-in-distance term of the cost keeps its meaning for
   similarities of either sign (OTKE's ``W * S`` flips for negative ``S``) and leaves the marginals exact (OTKE also
-  multiplies the final plan by ``W``, which breaks them). The L1 distance makes ``W`` separable over rows/columns.
-- Entropic OT with uniform marginals (rows ``1/n``, columns ``1/p``), log-domain Sinkhorn, ``L`` iterations of (row,
-  column) updates, the column update last: column marginals are exact, row marginals converge. The backward of the
-  unrolled iterations is hand-written: it recomputes the ``n x p`` softmax factors from the saved log-kernel and the
-  ``L`` pairs of potentials, so two ``n x p`` tensors per head are kept for backward instead of ``2 L + 1``.
-- Output, option (b) of §1.3: ``A = p T^T psi(X)`` (every slot a convex combination of tokens), then
-  ``out = n T A`` (every token a near-convex combination of slots), heads merged, ``Linear(h k, C)``. Cost and memory
-  are ``O(n p)`` per head: no ``n x n`` tensor exists.
+  multiplies the final plan by ``W``, which breaks them); the L1 distance makes ``W`` separable over rows/columns.
+- Content/position balance (our choice): ``lambda_h = exp(pos_log_scale_h)`` is learned per head (1 at init) and
+  ``pos_sigma = 0.5``. The review of the first version (sigma 0.5, ``pos_sigma = 0.25``, fixed) measured the
+  spread of ``S / eps`` at 0.16-0.44 against ~1.2 for the positional term (std over token/slot pairs after removing
+  row and column means, which the potentials absorb): the plan was nearly a fixed spatial pooling. With the kernel
+  fix and ``pos_sigma = 0.5`` the content/position spread ratio at init is 0.75-1.3 in setformer_lite at 64x64 and
+  0.9-2.6 in setformer_tiny at 224x224 (test bound: 0.5-3 in every layer); each head can then move the balance.
+  Table evidence: rows ``set_review``, ``set_pos_fixed``, ``set_pos_off``.
+- Entropic OT with uniform marginals (rows ``1/n``, columns ``1/p``), log-domain Sinkhorn (OTKE), ``L = 3``
+  iterations of (row, column) updates, the column update last: column marginals are exact, row marginals converge
+  (measured at init with the default kernel: within 2-13% of ``1/n`` after 3 iterations, 0.3% after 5, 1e-5 after
+  10). The backward of the unrolled iterations is hand-written: it recomputes the ``n x p`` softmax factors from the
+  saved log-kernel and the ``L`` pairs of potentials, so two ``n x p`` tensors per head are kept for backward
+  instead of ``2 L + 1``.
+- Output, transport there and back (our choice; linear in ``n``): ``A = p T^T psi(X)``, every slot an exact convex
+  combination of tokens (columns are exact), then ``out_i = sum_j T_ij A_j / sum_j T_ij``: the way back uses the
+  plan's rows renormalised (``exact_rows``, our choice), so every token is an exact convex combination of slots
+  whatever the row error of a 3-iteration plan (the first version used ``n T A``, off by the row error: up to 2.6%
+  at init in the review, 13% with the sharper content term of the kernel fix). An exact final normalisation costs
+  one ``n x p`` division, where more iterations cost two ``n x p`` passes each (rows ``set_iters1``,
+  ``set_iters10``). Heads merged, ``Linear(h k, C)``. Cost and memory are ``O(n p)`` per head: no ``n x n`` tensor.
+- ``p = n`` with the slots on the token grid (a stage whose ``num_ref`` is clamped to its token count, with the
+  positional term on): the output is ``A`` itself, slot ``j`` read as token ``j`` (``direct_output``; OTKE's
+  output when the reference has the input's size), instead of applying the plan a second time. Each token is then a
+  content- and position-weighted convex combination of all tokens (``p T^T``, not symmetric), where the round trip
+  gives the symmetric rank-``p`` mixing ``n p T T^T``. Without the positional term slot ``j`` has no tie to token
+  ``j``, so the round trip stays (and with it permutation equivariance). Rows ``set_p_n``, ``set_p_n_twice``.
 - Positional term of the backbone: a LePE-style depthwise 3x3 conv on the values ``psi(X)`` (as CSWin does on V),
-  added to the transported output before the head merge.
+  added to the transported output before the head merge (our choice).
 
 :class:`SoftmaxAttention` is the ablation: the same surface with global multi-head softmax attention
 (``F.scaled_dot_product_attention``) and the same LePE on V.
@@ -297,13 +326,16 @@ class SetAttention(nn.Module):
         num_ref: int = 64,
         num_anchors: int | None = None,
         input_proj: bool = True,
-        kernel_sigma: float = 0.5,
+        kernel_sigma: float = 2.0,
         sinkhorn_eps: float = 0.5,
         sinkhorn_iters: int = 3,
-        pos_sigma: float | None = 0.25,
+        pos_sigma: float | None = 0.5,
         lepe: bool = True,
         whiten_ridge: float = 1e-3,
         proj_drop: float = 0.0,
+        learn_pos_scale: bool = True,
+        exact_rows: bool = True,
+        direct_output: bool = True,
     ):
         super().__init__()
         if dim % num_heads:
@@ -323,12 +355,17 @@ class SetAttention(nn.Module):
         self.sinkhorn_iters = int(sinkhorn_iters)
         self.pos_sigma = float(pos_sigma) if pos_sigma else None
         self.whiten_ridge = float(whiten_ridge)
+        self.exact_rows = bool(exact_rows)
+        self.direct_output = bool(direct_output)
         inner = num_heads * self.num_anchors
 
         self.in_proj = nn.Linear(dim, dim) if input_proj else nn.Identity()
         self.anchors = nn.Parameter(torch.empty(num_heads, self.num_anchors, self.head_dim))  # Z, unit rows
         # y. With one slot the plan is fixed by its marginals (T = 1/n), so there is nothing to learn.
         self.reference = nn.Parameter(torch.empty(num_heads, num_ref, self.num_anchors)) if num_ref > 1 else None
+        # log of a per-head scale of the positional term (learnable: each head sets its own content/position balance)
+        with_pos = self.pos_sigma is not None and self.reference is not None
+        self.pos_log_scale = nn.Parameter(torch.zeros(num_heads)) if with_pos and learn_pos_scale else None
         self.lepe = nn.Conv2d(inner, inner, 3, padding=1, groups=inner) if lepe else None
         self.proj = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -343,6 +380,8 @@ class SetAttention(nn.Module):
             self.anchors.div_(self.anchors.norm(dim=-1, keepdim=True))
         if self.reference is not None:
             nn.init.normal_(self.reference)
+        if self.pos_log_scale is not None:
+            nn.init.zeros_(self.pos_log_scale)
 
     def extra_repr(self) -> str:
         return (
@@ -372,6 +411,27 @@ class SetAttention(nn.Module):
         phi = torch.exp(torch.add(0.5 * sq_norm.log() - self.alpha, cos, alpha=self.alpha))  # (B, h, n, k)
         return phi @ self.whitening().to(phi.dtype)  # (B, h, n, k)
 
+    def log_kernel_terms(
+        self, x: torch.Tensor, grid_size: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The two terms of the log Gibbs kernel for inputs ``x`` (B, n, C), for diagnostics (no grad kept).
+
+        Returns:
+            Content ``S / eps`` ``(B, h, n, p)`` and the scaled positional term ``scale * log W`` ``(h, n, p)`` (None
+            when off); the plan is Sinkhorn of their sum.
+        """
+        if self.reference is None:
+            raise ValueError("num_ref=1: the plan does not depend on a kernel")
+        b, n, _ = x.shape
+        with torch.no_grad():
+            xh = self.in_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, n, d)
+            content = (self.kernel_map(xh) @ self.reference.mT).float() / self.sinkhorn_eps  # (B, h, n, p)
+            if self.pos_sigma is None:
+                return content, None
+            log_w = positional_log_weight(_grid_or_infer(grid_size, n, True), self.ref_grid, self.pos_sigma, x.device)
+            scale = self.pos_log_scale.float().exp() if self.pos_log_scale is not None else x.new_ones(self.num_heads)
+            return content, scale.view(-1, 1, 1) * log_w  # (h, n, p)
+
     def transport_plan(self, psi: torch.Tensor, grid_size: tuple[int, int] | None = None) -> torch.Tensor:
         """Plan ``T`` between tokens (rows, mass ``1/n`` each) and reference slots (columns, mass ``1/p`` each).
 
@@ -391,8 +451,15 @@ class SetAttention(nn.Module):
             if self.pos_sigma is not None:
                 grid = _grid_or_infer(grid_size, psi.shape[-2], needed=True)
                 log_w = positional_log_weight(grid, self.ref_grid, self.pos_sigma, psi.device)  # (n, p)
-                log_kernel.add_(log_w)  # in place: the division keeps nothing for backward
+                if self.pos_log_scale is None:
+                    log_kernel.add_(log_w)  # in place: the division keeps nothing for backward
+                else:
+                    log_kernel = log_kernel + self.pos_log_scale.float().exp().view(-1, 1, 1) * log_w  # (B, h, n, p)
             return log_sinkhorn(log_kernel, self.sinkhorn_iters)
+
+    def _slots_are_tokens(self, grid: tuple[int, int] | None, n: int) -> bool:
+        """Whether slot ``j`` sits on token ``j``: ``p = n``, the positional term on and the same grid shape."""
+        return self.pos_sigma is not None and self.num_ref == n and grid is not None and tuple(grid) == self.ref_grid
 
     def forward(
         self, x: torch.Tensor, grid_size: tuple[int, int] | None = None, return_plan: bool = False
@@ -413,8 +480,14 @@ class SetAttention(nn.Module):
         psi = self.kernel_map(xh)  # (B, h, n, k)
         plan = self.transport_plan(psi, grid)  # (B, h, n, p)
         t = plan.to(psi.dtype)
-        slots = t.mT @ psi  # T^T psi, (B, h, p, k); A = p * slots
-        out = (t @ slots) * (n * self.num_ref)  # n T A, (B, h, n, k)
+        slots = (t.mT @ psi) * self.num_ref  # A = p T^T psi: every slot a convex combination of tokens, (B, h, p, k)
+        if self.direct_output and self._slots_are_tokens(grid, n):
+            out = slots  # p = n on the token grid: slot j is token j's output (OTKE reads the aggregate off the grid)
+        elif self.exact_rows:
+            back = t / t.sum(-1, keepdim=True).clamp_min(1e-30)  # rows of n T, renormalised to sum to 1 exactly
+            out = back @ slots  # every token an exact convex combination of slots, (B, h, n, k)
+        else:
+            out = (t @ slots) * n  # n T A, (B, h, n, k)
         out = out.transpose(1, 2).reshape(b, n, -1)  # (B, n, h k)
         if self.lepe is not None:
             out = out + _lepe(self.lepe, psi.transpose(1, 2).reshape(b, n, -1), grid)

@@ -1,10 +1,10 @@
 """SeTformer: a hierarchical vision transformer whose token mixer is SeT attention (optimal-transport based).
 
 Paper: Shamsolmoali, Zareapoor, Granger, Felsberg, "SeTformer is What You Need for Vision and Language",
-AAAI 2024, arXiv 2401.03540. Only the abstract and third-party summaries were reachable and no official code exists
-(docs/MODELS.md §0), so almost everything below is INFERRED: the SeT layer follows MODELS.md §1.3 and the project
-decisions of §5 (see :mod:`pretrain.models.set_attention` for the layer's own decisions); the backbone is CSWin's
-macro design (MODELS.md §1.4) with every attention layer replaced by SeT. Reported results (VERIFIED, abstract):
+AAAI 2024, arXiv 2401.03540. Only the abstract and third-party summaries were reachable and no official code exists,
+so almost everything below is INFERRED: the SeT layer is reconstructed from OTKE (see
+:mod:`pretrain.models.set_attention` for the layer's decisions and their evidence); the backbone is CSWin's macro
+design with every attention layer replaced by SeT. Reported results (VERIFIED, abstract):
 ImageNet-1K top-1 84.7% (small) and 86.2% (base). Variant widths, depths, params and FLOPs of the paper were not
 retrievable; the variants here reuse CSWin-T/S/B's stage tables and are not the paper's.
 
@@ -15,9 +15,12 @@ Decisions made here:
       depth growing linearly over all blocks. Final LayerNorm, mean pooling, dropout, linear head.
     * Positional information ("additional positional embeddings" of [S4]) comes from two places: LePE, a depthwise
       3x3 conv on the attention values (SeT's values are the kernel features psi(X)) added to the attention output,
-      as in CSWin; and the exponential distance penalty inside the OT (``pos_sigma``).
+      as in CSWin; and the exponential distance penalty inside the OT (``pos_sigma``, scaled by a learned per-head
+      factor that sets the content/position balance).
     * Reference size ``p`` per stage (``num_ref``, default 64, 64, 49, 49: an 8x8 or 7x7 reference grid) is clamped
-      to the stage's token count at ``img_size`` (32x32 inputs: 64, 16, 4, 1). The OT is computed in float32.
+      to the stage's token count at ``img_size`` (32x32 inputs: 64, 16, 4, 1). The OT is computed in float32. A
+      stage clamped to ``p = n`` (stage 4 at 224x224) outputs the slots' aggregate directly, slot ``j`` as token
+      ``j`` (``direct_output``), instead of applying the plan twice.
     * Inputs must have height and width divisible by 32 (stride-4 stem and three stride-2 merges); other sizes raise
       ``ValueError``. Any such size works at run time (positions are scaled to the unit square), non-square included.
     * Pretrained weights at another input size (``create_model(FILE, img_size=...)``, ``model.init_from``;
@@ -198,6 +201,11 @@ class SeTformer(nn.Module):
         sinkhorn_eps: entropic regularisation ``eps`` of the OT.
         sinkhorn_iters: Sinkhorn iterations ``L``.
         pos_sigma: length scale of the OT positional penalty ``exp(-|pos_i - pos_j|_1 / pos_sigma)``; ``None``/0 off.
+        learn_pos_scale: a learnable per-head scale (1 at init) on the positional term of the OT cost.
+        exact_rows: renormalise the plan's rows for the way back, so every output token is an exact convex
+            combination of the reference slots.
+        direct_output: where a stage has as many slots as tokens (``p = n``, same grid), output the slots' aggregate
+            directly instead of transporting it back a second time.
         lepe: depthwise-conv positional term on the attention values.
         whiten_ridge: ridge of the whitening ``(kappa(Z Z^T) + ridge I)^(-1/2)``.
         mlp_ratio: MLP hidden width over the block width.
@@ -218,10 +226,13 @@ class SeTformer(nn.Module):
         num_ref: int | Sequence[int] = (64, 64, 49, 49),
         num_anchors: int | None = None,
         input_proj: bool = True,
-        kernel_sigma: float = 0.5,
+        kernel_sigma: float = 2.0,
         sinkhorn_eps: float = 0.5,
         sinkhorn_iters: int = 3,
-        pos_sigma: float | None = 0.25,
+        pos_sigma: float | None = 0.5,
+        learn_pos_scale: bool = True,
+        exact_rows: bool = True,
+        direct_output: bool = True,
         lepe: bool = True,
         whiten_ridge: float = 1e-3,
         mlp_ratio: float = 4.0,
@@ -264,6 +275,9 @@ class SeTformer(nn.Module):
                     sinkhorn_eps=sinkhorn_eps,
                     sinkhorn_iters=sinkhorn_iters,
                     pos_sigma=pos_sigma,
+                    learn_pos_scale=learn_pos_scale,
+                    exact_rows=exact_rows,
+                    direct_output=direct_output,
                     whiten_ridge=whiten_ridge,
                 )
             start = sum(depths[:i])
