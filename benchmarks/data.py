@@ -31,6 +31,10 @@ These stages share one harness (``_Shards``: streaming tar reads, DataLoader's d
   code. The start-up and shut-down of idle workers (an empty DataLoader's, measured the same way) is subtracted, as
   the ``_Shards`` stages count from the start of their ``__iter__`` only.
 
+The breakdown table under the stages adds the parts of a train sample's CPU time, and the cost of opening a shard
+in a worker (once per shard it reads from): from the shard's stored index, as ``pretrain data build`` writes it, and
+by the ``tarfile`` scan that a data set without stored indexes gets.
+
 Each stage runs ``--repeats`` times and reports the best pass (the machine is shared: the best pass is the one least
 disturbed by other jobs; load averages are printed). Targets: ``train 224`` >= 75% of the ``decode`` rate per worker,
 and 2 workers >= 1.7x one worker.
@@ -40,11 +44,19 @@ Usage::
     python benchmarks/data.py                         # 2,000 images, appends to benchmarks/RESULTS.md
     python benchmarks/data.py --images 500 --repeats 1 --no-append
     python benchmarks/data.py scale                   # the epoch order at 1.28M..1B samples, old vs new
+    python benchmarks/data.py index --baseline-tree /tmp/before   # stored shard index vs tar scans, alternated
 
 ``scale``: time and peak memory per process for rank r's batch b of an epoch (first and last batch), on synthetic
 shard counts (no tar files) of 1.28M, 14.2M, 100M and 1B samples, each case in a fresh process, for the old order
 (version 1: every process sorts the whole epoch) and the new one (version 2: a window around the batch), plus the
 shuffle quality of both on one whole small epoch. Target: <= 50 MB and <= 0.5 s per process at 1B samples.
+
+``index``: the ``train 224 (loader)`` epoch on the same shards read through their stored indexes and, as a data set
+built before stored indexes (the same shard files, a manifest naming no index), scanned with ``tarfile``; with
+``--baseline-tree PATH`` (a checkout of an earlier commit, e.g. ``git worktree add /tmp/before COMMIT``) also with that
+code. Each epoch runs in a fresh process with the variant's ``data_pipeline`` imported, the variants alternated over
+``--runs`` rounds; worker CPU per sample, medians. Then the CPU time to open one shard of ``--open-shard-images``
+samples each way. Target: the loader is not slower per sample with stored indexes than before.
 """
 
 from __future__ import annotations
@@ -194,10 +206,12 @@ def worker_startup_cpu(workers: int, repeats: int = 3) -> float:
     return best
 
 
-def time_loader(data_dir: Path, workers: int, batch_size: int, img_size: int) -> tuple[float, float, int]:
-    """One epoch of the training loader (``build_loader`` + ``TrainTransform``, as ``pretrain train`` builds them):
-    wall seconds (worker start-up included), worker CPU seconds (start-up and shut-down included; in this process
-    for ``workers=0``), samples yielded."""
+def time_loader(
+    data_dir: Path, workers: int, batch_size: int, img_size: int, transform: Any = None
+) -> tuple[float, float, int]:
+    """One epoch of the training loader (``build_loader`` + ``TrainTransform``, as ``pretrain train`` builds them, or
+    ``transform``): wall seconds (worker start-up included), worker CPU seconds (start-up and shut-down included; in
+    this process for ``workers=0``), samples yielded."""
     from data_pipeline.loader import build_loader
     from data_pipeline.transforms import TrainTransform
 
@@ -211,7 +225,7 @@ def time_loader(data_dir: Path, workers: int, batch_size: int, img_size: int) ->
         num_workers=workers,
         seed=0,
         shuffle_buffer=1000,  # the data config's default
-        transform=TrainTransform(img_size),
+        transform=TrainTransform(img_size) if transform is None else transform,
         persistent_workers=False,  # the DataLoader joins the workers at the end of the epoch: their CPU is counted
         image_size=img_size,
     )
@@ -315,33 +329,67 @@ def handover_cost(img_size: int, batch_size: int, batches: int = 4, repeats: int
     return out
 
 
-def index_cost(shards: list[Path], repeats: int = 3) -> dict[str, float]:
-    """CPU milliseconds per sample of the loader's shard index (the tar header scan a worker does once per shard it
-    reads from, ``data_pipeline.shard_index.index_shard``), over all ``shards``; and of the same members grouped from
-    ``tarfile``'s reading (the scan before the loader read headers itself, and its fallback for other tar formats;
-    this leaves out the index's ``stat`` and key-range check, well under 1% of it)."""
-    from data_pipeline.shard_index import _group_members, _tarfile_members, index_shard
+def shard_open_ms(data_dir: Path, stored: bool, repeats: int = 5) -> list[float]:
+    """CPU milliseconds (this process) to open each train shard of ``data_dir`` as a loader worker does: the members
+    of every sample by key (``_ShardReader.index``), from the shard's stored index (``stored=True``, the default since
+    ``pretrain data build`` writes one) or by a ``tarfile`` scan (``stored=False``, a data set without stored
+    indexes). Best of ``repeats`` per shard, a fresh reader each time.
 
-    def header_index(shard: Path) -> dict[str, Any]:
-        return index_shard(shard, range(0), "train").members
+    Code from before stored indexes has no ``foreign`` argument and scans every shard (its own header reader).
+    """
+    import inspect as pyinspect
 
-    def tarfile_index(shard: Path) -> dict[str, Any]:
-        size = shard.stat().st_size
-        return _group_members(shard, size, _tarfile_members(shard, size))[0]
+    from data_pipeline.manifest import load_manifest
+    from data_pipeline.stream import _ShardReader
 
-    out = {}
-    for name, index in (
-        ("shard index (tar header scan), per sample in the shard", header_index),
-        ("shard index read with tarfile (the fallback), per sample", tarfile_index),
-    ):
-        best, samples = float("inf"), 0
+    manifest = load_manifest(data_dir)
+    shards = [(s.name, s.samples) for s in manifest.splits["train"].shards]
+    offsets = np.concatenate([[0], np.cumsum([n for _, n in shards])]).astype(np.int64)
+    paths = [data_dir / s.index if stored and s.index else None for s in manifest.splits["train"].shards]
+    args = [data_dir, "train", shards, offsets, paths]
+    if "foreign" in pyinspect.signature(_ShardReader).parameters:
+        args.append(False)
+    out = []
+    for shard, (_, n) in enumerate(shards):
+        best = float("inf")
         for _ in range(repeats):
-            t0, samples = time.process_time(), 0
-            for shard in shards:
-                samples += len(index(shard))
+            reader = _ShardReader(*args)
+            t0 = time.process_time()
+            index = reader.index(shard)
             best = min(best, time.process_time() - t0)
-        out[name] = best / samples * 1e3
+        assert len(index.members) == n and index.problem is None, (shard, index.problem)
+        out.append(best * 1e3)
     return out
+
+
+def index_cost(data_dir: Path, repeats: int = 3) -> dict[str, float]:
+    """CPU milliseconds per sample of opening a shard in a loader worker (once per shard it reads from), from the
+    stored index and by the ``tarfile`` scan, over all train shards of ``data_dir`` (:func:`shard_open_ms`)."""
+    samples = sum(s.samples for s in _train_shards(data_dir))
+    return {
+        "shard open: stored index (one stat + JSON), per sample in the shard": sum(
+            shard_open_ms(data_dir, True, repeats)
+        )
+        / samples,
+        "shard open: tarfile scan (no stored index), per sample": sum(shard_open_ms(data_dir, False, repeats))
+        / samples,
+    }
+
+
+def _train_shards(data_dir: Path) -> list[Any]:
+    from data_pipeline.manifest import load_manifest
+
+    return load_manifest(data_dir).splits["train"].shards
+
+
+def _report(text: str, append: bool) -> None:
+    """Prints a section and, if ``append``, appends it to :data:`RESULTS`."""
+    sys.stdout.write(text + "\n")
+    if append:
+        new = not RESULTS.exists()
+        with RESULTS.open("a") as f:
+            f.write(("# Benchmark results\n\n" if new else "\n") + text)
+        logger.info("appended to %s", RESULTS)
 
 
 def _machine() -> str:
@@ -577,11 +625,205 @@ def scale_main(argv: list[str]) -> int:
             "",
         ]
     )
-    sys.stdout.write(text + "\n")
-    if not args.no_append:
-        with RESULTS.open("a") as f:
-            f.write("\n" + text)
-        logger.info("appended to %s", RESULTS)
+    _report(text, append=not args.no_append)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# index: the loader reading stored indexes vs scanning every shard, alternated, and the cost of opening a shard
+
+
+def _build(photos: Path, out: Path, images: int, shard_images: int) -> Path:
+    """Makes the photos if missing and builds (or finishes: stored indexes included) ``out`` with ``pretrain data
+    build``; returns ``out``."""
+    from data_pipeline.writer import build_shards
+
+    if not photos.is_dir():
+        make_photos(photos, images)
+    build_shards(f"imagefolder:{photos}", out, max_samples_per_shard=shard_images, workers=2, progress=False)
+    return out
+
+
+def _without_index(data_dir: Path, out: Path) -> Path:
+    """``out``: the shards of ``data_dir`` (symbolic links) with the manifest of a build made before stored indexes
+    (no ``index`` per shard, no ``.index/``): the loader scans every shard with tarfile."""
+    raw = json.loads((data_dir / "manifest.json").read_text())
+    for split in raw["splits"].values():
+        for shard in split["shards"]:
+            shard.pop("index", None)
+            link = out / shard["name"]
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.is_symlink():
+                link.symlink_to((data_dir / shard["name"]).resolve())
+    (out / "manifest.json").write_text(json.dumps(raw, indent=1))
+    return out
+
+
+class _NoDecode:
+    """A transform that decodes nothing and leaves the batch row as it is: what remains of a loader epoch is the
+    loader's own work (order, shard opening, member reads, labels, batches)."""
+
+    def __init__(self, img_size: int):
+        self.img_size = img_size
+
+    def __call__(self, data: bytes, ext: str, rng: Any, out: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8) if out is None else out
+
+
+def _index_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One measurement in this fresh process, with the code of ``spec["tree"]`` (its ``data_pipeline``) imported:
+    ``epoch``, one loader epoch (:func:`time_loader`, worker start-up subtracted), or ``open``, every shard opened
+    (:func:`shard_open_ms`)."""
+    sys.path.insert(0, spec["tree"])
+    import data_pipeline
+
+    assert Path(data_pipeline.__file__).resolve().is_relative_to(Path(spec["tree"]).resolve()), data_pipeline.__file__
+    data_dir = Path(spec["data_dir"])
+    if spec["what"] == "open":
+        return {"ms": shard_open_ms(data_dir, spec["stored"], spec["repeats"])}
+    if spec["what"] == "overhead":  # in this process, a fresh loader (shards opened again) per epoch: the best
+        best = min(
+            time_loader(data_dir, 0, spec["batch_size"], spec["img_size"], _NoDecode(spec["img_size"]))[1:]
+            for _ in range(spec["repeats"])
+        )
+        return {"wall": float("nan"), "cpu": best[0], "samples": best[1]}
+    workers = spec["workers"]
+    startup = worker_startup_cpu(workers)
+    wall, cpu, n = time_loader(data_dir, workers, spec["batch_size"], spec["img_size"])
+    return {"wall": wall, "cpu": cpu - startup, "samples": n}
+
+
+def _run_index_child(spec: dict[str, Any]) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "index", "--child", json.dumps(spec)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=spec["tree"])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def index_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="benchmarks/data.py index",
+        description="Loader worker CPU per sample with stored shard indexes vs tarfile scans (and, with "
+        "--baseline-tree, the code of an earlier commit), alternated; and the cost of opening one shard.",
+    )
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--images", type=int, default=2000, help="JPEGs to make (default 2000)")
+    p.add_argument("--shard-images", type=int, default=250, help="images per shard of the loader runs (default 250)")
+    p.add_argument("--open-shard-images", type=int, default=1000, help="images per shard of the open cost (1000)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts (default 1 2)")
+    p.add_argument("--runs", type=int, default=5, help="alternated rounds; medians reported (default 5)")
+    p.add_argument(
+        "--stages",
+        nargs="+",
+        default=["epoch", "overhead", "open"],
+        choices=["epoch", "overhead", "open"],
+        help="epoch: loader epochs with TrainTransform; overhead: the same without decoding (in one process, best of "
+        "3 epochs per run); open: one shard opened (default: all)",
+    )
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--baseline-tree", default=None, help="a checkout of earlier code (e.g. a git worktree), also run")
+    p.add_argument("--data-dir", default=None, help="keep the photos and shards here (default: a temp folder)")
+    p.add_argument("--no-append", action="store_true", help=f"do not append to {RESULTS.relative_to(ROOT)}")
+    args = p.parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(_index_child(json.loads(args.child))))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    here = str(ROOT)
+    with tempfile.TemporaryDirectory(prefix="bench-index-") as tmp:
+        root = Path(args.data_dir) if args.data_dir else Path(tmp)
+        photos = root / "photos"
+        loader_dir = _build(photos, root / "shards", args.images, args.shard_images)
+        open_dir = _build(photos, root / f"shards-{args.open_shard_images}", args.images, args.open_shard_images)
+        variants = {  # name: (code tree, data folder)
+            "stored index": (here, loader_dir),
+            "tarfile scan (no stored index)": (here, _without_index(loader_dir, root / "shards-noindex")),
+        }
+        opens = {
+            "stored index": (here, open_dir, True),
+            "tarfile scan (no stored index)": (here, open_dir, False),
+        }
+        if args.baseline_tree:
+            base = str(Path(args.baseline_tree).resolve())
+            variants["before (its own scan)"] = (base, loader_dir)
+            opens["before (its own scan)"] = (base, open_dir, False)
+        load_before = os.getloadavg()
+        names = list(variants)
+        kinds = [
+            (k, w) for k in ("epoch", "overhead") if k in args.stages for w in (args.workers if k == "epoch" else [0])
+        ]
+        results: dict[tuple[str, str, int], list[dict[str, Any]]] = {(k, v, w): [] for k, w in kinds for v in names}
+        for r in range(args.runs):
+            for name in names[r % len(names) :] + names[: r % len(names)]:  # rotated: no variant always first
+                tree, data_dir = variants[name]
+                for kind, w in kinds:
+                    spec = dict(tree=tree, data_dir=str(data_dir), what=kind, workers=w, repeats=3,
+                                batch_size=args.batch_size, img_size=args.img_size)  # fmt: skip
+                    res = _run_index_child(spec)
+                    results[kind, name, w].append(res)
+                    logger.info("round %d %-8s %-32s %d worker(s): %.4f ms CPU per sample", r, kind, name, w,
+                                res["cpu"] / res["samples"] * 1e3)  # fmt: skip
+        open_ms = {}
+        for name, (tree, data_dir, stored) in opens.items() if "open" in args.stages else ():
+            spec = dict(tree=tree, data_dir=str(data_dir), what="open", stored=stored, repeats=5)
+            open_ms[name] = _run_index_child(spec)["ms"]
+        load_after = os.getloadavg()
+        n_open = _train_shards(open_dir)[0].samples
+        index_kb = (open_dir / _train_shards(open_dir)[0].index).stat().st_size / 1024
+
+    def med(xs: list[float]) -> float:
+        return float(np.median(xs))
+
+    rows = []
+    for kind, w in kinds:
+        ref = med([x["cpu"] / x["samples"] for x in results[kind, names[0], w]]) * 1e3
+        for name in names:
+            runs = results[kind, name, w]
+            per = sorted(x["cpu"] / x["samples"] * 1e3 for x in runs)
+            rate = f"{med([x['samples'] / x['wall'] for x in runs]):.0f}" if kind == "epoch" else "-"
+            what = f"train {args.img_size} (loader)" if kind == "epoch" else "loader without decoding (in-process)"
+            rows.append(
+                f"| {what} | {name} | {w} | {med(per):.4f} | {per[0]:.4f} | {per[-1]:.4f} | {med(per) / ref:.3f} | "
+                f"{rate} |"
+            )
+    cmd = "python benchmarks/data.py index" + "".join(f" {shlex.quote(a)}" for a in argv)
+    text = "\n".join(
+        [
+            f"## Data loader: stored shard index vs tar scan, {datetime.datetime.now().isoformat(timespec='minutes')}",
+            "",
+            f"- machine: {_machine()}",
+            f"- command: `{cmd}`",
+            f"- data: {args.images} JPEG photos built by `pretrain data build` in shards of {args.shard_images}; "
+            f"each run in a fresh process, variants alternated (rotated) over {args.runs} rounds; batch "
+            f"{args.batch_size}; load average before/after {load_before[0]:.1f}/{load_after[0]:.1f} on "
+            f"{os.cpu_count()} cores shared with other jobs",
+            f"- train {args.img_size} (loader): one epoch of `build_loader` + `TrainTransform({args.img_size})` "
+            "(`time_loader`, as in the throughput table), worker CPU from getrusage(RUSAGE_CHILDREN), idle worker "
+            "start-up subtracted; loader without decoding: the same epoch with a transform that decodes nothing, in "
+            "the main process (0 workers, process CPU time), best of 3 epochs each with a fresh loader",
+            "",
+            "| stage | variant | workers | CPU ms / sample, median | min | max | median vs stored index | samples/s "
+            "(wall, median) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+            *rows,
+            "",
+            *(
+                [
+                    f"Opening one shard of {n_open} samples in a worker (CPU ms, one process; best of 5 per shard, "
+                    f"median over the {len(next(iter(open_ms.values())))} shards; the stored index is {index_kb:.0f} "
+                    "KiB of JSON):",
+                    "",
+                    "| how | ms per shard | ms per 1000 samples |",
+                    "|---|---:|---:|",
+                    *[f"| {name} | {med(ms):.2f} | {med(ms) / n_open * 1e3:.2f} |" for name, ms in open_ms.items()],
+                    "",
+                ]
+                if open_ms
+                else []
+            ),
+        ]
+    )
+    _report(text, append=not args.no_append)
     return 0
 
 
@@ -589,6 +831,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["scale"]:
         return scale_main(argv[1:])
+    if argv[:1] == ["index"]:
+        return index_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--images", type=int, default=2000, help="JPEGs to make (default 2000)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts (default 1 2)")
@@ -649,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
                     cpu_rates[stage, workers],
                 )
         breakdown = cost_breakdown(shards, args.img_size) | handover_cost(args.img_size, args.batch_size)
-        breakdown |= index_cost(shards)
+        breakdown |= index_cost(shards_dir)
         load_after = os.getloadavg()
 
     one = min(args.workers)
@@ -723,12 +967,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
     )
-    sys.stdout.write(text + "\n")
-    if not args.no_append:
-        new = not RESULTS.exists()
-        with RESULTS.open("a") as f:
-            f.write(("# Benchmark results\n\n" if new else "\n") + text)
-        logger.info("appended to %s", RESULTS)
+    _report(text, append=not args.no_append)
     return 0
 
 
