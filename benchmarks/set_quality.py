@@ -1,0 +1,192 @@
+"""SeT quality ablation: val accuracy and train time on digit pairs (and digits) at equal steps and the same recipe.
+
+Usage::
+
+    pretrain data build digit-pairs --out data/digit_pairs      # and `digits --out data/digits` for the digits rows
+    python benchmarks/set_quality.py                              # every row, 1 seed; prints and appends the table
+    python benchmarks/set_quality.py --rows set softmax --seeds 0 1 2 --steps 400
+
+Every row is one ``pretrain train RUN_CONFIG --nproc 1`` with ``OMP_NUM_THREADS=1`` (1 rank, 1 thread),
+``trainer.max_steps=--steps`` (``--digits-steps`` for digits rows), ``trainer.seed``/``data.seed`` = the seed, from
+scratch in its own run dir under ``runs/bench_set``; a row differs from the ``set`` row only by the model overrides
+it names (the recipe, data and steps are the run config's). Digit-pairs rows use
+``configs/run/digit_pairs_{setformer,sepvit}_lite.yaml`` (64x64 canvas, same/different class, chance 50%), digits
+rows ``configs/run/digits_{setformer,sepvit}_lite.yaml`` at ``--nproc 1``. The table reports the final val top-1
+(mean and per seed), the train loop time (first to last train event of ``metrics.jsonl``) and the whole command's
+wall time; the budget line says how long the table took. The 2-core machine is shared, so times are comparable
+within one table only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+RUNS = "runs/bench_set"
+PAIRS = "configs/run/digit_pairs_setformer_lite.yaml"
+PAIRS_SEPVIT = "configs/run/digit_pairs_sepvit_lite.yaml"
+DIGITS = "configs/run/digits_setformer_lite.yaml"
+DIGITS_SEPVIT = "configs/run/digits_sepvit_lite.yaml"
+K = "model.kwargs."
+
+# The review's SeT (before issue 15's fixes): kernel sigma 0.5, fixed positional term 1/0.25 of the L1 distance,
+# way back n T A with inexact rows, and the plan applied twice where p = n.
+REVIEW = [f"{K}kernel_sigma=0.5", f"{K}pos_sigma=0.25", f"{K}learn_pos_scale=false", f"{K}exact_rows=false",
+          f"{K}direct_output=false"]  # fmt: skip
+
+# name -> (run config, overrides, what it tests). Row order is the table's.
+ROWS: dict[str, tuple[str, list[str], str]] = {
+    "set": (PAIRS, [], "SeT, the model config's settings"),
+    "set_review": (PAIRS, REVIEW, "SeT as reviewed (sigma 0.5, fixed pos 0.25, n T A, p = n twice)"),
+    "softmax": (PAIRS, [f"{K}attention=softmax"], "same backbone, global softmax attention"),
+    "sepvit": (PAIRS_SEPVIT, [], "sepvit_lite (windowed softmax attention)"),
+    "set_pos_off": (PAIRS, [f"{K}pos_sigma=null"], "SeT, OT positional term off"),
+    "set_pos_fixed": (PAIRS, [f"{K}learn_pos_scale=false"], "SeT, positional scale fixed at 1"),
+    "set_p_n": (PAIRS, [f"{K}num_ref=[64,64,16,4]"], "SeT, p = n from stage 2 (direct output)"),
+    "set_p_n_twice": (PAIRS, [f"{K}num_ref=[64,64,16,4]", f"{K}direct_output=false"], "SeT, p = n, plan twice"),
+    "set_iters1": (PAIRS, [f"{K}sinkhorn_iters=1"], "SeT, 1 Sinkhorn iteration"),
+    "set_iters10": (PAIRS, [f"{K}sinkhorn_iters=10"], "SeT, 10 Sinkhorn iterations"),
+    "set_eps0.1": (PAIRS, [f"{K}sinkhorn_eps=0.1"], "SeT, eps 0.1"),
+    "set_eps2": (PAIRS, [f"{K}sinkhorn_eps=2.0"], "SeT, eps 2.0"),
+    "set_anchors64": (PAIRS, [f"{K}num_anchors=64"], "SeT, 64 Nystrom anchors per head"),
+    "set_sigma0.5": (PAIRS, [f"{K}kernel_sigma=0.5"], "SeT, kernel sigma 0.5 (the review's)"),
+    "digits_set": (DIGITS, [], "digits, SeT"),
+    "digits_set_review": (DIGITS, REVIEW, "digits, SeT as reviewed"),
+    "digits_softmax": (DIGITS, [f"{K}attention=softmax"], "digits, softmax"),
+    "digits_sepvit": (DIGITS_SEPVIT, [], "digits, sepvit_lite"),
+}
+
+__all__ = ["ROWS", "main"]
+
+
+def _run(name: str, seed: int, args: argparse.Namespace) -> dict:
+    config, overrides, _ = ROWS[name]
+    digits = "digits_" in Path(config).name
+    data, steps = (args.digits_data, args.digits_steps) if digits else (args.pairs_data, args.steps)
+    run = f"{name}_s{seed}"
+    cmd = [
+        sys.executable, "-m", "launch.cli", "train", config, f"data.path={data}", f"run.output_dir={RUNS}",
+        f"run.name={run}", "trainer.progress_bar=false", f"trainer.max_steps={steps}",
+        f"trainer.eval_every_steps={steps}", f"checkpoint.every_steps={steps}", f"trainer.seed={seed}",
+        f"data.seed={seed}", "schedule.warmup_steps=50", *overrides, *args.overrides, "--nproc", "1",
+    ]  # fmt: skip
+    if args.collect:  # a run made earlier (or by an interrupted table): read what it left
+        saved = ROOT / RUNS / f"{run}.json"
+        return _result(run, cmd, 0, json.loads(saved.read_text())["wall_s"] if saved.exists() else float("nan"))
+    shutil.rmtree(ROOT / RUNS / run, ignore_errors=True)
+    t0 = time.perf_counter()
+    log = ROOT / RUNS / f"{run}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    result = _result(run, cmd, proc.returncode, time.perf_counter() - t0)
+    (ROOT / RUNS / f"{run}.json").write_text(json.dumps(result))
+    print(f"{name} seed {seed}: {result}", flush=True)
+    return result
+
+
+def _result(run: str, cmd: list[str], exit_code: int, wall: float) -> dict:
+    from pretrain.metrics import read_jsonl
+
+    events = read_jsonl(ROOT / RUNS / run / "metrics.jsonl") if (ROOT / RUNS / run).exists() else []
+    train = [e for e in events if e.get("event") == "train"]
+    evals = [e for e in events if e.get("event") == "eval"]
+    return {
+        **_cost(cmd),
+        "step_s": statistics.fmean(e["step_time_s"] for e in train[1:]) if len(train) > 1 else float("nan"),
+        "exit": exit_code if evals else 1,
+        "val_top1": evals[-1]["val_top1"] if evals else float("nan"),
+        "train_loss": train[-1]["loss"] if train else float("nan"),
+        "train_s": train[-1]["time"] - train[0]["time"] if train else float("nan"),
+        "wall_s": wall,
+        "command": shlex.join(["pretrain", *cmd[3:]]),
+    }
+
+
+def _cost(cmd: list[str]) -> dict:
+    """Params (M) and forward MMACs per image of the model a training command builds (matmuls and convolutions)."""
+    from pretrain.config import load_config
+    from pretrain.models._flops import count_macs, count_params
+    from pretrain.trainer import build_model
+
+    overrides = [a for a in cmd[5:] if a.startswith("model.")]
+    cfg = load_config(ROOT / cmd[4], [*overrides, f"model.num_classes={10 if 'digits_' in cmd[4] else 2}"])
+    model = build_model(cfg).eval()
+    return {"params_m": count_params(model) / 1e6, "mmacs": count_macs(model, cfg.model.img_size) * 1e3}
+
+
+def _table(rows: dict[str, list[dict]]) -> list[str]:
+    lines = [
+        "| row | what | val top-1 (mean) | per seed | last train loss | s/step | train loop (s) | wall (s) | params (M)"
+        " | MMACs/img | exit |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, results in rows.items():
+        acc = [r["val_top1"] for r in results]
+        mean = statistics.fmean(acc)
+        spread = f" ± {statistics.stdev(acc):.3f}" if len(acc) > 1 else ""
+        lines.append(
+            f"| {name} | {ROWS[name][2]} | {mean:.3f}{spread} | {' '.join(f'{a:.3f}' for a in acc)} | "
+            f"{statistics.fmean(r['train_loss'] for r in results):.3f} | "
+            f"{statistics.fmean(r['step_s'] for r in results):.2f} | "
+            f"{statistics.fmean(r['train_s'] for r in results):.0f} | "
+            f"{statistics.fmean(r['wall_s'] for r in results):.0f} | {results[0]['params_m']:.2f} | "
+            f"{results[0]['mmacs']:.0f} | {','.join(str(r['exit']) for r in results)} |"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW", help="rows to run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--steps", type=int, default=250, help="train steps of every digit-pairs run")
+    p.add_argument("--digits-steps", type=int, default=600, help="train steps of every digits run")
+    p.add_argument("--pairs-data", default="data/digit_pairs")
+    p.add_argument("--digits-data", default="data/digits")
+    p.add_argument("--override", dest="overrides", action="append", default=[], help="section.field=value, every row")
+    p.add_argument("--note", action="append", default=[], help="a line under the table")
+    p.add_argument("--collect", action="store_true", help="train nothing: tabulate the runs already in " + RUNS)
+    p.add_argument("--no-append", action="store_true")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    results = {name: [_run(name, seed, args) for seed in args.seeds] for name in args.rows}
+    minutes = (time.perf_counter() - t0) / 60
+    lines = _table(results)
+    print("\n".join(lines))
+    if not args.no_append:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        load = os.getloadavg()[0]
+        block = [
+            f"\n## SeT quality ablation ({stamp})\n",
+            f"Machine: {platform.node()} ({os.cpu_count()} CPUs, shared; load average {load:.1f} at the end), "
+            f"Python {platform.python_version()}  ",
+            f"Command: `python benchmarks/set_quality.py {shlex.join(sys.argv[1:] if argv is None else argv)}`  ",
+            f"Budget: {len(args.rows) * len(args.seeds)} runs ({args.steps} steps on digit pairs, "
+            f"{args.digits_steps} on digits; batch 64), 1 rank, 1 thread each: "
+            f"{minutes:.0f} min of wall time in all.\n",
+            *lines,
+            "",
+            *[f"- {n}" for n in args.note],
+            f"- every run: `{results[args.rows[0]][0]['command']}` with the row's model overrides (first row shown).",
+        ]
+        with RESULTS.open("a") as f:
+            f.write("\n".join(block) + "\n")
+    return 0 if all(r["exit"] == 0 for rs in results.values() for r in rs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
