@@ -38,7 +38,7 @@ import yaml
 from launch.cmd_train import resolve_data
 from launch.sweep.spec import SweepSpec, build_spec, evals_per_trial, load_sweep, to_tune, validate_trial_configs
 from launch.sweep.summary import TrialRecord, summarize_sweep
-from launch.sweep.trial import TrialSpec, newest_checkpoint
+from launch.sweep.trial import newest_checkpoint
 from pretrain.config import Config, ConfigError
 
 __all__ = ["cmd_sweep", "main", "register", "run_sweep"]
@@ -77,20 +77,9 @@ def _trainable(spec: SweepSpec) -> Any:
 
     from launch.sweep.trial import run_trial  # noqa: PLC0415
 
-    trial = TrialSpec(
-        base=spec.base,
-        overrides=spec.trial_overrides(),
-        trials_dir=str(spec.sweep_dir / "trials"),
-        nproc=spec.resources.nproc,
-        backend=spec.trial_backend,
-        slurm=dict(spec.slurm),
-        stop_grace_s=spec.stop_grace_s,
-        workdir=spec.workdir,
-        cpus=max(1, int(spec.resources.cpu)),
-    )
     # A Slurm trial only watches its job from here: a small CPU share (the cluster queues what max_concurrent allows)
     local = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
-    return tune.with_resources(tune.with_parameters(run_trial, spec=trial),
+    return tune.with_resources(tune.with_parameters(run_trial, spec=spec),
                                {"cpu": 0.1} if spec.trial_backend == "slurm" else local)  # fmt: skip
 
 

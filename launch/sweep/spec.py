@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import os
 import re
@@ -20,12 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 from pretrain.config import (
     CONFIGS_DIR,
     PATH_KEYS,
     Config,
     ConfigError,
     _all_keys,
+    _find_yaml,
     _suggest,
     absolute_paths,
     build_dataclass,
@@ -48,24 +50,11 @@ _PBT_KEYS = {"perturbation_interval", "hyperparam_mutations", "quantile_fraction
 
 
 def format_override(key: str, value: Any) -> str:
-    """``key=value`` that :func:`pretrain.config.parse_overrides` reads back as the same value (YAML 1.1 reads
-    ``1e-05`` as a string: a float's mantissa always gets a dot)."""
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, float) and math.isfinite(v):
-            mantissa, _, exponent = repr(v).partition("e")
-            return mantissa + ("" if "." in mantissa else ".0") + ("e" + exponent if exponent else "")
-        if isinstance(v, float):
-            return ".nan" if math.isnan(v) else (".inf" if v > 0 else "-.inf")
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{json.dumps(str(k))}: {fmt(x)}" for k, x in v.items()) + "}"
-        if isinstance(v, int) and not isinstance(v, bool):
-            return str(v)
-        return json.dumps(v if isinstance(v, bool) or v is None else str(v))  # quoted: '1a2b3_00001' is no number
-
-    return f"{key}={fmt(value)}"
+    """``key=value`` that :func:`pretrain.config.parse_overrides` reads back as the same value: YAML's own flow
+    style (a float's mantissa gets a dot, ``1.0e-05``, which YAML 1.1 would read as a string otherwise; a string that
+    reads as a number, such as a trial id ``12345_00001``, is quoted)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=math.inf).removesuffix("\n...\n").strip()
+    return f"{key}={text}"
 
 
 def _check_path(path: str, where: str) -> None:
@@ -342,7 +331,7 @@ def load_sweep(path: str | Path, extra_overrides: list[str] | None = None, **fla
     cwd = Path.cwd()
     spec.workdir = str(cwd)
     spec.output_dir = os.path.normpath(cwd / Path(spec.output_dir).expanduser())
-    spec.base = str(_find_base(spec.base, path))
+    spec.base = str(_find_yaml("run", spec.base, near=CONFIGS_DIR.parent, beside=path.parent))
     for key in PATH_KEYS:  # a path in the space: every value absolute
         if key in spec.space and ("choice" in spec.space[key] or "grid" in spec.space[key]):
             ((kind, values),) = spec.space[key].items()
@@ -353,17 +342,6 @@ def load_sweep(path: str | Path, extra_overrides: list[str] | None = None, **fla
         raise ConfigError(f"the trial config (base + overrides) is invalid: {e}") from e
     spec.overrides += absolute_paths(cfg, cwd, skip=(*spec.space, "run.output_dir"))
     return spec
-
-
-def _find_base(base: str, sweep_path: Path) -> Path:
-    p = Path(base).expanduser()
-    candidates = [p] if p.is_absolute() else [Path.cwd() / p, sweep_path.parent / p, CONFIGS_DIR.parent / p]
-    candidates += [] if p.suffix in (".yaml", ".yml") else [CONFIGS_DIR / "run" / f"{base}.yaml"]
-    for c in candidates:
-        if c.is_file():
-            return c.resolve()
-    known = sorted(x.stem for x in (CONFIGS_DIR / "run").glob("*.yaml"))
-    raise ConfigError(f"{sweep_path}: base run config '{base}' not found; known in configs/run/: {', '.join(known)}")
 
 
 def validate_trial_configs(spec: SweepSpec) -> Config:

@@ -25,11 +25,10 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launch.sweep.spec import format_override
+from launch.sweep.spec import SweepSpec, format_override
 from pretrain.rundir import (
     CHECKPOINTS,
     LATEST,
@@ -42,35 +41,13 @@ from pretrain.rundir import (
 )
 from pretrain.sweep_hook import CONTINUE, STOP, Heartbeat, decide, install_hook, request_stop, waiting_step
 
-__all__ = ["TrialSpec", "newest_checkpoint", "note", "run_trial", "slurm_params", "submit_slurm_trial"]
+__all__ = ["HEARTBEAT_TIMEOUT_S", "newest_checkpoint", "note", "run_trial", "slurm_params", "submit_slurm_trial"]
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class TrialSpec:
-    """What every trial of a sweep shares (pickled into the Ray Tune trainable; paths are absolute)."""
-
-    base: str
-    """Run config of every trial."""
-    overrides: list[str]
-    """``section.field=value`` applied to every trial before its sampled values."""
-    trials_dir: str
-    """Parent folder of the trials' run dirs (``<sweep>/trials``)."""
-    nproc: int = 1
-    """Ranks per trial."""
-    backend: str = "local"
-    """``local`` (a process) or ``slurm`` (a submitit job)."""
-    slurm: dict[str, Any] = field(default_factory=dict)
-    """Slurm options (``profile`` and ClusterParams keys)."""
-    stop_grace_s: float = 20.0
-    """Seconds a stopped run gets to checkpoint and end before it is signalled (a Slurm job: cancelled)."""
-    heartbeat_timeout_s: float = 15.0
-    """A run whose trial has not beaten for this long stops by itself."""
-    workdir: str = ""
-    """Where a local trial's run starts (where ``pretrain sweep`` ran)."""
-    cpus: int = 1
-    """CPUs of a local trial, shared by its ranks (``OMP_NUM_THREADS``)."""
+HEARTBEAT_TIMEOUT_S = 15.0
+"""A run whose trial has not beaten (every second) for this long stops by itself."""
 
 
 def note(run_dir: Path, msg: str, *args: Any) -> None:
@@ -123,9 +100,10 @@ class _LocalRun:
     step boundary once its trial is gone (:mod:`pretrain.sweep_hook`). The shell records its pid and exit code.
     """
 
-    def __init__(self, spec: TrialSpec, overrides: list[str], run_dir: Path):
+    def __init__(self, spec: SweepSpec, overrides: list[str], run_dir: Path):
         self.spec, self.run_dir, self.folder = spec, run_dir, run_dir / SWEEP
-        self.cmd = [sys.executable, "-m", "launch.cli", "train", spec.base, *overrides, "--nproc", str(spec.nproc)]
+        self.cmd = [sys.executable, "-m", "launch.cli", "train", spec.base, *overrides]
+        self.cmd += ["--nproc", str(spec.resources.nproc)]
         life = f"{os.getpid()}.{time.monotonic_ns()}"  # a late exit code of an earlier life must not speak for this one
         self.pid_file, self.exit_file = self.folder / f"pid.{life}", self.folder / f"exit_code.{life}"
 
@@ -140,7 +118,8 @@ class _LocalRun:
         q = shlex.quote
         script = (f"({shlex.join(self.cmd)} >>{q(str(log))} 2>&1 </dev/null & echo $! >{q(str(self.pid_file))}; "
                   f"wait $!; echo $? >{q(str(self.exit_file))}) &")  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.spec.cpus)}  # the ranks share the trial's CPUs
+        # the ranks share the trial's CPUs: `pretrain train` divides OMP_NUM_THREADS among them
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, int(self.spec.resources.cpu)))}
         subprocess.run(["sh", "-c", script], cwd=self.spec.workdir or None, env=env, check=True,
                        stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         note(self.run_dir, "started the run")
@@ -174,11 +153,11 @@ class _LocalRun:
 class _SlurmRun:
     """``pretrain train`` as a Slurm job (``launch.submit.TrainJob``); its run dir is on a shared file system."""
 
-    def __init__(self, spec: TrialSpec, overrides: list[str], run_dir: Path):
+    def __init__(self, spec: SweepSpec, overrides: list[str], run_dir: Path):
         self.spec, self.overrides, self.run_dir, self.job = spec, overrides, run_dir, None
 
     def start(self) -> None:
-        params = slurm_params(self.spec.slurm, self.spec.nproc)
+        params = slurm_params(self.spec.slurm, self.spec.resources.nproc)
         self.job = submit_slurm_trial(self.spec.base, self.overrides, params)
         note(self.run_dir, "submitted the run as Slurm job %s", self.job.job_id)
 
@@ -245,17 +224,18 @@ def _report(run_dir: Path, trial_id: str, step: int, done: bool = False) -> int:
     return step
 
 
-def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
+def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     """Ray Tune function trainable: one training run, one ``tune.report`` per eval.
 
     Args:
         config: Sampled values keyed by config path (``{"optim.lr": 3e-4}``).
-        spec: What all trials share.
+        spec: The sweep.
     """
     from ray import tune  # noqa: PLC0415 - Ray is imported lazily (STYLE rule 12)
 
     trial_id = tune.get_context().get_trial_id()
-    run_dir = Path(spec.trials_dir) / trial_id
+    trials_dir = spec.sweep_dir / "trials"
+    run_dir = trials_dir / trial_id
     (run_dir / SWEEP).mkdir(parents=True, exist_ok=True)
     _end_previous_run(run_dir, spec.stop_grace_s + 60)
     write_atomic(run_dir / SWEEP / "trial.json", json.dumps({"trial_id": trial_id, "params": config}))
@@ -278,9 +258,10 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         return
 
     sampled = [format_override(k, v) for k, v in sorted(config.items())]
-    run_args = [format_override("run.output_dir", spec.trials_dir), format_override("run.name", trial_id)]
-    run = (_SlurmRun if spec.backend == "slurm" else _LocalRun)(spec, [*spec.overrides, *sampled, *run_args], run_dir)
-    install_hook(run_dir, timeout_s=spec.heartbeat_timeout_s)
+    run_args = [format_override("run.output_dir", str(trials_dir)), format_override("run.name", trial_id)]
+    overrides = [*spec.trial_overrides(), *sampled, *run_args]
+    run = (_SlurmRun if spec.trial_backend == "slurm" else _LocalRun)(spec, overrides, run_dir)
+    install_hook(run_dir, timeout_s=HEARTBEAT_TIMEOUT_S)
     heartbeat = Heartbeat(run_dir)
     try:
         run.start()

@@ -28,7 +28,7 @@ CONFIG = REPO / "configs" / "run" / "digits_sepvit_lite.yaml"
 MAX_STEPS = 10
 LONG_STEPS = 30
 EVERY = 5  # eval and checkpoint interval in steps: at step 5, lr 2e-3 is clearly ahead of a hopeless lr
-HEARTBEAT_TIMEOUT_S = 15  # launch.sweep.trial.TrialSpec.heartbeat_timeout_s
+HEARTBEAT_TIMEOUT_S = 15  # launch.sweep.trial.HEARTBEAT_TIMEOUT_S
 
 
 def trial_overrides(data: Path) -> list[str]:
