@@ -4,12 +4,15 @@ Usage::
 
     python benchmarks/train.py accuracy configs/run/digits_sepvit_lite.yaml configs/run/digits_setformer_lite.yaml
     python benchmarks/train.py zero-memory --nproc 2          # ZeRO 0/1/2/3, bytes of optimizer state per rank
+    python benchmarks/train.py compile --repeats 3            # trainer.compile=true (inductor) against eager
 
 ``accuracy`` trains each config from scratch (``--nproc 2``, its own run dir under ``runs/bench``), timing the whole
 command, and reads the final val top-1 and the mean images/s from ``metrics.jsonl``. ``zero-memory`` starts N local
 ranks that build the model of a config once per ZeRO stage, take one optimizer step, and count the bytes of the
-optimizer state tensors (Adam moments) each rank holds. Both print a table and append it to benchmarks/RESULTS.md
-(``--no-append`` to skip).
+optimizer state tensors (Adam moments) each rank holds. ``compile`` trains the same short run eager and with
+``trainer.compile=true``, alternated ``--repeats`` times (the machine is shared: ratios of neighbouring runs, medians),
+and reads the steady images/s (logged windows after the first, which holds the compilation) and the logged compile
+time. All print a table and append it to benchmarks/RESULTS.md (``--no-append`` to skip).
 """
 
 from __future__ import annotations
@@ -98,6 +101,74 @@ def _accuracy(args: argparse.Namespace) -> int:
         ]
         _append("Training: digits run configs", "python benchmarks/train.py " + shlex.join(sys.argv[1:]), lines, notes)
     return 0 if all(r["exit"] == 0 for r in rows) else 1
+
+
+# --------------------------------------------------------------------------------------------------------- compile
+
+
+def _train_once(args: argparse.Namespace, name: str, extra: list[str]) -> dict[str, float]:
+    from pretrain.metrics import read_jsonl
+
+    run_dir = ROOT / "runs" / "bench" / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [
+        sys.executable, "-m", "launch.cli", "train", args.config, f"data.path={args.data}", "run.output_dir=runs/bench",
+        f"run.name={name}", "trainer.progress_bar=false", f"trainer.max_steps={args.steps}",
+        "trainer.eval_every_steps=0", "trainer.log_every_steps=5", "checkpoint.every_steps=0",
+        "checkpoint.every_minutes=0", "checkpoint.save_final=false", *args.overrides, *extra,
+        "--nproc", str(args.nproc),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    train = [e for e in read_jsonl(run_dir / "metrics.jsonl") if e.get("event") == "train"]
+    compile_s = float("nan")
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if "first step with torch.compile" in line:
+            compile_s = float(line.rsplit(": ", 1)[1].split(" s")[0])
+    ips = sorted(e["img_per_s"] for e in train[1:])  # the first window holds the start (and the compilation)
+    return {"img_s": ips[len(ips) // 2] if ips else float("nan"), "compile_s": compile_s}
+
+
+def _compile(args: argparse.Namespace) -> int:
+    import statistics
+
+    rows = []
+    for i in range(args.repeats):
+        eager = _train_once(args, "bench_eager", [])
+        compiled = _train_once(
+            args, "bench_compiled", ["trainer.compile=true", f"trainer.compile_backend={args.backend}"]
+        )
+        rows.append((eager, compiled))
+        print(f"pair {i + 1}: eager {eager['img_s']:.1f} img/s, compiled {compiled['img_s']:.1f} img/s "
+              f"(first step {compiled['compile_s']:.1f} s)", flush=True)  # fmt: skip
+    ratios = [c["img_s"] / e["img_s"] for e, c in rows]
+    lines = [
+        "| pair | eager img/s | compiled img/s | compiled / eager | compiled first step (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for i, (e, c) in enumerate(rows, 1):
+        lines.append(
+            f"| {i} | {e['img_s']:.1f} | {c['img_s']:.1f} | {c['img_s'] / e['img_s']:.2f} | {c['compile_s']:.1f} |"
+        )
+    lines.append(
+        f"| median | | | {statistics.median(ratios):.2f} | {statistics.median(c['compile_s'] for _, c in rows):.1f} |"
+    )
+    print("\n".join(lines))
+    if not args.no_append:
+        notes = [
+            f"{args.config}, {args.nproc} rank(s), {args.steps} steps, backend {args.backend}, eager and compiled "
+            "alternated; img/s = median of the logged 5-step windows after the first;",
+            "first step = the compiled run's first optimizer step, compilation included (inductor caches compiled "
+            "graphs in /tmp/torchinductor_*, so pairs after the first compile faster).",
+        ]
+        _append(
+            "Training: torch.compile against eager",
+            "python benchmarks/train.py " + shlex.join(sys.argv[1:]),
+            lines,
+            notes,
+        )
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------- zero memory
@@ -194,12 +265,22 @@ def main(argv: list[str] | None = None) -> int:
     z.add_argument("--nproc", type=int, default=2)
     z.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
     z.add_argument("--no-append", action="store_true")
+    c = sub.add_parser("compile", help="images/s with trainer.compile=true against eager, alternated")
+    c.add_argument("--config", default="configs/run/digits_sepvit_lite.yaml")
+    c.add_argument("--data", default="data/digits")
+    c.add_argument("--nproc", type=int, default=1)
+    c.add_argument("--steps", type=int, default=40)
+    c.add_argument("--repeats", type=int, default=3)
+    c.add_argument("--backend", default="inductor")
+    c.add_argument("--override", dest="overrides", action="append", default=[], help="section.field=value")
+    c.add_argument("--no-append", action="store_true")
     r = sub.add_parser("_zero-memory-rank")
     r.add_argument("--config", required=True)
     r.add_argument("--out", required=True)
     r.add_argument("--stages", type=int, nargs="+", required=True)
     args = p.parse_args(argv)
-    return {"accuracy": _accuracy, "zero-memory": _zero_memory, "_zero-memory-rank": _zero_memory_rank}[args.cmd](args)
+    commands = {"accuracy": _accuracy, "zero-memory": _zero_memory, "compile": _compile}
+    return {**commands, "_zero-memory-rank": _zero_memory_rank}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -167,7 +167,10 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     """Recompute block activations in backward to save memory."""
     compile: bool = False
-    """torch.compile the model."""
+    """torch.compile the model, after DeepSpeed wraps it (``engine.compile()``); the first step includes the compile
+    time, logged once."""
+    compile_backend: str = "inductor"
+    """torch.compile backend with ``compile=true`` (``inductor``; ``aot_eager`` traces without code generation)."""
     max_nonfinite_steps: int = 5
     """Stop after this many consecutive steps with NaN/Inf loss (each is skipped)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

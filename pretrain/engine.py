@@ -4,9 +4,11 @@
 
 1. activation checkpointing  (``model.set_grad_checkpointing``: changes what the blocks keep for backward)
 2. input cast (bf16/fp16)    (a forward pre-hook gives float inputs the weights' dtype; before compile, so traced)
-3. compile                   (``model.compile()``: traces the checkpointed module, before ZeRO hooks exist)
-4. ZeRO init                 (``deepspeed.initialize``: partitions optimizer state / gradients / parameters, casts
+3. ZeRO init                 (``deepspeed.initialize``: partitions optimizer state / gradients / parameters, casts
                               the weights to bf16/fp16 (fp32 masters stay in the optimizer) and installs its hooks)
+4. compile                   (``engine.compile()``, as DeepSpeed documents: compiles the wrapped module in place, so
+                              parameter names, checkpoints and the EMA copy made before are those of the eager model;
+                              the compilation itself happens in the first forward)
 
 Precision: ``trainer.precision=bf16`` is DeepSpeed's bf16 engine on GPU and on CPU alike (bf16 weights and
 activations, fp32 master weights and optimizer state in ZeRO's partitions); fp16 (loss-scaled) is GPU-only.
@@ -420,10 +422,7 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int) -> EngineParts:
     # 2. input cast: bf16/fp16 weights need inputs of their dtype (DeepSpeed casts only the weights, in step 4)
     if cfg.trainer.precision != "fp32":
         model.register_forward_pre_hook(cast_float_inputs)
-    # 3. compile
-    if cfg.trainer.compile:
-        model.compile()
-    # 4. ZeRO init: the client optimizer's param groups carry the weight-decay split
+    # 3. ZeRO init: the client optimizer's param groups carry the weight-decay split and the layer-wise lr scales
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
     for g in groups:
         g["lr"] = cfg.optim.lr * g["lr_scale"]
@@ -440,5 +439,8 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int) -> EngineParts:
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=ds_config
     )
+    # 4. compile
+    if cfg.trainer.compile:
+        engine.compile(backend=cfg.trainer.compile_backend)
     specs = [(g["lr_scale"], g["decayed"]) for g in groups]
     return EngineParts(engine, optimizer, scheduler, ds_config, specs)

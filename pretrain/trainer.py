@@ -293,6 +293,7 @@ class Trainer:
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
+        self._compile_pending = cfg.trainer.compile
         self.best_metric: float | None = None
         self.best_step: int | None = None
         self.last_eval: dict[str, Any] = {}
@@ -485,6 +486,13 @@ class Trainer:
                 grad_norm = self._stage0_grad_norm() if engine.is_gradient_accumulation_boundary() else None
                 engine.step()
         skipped = bad_micro == accum
+        if self._compile_pending:  # torch.compile compiles in the first forward and backward of the process
+            self._compile_pending = False
+            logger.info(
+                "first step with torch.compile (backend %s): %.1f s, compilation included",
+                self.cfg.trainer.compile_backend,
+                time.perf_counter() - started - data_wait,
+            )
         if skipped and accum == 1:
             self.parts.scheduler.step()  # no engine.step() ran: keep the LR schedule on the trainer's step count
         else:

@@ -264,3 +264,34 @@ def test_resume_on_another_number_of_ranks_reshards_and_continues_the_run(digits
     refused = start_train(CONFIG, overrides("elastic", "trainer.max_steps=16"), "--nproc", "1")
     assert refused.wait() == 2
     assert "set data.batch_size=32, or relaunch with 2 ranks" in refused.output
+
+
+def test_compiled_run_with_ema_resumes_exactly(digits_dir, run_root, start_train):
+    # trainer.compile=true compiles the DeepSpeed-wrapped module (ZeRO-2 here, with an EMA; one rank, as compiling
+    # costs CPU): stopped at step 3 and resumed, the run continues with the uninterrupted compiled run's losses and
+    # ends with its weights, bit for bit.
+    # aot_eager traces the same graphs as inductor without its C++ code generation (minutes per rank on this CPU);
+    # benchmarks/train.py measures inductor against eager.
+    def run(name: str, steps: int):
+        extra = ["trainer.compile=true", "trainer.compile_backend=aot_eager", "trainer.ema_decay=0.9"]
+        extra += ["schedule.name=constant", "schedule.warmup_steps=0", "trainer.eval_every_steps=0"]
+        extra += ["checkpoint.every_steps=3", f"trainer.max_steps={steps}", "data.num_workers=1"]
+        done = start_train(CONFIG, tiny_run_overrides(digits_dir, run_root, name, *extra), "--nproc", "1")
+        assert done.wait(timeout=600) == 0, done.output[-5000:]
+        return done
+
+    whole = run("compiled", 6)
+    assert whole.output.count("first step with torch.compile (backend aot_eager)") == 1
+    run("compiled_resumed", 3)
+    resumed = run("compiled_resumed", 6)
+    assert "resumed from" in resumed.output and "step_000003" in resumed.output
+    want, got = train_losses(run_root / "compiled"), train_losses(run_root / "compiled_resumed")
+    assert sorted(got) == list(range(1, 7)) and got == want
+
+    def weights(name: str) -> dict[str, torch.Tensor]:
+        tag = run_root / name / "checkpoints" / "step_000006"
+        return torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+
+    a, b = weights("compiled"), weights("compiled_resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any("_orig_mod" in k for k in a)  # compiled in place: the eager model's parameter names
