@@ -454,6 +454,7 @@ class Trainer:
         engine.train()
         lr = self.parts.optimizer.param_groups[0]["lr"] / self.parts.group_specs[0][0]  # optim.lr scheduled
         data_wait, losses, bad_micro, grad_norm = 0.0, [], 0, None
+        started = time.perf_counter()
         for micro in range(accum):
             t0 = time.perf_counter()
             with torch.random.fork_rng(devices=[]):  # loader iteration must not move the global RNG stream
