@@ -13,7 +13,8 @@ decoded by its ``autodecode.basichandlers``, so a sample here is what ``webdatas
 give no file offsets, and exact resumable random access needs them (a loader worker seeks to the members of its own
 batches and reads nothing else), so offsets come from a ``tarfile`` scan (:func:`data_pipeline.shard_index
 .index_shard`, the reader the loader falls back to) and every sample WebDataset yields is checked against it: same
-key, same member sizes. The loader then reads the offsets from the stored index and never scans the shard.
+key, same member sizes. The loader then reads the offsets from the stored index; it scans a shard only when its
+size no longer matches.
 
 Choices:
 
