@@ -1,26 +1,26 @@
 """``pretrain data inspect``: check a built data set against its manifest.
 
 For every shard listed in ``manifest.json``: the file exists, its size and sha256 match the manifest, and its tar
-headers (read with ``tarfile``) hold the listed number of samples (keys), each with an image and a ``.cls`` label; the
-shard's stored index, which the loader reads instead of the tar headers, lists the same members at the same offsets.
-For shards indexed by ``pretrain data index`` (manifest version 2) the samples are those of the shard's stored index:
-each must be in the tar with its image member at the stored offsets, and its stored label must name a class. With
-``deep=True`` every image is decoded and every label parsed as well. The report lists every bad shard with its
-reasons; the stream refuses nothing by itself, so run this after copying a data set.
+headers (read by the ``tarfile`` scan the loader falls back to, :func:`data_pipeline.shard_index.index_shard`) hold the
+listed number of samples (keys), each with an image and a ``.cls`` label; the shard's stored index, which the loader
+reads instead of the tar headers, lists the same members at the same offsets. For shards indexed by ``pretrain data
+index`` (manifest version 2) the samples are those of the shard's stored index: each must be in the tar with its image
+member at the stored offsets, and its stored label must name a class. With ``deep=True`` every image is decoded and
+every label parsed as well (read at the offsets the scan found). The report lists every bad shard with its reasons;
+the stream refuses nothing by itself, so run this after copying a data set.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_pipeline.errors import CorruptSample
 from data_pipeline.manifest import Manifest, ShardInfo, file_sha256, load_manifest
-from data_pipeline.shard_index import StoredShard, read_stored_shard, split_member_name
+from data_pipeline.shard_index import StoredShard, index_shard, read_stored_shard
 
 __all__ = ["BadShard", "InspectReport", "inspect_dataset"]
 
@@ -125,8 +125,6 @@ def _check_shard(
     sha = file_sha256(path)
     if sha != shard.sha256:
         reasons.append(f"sha256 {sha[:12]}... does not match the manifest's {shard.sha256[:12]}...")
-    members: dict[str, dict[str, tuple[int, int]]] = {}  # key -> ext -> (offset_data, size)
-    order: list[str] = []
     failed: dict[str, list[str]] = {"bad_label": [], "decode_error": []}  # deep: keys per failure
     stored: StoredShard | None = None
     if shard.index is not None:
@@ -137,30 +135,21 @@ def _check_shard(
                 return reasons + [f"stored index unreadable ({e}); re-run `pretrain data index`"], 0
             reasons.append(f"stored index unusable ({e}); re-run `pretrain data build` with the same arguments")
     own, stored = (None, stored) if foreign else (stored, None)
-    image_of = None if stored is None else dict(zip(stored.keys, stored.images))
-    read_whole = True  # the tar was read to its end without a break
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                if info.offset_data + info.size > size:
-                    reasons.append(f"truncated: member {info.name} ends past the end of the file")
-                    read_whole = False
-                    break
-                key, ext = split_member_name(info.name)
-                if key is None or ext is None:
-                    continue
-                if key not in members:
-                    order.append(key)
-                members.setdefault(key, {})[ext] = (info.offset_data, info.size)
-                checked = deep and (image_of is None or image_of.get(key) == ext)  # stored: the image members only
-                problem = _deep_check(tar, info, ext, num_classes) if checked else None
-                if problem:
-                    failed[problem].append(key)
-    except (tarfile.TarError, OSError, EOFError) as e:
-        reasons.append(f"unreadable tar ({type(e).__name__}: {e})")
-        read_whole = False
+    scan = index_shard(path, None, "")  # the tarfile scan: members by key in tar order; a break and what precedes it
+    members = scan.members
+    read_whole = scan.problem is None
+    if scan.problem == "truncated_shard":
+        reasons.append(f"truncated or unreadable tar ({scan.detail.removeprefix(f'{path}: ')})")
+    if deep:
+        image_of = None if stored is None else dict(zip(stored.keys, stored.images))
+        with open(path, "rb") as f:
+            for key, exts in members.items():
+                for ext, (offset, n) in exts.items():
+                    if image_of is None or image_of.get(key) == ext:  # stored: the image members only
+                        f.seek(offset)
+                        problem = _deep_check(f.read(n), ext, num_classes)
+                        if problem:
+                            failed[problem].append(key)
     if own is not None and read_whole:
         differ = [k for k, spans in zip(own.keys, own.members) if members.get(k) != spans]
         if differ or len(own) != len(members) or own.bytes != size:
@@ -175,8 +164,8 @@ def _check_shard(
     found = len(members)
     if found != shard.samples:
         reasons.append(f"{found} samples in the tar, manifest says {shard.samples}")
-    no_image = [k for k in order if not set(members[k]) - _NON_IMAGE]
-    no_label = [k for k in order if "cls" not in members[k]]
+    no_image = [k for k, exts in members.items() if not set(exts) - _NON_IMAGE]
+    no_label = [k for k, exts in members.items() if "cls" not in exts]
     if no_image:
         reasons.append(f"{len(no_image)} samples without an image, e.g. {', '.join(no_image[:_MAX_LISTED])}")
     if no_label:
@@ -219,12 +208,10 @@ def _check_stored(
     return reasons, len(stored) - len(lost)
 
 
-def _deep_check(tar: tarfile.TarFile, info: tarfile.TarInfo, ext: str, num_classes: int) -> str | None:
-    """Decodes one member: ``"bad_label"`` / ``"decode_error"`` when it fails, else None."""
+def _deep_check(data: bytes, ext: str, num_classes: int) -> str | None:
+    """Decodes one member's bytes: ``"bad_label"`` / ``"decode_error"`` when it fails, else None."""
     if ext in ("json", "txt"):
         return None
-    f = tar.extractfile(info)
-    data = f.read() if f is not None else b""
     if ext == "cls":
         try:
             return None if 0 <= int(data.decode("ascii").strip()) < num_classes else "bad_label"

@@ -51,7 +51,13 @@ from data_pipeline.manifest import (
     same_manifest_content,
     write_manifest,
 )
-from data_pipeline.shard_index import STORED_INDEX_DIR, STORED_INDEX_VERSION, stored_index_name, write_stored_index
+from data_pipeline.shard_index import (
+    STORED_INDEX_DIR,
+    STORED_INDEX_VERSION,
+    index_shard,
+    stored_index_name,
+    write_stored_index,
+)
 from data_pipeline.sources import Source, SourceItem, UnreadableImage, open_source
 
 __all__ = ["ShardPlan", "build_shards", "plan_shards", "tar_size"]
@@ -226,12 +232,9 @@ def _kept_sha(path: Path, plan: ShardPlan) -> str | None:
     except (OSError, IndexError):
         return None
     planned = [(name, size) for s in plan.samples for name, _, size in s.members()]
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            found = [(m.name, m.size) for m in tar]
-    except (tarfile.TarError, OSError, EOFError):
-        return None
-    if found != planned:
+    scan = index_shard(path, None, plan.split)  # tarfile: members by key and extension, in tar order
+    found = [(f"{key}.{ext}", size) for key, exts in scan.members.items() for ext, (_, size) in exts.items()]
+    if scan.problem is not None or found != planned:
         return None
     sha = file_sha256(path)
     return sha if sha == recorded else None

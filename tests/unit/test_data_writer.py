@@ -335,6 +335,21 @@ def test_inspect_names_a_stored_index_that_does_not_match_its_shard(digits: Path
     )
 
 
+def test_inspect_names_a_shard_cut_between_samples(digits: Path, tmp_path: Path) -> None:
+    """A shard cut exactly at a sample's first header reads as a complete tar to tarfile; the missing end-of-archive
+    blocks give it away (the loader's scan, which inspect uses)."""
+    ds = tmp_path / "ds"
+    shutil.copytree(digits, ds)
+    shard = ds / "train/shard-000003.tar"
+    entry = json.loads((ds / ".index/train/shard-000003.tar.json").read_bytes())
+    cut = entry["samples"][100][3]["cls"][0] - 512  # the header of sample 100's first member
+    shard.write_bytes(shard.read_bytes()[:cut])
+    (bad,) = inspect_dataset(ds).bad_shards
+    assert bad.name == "train/shard-000003.tar"
+    assert "truncated or unreadable tar (no end-of-archive marker after 100 samples)" in bad.reasons
+    assert "100 samples in the tar, manifest says 297" in bad.reasons
+
+
 def test_load_manifest_errors_name_the_path(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="pretrain data build"):
         load_manifest(tmp_path)
