@@ -35,7 +35,19 @@ from pretrain.config import (
     read_yaml_mapping,
 )
 
-__all__ = ["EVAL_METRICS", "Resources", "SchedulerSpec", "SweepSpec", "load_sweep", "validate_trial_configs"]
+__all__ = [
+    "EVAL_METRICS",
+    "Resources",
+    "SchedulerSpec",
+    "SweepSpec",
+    "build_spec",
+    "evals_per_trial",
+    "format_override",
+    "load_sweep",
+    "points",
+    "to_tune",
+    "validate_trial_configs",
+]
 
 EVAL_METRICS = {"val_loss": "min", "val_top1": "max", "val_top5": "max"}
 """Metrics of the trainer's eval events, with the mode that makes sense for each."""
