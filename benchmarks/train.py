@@ -115,7 +115,7 @@ def _train_once(args: argparse.Namespace, name: str, extra: list[str]) -> dict[s
         sys.executable, "-m", "launch.cli", "train", args.config, f"data.path={args.data}", "run.output_dir=runs/bench",
         f"run.name={name}", "trainer.progress_bar=false", f"trainer.max_steps={args.steps}",
         "trainer.eval_every_steps=0", "trainer.log_every_steps=5", "checkpoint.every_steps=0",
-        "checkpoint.every_minutes=0", "checkpoint.save_final=false", *args.overrides, *extra,
+        "checkpoint.every_minutes=0", "checkpoint.save_final=false", "schedule.warmup_steps=5", *args.overrides, *extra,
         "--nproc", str(args.nproc),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True)

@@ -47,7 +47,10 @@ logger = logging.getLogger(__name__)
 
 
 HEARTBEAT_TIMEOUT_S = 15.0
-"""A run whose trial has not beaten (every second) for this long stops by itself."""
+"""A local run whose trial has not beaten (every second) for this long stops by itself."""
+SLURM_HEARTBEAT_TIMEOUT_S = 120.0
+"""The same for a Slurm trial: its run reads the heartbeat's mtime over a shared file system, whose attribute cache
+(NFS ``actimeo``: up to 60 s) can show an older mtime than the trial wrote."""
 
 
 def note(run_dir: Path, msg: str, *args: Any) -> None:
@@ -261,7 +264,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     run_args = [format_override("run.output_dir", str(trials_dir)), format_override("run.name", trial_id)]
     overrides = [*spec.trial_overrides(), *sampled, *run_args]
     run = (_SlurmRun if spec.trial_backend == "slurm" else _LocalRun)(spec, overrides, run_dir)
-    install_hook(run_dir, timeout_s=HEARTBEAT_TIMEOUT_S)
+    install_hook(run_dir, timeout_s=SLURM_HEARTBEAT_TIMEOUT_S if spec.trial_backend == "slurm" else HEARTBEAT_TIMEOUT_S)
     heartbeat = Heartbeat(run_dir)
     try:
         run.start()
