@@ -43,12 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b = sub.add_parser(
         "build",
         help="write shards and manifest.json from digits, digit pairs or an image folder",
-        description="Write DIR/{train,val}/shard-NNNNNN.tar and DIR/manifest.json. SOURCE is 'digits' (scikit-learn's "
+        description="Write DIR/{train,val}/shard-NNNNNN.tar, a stored index per shard (DIR/.index/, the offsets the "
+        "loader seeks to) and DIR/manifest.json. SOURCE is 'digits' (scikit-learn's "
         "1,797 handwritten digits as 32x32 RGB PNG), 'digit-pairs' (two of those digits far apart on a 64x64 canvas, "
         "labelled same/different class; options as 'digit-pairs:canvas=96,distractors=2,seed=1', keys canvas, scale, "
         "train_pairs, val_pairs, distractors, distractor_level, min_distance, seed) or 'imagefolder:PATH' (one folder "
         "per class; files stored as they are). Unreadable files are skipped and listed. Re-running finishes an "
-        "interrupted build.",
+        "interrupted build, and adds the stored indexes to a data set built before they existed.",
     )
     b.add_argument("source", metavar="SOURCE", help="'digits', 'digit-pairs[:KEY=VALUE,...]' or 'imagefolder:PATH'")
     b.add_argument("--out", required=True, metavar="DIR", help="output folder")
