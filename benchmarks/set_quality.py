@@ -149,6 +149,55 @@ def _table(rows: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
+def _append(title: str, lines: list[str], argv: list[str] | None, notes: list[str]) -> None:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    block = [
+        f"\n## {title} ({stamp})\n",
+        f"Machine: {platform.node()} ({os.cpu_count()} CPUs, shared; load average {os.getloadavg()[0]:.1f} at the "
+        f"end), Python {platform.python_version()}  ",
+        f"Command: `python benchmarks/set_quality.py {shlex.join(sys.argv[1:] if argv is None else argv)}`\n",
+        *lines,
+        "",
+        *[f"- {n}" for n in notes],
+    ]
+    with RESULTS.open("a") as f:
+        f.write("\n".join(block) + "\n")
+
+
+def _step_timing(rows: list[str], repeats: int, batch: int = 64) -> list[str]:
+    """Median forward+backward time of each row's model on one random batch, rows interleaved in one process (1 thread):
+    load changes on the shared machine then hit every row alike, unlike the separate training runs."""
+    import torch
+    import torch.nn.functional as F
+
+    from pretrain.config import load_config
+    from pretrain.trainer import build_model
+
+    torch.set_num_threads(1)
+    models, inputs = {}, {}
+    for name in rows:
+        config, overrides, _ = ROWS[name]
+        cfg = load_config(ROOT / config, [*overrides, "model.num_classes=2"])
+        models[name] = build_model(cfg).train()
+        size = cfg.model.img_size
+        inputs[name] = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    labels = torch.zeros(batch, dtype=torch.long)
+    for i in range(repeats + 1):
+        for name in rows:
+            t0 = time.perf_counter()
+            F.cross_entropy(models[name](inputs[name]), labels).backward()
+            if i:  # the first round warms up
+                times[name].append(time.perf_counter() - t0)
+            models[name].zero_grad(set_to_none=True)
+    lines = [f"| row | fwd+bwd s/batch of {batch} (median of {repeats}) | min | vs softmax |", "|---|---:|---:|---:|"]
+    ref = statistics.median(times["softmax"]) if "softmax" in times else float("nan")
+    for name in rows:
+        med = statistics.median(times[name])
+        lines.append(f"| {name} | {med:.3f} | {min(times[name]):.3f} | {med / ref:.2f}x |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW", help="rows to run")
@@ -160,31 +209,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--override", dest="overrides", action="append", default=[], help="section.field=value, every row")
     p.add_argument("--note", action="append", default=[], help="a line under the table")
     p.add_argument("--collect", action="store_true", help="train nothing: tabulate the runs already in " + RUNS)
+    p.add_argument("--timing", type=int, default=0, metavar="N", help="instead: interleaved fwd+bwd timing, N rounds")
     p.add_argument("--no-append", action="store_true")
     args = p.parse_args(argv)
-    t0 = time.perf_counter()
-    results = {name: [_run(name, seed, args) for seed in args.seeds] for name in args.rows}
-    minutes = (time.perf_counter() - t0) / 60
+    if args.timing:
+        lines = _step_timing(args.rows, args.timing)
+        print("\n".join(lines))
+        if not args.no_append:
+            _append("SeT quality ablation: step time, rows interleaved", lines, argv, [*args.note])
+        return 0
+    if args.collect:  # the seeds each row has a run of
+        found = {
+            n: [s for s in args.seeds if (ROOT / RUNS / f"{n}_s{s}" / "metrics.jsonl").exists()] for n in args.rows
+        }
+        results = {name: [_run(name, seed, args) for seed in seeds] for name, seeds in found.items() if seeds}
+    else:
+        results = {name: [_run(name, seed, args) for seed in args.seeds] for name in args.rows}
     lines = _table(results)
     print("\n".join(lines))
     if not args.no_append:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        load = os.getloadavg()[0]
-        block = [
-            f"\n## SeT quality ablation ({stamp})\n",
-            f"Machine: {platform.node()} ({os.cpu_count()} CPUs, shared; load average {load:.1f} at the end), "
-            f"Python {platform.python_version()}  ",
-            f"Command: `python benchmarks/set_quality.py {shlex.join(sys.argv[1:] if argv is None else argv)}`  ",
-            f"Budget: {len(args.rows) * len(args.seeds)} runs ({args.steps} steps on digit pairs, "
-            f"{args.digits_steps} on digits; batch 64), 1 rank, 1 thread each: "
-            f"{minutes:.0f} min of wall time in all.\n",
-            *lines,
-            "",
-            *[f"- {n}" for n in args.note],
-            f"- every run: `{results[args.rows[0]][0]['command']}` with the row's model overrides (first row shown).",
+        notes = [
+            f"Budget: {sum(map(len, results.values()))} runs ({args.steps} steps on digit pairs, {args.digits_steps} "
+            f"on digits; batch 64), 1 rank, 1 thread each: "
+            f"{sum(r['wall_s'] for rs in results.values() for r in rs) / 60:.0f} min of wall time in all.",
+            *args.note,
+            f"every run: `{next(iter(results.values()))[0]['command']}` with the row's overrides (first shown).",
         ]
-        with RESULTS.open("a") as f:
-            f.write("\n".join(block) + "\n")
+        _append("SeT quality ablation", lines, argv, notes)
     return 0 if all(r["exit"] == 0 for rs in results.values() for r in rs) else 1
 
 
