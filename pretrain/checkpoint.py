@@ -1,6 +1,6 @@
 """Checkpoints of a run: layout, the COMPLETE marker, ``latest``, retention, RNG capture and resume selection.
 
-Layout (DESIGN.md, "Training flow")::
+Layout::
 
     runs/<name>/checkpoints/
         step_000120/                    # tag = step_{step:06d}

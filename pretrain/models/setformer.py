@@ -50,7 +50,7 @@ elementwise Sinkhorn work is not counted; the softmax ablation is counted with t
     setformer_base    66.32M   12.82   77.38M            20.01
     ================  =======  ======  ================  ================
 
-For scale only (MODELS.md §1.1, INFERRED loose bound): the abstract's COCO comparison would put SeTformer-B near
+For scale only (an inferred, loose bound): the abstract's COCO comparison would put SeTformer-B near
 55M params / 10.9 GFLOPs; CSWin-T/S/B themselves are 23M/35M/78M and 4.3/6.9/15.0G (stripe attention).
 """
 
@@ -356,7 +356,7 @@ class SeTformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# Stage tables: CSWin-T/S/B (MODELS.md §1.4) and a small CPU demo variant.
+# Stage tables: CSWin-T/S/B's (Dong et al., "CSWin Transformer", CVPR 2022) and a small CPU demo variant.
 _ARCHS: dict[str, dict[str, Any]] = {
     "setformer_lite": dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)),
     "setformer_tiny": dict(embed_dim=64, depths=(1, 2, 21, 1), num_heads=(2, 4, 8, 16)),

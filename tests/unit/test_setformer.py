@@ -1,4 +1,4 @@
-"""SeT attention invariants (MODELS.md §1.3 and §5) and the SeTformer backbone surface."""
+"""SeT attention invariants (stated in the docstring of pretrain/models/set_attention.py) and the backbone."""
 
 from __future__ import annotations
 
