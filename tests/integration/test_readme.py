@@ -104,6 +104,41 @@ def test_make_pretrain_interrupted_then_rerun_resumes_and_prints_the_result(clon
     assert out.returncode == 0 and "state=finished step=60/60 val_top1=" in out.stdout, explain(out)
 
 
+def test_readme_export_eval_and_fine_tune_commands(clone: Path) -> None:
+    """The "Use the pretrained model" commands after `make pretrain` (the test above; a short run here if it did not
+    run): export, the Python load, eval on 2 ranks, the fine-tune config and a fine-tune from the export."""
+    if not (clone / "runs" / "digits_sepvit_lite" / "checkpoints" / "latest").exists():
+        args = (
+            "ARGS=trainer.max_steps=20 trainer.eval_every_steps=20 checkpoint.every_minutes=0 schedule.warmup_steps=5"
+        )
+        assert (out := run(clone, "make", "-o", ".venv/.installed", "pretrain", args)).returncode == 0, explain(out)
+    out = run(
+        clone, ".venv/bin/pretrain", "export", "runs/digits_sepvit_lite", "--out", "sepvit_lite_digits.safetensors"
+    )
+    assert out.returncode == 0 and (clone / "sepvit_lite_digits.safetensors").is_file(), explain(out)
+    load = "from pretrain.models import create_model; m = create_model('sepvit_lite_digits.safetensors', num_classes=5)"
+    out = run(clone, ".venv/bin/python", "-c", load + "; print(m.head.out_features)")
+    assert out.returncode == 0 and out.stdout.split() == ["5"], explain(out)
+    out = run(clone, ".venv/bin/pretrain", "eval", "sepvit_lite_digits.safetensors", "--data", "data/digits", "--split",
+              "val", "--nproc", "2")  # fmt: skip
+    assert out.returncode == 0 and "top1" in out.stdout, explain(out)
+    assert json.loads((clone / "sepvit_lite_digits.eval-val.json").read_text())["samples"] > 0
+    short = [
+        "trainer.max_steps=10",
+        "trainer.eval_every_steps=10",
+        "checkpoint.every_steps=10",
+        "schedule.warmup_steps=2",
+    ]
+    config = "configs/run/digits_sepvit_lite_finetune.yaml"
+    out = run(clone, ".venv/bin/pretrain", "train", config, "--nproc", "2", *short)
+    assert out.returncode == 0 and "state=finished step=10/10 val_top1=" in out.stdout, explain(out)
+    assert "initialised the weights from runs/digits_sepvit_lite" in out.stderr, explain(out)
+    out = run(clone, ".venv/bin/pretrain", "train", config, "model.init_from=sepvit_lite_digits.safetensors",
+              "run.name=digits_from_export", "--nproc", "2", *short)  # fmt: skip
+    assert out.returncode == 0 and "state=finished step=10/10 val_top1=" in out.stdout, explain(out)
+    assert load_config(clone / "runs" / "digits_from_export" / "config.yaml").optim.layer_decay == 0.75
+
+
 def test_readme_setformer_command_trains_on_two_ranks(clone: Path) -> None:
     out = run(
         clone,
