@@ -176,10 +176,14 @@ def _compare_trees(names: list[str], args: argparse.Namespace) -> list[str]:
                     res = _run_worker(trees[label], name, args)
                     runs.setdefault((name, label), []).append(res)
                     logger.info("%s %s round %d: %.3f s/step", name, label.split()[0], r, res["median_s"])
+        if args.rounds == 0:  # --profile only
+            names_timed: list[str] = []
+        else:
+            names_timed = names
         head = "| model | tree | runs | median s/step (per run) | img/s | GFLOP/s | mm GFLOP/s | of mm | speedup"
         head += " |"
-        lines += [head, "|---|---|---:|---|---:|---:|---:|---:|---:|"]
-        for name in names:
+        lines += [head, "|---|---|---:|---|---:|---:|---:|---:|---:|"] if names_timed else []
+        for name in names_timed:
             base_med = statistics.median(r["median_s"] for r in runs[(name, labels[0])])
             for label in labels:
                 rs = runs[(name, label)]
@@ -242,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--after", default=None, help="with --baseline: git revision of the 'after' tree (default: working tree)"
     )
-    p.add_argument("--rounds", type=int, default=5, help="alternated runs per tree with --baseline")
+    p.add_argument("--rounds", type=int, default=5, help="alternated runs per tree with --baseline (0: --profile only)")
     p.add_argument("--profile", action="store_true", help="with --baseline: top operators of one step per tree")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
