@@ -22,6 +22,7 @@ from data_pipeline.errors import DECODE_ERROR, CorruptSample
 __all__ = [
     "NUM_CLASSES",
     "SIZE",
+    "build_png_dataset",
     "make_dataset",
     "png_bytes",
     "png_transform",
@@ -121,3 +122,16 @@ def make_dataset(data_dir: Path, splits: dict[str, Sequence[int]]) -> Path:
             start += n
     write_manifest(data_dir, splits)
     return data_dir
+
+
+def build_png_dataset(root: Path, num_images: int, **build: object) -> Path:
+    """``num_images`` tiny PNGs in ``NUM_CLASSES`` class folders under ``root/images``, built by ``pretrain data build``
+    (``data_pipeline.writer.build_shards``, no val split, 1 worker, plus ``build``) into ``root/ds``; returns it."""
+    from data_pipeline.writer import build_shards
+
+    for i in range(num_images):
+        folder = root / "images" / f"class{i % NUM_CLASSES}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"img{i:02d}.png").write_bytes(png_bytes(i))
+    build_shards(f"imagefolder:{root / 'images'}", root / "ds", val_fraction=0.0, workers=1, progress=False, **build)
+    return root / "ds"

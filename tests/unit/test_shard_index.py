@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import png_bytes, sample_members, shard_name
+from data_fixtures import build_png_dataset, sample_members, shard_name
 
 from data_pipeline import shard_index
 from data_pipeline.shard_index import index_shard, read_stored_shard, write_stored_index
@@ -57,15 +57,7 @@ def _tar_members(path: Path) -> Members:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data set written by ``pretrain data build`` (data_pipeline.writer) from an image folder of tiny PNGs."""
-    from data_pipeline.writer import build_shards
-
-    root = tmp_path_factory.mktemp("writer")
-    for i in range(9):
-        folder = root / "images" / f"class{i % 3}"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"img{i}.png").write_bytes(png_bytes(i))
-    build_shards(f"imagefolder:{root / 'images'}", root / "ds", val_fraction=0.0, workers=1, progress=False)
-    return root / "ds"
+    return build_png_dataset(tmp_path_factory.mktemp("writer"), 9)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ import torch.multiprocessing  # noqa: F401 - registers torch's tensor reductions
 from data_fixtures import (
     NUM_CLASSES,
     SIZE,
+    build_png_dataset,
     make_dataset,
     png_bytes,
     png_transform,
@@ -448,16 +449,7 @@ def test_image_size_must_match_the_transform(jpeg_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def built_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """40 PNGs in 3 class folders, built by ``pretrain data build`` into 7 train shards (6 samples, the last 4)."""
-    from data_pipeline.writer import build_shards
-
-    root = tmp_path_factory.mktemp("built")
-    for i in range(40):
-        folder = root / "images" / f"class{i % NUM_CLASSES}"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"img{i:02d}.png").write_bytes(png_bytes(i))
-    build_shards(f"imagefolder:{root / 'images'}", root / "ds", val_fraction=0.0, max_samples_per_shard=6, workers=1,
-                 progress=False)  # fmt: skip
-    return root / "ds"
+    return build_png_dataset(tmp_path_factory.mktemp("built"), 40, max_samples_per_shard=6)
 
 
 def _samples_by_index(data_dir: Path) -> dict[int, dict[str, bytes]]:
