@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ __all__ = [
     "read_stored_entry",
     "read_stored_shard",
     "split_member_name",
+    "stored_index_entry",
     "stored_index_name",
     "write_stored_index",
 ]
@@ -262,6 +264,35 @@ def read_stored_shard(path: Path) -> StoredShard:
     if not all(isinstance(k, str) for k in keys) or not all(isinstance(e, str) for e in images):
         raise ValueError(f"{path}: a sample key or image extension is not a string")
     return StoredShard(size, keys, labels, images, members)
+
+
+def stored_index_entry(
+    *,
+    shard: str,
+    size: int,
+    mtime_ns: int | None,
+    sha256: str,
+    label: str,
+    classes_sha256: str | None,
+    samples: list[list[Any]],
+    skipped: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """A stored index (schema in the module docstring) of ``samples`` (``[key, label, image_ext, {ext: [offset,
+    size]}]`` in tar order); the image-extension and label counts are taken from them, labels in sorted order."""
+    labels = Counter(s[1] for s in samples)
+    return {
+        "version": STORED_INDEX_VERSION,
+        "shard": shard,
+        "bytes": size,
+        "mtime_ns": mtime_ns,
+        "sha256": sha256,
+        "label": label,
+        "classes_sha256": classes_sha256,
+        "image_exts": dict(sorted(Counter(s[2] for s in samples).items())),
+        "skipped": dict(sorted((skipped or {}).items())),
+        "label_counts": [[lab, n] for lab, n in sorted(labels.items(), key=lambda kv: (isinstance(kv[0], str), kv[0]))],
+        "samples": samples,
+    }
 
 
 def encode_stored_index(entry: dict[str, Any]) -> bytes:

@@ -65,9 +65,9 @@ from data_pipeline.manifest import (
 from data_pipeline.shard_index import (
     IMAGE_EXTS,
     STORED_INDEX_DIR,
-    STORED_INDEX_VERSION,
     index_shard,
     read_stored_entry,
+    stored_index_entry,
     stored_index_name,
     write_stored_index,
 )
@@ -325,19 +325,16 @@ def _index_shard(
             skipped[first_skip[k]] -= 1
         skipped = +skipped  # drops reasons at 0
         samples = [s for s in samples if s[0] not in twice]
-    entry = {
-        "version": STORED_INDEX_VERSION,
-        "shard": name,
-        "bytes": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-        "sha256": sha,
-        "label": str(rule),
-        "classes_sha256": classes_sha,
-        "image_exts": dict(sorted(Counter(s[2] for s in samples).items())),
-        "skipped": dict(sorted(skipped.items())),
-        "label_counts": [[label, n] for label, n in Counter(s[1] for s in samples).items()],
-        "samples": samples,
-    }
+    entry = stored_index_entry(
+        shard=name,
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        sha256=sha,
+        label=str(rule),
+        classes_sha256=classes_sha,
+        samples=samples,
+        skipped=skipped,
+    )
     write_stored_index(entry_path, entry)
     return _ShardResult(name, _summary(entry))
 

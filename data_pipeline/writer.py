@@ -30,7 +30,6 @@ import multiprocessing
 import os
 import tarfile
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -53,8 +52,8 @@ from data_pipeline.manifest import (
 )
 from data_pipeline.shard_index import (
     STORED_INDEX_DIR,
-    STORED_INDEX_VERSION,
     index_shard,
+    stored_index_entry,
     stored_index_name,
     write_stored_index,
 )
@@ -112,20 +111,15 @@ class ShardPlan:
                 spans[name[len(s.key) + 1 :]] = [offset + _BLOCK, size]
                 offset += _member_bytes(size)
             samples.append([s.key, int(s.item.label), s.item.ext, spans])
-        labels = Counter(int(s.item.label) for s in self.samples)
-        return {
-            "version": STORED_INDEX_VERSION,
-            "shard": self.name,
-            "bytes": self.bytes,
-            "mtime_ns": None,  # the bytes are reproducible: so is this file
-            "sha256": sha256,
-            "label": "cls",
-            "classes_sha256": hashlib.sha256("\n".join(classes).encode()).hexdigest(),
-            "image_exts": dict(sorted(Counter(s.item.ext for s in self.samples).items())),
-            "skipped": {},
-            "label_counts": [[label, n] for label, n in sorted(labels.items())],
-            "samples": samples,
-        }
+        return stored_index_entry(
+            shard=self.name,
+            size=self.bytes,
+            mtime_ns=None,  # the bytes are reproducible: so is this file
+            sha256=sha256,
+            label="cls",
+            classes_sha256=hashlib.sha256("\n".join(classes).encode()).hexdigest(),
+            samples=samples,
+        )
 
 
 def _cls_bytes(label: int) -> bytes:
