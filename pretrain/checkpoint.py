@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from pretrain.fsutil import fsync_dir
-from pretrain.rundir import LATEST, write_atomic
+from pretrain.rundir import COMPLETE_MARKER, LATEST, read_latest, write_atomic, write_latest
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -83,7 +83,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-COMPLETE_MARKER = "COMPLETE"
 LATEST_FILE = LATEST
 META_FILE = "meta.json"
 REJECTED_DIR = "rejected"
@@ -273,19 +272,6 @@ def read_meta(tag_dir: str | Path) -> dict[str, Any]:
         return json.loads((Path(tag_dir) / META_FILE).read_text())
     except (OSError, ValueError):
         return {}
-
-
-def write_latest(ckpt_root: str | Path, tag: str) -> None:
-    """Atomically point ``checkpoints/latest`` at ``tag``."""
-    write_atomic(Path(ckpt_root) / LATEST_FILE, tag + "\n")
-
-
-def read_latest(ckpt_root: str | Path) -> str | None:
-    """The tag named by ``checkpoints/latest``, or None."""
-    try:
-        return (Path(ckpt_root) / LATEST_FILE).read_text().strip() or None
-    except OSError:
-        return None
 
 
 # ------------------------------------------------------------------------------------------------ listing and choosing

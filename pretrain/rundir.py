@@ -41,6 +41,7 @@ from pretrain.fsutil import fsync_dir, read_jsonl
 
 __all__ = [
     "CHECKPOINTS",
+    "COMPLETE_MARKER",
     "CONFIG_YAML",
     "EXIT_FAILED",
     "EXIT_OK",
@@ -59,10 +60,12 @@ __all__ = [
     "acquire_lease",
     "lease_holder",
     "process_start_time",
+    "read_latest",
     "read_status",
     "run_history",
     "set_aside_history",
     "write_atomic",
+    "write_latest",
 ]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 3
@@ -72,6 +75,8 @@ preempted (a checkpoint was saved: run the same command to continue)."""
 CONFIG_YAML, METRICS, STATUS, TB, CHECKPOINTS, LATEST, LEASE, PREVIOUS, SWEEP = (
     "config.yaml", "metrics.jsonl", "status.json", "tb", "checkpoints", "latest", "lease.json", "previous", "sweep",
 )  # fmt: skip
+COMPLETE_MARKER = "COMPLETE"
+"""The file a checkpoint's tag directory holds once every rank's files are written (with their sha256)."""
 
 HEARTBEAT_S = 30.0
 """Seconds between refreshes of a held lease."""
@@ -92,6 +97,19 @@ def write_atomic(path: str | Path, text: str) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def write_latest(ckpt_root: str | Path, tag: str) -> None:
+    """Atomically point ``checkpoints/latest`` at ``tag``."""
+    write_atomic(Path(ckpt_root) / LATEST, tag + "\n")
+
+
+def read_latest(ckpt_root: str | Path) -> str | None:
+    """The tag named by ``checkpoints/latest``, or None."""
+    try:
+        return (Path(ckpt_root) / LATEST).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def read_status(run_dir: str | Path) -> tuple[dict[str, Any] | None, str]:

@@ -31,13 +31,15 @@ from typing import Any
 from launch.sweep.spec import SweepSpec, format_override
 from pretrain.rundir import (
     CHECKPOINTS,
-    LATEST,
+    COMPLETE_MARKER,
     SWEEP,
     lease_holder,
+    read_latest,
     read_status,
     run_history,
     set_aside_history,
     write_atomic,
+    write_latest,
 )
 from pretrain.sweep_hook import CONTINUE, STOP, Heartbeat, decide, install_hook, request_stop, waiting_step
 
@@ -63,11 +65,8 @@ def note(run_dir: Path, msg: str, *args: Any) -> None:
 def newest_checkpoint(run_dir: str | Path) -> Path | None:
     """The complete checkpoint ``checkpoints/latest`` names, or None."""
     root = Path(run_dir) / CHECKPOINTS
-    try:
-        tag = (root / LATEST).read_text().strip()
-    except OSError:
-        return None
-    return root / tag if tag and (root / tag / "COMPLETE").is_file() else None
+    tag = read_latest(root)
+    return root / tag if tag and (root / tag / COMPLETE_MARKER).is_file() else None
 
 
 def slurm_params(options: dict[str, Any], nproc: int) -> Any:
@@ -202,7 +201,7 @@ def _plant(checkpoint: Any, meta: dict[str, Any], run_dir: Path) -> None:
     root = run_dir / CHECKPOINTS
     shutil.rmtree(root, ignore_errors=True)
     checkpoint.to_directory(str(root / meta["tag"]))
-    write_atomic(root / LATEST, meta["tag"] + "\n")
+    write_latest(root, meta["tag"])
 
 
 def _checkpoint_step(path: Path) -> int | None:
@@ -219,7 +218,7 @@ def _report(run_dir: Path, trial_id: str, step: int, done: bool = False) -> int:
     status = read_status(run_dir)[0] or {}
     metrics = {k: v for k, v in (status.get("last_eval") or {}).items() if isinstance(v, (int, float))}
     ckpt, checkpoint = status.get("last_checkpoint"), None
-    if ckpt and (Path(ckpt) / "COMPLETE").is_file() and _checkpoint_step(Path(ckpt)) == step:
+    if ckpt and (Path(ckpt) / COMPLETE_MARKER).is_file() and _checkpoint_step(Path(ckpt)) == step:
         checkpoint = tune.Checkpoint.from_directory(ckpt)
         checkpoint.set_metadata({"trial_id": trial_id, "step": step, "tag": Path(ckpt).name})
     # the last eval ends the trial without a decision: PBT would otherwise clone a donor into a run with no step left
