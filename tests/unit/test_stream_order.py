@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from data_fixtures import make_dataset, png_transform, write_manifest
 
-from data_pipeline import stream
+from data_pipeline import order
 from data_pipeline.loader import ResumableLoader, build_loader
 from data_pipeline.stream import LEGACY_ORDER, ORDER_VERSION, EpochOrder, batch_indices, epoch_order
 
@@ -44,7 +44,7 @@ def _reference_order(shard_samples: list[int], *, seed: int, epoch: int, shuffle
     layout = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in perm]).astype(np.int64)
     total = len(layout)
     keys = (
-        np.arange(total, dtype=np.float64) + stream._uniform(stream._order_base(seed, epoch), 0, total) * shuffle_buffer
+        np.arange(total, dtype=np.float64) + order._uniform(order._order_base(seed, epoch), 0, total) * shuffle_buffer
     )
     return layout[np.lexsort((np.arange(total), keys))]
 
@@ -86,9 +86,9 @@ def test_splitmix64_matches_the_published_function() -> None:
         state, z = splitmix64(state)
         want.append((z >> 11) * 2.0**-53)
     # counter i + 1 of the reference is base + i * golden with base = seed + golden
-    got = stream._uniform((1234567 + 0x9E3779B97F4A7C15) & (2**64 - 1), 0, 5)
+    got = order._uniform((1234567 + 0x9E3779B97F4A7C15) & (2**64 - 1), 0, 5)
     assert got.tolist() == want
-    assert stream._uniform(99, 3, 7).tolist() == stream._uniform(99, 0, 10)[3:7].tolist()  # any range alone
+    assert order._uniform(99, 3, 7).tolist() == order._uniform(99, 0, 10)[3:7].tolist()  # any range alone
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
