@@ -1,16 +1,14 @@
 """The sweep YAML: its schema (:class:`SweepSpec`) and its checks, before anything starts.
 
-The schema is dataclasses built by :func:`pretrain.config.build_dataclass`, the code that builds run configs: an
-unknown key fails naming the closest valid ones, values are checked against the annotations, and ``__post_init__``
-checks ranges. Search-space and PBT-mutation keys are *config paths*, checked against the run config's schema;
-:func:`validate_trial_configs` resolves one trial config per value of every dimension (both ends of ranges, every
-choice), so a value the run config rejects fails the sweep at once (exit 2).
+The schema is built by :func:`pretrain.config.build_dataclass`, the code that builds run configs: an unknown key fails
+naming the closest valid ones, values are checked against the annotations, ``__post_init__`` checks ranges. Search-space
+and PBT-mutation keys are config paths of the run config; :func:`validate_trial_configs` resolves one trial config per
+value of every dimension (both ends of ranges, every choice), so a value the run config rejects fails at once (exit 2).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import re
@@ -35,75 +33,59 @@ from pretrain.config import (
     read_yaml_mapping,
 )
 
-__all__ = [
-    "EVAL_METRICS",
-    "Resources",
-    "SchedulerSpec",
-    "SweepSpec",
-    "build_spec",
-    "evals_per_trial",
-    "format_override",
-    "load_sweep",
-    "points",
-    "to_tune",
-    "validate_trial_configs",
-]
+__all__ = ["SweepSpec", "evals_per_trial", "format_override", "load_sweep", "to_tune", "validate_trial_configs"]
 
 EVAL_METRICS = {"val_loss": "min", "val_top1": "max", "val_top5": "max"}
-"""Metrics of the trainer's eval events, with the mode that makes sense for each."""
-
+"""Metrics of the trainer's eval events, with the mode that suits each."""
 _KINDS = ("choice", "uniform", "loguniform", "randint", "grid")
-"""``{choice: [a, b]}``, ``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``, ``{randint: [lo, hi]}`` (hi excluded),
-``{grid: [a, b]}`` (every value, times ``num_samples``)."""
-
-_ASHA_KEYS = {"grace_period", "reduction_factor", "max_t", "brackets"}
-_PBT_KEYS = {"perturbation_interval", "hyperparam_mutations", "quantile_fraction", "resample_probability",
-             "burn_in_period", "perturbation_factors", "synch"}  # fmt: skip
+"""Distributions: ``{uniform: [lo, hi]}``, ``{randint: [lo, hi]}`` (hi excluded), ``{grid: [a, b]}`` (every value)."""
+_SCHEDULER_KEYS = {
+    "asha": {"grace_period", "reduction_factor", "max_t", "brackets"},
+    "pbt": {"perturbation_interval", "hyperparam_mutations", "quantile_fraction", "resample_probability",
+            "burn_in_period", "perturbation_factors", "synch"},
+    "fifo": set(),
+}  # fmt: skip
 
 
 def format_override(key: str, value: Any) -> str:
-    """``key=value`` that :func:`pretrain.config.parse_overrides` reads back as the same value: YAML's own flow
-    style (a float's mantissa gets a dot, ``1.0e-05``, which YAML 1.1 would read as a string otherwise; a string that
-    reads as a number, such as a trial id ``12345_00001``, is quoted)."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=math.inf).removesuffix("\n...\n").strip()
-    return f"{key}={text}"
+    """``key=value`` that :func:`pretrain.config.parse_overrides` reads back as the same value, in YAML's flow style
+    (``1.0e-05`` keeps its dot, a string that reads as a number, such as ``12345_00001``, is quoted)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=math.inf).removesuffix("\n...\n")
+    return f"{key}={text.strip()}"
+
+
+def _config_fields(cls: Any = Config, prefix: str = "") -> dict[str, Any]:
+    """Every field of the run config by path (``optim.lr``), with its annotation."""
+    out: dict[str, Any] = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        out |= _config_fields(tp, f"{prefix}{name}.") if dataclasses.is_dataclass(tp) else {prefix + name: tp}
+    return out
 
 
 def _check_path(path: str, where: str) -> None:
     """``path`` must name a field of the run config (or a key under an open mapping such as ``model.kwargs``)."""
-    hints: dict[str, Any] = {}
-
-    def walk(cls: Any, prefix: str) -> None:
-        for name, tp in typing.get_type_hints(cls).items():
-            if dataclasses.is_dataclass(tp):
-                walk(tp, f"{prefix}{name}.")
-            else:
-                hints[prefix + name] = tp
-
-    walk(Config, "")
-    mappings = [k for k, tp in hints.items() if typing.get_origin(tp) is dict]
-    if path in hints or any(path.startswith(m + ".") for m in mappings):
+    fields = _config_fields()
+    if path in fields or any(path.startswith(k + ".") for k, tp in fields.items() if typing.get_origin(tp) is dict):
         if path.startswith("run."):
             raise ConfigError(f"{where}: '{path}' is set by the sweep for every trial (its run dir) and cannot vary")
         return
-    hint = _suggest(path, sorted(hints))
+    hint = _suggest(path, sorted(fields))
     if not hint and path in _all_keys():
-        example = min(k for k in hints if k.startswith(path + "."))
+        example = min(k for k in fields if k.startswith(path + "."))
         hint = f"; '{path}' is a section, name one of its fields (e.g. {example})"
     raise ConfigError(f"{where}: unknown config path '{path}'{hint}")
 
 
 def _distribution(raw: Any, where: str, kinds: tuple[str, ...] = _KINDS) -> dict[str, list[Any]]:
-    """A checked ``{kind: values}`` (numbers given as YAML 1.1 strings, ``1e-4``, read as numbers)."""
+    """A checked ``{kind: values}`` (bounds given as YAML 1.1 strings, ``1e-4``, read as numbers)."""
     if isinstance(raw, list):
         raise ConfigError(f"{where}: a bare list is ambiguous; write {{choice: {raw}}} or {{grid: {raw}}}")
     if not isinstance(raw, dict) or len(raw) != 1:
         raise ConfigError(f"{where}: expected one of {', '.join(kinds)} as a mapping, e.g. {{loguniform: [1e-4, 0.1]}}")
     ((kind, values),) = raw.items()
     if kind not in kinds:
-        close = difflib.get_close_matches(str(kind), kinds, n=2, cutoff=0.5)
-        raise ConfigError(f"{where}: unknown key '{kind}'; " + (f"did you mean {', '.join(close)}?" if close else
-                                                                  f"known: {', '.join(kinds)}"))  # fmt: skip
+        hint = _suggest(str(kind), list(kinds)) or f"; known: {', '.join(kinds)}"
+        raise ConfigError(f"{where}: unknown key '{kind}'{hint}")
     if not isinstance(values, list) or not values:
         raise ConfigError(f"{where}: {kind} needs a non-empty list, got {values!r}")
     if kind in ("choice", "grid"):
@@ -114,20 +96,17 @@ def _distribution(raw: Any, where: str, kinds: tuple[str, ...] = _KINDS) -> dict
         lo = hi = None
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)):
         raise ConfigError(f"{where}: {kind} needs [low, high] numbers, got {values!r}")
-    if not lo < hi:
-        raise ConfigError(f"{where}: {kind} needs low < high, got {values!r}")
-    if kind == "loguniform" and lo <= 0:
-        raise ConfigError(f"{where}: loguniform needs low > 0, got {lo!r}")
+    if not lo < hi or (kind == "loguniform" and lo <= 0):
+        raise ConfigError(f"{where}: {kind} needs low < high" + (", low > 0" if kind == "loguniform" else "") +
+                          f", got {values!r}")  # fmt: skip
     if kind == "randint" and not (isinstance(lo, int) and isinstance(hi, int)):
         raise ConfigError(f"{where}: randint needs integer bounds [low, high), got {values!r}")
     return {kind: [lo, hi] if kind == "randint" else [float(lo), float(hi)]}
 
 
-def points(dist: dict[str, list[Any]]) -> list[Any]:
+def _points(dist: dict[str, list[Any]]) -> list[Any]:
     """Values that exercise a dimension when validating trial configs: every choice, both ends of a range."""
     ((kind, values),) = dist.items()
-    if kind in ("choice", "grid"):
-        return list(values)
     return [values[0], values[1] - 1] if kind == "randint" else list(values)
 
 
@@ -139,10 +118,6 @@ def to_tune(dist: dict[str, list[Any]], for_mutation: bool = False) -> Any:
     if kind == "choice" and for_mutation:
         return list(values)
     return {"choice": tune.choice, "grid": tune.grid_search}.get(kind, lambda v: getattr(tune, kind)(*v))(values)
-
-
-def _default(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 @dataclass
@@ -175,10 +150,13 @@ class SchedulerSpec:
     """PBT: wait for every trial at each perturbation."""
 
     def __post_init__(self):
-        given = {f.name for f in dataclasses.fields(self) if getattr(self, f.name) != _default(f)}
-        own = {"asha": _ASHA_KEYS, "pbt": _PBT_KEYS, "fifo": set()}[self.name]
-        if extra := sorted(given - own - {"name"}):
-            raise ConfigError(f"scheduler.{extra[0]} is no setting of {self.name}; it takes {sorted(own) or 'none'}")
+        defaults = {
+            f.name: f.default_factory() if callable(f.default_factory) else f.default for f in dataclasses.fields(self)
+        }
+        given = {k for k, v in defaults.items() if getattr(self, k) != v}
+        if extra := sorted(given - _SCHEDULER_KEYS[self.name] - {"name"}):
+            own = sorted(_SCHEDULER_KEYS[self.name]) or "none"
+            raise ConfigError(f"scheduler.{extra[0]} is no setting of {self.name}; it takes {own}")
         if min(self.grace_period, self.brackets, self.perturbation_interval) < 1:
             raise ConfigError("scheduler.grace_period, brackets and perturbation_interval must be >= 1 (evals)")
         if self.reduction_factor <= 1:
@@ -191,10 +169,10 @@ class SchedulerSpec:
             raise ConfigError("scheduler.perturbation_factors must be two positive numbers, e.g. [1.2, 0.8]")
         if self.name == "pbt" and not self.hyperparam_mutations:
             raise ConfigError("scheduler.hyperparam_mutations: PBT needs config paths to mutate, e.g. optim.lr")
-        for path, dist in list(self.hyperparam_mutations.items()):
+        for path, dist in self.hyperparam_mutations.items():
             _check_path(str(path), "scheduler.hyperparam_mutations")
-            kinds = tuple(k for k in _KINDS if k != "grid")
-            self.hyperparam_mutations[path] = _distribution(dist, f"scheduler.hyperparam_mutations.{path}", kinds)
+            where = f"scheduler.hyperparam_mutations.{path}"
+            self.hyperparam_mutations[path] = _distribution(dist, where, _KINDS[:-1])  # no grid
 
 
 @dataclass
@@ -202,9 +180,9 @@ class Resources:
     """What one trial gets."""
 
     cpu: float = 1
-    """Ray CPUs of a local trial; its ranks share them (``OMP_NUM_THREADS``)."""
+    """CPUs of a local trial; its ranks share them (``OMP_NUM_THREADS``)."""
     gpu: float = 0
-    """Ray GPUs of a local trial (one per rank)."""
+    """GPUs of a local trial (one per rank)."""
     nproc: int = 1
     """Ranks of the trial's run (``pretrain train --nproc``; tasks of a Slurm trial)."""
 
@@ -219,9 +197,9 @@ class Resources:
 class SweepSpec:
     """A sweep YAML. ``sweep.yaml`` in the sweep dir is this, with every path absolute (what ``--resume`` runs)."""
 
-    base: str
+    base: str = ""
     """Run config of every trial (a path, or a name in ``configs/run/``)."""
-    space: dict[str, Any]
+    space: dict[str, Any] = field(default_factory=dict)
     """Config path -> distribution, e.g. ``optim.lr: {loguniform: [1.0e-4, 1.0e-2]}``."""
     name: str = ""
     """Sweep name (default: the YAML's file name); the sweep dir is ``output_dir/name``."""
@@ -247,8 +225,6 @@ class SweepSpec:
     """Retries of a failed trial (it resumes from its newest checkpoint)."""
     keep_checkpoints: int = 2
     """Checkpoints Ray Tune keeps per trial, the best by ``metric``."""
-    trial_keep_last: int = 1
-    """``checkpoint.keep_last`` of each trial's own run dir (resume needs one)."""
     trial_backend: Literal["local", "slurm"] = "local"
     """``local`` (a process per trial) or ``slurm`` (a Slurm job per trial; the driver stays here)."""
     slurm: dict[str, Any] = field(default_factory=dict)
@@ -261,18 +237,18 @@ class SweepSpec:
     """Where ``pretrain sweep`` ran (absolute): local trials run there, so relative ``base:`` files resolve alike."""
 
     def __post_init__(self):
+        if not self.base:
+            raise ConfigError("'base' (the run config of every trial) is missing")
         if not re.fullmatch(r"[A-Za-z0-9._-]*", self.name) or self.name in (".", ".."):
             raise ConfigError(f"sweep name {self.name!r} must be a folder name (letters, digits, '.', '_', '-')")
         if self.metric not in EVAL_METRICS:
-            close = difflib.get_close_matches(self.metric, list(EVAL_METRICS), n=3, cutoff=0.5)
-            raise ConfigError(f"metric '{self.metric}' is not an eval metric of the trainer" +
-                              (f"; did you mean {', '.join(close)}?" if close else "") +
-                              f" (known: {', '.join(EVAL_METRICS)})")  # fmt: skip
+            hint = _suggest(self.metric, list(EVAL_METRICS)) or f"; known: {', '.join(EVAL_METRICS)}"
+            raise ConfigError(f"metric '{self.metric}' is not an eval metric of the trainer{hint}")
         self.mode = self.mode or EVAL_METRICS[self.metric]
         if self.mode not in ("min", "max"):
             raise ConfigError(f"mode must be 'min' or 'max', got {self.mode!r}")
         for key, low in (("num_samples", 1), ("max_concurrent", 0), ("max_failures", 0), ("keep_checkpoints", 1),
-                         ("trial_keep_last", 1), ("stop_grace_s", 0)):  # fmt: skip
+                         ("stop_grace_s", 0)):  # fmt: skip
             if getattr(self, key) < low:
                 raise ConfigError(f"{key} must be >= {low}, got {getattr(self, key)!r}")
         for o in self.overrides:
@@ -280,7 +256,7 @@ class SweepSpec:
                 raise ConfigError(f"overrides: '{o}' is set by the sweep for every trial; use the sweep's name")
         if not self.space:
             raise ConfigError("'space' must map config paths to distributions, e.g. optim.lr: {uniform: [1e-4, 0.1]}")
-        for path, dist in list(self.space.items()):
+        for path, dist in self.space.items():
             _check_path(str(path), "space")
             self.space[path] = _distribution(dist, f"space.{path}")
 
@@ -293,26 +269,9 @@ class SweepSpec:
         return {**self.scheduler.hyperparam_mutations, **self.space}
 
     def trial_overrides(self) -> list[str]:
-        """Overrides of every trial: the sweep's trial defaults (Ray Tune keeps the best checkpoints, a trial's run dir
-        its newest; no progress bar in logs nobody watches), then the sweep's own."""
-        return [f"checkpoint.keep_last={self.trial_keep_last}", "checkpoint.keep_best=0", "trainer.progress_bar=false",
-                *self.overrides]  # fmt: skip
-
-    def to_yaml(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def build_spec(raw: dict[str, Any], where: str) -> SweepSpec:
-    """A :class:`SweepSpec` from a YAML mapping (``sweep.yaml`` too), checked as run configs are."""
-    raw = dict(raw)
-    if isinstance(raw.get("scheduler"), str):
-        raw["scheduler"] = {"name": raw["scheduler"].lower()}
-    for key in ("base", "space"):
-        raw.setdefault(key, {} if key == "space" else "")
-    try:
-        return build_dataclass(SweepSpec, raw, kind="sweep")
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from e
+        """Overrides of every trial: the sweep's trial defaults (Ray Tune keeps the best checkpoints, a run dir its
+        newest; no progress bar in logs nobody watches), then the sweep's own."""
+        return ["checkpoint.keep_last=1", "checkpoint.keep_best=0", "trainer.progress_bar=false", *self.overrides]
 
 
 def load_sweep(path: str | Path, extra_overrides: list[str] | None = None, **flags: Any) -> SweepSpec:
@@ -327,12 +286,15 @@ def load_sweep(path: str | Path, extra_overrides: list[str] | None = None, **fla
         known = sorted(p.name for p in (CONFIGS_DIR / "sweep").glob("*.yaml"))
         raise ConfigError(f"sweep config '{path}' does not exist; examples in configs/sweep/: {', '.join(known)}")
     raw = read_yaml_mapping(path)
-    if "base" not in raw:
-        raise ConfigError(f"{path}: 'base' (the run config of every trial) is missing")
     raw["overrides"] = [*(raw.get("overrides") or []), *(extra_overrides or [])]
     raw.update({k: v for k, v in flags.items() if v is not None})
     raw["name"] = raw.get("name") or path.stem
-    spec = build_spec(raw, str(path))
+    if isinstance(raw.get("scheduler"), str):
+        raw["scheduler"] = {"name": raw["scheduler"].lower()}
+    try:
+        spec = build_dataclass(SweepSpec, raw, kind="sweep")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
     if spec.trial_backend == "slurm":
         from launch.sweep.trial import slurm_params  # noqa: PLC0415
 
@@ -341,7 +303,7 @@ def load_sweep(path: str | Path, extra_overrides: list[str] | None = None, **fla
         except ConfigError as e:
             raise ConfigError(f"{path}: slurm: {e}") from e
     cwd = Path.cwd()
-    spec.workdir = str(cwd)
+    spec.workdir = spec.workdir or str(cwd)  # sweep.yaml (--resume) keeps where the sweep started
     spec.output_dir = os.path.normpath(cwd / Path(spec.output_dir).expanduser())
     spec.base = str(_find_yaml("run", spec.base, near=CONFIGS_DIR.parent, beside=path.parent))
     for key in PATH_KEYS:  # a path in the space: every value absolute
@@ -356,42 +318,37 @@ def load_sweep(path: str | Path, extra_overrides: list[str] | None = None, **fla
     return spec
 
 
-def validate_trial_configs(spec: SweepSpec) -> Config:
-    """Resolve one trial config per value of every dimension (others at their first value); return the first.
+def validate_trial_configs(spec: SweepSpec) -> list[Config]:
+    """Resolve one trial config per value of every dimension (others at their first value), the first one first.
 
     Raises:
         ConfigError: naming the dimension and value whose trial config is invalid.
     """
-    fixed = [*spec.trial_overrides(), "run.name=validate"]
-    dims = {k: points(d) for k, d in spec.dimensions().items()}
+    dims = {k: _points(d) for k, d in spec.dimensions().items()}
     first = {k: v[0] for k, v in dims.items()}
+    configs = []
     for key, value in [(None, None)] + [(k, v) for k, vs in dims.items() for v in vs[1:]]:
         point = {**first, key: value} if key else first
         try:
-            cfg = load_config(spec.base, fixed + [format_override(k, v) for k, v in point.items()])
+            configs.append(load_config(spec.base, [*spec.trial_overrides(), "run.name=validate",
+                                                   *(format_override(k, v) for k, v in point.items())]))  # fmt: skip
         except ConfigError as e:
             what = f"space {key}={value!r}" if key else f"trial config with {first}"
             raise ConfigError(f"{what}: the trial config is invalid: {e}") from e
-        if key is None:
-            first_cfg = cfg
-    if not first_cfg.data.val_split:
+    if not configs[0].data.val_split:
         raise ConfigError("the sweep needs evaluation to report its metric, but data.val_split is empty")
-    ev, ck = first_cfg.trainer.eval_every_steps, first_cfg.checkpoint.every_steps
+    ev, ck = configs[0].trainer.eval_every_steps, configs[0].checkpoint.every_steps
     if spec.scheduler.name == "pbt" and (ev <= 0 or ck <= 0 or ev % ck):
         raise ConfigError(
             f"PBT clones checkpoints at evals: checkpoint.every_steps={ck} must divide trainer.eval_every_steps="
             f"{ev} (both > 0); add e.g. 'checkpoint.every_steps={max(ev, 1)}' to the sweep's overrides"
         )
-    return first_cfg
+    return configs
 
 
-def evals_per_trial(spec: SweepSpec, cfg: Config) -> int:
-    """Eval events of the longest trial (ASHA's ``max_t`` default)."""
-    dims = spec.dimensions()
-
-    def values(key: str, default: int) -> list[int]:
-        return [default, *(int(v) for v in points(dims[key]))] if key in dims else [default]
-
-    steps = max(values("trainer.max_steps", cfg.trainer.max_steps))
-    every = min(values("trainer.eval_every_steps", cfg.trainer.eval_every_steps))
+def evals_per_trial(configs: list[Config]) -> int:
+    """Eval events of the longest trial (ASHA's ``max_t`` default), from the configs :func:`validate_trial_configs`
+    resolved: the most steps at the shortest eval interval."""
+    steps = max(c.trainer.max_steps for c in configs)
+    every = min(c.trainer.eval_every_steps for c in configs)
     return max(1, math.ceil(steps / every)) if every > 0 else 1

@@ -1,15 +1,16 @@
 """The end of a sweep: the trials ranked by their eval metric, and the files written for people to read.
 
-:func:`summarize_sweep` builds one :class:`TrialRecord` per trial from its run dir (``metrics.jsonl``, ``status.json``,
-``sweep/trial.json``) and Ray Tune's view of it (when the sweep just ran), prints the ranked table, the best config and
-checkpoint with the ``pretrain export`` command for it, and writes ``summary.txt``/``summary.json``,
-``metric_vs_step.png``, ``best_config.yaml`` and the ``tb/`` links into the sweep dir.
+:func:`summarize_sweep` builds one :class:`TrialRecord` per trial of Ray Tune's results from its run dir
+(``metrics.jsonl``, ``status.json``), prints the ranked table, the best config and checkpoint with the ``pretrain
+export`` command for it, and writes ``summary.txt``/``summary.json``, ``metric_vs_step.png``, ``best_config.yaml`` and
+``tb/<trial_id>`` links to every trial's TensorBoard logs into the sweep dir.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,9 @@ from launch.sweep.spec import SweepSpec, format_override
 from launch.sweep.trial import newest_checkpoint
 from pretrain.config import dump_config, load_config
 from pretrain.fsutil import read_jsonl
-from pretrain.rundir import CONFIG_YAML, METRICS, SWEEP, TB, read_status
+from pretrain.rundir import METRICS, TB, read_status
 
-__all__ = ["TrialRecord", "best_checkpoint", "format_table", "summarize_sweep"]
+__all__ = ["TrialRecord", "summarize_sweep"]
 
 
 @dataclass
@@ -30,7 +31,7 @@ class TrialRecord:
     trial_id: str
     params: dict[str, Any]
     status: str
-    """``finished``, ``stopped`` (by the scheduler), ``error``, or ``pending``/``running`` (sweep interrupted)."""
+    """``finished``, ``stopped`` (by the scheduler, or the sweep was interrupted) or ``error``."""
     step: int
     best: float | None
     best_step: int | None
@@ -38,39 +39,33 @@ class TrialRecord:
     run_dir: str
     error: str = ""
     curve: list[tuple[int, float]] = field(default_factory=list)
+    checkpoint: str | None = None
+    """The checkpoint at the best eval if Ray Tune kept it, else the run dir's newest."""
 
 
-def _trial_record(spec: SweepSpec, run_dir: Path, ray_info: dict[str, Any] | None, max_steps: int) -> TrialRecord:
-    try:
-        params = json.loads((run_dir / SWEEP / "trial.json").read_text())["params"]
-    except (OSError, ValueError, KeyError):
-        params = {}
-    params = dict((ray_info or {}).get("config") or params)
+def _trial_record(spec: SweepSpec, result: Any, max_steps: int) -> TrialRecord:
+    """The record of one ``ray.tune.Result``."""
+    run_dir = spec.sweep_dir.resolve() / "trials" / result.metrics["trial_id"]
     events = read_jsonl(run_dir / METRICS)
     curve = [(int(e["step"]), float(e[spec.metric])) for e in events if spec.metric in e and "step" in e]
     step = max([int(e.get("step", 0)) for e in events] or [0])
-    state = (read_status(run_dir)[0] or {}).get("state", "")
-    error = (ray_info or {}).get("error", "")
-    if error:
-        status = "error"
-    elif state == "finished" or (max_steps and step >= max_steps):
-        status = "finished"
-    elif ray_info is not None:
-        status = "stopped"
-    else:
-        status = "running" if state == "running" else "pending"
-    best = best_step = last = None
+    finished = (read_status(run_dir)[0] or {}).get("state") == "finished" or step >= max_steps
+    status = "error" if result.error else "finished" if finished else "stopped"
+    best = best_step = last = checkpoint = None
     if curve:
         best_step, best = (max if spec.mode == "max" else min)(curve, key=lambda sv: sv[1])
         last = curve[-1][1]
-    return TrialRecord(run_dir.name, params, status, step, best, best_step, last, str(run_dir), error, curve)
+        kept = [c.path for c, m in result.best_checkpoints if m.get("step") == best_step and os.path.isdir(c.path)]
+        checkpoint = kept[0] if kept else newest_checkpoint(run_dir)
+    return TrialRecord(run_dir.name, dict(result.config or {}), status, step, best, best_step, last, str(run_dir),
+                       str(result.error or ""), curve, checkpoint and str(checkpoint))  # fmt: skip
 
 
 def _format_value(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def format_table(spec: SweepSpec, records: list[TrialRecord]) -> str:
+def _table(spec: SweepSpec, records: list[TrialRecord]) -> str:
     """The ranked table: rank, trial, status, steps, best metric (at step), last metric, parameters."""
     keys = sorted({k for r in records for k in r.params})
     header = ["rank", "trial", "status", "steps", f"best {spec.metric}", "at step", "last", *keys]
@@ -92,103 +87,59 @@ def _plot(spec: SweepSpec, records: list[TrialRecord], path: Path) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
-    for r in records:
-        if r.curve:
-            steps, values = zip(*r.curve)
-            params = ", ".join(f"{k.rsplit('.', 1)[-1]}={_format_value(v)}" for k, v in sorted(r.params.items()))
-            style = "-" if r.status == "finished" else "--"
-            ax.plot(steps, values, style, marker="o", markersize=3, label=f"{r.trial_id} ({r.status}) {params}")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(spec.metric)
+    for r in (r for r in records if r.curve):
+        params = ", ".join(f"{k.rsplit('.', 1)[-1]}={_format_value(v)}" for k, v in sorted(r.params.items()))
+        ax.plot(*zip(*r.curve), "-" if r.status == "finished" else "--", marker="o", markersize=3,
+                label=f"{r.trial_id} ({r.status}) {params}")  # fmt: skip
+    ax.set(xlabel="optimizer step", ylabel=spec.metric)
     ax.set_title(f"sweep {spec.name}: {spec.metric} vs step ({spec.scheduler.name}; dashed = stopped early)")
     ax.grid(alpha=0.3)
     if any(r.curve for r in records):
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    fig.savefig(path.with_name(path.stem + ".tmp.png"))
     plt.close(fig)
-    tmp.replace(path)
+    path.with_name(path.stem + ".tmp.png").replace(path)
 
 
 def _write_best_config(spec: SweepSpec, best: TrialRecord, path: Path) -> None:
-    """The best trial's resolved config as a fresh run (own name, the base's output dir and retention)."""
-    reference = load_config(spec.base, spec.overrides)  # what the user asked for, without the sweep's trial settings
-    trial_yaml = Path(best.run_dir) / CONFIG_YAML
-    if trial_yaml.is_file():
-        cfg = load_config(trial_yaml)
-    else:
-        cfg = load_config(spec.base, [*spec.overrides, *(format_override(k, v) for k, v in best.params.items())])
-    cfg.run = dataclasses.replace(
-        reference.run,
-        name=f"{spec.name}-best",
-        description=f"best trial {best.trial_id} of sweep {spec.name} ({spec.metric}={best.best})",
-    )
-    cfg.checkpoint = dataclasses.replace(
-        cfg.checkpoint, keep_last=reference.checkpoint.keep_last, keep_best=reference.checkpoint.keep_best
-    )
-    cfg.trainer = dataclasses.replace(cfg.trainer, progress_bar=reference.trainer.progress_bar)
-    dump_config(cfg, path)
+    """The best trial's config as a fresh run: the base, the sweep's overrides (not its trial settings: the base's
+    retention, progress bar, output dir) and the trial's values, with its own name."""
+    about = f"best trial {best.trial_id} of sweep {spec.name} ({spec.metric}={best.best})"
+    params = [format_override(k, v) for k, v in sorted(best.params.items())]
+    names = [format_override("run.name", f"{spec.name}-best"), format_override("run.description", about)]
+    dump_config(load_config(spec.base, [*spec.overrides, *params, *names]), path)
     load_config(path)  # it must load as is
 
 
-def best_checkpoint(sweep_dir: Path, best: TrialRecord) -> Path | None:
-    """The best trial's checkpoint at its best eval if Ray Tune kept it (``tune/``; the trial wrote its id and step
-    into the checkpoint's Ray metadata), else the newest one of its run dir; None if neither exists."""
-    kept = []
-    for path in (sweep_dir / "tune").glob("*/checkpoint_*"):
-        try:
-            meta = json.loads((path / ".metadata.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if meta.get("trial_id") == best.trial_id and isinstance(meta.get("step"), int):
-            kept.append((meta["step"] == best.best_step, meta["step"], str(path)))
-    return Path(max(kept)[2]) if kept else newest_checkpoint(best.run_dir)
-
-
-def _link_tensorboard(sweep_dir: Path) -> None:
-    tb_root = sweep_dir / TB
-    tb_root.mkdir(parents=True, exist_ok=True)
-    for trial in sorted((sweep_dir / "trials").glob("*")):
-        link = tb_root / trial.name
-        if (trial / TB).is_dir() and not link.exists() and not link.is_symlink():
-            link.symlink_to(Path("..") / "trials" / trial.name / TB, target_is_directory=True)
-
-
-def summarize_sweep(spec: SweepSpec, ray_trials: dict[str, dict[str, Any]] | None = None) -> list[TrialRecord]:
-    """Rank the trials, print the table and write summary.txt/json, the plot, best_config.yaml and the tb links.
-
-    Args:
-        spec: The sweep.
-        ray_trials: Ray Tune's view (trial_id -> config, error) when the sweep just ran; without it the records are
-            built from the trials' run dirs alone.
-    """
+def summarize_sweep(spec: SweepSpec, results: Any) -> list[TrialRecord]:
+    """Rank the trials of Ray Tune's ``ResultGrid``, print the table and write summary.txt/json, the plot,
+    best_config.yaml and the tb links."""
     sweep_dir = spec.sweep_dir.resolve()
     max_steps = load_config(spec.base, spec.trial_overrides()).trainer.max_steps
-    run_dirs = {p.name: p for p in sorted((sweep_dir / "trials").glob("*")) if p.is_dir()}
-    if ray_trials:  # leftovers of a driver killed before Ray Tune recorded their trials are not part of the sweep
-        run_dirs = {t: run_dirs.get(t, sweep_dir / "trials" / t) for t in ray_trials}
-    records = [_trial_record(spec, d, (ray_trials or {}).get(t) if ray_trials else None, max_steps)
-               for t, d in run_dirs.items()]  # fmt: skip
+    records = [_trial_record(spec, r, max_steps) for r in results]
     sign = 1.0 if spec.mode == "max" else -1.0
     records.sort(key=lambda r: (r.best is None, -sign * (r.best if r.best is not None else 0.0), r.trial_id))
 
-    table = format_table(spec, records)
+    table = _table(spec, records)
     (sweep_dir / "summary.txt").write_text(table + "\n")
     (sweep_dir / "summary.json").write_text(
         json.dumps([dataclasses.asdict(r) for r in records], indent=1, default=str) + "\n"
     )
     _plot(spec, records, sweep_dir / "metric_vs_step.png")
-    _link_tensorboard(sweep_dir)
-    ranked = [r for r in records if r.best is not None and r.status != "error"]
+    (sweep_dir / TB).mkdir(exist_ok=True)
+    for r in records:
+        link = sweep_dir / TB / r.trial_id
+        if (Path(r.run_dir) / TB).is_dir() and not link.is_symlink():
+            link.symlink_to(Path("..") / "trials" / r.trial_id / TB, target_is_directory=True)
     print(f"\nsweep {spec.name}: {len(records)} trials, ranked by {spec.metric} ({spec.mode})\n{table}\n")
-    if ranked:
+    if ranked := [r for r in records if r.best is not None and r.status != "error"]:
         _write_best_config(spec, ranked[0], sweep_dir / "best_config.yaml")
         print(f"best: {ranked[0].trial_id} {spec.metric}={ranked[0].best:.4f} at step {ranked[0].best_step}")
         print(f"  config:      {sweep_dir / 'best_config.yaml'}   (pretrain train {sweep_dir / 'best_config.yaml'})")
-        if (ckpt := best_checkpoint(sweep_dir, ranked[0])) is not None:
-            print(f"  checkpoint:  {ckpt}")
-            print(f"  export:      pretrain export {ckpt} --out {sweep_dir / 'best.safetensors'}")
+        if ranked[0].checkpoint:
+            print(f"  checkpoint:  {ranked[0].checkpoint}")
+            print(f"  export:      pretrain export {ranked[0].checkpoint} --out {sweep_dir / 'best.safetensors'}")
     print(f"  plot:        {sweep_dir / 'metric_vs_step.png'}")
     print(f"  tensorboard: tensorboard --logdir {sweep_dir / 'tb'}")
     return records

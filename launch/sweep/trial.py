@@ -1,17 +1,15 @@
 """A sweep trial: a Ray Tune function trainable around one ``pretrain train`` run (a local process or a Slurm job).
 
-:func:`run_trial` starts ``pretrain train BASE overrides... --nproc N`` with the trial's sampled values as overrides and
-its own run dir ``<sweep>/trials/<trial_id>/``. The run waits at each eval (:mod:`pretrain.sweep_hook`); the trial
-reads that eval and its checkpoint from the run's ``status.json`` and blocks in ``tune.report`` with
-``tune.Checkpoint.from_directory`` on the run's own checkpoint (Ray Tune copies it and keeps the best
-``keep_checkpoints``), then tells the run to continue. When Ray Tune stops or pauses the trial inside ``tune.report``,
-the run is told to stop where it waits: a trial stopped at a rung trains no further, on both backends. A run whose
-trial vanished (a killed driver) stops by itself once the trial's heartbeat is stale.
+:func:`run_trial` starts ``pretrain train BASE overrides... --nproc N`` with the trial's sampled values and its own run
+dir ``<sweep>/trials/<trial_id>/``. The run waits at each eval (:mod:`pretrain.sweep_hook`); the trial blocks in
+``tune.report`` with that eval (from the run's ``status.json``) and ``tune.Checkpoint.from_directory`` on the run's
+checkpoint of that step, then tells the run to continue. When Ray Tune stops or pauses the trial inside
+``tune.report``, the run is told to stop where it waits: a trial stopped at a rung trains no further, on both backends.
 
-Resume. A restarted trial (``--resume``, a retry, a PBT exploit) first waits for its earlier run to end (the run dir's
-lease), then starts the same command: ``pretrain train`` resumes from the run dir's newest checkpoint. When Ray Tune
-hands over a checkpoint of another trial (PBT exploit) or the run dir has none, that checkpoint is copied into the run
-dir first and becomes its newest.
+A restarted trial (``--resume``, a retry, a PBT exploit) waits for its earlier run to let go of the run dir, then
+starts the same command: ``pretrain train`` resumes from the run dir's newest checkpoint. A checkpoint Ray Tune hands
+over from another trial (PBT exploit), or any when the run dir has none, becomes the newest first; the checkpoints it
+replaces move to ``previous/<time>/checkpoints/``, as ``pretrain.rundir`` sets history aside (nothing is deleted).
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ import json
 import logging
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,34 +29,31 @@ from launch.sweep.spec import SweepSpec, format_override
 from pretrain.rundir import (
     CHECKPOINTS,
     COMPLETE_MARKER,
+    PREVIOUS,
     SWEEP,
     lease_holder,
     read_latest,
     read_status,
     run_history,
     set_aside_history,
-    write_atomic,
     write_latest,
 )
-from pretrain.sweep_hook import CONTINUE, STOP, Heartbeat, decide, install_hook, request_stop, waiting_step
+from pretrain.sweep_hook import CONTINUE, STOP, decide, install_hook, start_heartbeat, waiting_step
 
-__all__ = ["HEARTBEAT_TIMEOUT_S", "newest_checkpoint", "note", "run_trial", "slurm_params", "submit_slurm_trial"]
+__all__ = ["HEARTBEAT_TIMEOUT_S", "newest_checkpoint", "run_trial", "slurm_params"]
 
 logger = logging.getLogger(__name__)
 
-
-HEARTBEAT_TIMEOUT_S = 15.0
-"""A local run whose trial has not beaten (every second) for this long stops by itself."""
-SLURM_HEARTBEAT_TIMEOUT_S = 120.0
-"""The same for a Slurm trial: its run reads the heartbeat's mtime over a shared file system, whose attribute cache
-(NFS ``actimeo``: up to 60 s) can show an older mtime than the trial wrote."""
+HEARTBEAT_TIMEOUT_S = {"local": 15.0, "slurm": 120.0}
+"""Seconds without its trial's heartbeat after which a run stops by itself. A Slurm run reads the heartbeat's mtime
+over a shared file system, whose attribute cache (NFS ``actimeo``: up to 60 s) can show an older one."""
 
 
 def note(run_dir: Path, msg: str, *args: Any) -> None:
     """Log ``msg`` and append it to the trial's ``sweep/trial.log`` (what the sweep did to this run, and when)."""
     logger.info(msg, *args)
     with open(run_dir / SWEEP / "trial.log", "a") as f:
-        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg % args if args else msg}\n")
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg % args}\n")
 
 
 def newest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -70,12 +64,8 @@ def newest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def slurm_params(options: dict[str, Any], nproc: int) -> Any:
-    """``ClusterParams`` of a trial job: ``options`` (``profile`` plus ClusterParams keys), one task per rank (one GPU
-    per rank when ``gpus_per_node`` is set).
-
-    Raises:
-        ConfigError: an unknown profile or key (with close matches), or a bad value.
-    """
+    """``ClusterParams`` of a trial job from the sweep's ``slurm:`` (``profile`` plus ClusterParams keys), one task (or
+    GPU) per rank. Raises ConfigError naming an unknown profile or key (with close matches) or a bad value."""
     from launch.cluster_params import load_cluster_params  # noqa: PLC0415 - only the Slurm backend needs it
 
     opts = {"cluster": "slurm", **options}
@@ -86,24 +76,16 @@ def slurm_params(options: dict[str, Any], nproc: int) -> Any:
     return load_cluster_params(profile, **opts)
 
 
-def submit_slurm_trial(base: str, overrides: list[str], params: Any) -> Any:
-    """Submit one trial's run as ``pretrain submit`` does (a Checkpointable ``TrainJob``); returns the submitit job."""
-    from launch import submit  # noqa: PLC0415
-
-    return submit.submit_plan(submit.validate_run(base, overrides, params), params, argv=["pretrain sweep (trial)"])
-
-
 class _LocalRun:
     """``pretrain train`` as a process of this machine; its output goes to ``sweep/train.log``.
 
-    Ray SIGKILLs the direct children of a trial's worker when the worker ends (a stopped trial, a killed driver), which
-    would kill the run anywhere, even while torch builds an extension (its lock would stay behind). So the run starts
-    one process further down (the shell below returns at once) and ends by itself: at its trial's decision, or at a
-    step boundary once its trial is gone (:mod:`pretrain.sweep_hook`). The shell records its pid and exit code.
+    Ray SIGKILLs the direct children of a trial's worker when the worker ends, which could kill the run while torch
+    builds an extension (its lock would stay behind). So the run starts one process further down (the shell returns at
+    once) and ends by itself (:mod:`pretrain.sweep_hook`); the shell records its pid and exit code.
     """
 
     def __init__(self, spec: SweepSpec, overrides: list[str], run_dir: Path):
-        self.spec, self.run_dir, self.folder = spec, run_dir, run_dir / SWEEP
+        self.spec, self.run_dir, self.folder, self.logs = spec, run_dir, run_dir / SWEEP, run_dir / SWEEP / "train.log"
         self.cmd = [sys.executable, "-m", "launch.cli", "train", spec.base, *overrides]
         self.cmd += ["--nproc", str(spec.resources.nproc)]
         life = f"{os.getpid()}.{time.monotonic_ns()}"  # a late exit code of an earlier life must not speak for this one
@@ -112,11 +94,10 @@ class _LocalRun:
     def start(self) -> None:
         for old in [*self.folder.glob("pid.*"), *self.folder.glob("exit_code.*")]:
             old.unlink(missing_ok=True)
-        log = self.folder / "train.log"
-        now = time.time()
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
+        log, now = self.logs, time.time()
         with open(log, "a") as f:
-            f.write(f"\n===== {stamp} {' '.join(self.cmd)}\n")
+            f.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))}.{int(now % 1 * 1000):03d} "
+                    f"{' '.join(self.cmd)}\n")  # fmt: skip
         q = shlex.quote
         script = (f"({shlex.join(self.cmd)} >>{q(str(log))} 2>&1 </dev/null & echo $! >{q(str(self.pid_file))}; "
                   f"wait $!; echo $? >{q(str(self.exit_file))}) &")  # fmt: skip
@@ -127,6 +108,7 @@ class _LocalRun:
         note(self.run_dir, "started the run")
 
     def poll(self) -> int | None:
+        """The run's exit code once it ended (-1: its shell died too), None while it starts or runs."""
         for _ in range(2):
             try:
                 return int(self.exit_file.read_text())
@@ -148,24 +130,24 @@ class _LocalRun:
         except (OSError, ValueError):
             pass
 
-    def describe_failure(self, rc: int) -> str:
-        return f"training exited with code {rc}; see {self.folder / 'train.log'}"
-
 
 class _SlurmRun:
-    """``pretrain train`` as a Slurm job (``launch.submit.TrainJob``); its run dir is on a shared file system."""
+    """``pretrain train`` as a Slurm job (``pretrain submit``'s ``TrainJob``), its run dir on a shared file system."""
 
     def __init__(self, spec: SweepSpec, overrides: list[str], run_dir: Path):
-        self.spec, self.overrides, self.run_dir, self.job = spec, overrides, run_dir, None
+        self.spec, self.overrides, self.run_dir, self.logs, self.job = spec, overrides, run_dir, run_dir / "slurm", None
 
     def start(self) -> None:
+        from launch import submit  # noqa: PLC0415
+
         params = slurm_params(self.spec.slurm, self.spec.resources.nproc)
-        self.job = submit_slurm_trial(self.spec.base, self.overrides, params)
+        plan = submit.validate_run(self.spec.base, self.overrides, params)
+        self.job = submit.submit_plan(plan, params, argv=["pretrain sweep (trial)"])
         note(self.run_dir, "submitted the run as Slurm job %s", self.job.job_id)
 
     def poll(self) -> int | None:
-        """0 when the run finished, 1 when the job ended otherwise, None while queued, running or requeued (the run's
-        ``status.json`` decides: without Slurm accounting submitit reports ended jobs as UNKNOWN)."""
+        """0 when the run finished or stopped, 1 when the job ended otherwise, None while queued, running or requeued
+        (``status.json`` decides: without Slurm accounting submitit reports ended jobs as UNKNOWN)."""
         if self.job is None or not self.job.done():
             return None
         from launch.status import TERMINAL_SLURM_STATES, slurm_job_info  # noqa: PLC0415
@@ -180,9 +162,6 @@ class _SlurmRun:
             note(self.run_dir, "cancelling Slurm job %s", self.job.job_id)
             subprocess.run(["scancel", str(self.job.job_id)], check=False, capture_output=True)
 
-    def describe_failure(self, rc: int) -> str:
-        return f"Slurm job {getattr(self.job, 'job_id', '?')} failed; see {self.run_dir / 'slurm'}"
-
 
 def _end_previous_run(run_dir: Path, timeout_s: float) -> None:
     """An earlier life of this trial (PBT pause, retry, killed driver) may have left its run going: ask it to stop and
@@ -192,38 +171,59 @@ def _end_previous_run(run_dir: Path, timeout_s: float) -> None:
         if time.monotonic() > deadline:
             logger.warning("the previous run in %s did not end within %.0f s", run_dir, timeout_s)
             return
-        request_stop(run_dir)
+        decide(run_dir, STOP)
         time.sleep(0.5)
 
 
-def _plant(checkpoint: Any, meta: dict[str, Any], run_dir: Path) -> None:
-    """Make Ray Tune's ``checkpoint`` the newest (and only) one of ``run_dir``: ``pretrain train`` resumes from it."""
-    root = run_dir / CHECKPOINTS
-    shutil.rmtree(root, ignore_errors=True)
-    checkpoint.to_directory(str(root / meta["tag"]))
-    write_latest(root, meta["tag"])
-
-
-def _checkpoint_step(path: Path) -> int | None:
-    try:
-        return int(json.loads((path / "meta.json").read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+def _set_aside_checkpoints(run_dir: Path) -> Path | None:
+    """Move ``checkpoints/`` to ``previous/<time>/``, where :func:`pretrain.rundir.set_aside_history` puts history."""
+    if not (run_dir / CHECKPOINTS).exists():
         return None
+    stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
+    aside = run_dir / PREVIOUS / stamp
+    while aside.exists():
+        n += 1
+        aside = run_dir / PREVIOUS / f"{stamp}.{n}"
+    aside.mkdir(parents=True)
+    (run_dir / CHECKPOINTS).rename(aside / CHECKPOINTS)
+    return aside
 
 
-def _report(run_dir: Path, trial_id: str, step: int, done: bool = False) -> int:
+def _take_checkpoint(checkpoint: Any, run_dir: Path, trial_id: str) -> int:
+    """Prepare the run dir from Ray Tune's ``checkpoint`` of this trial (None: a fresh start); returns the step it
+    reported last (-1: none)."""
+    if checkpoint is None:
+        if newest_checkpoint(run_dir) is None and run_history(run_dir):
+            # an earlier life failed before its first checkpoint: `pretrain train` refuses to start over a history
+            note(run_dir, "no checkpoint to resume from: earlier attempt moved to %s", set_aside_history(run_dir))
+        return -1
+    meta = checkpoint.get_metadata()
+    if meta.get("trial_id") != trial_id or newest_checkpoint(run_dir) is None:
+        root, aside = run_dir / CHECKPOINTS, _set_aside_checkpoints(run_dir)
+        checkpoint.to_directory(str(root / meta["tag"]))
+        write_latest(root, meta["tag"])
+        what = "PBT exploit" if meta.get("trial_id") != trial_id else "no checkpoint in the run dir"
+        note(run_dir, "%s: continuing from trial %s's checkpoint (step %s); the run dir's checkpoints moved to %s",
+             what, meta.get("trial_id"), meta.get("step"), aside)  # fmt: skip
+    return int(meta.get("step", -1))
+
+
+def _report(run_dir: Path, trial_id: str, step: int, done: bool = False) -> None:
     """``tune.report`` the eval of ``step`` from the run's ``status.json``, with the run's checkpoint of that step."""
     from ray import tune  # noqa: PLC0415
 
     status = read_status(run_dir)[0] or {}
     metrics = {k: v for k, v in (status.get("last_eval") or {}).items() if isinstance(v, (int, float))}
-    ckpt, checkpoint = status.get("last_checkpoint"), None
-    if ckpt and (Path(ckpt) / COMPLETE_MARKER).is_file() and _checkpoint_step(Path(ckpt)) == step:
-        checkpoint = tune.Checkpoint.from_directory(ckpt)
-        checkpoint.set_metadata({"trial_id": trial_id, "step": step, "tag": Path(ckpt).name})
+    ckpt, checkpoint = Path(status.get("last_checkpoint") or run_dir / CHECKPOINTS / "none"), None
+    try:
+        saved_at = json.loads((ckpt / "meta.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        saved_at = None
+    if (ckpt / COMPLETE_MARKER).is_file() and saved_at == step:
+        checkpoint = tune.Checkpoint.from_directory(str(ckpt))
+        checkpoint.set_metadata({"trial_id": trial_id, "step": step, "tag": ckpt.name})
     # the last eval ends the trial without a decision: PBT would otherwise clone a donor into a run with no step left
     tune.report({**metrics, "step": step, "done": done}, checkpoint=checkpoint)
-    return step
 
 
 def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
@@ -236,23 +236,10 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     from ray import tune  # noqa: PLC0415 - Ray is imported lazily (STYLE rule 12)
 
     trial_id = tune.get_context().get_trial_id()
-    trials_dir = spec.sweep_dir / "trials"
-    run_dir = trials_dir / trial_id
+    run_dir = spec.sweep_dir / "trials" / trial_id
     (run_dir / SWEEP).mkdir(parents=True, exist_ok=True)
     _end_previous_run(run_dir, spec.stop_grace_s + 60)
-    write_atomic(run_dir / SWEEP / "trial.json", json.dumps({"trial_id": trial_id, "params": config}))
-    reported, checkpoint = -1, tune.get_checkpoint()
-    if checkpoint is not None:
-        meta = checkpoint.get_metadata()
-        reported = int(meta.get("step", -1))
-        if meta.get("trial_id") != trial_id or newest_checkpoint(run_dir) is None:
-            _plant(checkpoint, meta, run_dir)
-            donor = meta.get("trial_id")
-            what = "PBT exploit" if donor != trial_id else "no checkpoint in the run dir"
-            note(run_dir, "%s: continuing from trial %s's checkpoint (step %s)", what, donor, reported)
-    elif newest_checkpoint(run_dir) is None and run_history(run_dir):
-        # an earlier life failed before its first checkpoint: `pretrain train` refuses to start over a history silently
-        note(run_dir, "no checkpoint to resume from: earlier attempt moved to %s", set_aside_history(run_dir))
+    reported = _take_checkpoint(tune.get_checkpoint(), run_dir, trial_id)
     status = read_status(run_dir)[0] or {}
     if status.get("state") == "finished":  # the sweep driver died before Ray Tune recorded the end: report it
         note(run_dir, "the run already finished at step %s: nothing to train", status.get("step"))
@@ -260,35 +247,33 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
         return
 
     sampled = [format_override(k, v) for k, v in sorted(config.items())]
-    run_args = [format_override("run.output_dir", str(trials_dir)), format_override("run.name", trial_id)]
-    overrides = [*spec.trial_overrides(), *sampled, *run_args]
-    run = (_SlurmRun if spec.trial_backend == "slurm" else _LocalRun)(spec, overrides, run_dir)
-    install_hook(run_dir, timeout_s=SLURM_HEARTBEAT_TIMEOUT_S if spec.trial_backend == "slurm" else HEARTBEAT_TIMEOUT_S)
-    heartbeat = Heartbeat(run_dir)
+    run_args = [format_override("run.output_dir", str(run_dir.parent)), format_override("run.name", trial_id)]
+    run = (_SlurmRun if spec.trial_backend == "slurm" else _LocalRun)(
+        spec, [*spec.trial_overrides(), *sampled, *run_args], run_dir
+    )
+    install_hook(run_dir, timeout_s=HEARTBEAT_TIMEOUT_S[spec.trial_backend])
+    heartbeat = start_heartbeat(run_dir)
     try:
         run.start()
         while (rc := run.poll()) is None:
             step = waiting_step(run_dir)
             if step is not None and step > reported:
-                reported = _report(run_dir, trial_id, step)  # blocks while Ray Tune decides
-                decide(run_dir, step, CONTINUE)
+                reported = step
+                _report(run_dir, trial_id, step)  # blocks while Ray Tune decides
+                decide(run_dir, CONTINUE, step)
             time.sleep(0.5)
-        last = ((read_status(run_dir)[0] or {}).get("last_eval") or {}).get("step", -1)
-        if rc == 0 and last > reported:  # the final eval: the run does not wait there
-            reported = _report(run_dir, trial_id, last, done=True)
         if rc != 0:
-            raise RuntimeError(f"trial {trial_id}: {run.describe_failure(rc)}")
-    except BaseException as e:  # SystemExit: Ray Tune stopped the trial inside tune.report
-        note(run_dir, "trial stopped (%s)", type(e).__name__)
-        raise
+            raise RuntimeError(f"trial {trial_id}: its run failed (exit code {rc}); see {run.logs}")
+        last = ((read_status(run_dir)[0] or {}).get("last_eval") or {}).get("step", -1)
+        if last > reported:  # the final eval: the run does not wait there
+            _report(run_dir, trial_id, last, done=True)
     finally:
-        # The run waits at the step just reported (Ray Tune stopped the trial there), or trains on: either way it
-        # stops by itself with a checkpoint. Signalled only when it does not within the grace period.
-        heartbeat.stop()
+        # Ray Tune stopped or paused the trial inside tune.report (SystemExit), or it failed: the run stops by itself
+        # with a checkpoint, where it waits or at the end of its step; signalled only if not within the grace period.
+        heartbeat.set()
         if run.poll() is None:
-            decide(run_dir, reported, STOP)
-            if waiting_step(run_dir) != reported:
-                request_stop(run_dir)
+            note(run_dir, "trial stopped at step %s: stopping its run", reported)
+            decide(run_dir, STOP)
             deadline = time.monotonic() + spec.stop_grace_s
             while run.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.2)

@@ -12,7 +12,7 @@ from conftest import tiny_run_overrides
 
 from pretrain.checkpoint import verify_checkpoint
 from pretrain.fsutil import read_jsonl
-from pretrain.sweep_hook import CONTINUE, STOP, Heartbeat, decide, install_hook, request_stop, waiting_step
+from pretrain.sweep_hook import CONTINUE, STOP, decide, install_hook, start_heartbeat, waiting_step
 
 CONFIG = "configs/run/digits_sepvit_lite.yaml"
 
@@ -39,7 +39,7 @@ def start_hooked(start_train, digits_dir: Path, run_root: Path, name: str, eval_
     """What a trial does before its run starts (install the hook, beat), then a 2-rank run; (run dir, run, beat)."""
     run_dir = run_root / name
     install_hook(run_dir, timeout_s=timeout_s)
-    beat = Heartbeat(run_dir, every_s=1.0)
+    beat = start_heartbeat(run_dir, every_s=1.0)
     overrides = tiny_run_overrides(digits_dir, run_root, name, f"trainer.eval_every_steps={eval_every}")
     return run_dir, start_train(CONFIG, overrides, "--nproc", "2"), beat
 
@@ -62,12 +62,12 @@ def test_a_run_in_a_sweep_waits_at_each_eval_for_the_decision(start_train, digit
         time.sleep(3.0)
         assert max(train_steps(run_dir)) == 5 and waiting_step(run_dir) == 5  # no step past the eval
         assert group_cpu_s(run.proc.pid) - cpu0 < 0.9  # 2 ranks, a launcher, loader workers: idle, not spinning
-        decide(run_dir, 5, CONTINUE)
+        decide(run_dir, CONTINUE, 5)
         wait_until(lambda: waiting_step(run_dir) == 10, run)
-        decide(run_dir, 10, STOP)
+        decide(run_dir, STOP)
         assert run.wait() == 0, run.output[-3000:]
     finally:
-        beat.stop()
+        beat.set()
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "stopped" and status["step"] == 10, status
     assert max(train_steps(run_dir)) == 10
@@ -77,7 +77,7 @@ def test_a_run_in_a_sweep_waits_at_each_eval_for_the_decision(start_train, digit
 def test_a_run_whose_trial_is_gone_stops_by_itself(start_train, digits_dir: Path, run_root: Path) -> None:
     # the heartbeat stops at once: the trial died (a killed driver, a lost node). The run notices at a step boundary.
     run_dir, run, beat = start_hooked(start_train, digits_dir, run_root, "orphan", eval_every=5, timeout_s=4)
-    beat.stop()
+    beat.set()
     assert run.wait() == 0, run.output[-3000:]
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "stopped" and 1 <= status["step"] < 5, status
@@ -89,10 +89,10 @@ def test_a_run_asked_to_stop_between_evals_stops_at_a_step(start_train, digits_d
     run_dir, run, beat = start_hooked(start_train, digits_dir, run_root, "asked", eval_every=100)
     try:
         wait_until(lambda: bool(train_steps(run_dir)), run)
-        request_stop(run_dir)
+        decide(run_dir, STOP)
         assert run.wait() == 0, run.output[-3000:]
     finally:
-        beat.stop()
+        beat.set()
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "stopped" and status["step"] < 20, status
     assert verify_checkpoint(run_dir / "checkpoints" / f"step_{status['step']:06d}")[0]
