@@ -14,7 +14,8 @@ Order of operations (as timm's loader + train loop apply them):
 3. random erasing (pixel mode: the box is filled with N(0, 1) noise, i.e. noise in normalised space);
 4. mixup or cutmix of the batch with its reversed self, on both images and label-smoothed one-hot targets.
 
-Every random number is drawn from the ``torch.Generator`` passed in, so the same generator state gives bit-identical
+Every random number comes from the ``torch.Generator`` passed in (the batch-level mixing draws from a host RNG seeded
+with the generator's seed, so they never wait for the device), so a generator seeded the same way gives bit-identical
 outputs on the same device; keep the generator on the images' device to avoid host-device copies.
 """
 
@@ -224,10 +225,9 @@ class DeviceAugment:
         aug = self.aug
         host_rng = None
         if self.mixes:
-            # batch-level draws (mix or not, which, lambda, box) on the host, from one seed out of the generator:
-            # the only device sync here, and only when mixing is on
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-            host_rng = np.random.default_rng(seed)
+            # batch-level draws (mix or not, which, lambda, box) on the host, seeded by the generator's seed (a host
+            # value: no draw from the device generator, so nothing waits for the device)
+            host_rng = np.random.default_rng([generator.initial_seed(), 0x6D6978])
         x = images.float().div(255.0)  # (B, 3, H, W) in [0, 1]
         if aug.randaug_n > 0:
             x = self._randaugment(x, generator)

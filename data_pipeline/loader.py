@@ -375,6 +375,7 @@ def build_data(
     rank: int,
     world_size: int,
     corrupt_log_every: int = 100,
+    pin_memory: bool = False,
 ) -> DataParts:
     """Train/val loaders of one rank (``data`` section), the device-side augmentation and the eval normalisation."""
     from data_pipeline.augment import DeviceAugment, normalize
@@ -391,6 +392,7 @@ def build_data(
         corrupt_log_every=corrupt_log_every,
         image_size=img_size,
         persistent_workers=data.persistent_workers and data.num_workers > 0,
+        pin_memory=pin_memory,
     )
     train = build_loader(
         data.path, data.train_split, train=True, batch_size=data.batch_size, transform=train_tf, **common

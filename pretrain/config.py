@@ -172,7 +172,8 @@ class TrainerConfig:
     compile_backend: str = "inductor"
     """torch.compile backend with ``compile=true`` (``inductor``; ``aot_eager`` traces without code generation)."""
     max_nonfinite_steps: int = 5
-    """Stop after this many consecutive steps with NaN/Inf loss (each is skipped)."""
+    """Stop after this many consecutive steps with a NaN/Inf loss or gradient norm (each is skipped; with gradient
+    accumulation one non-finite micro-batch skips its optimizer step)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Training device; auto picks CUDA when present."""
     progress_bar: bool = True

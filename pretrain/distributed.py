@@ -8,6 +8,10 @@ Precedence when several launchers left variables behind: ``RANK``/``WORLD_SIZE``
 ``pretrain train --nproc``, submitit's ``TorchDistributedEnvironment.export()``) win over Slurm's ``SLURM_PROCID``/
 ``SLURM_NTASKS``; with neither, the process is a world of one.
 
+Host-side agreement (:func:`all_reduce_max`, :func:`broadcast_object`: stop flags, decisions, small objects) goes over
+a gloo group of the same ranks when the main backend is NCCL, so it reads nothing back from the GPU and never waits for
+the queued device work of a step (an NCCL collective on a CPU tensor is an error anyway).
+
 A Slurm step read directly (``srun pretrain train``, one task per rank, on one node or many): the global rank is
 ``SLURM_PROCID`` and the world ``SLURM_NTASKS``; the local rank ``SLURM_LOCALID`` and the ranks on this node come from
 the step's per-node task counts (``SLURM_STEP_TASKS_PER_NODE``, e.g. ``2(x3),1``) at this node's index
@@ -35,6 +39,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+
+_control_group = None
+"""A gloo group of all ranks for host-side agreement when the default group is NCCL (None: the default group)."""
 
 __all__ = [
     "DistEnv",
@@ -311,6 +318,9 @@ def init_distributed(
             world_size=env.world_size,
             timeout=datetime.timedelta(minutes=timeout_min),
         )
+    global _control_group
+    if backend != "gloo" and env.world_size > 1:
+        _control_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=timeout_min))
     logger.info(
         "distributed: rank %d/%d (local %d/%d) on %s, rendezvous %s:%d, backend=%s device=%s from %s",
         env.rank,
@@ -333,6 +343,8 @@ def destroy_distributed() -> None:
     """Leave the process group (lets one Python process run several trainings, e.g. in tests)."""
     import torch.distributed as dist
 
+    global _control_group
+    _control_group = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -345,13 +357,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_max(values: list[float], device: torch.device | None = None) -> list[float]:
-    """Element-wise maximum of ``values`` over all ranks (used for stop flags every rank must agree on)."""
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Element-wise maximum of ``values`` over all ranks (used for stop flags every rank must agree on), on the host."""
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64, device=device or torch.device("cpu"))
+    t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group)
     return t.tolist()
 
 
@@ -373,5 +385,5 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=_control_group)
     return box[0]

@@ -102,7 +102,8 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     if cfg.trainer.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
+        # a non-finite gradient norm skips the update: the trainer's non-finite guard relies on it (as for fp32/fp16)
+        ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
     elif cfg.trainer.precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2}
     merged = _merge(ds, cfg.deepspeed.overrides)

@@ -14,10 +14,22 @@ log window in progress, so the event that spans the resume logs the same loss) f
 per-rank state; device-side augmentation draws from a ``torch.Generator`` seeded by (trainer.seed, step,
 micro-step, rank), so it needs no saved state. Loader iteration runs under ``torch.random.fork_rng`` so starting a new
 DataLoader iterator on resume does not shift the global RNG stream that dropout and drop path use.
+
+Host-device syncs (each waits on GPU for the step's queued work): a train step of ours reads the device at most once.
+Batches are copied with ``non_blocking`` from pinned memory; mixup/cutmix draw their batch-level numbers on the host;
+the loss and its finiteness stay on the device (a non-finite loss poisons the gradients, see :meth:`Trainer.train_step`)
+and the stop flags go over a host-side gloo group (:func:`pretrain.distributed.all_reduce_max`). What remains:
+
+- fp32 without ZeRO: one read of the gradient norm before ``engine.step()``, to skip a non-finite update (torch's
+  optimizer has no such check). With ZeRO or bf16/fp16 the trainer reads nothing: DeepSpeed's optimizer reads its own
+  gradient norm or overflow flag in ``step()`` (DeepSpeed's syncs, not removable from here).
+- At the log interval: the window's loss, the grad norm, peak memory; at evals and checkpoints: their metrics and
+  the window state. A skipped fp16 step reads its loss, to tell a non-finite loss from a loss-scale overflow.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -121,6 +133,17 @@ class StopSignals:
         self._previous.clear()
 
 
+@contextlib.contextmanager
+def _optimizer_step_skipped(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """``engine.step()`` without the optimizer's update: DeepSpeed still clips and zeroes the gradients and steps its
+    counters and LR scheduler, so the engine's accumulation boundary and the schedule stay on the trainer's steps."""
+    optimizer.step = lambda *args, **kwargs: None  # type: ignore[method-assign]  # shadows the class's step
+    try:
+        yield
+    finally:
+        del optimizer.step
+
+
 def augment_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
     """Seed of the device-side augmentation generator: a pure function of (seed, step, micro-step, rank)."""
     digest = hashlib.sha256(f"{seed}:{step}:{micro_step}:{rank}".encode()).digest()
@@ -195,6 +218,7 @@ def build_trainer(cfg: Config, dist: DistInfo, stop: StopSignals | None = None) 
         rank=dist.rank,
         world_size=dist.world_size,
         corrupt_log_every=cfg.logging.corrupt_log_every,
+        pin_memory=dist.device.type == "cuda",
     )
     logger.info("built model %.1f s, DeepSpeed engine %.1f s, data %.1f s", t1 - t0, t2 - t1, time.perf_counter() - t2)
     ckpt = CheckpointManager(
@@ -233,7 +257,8 @@ class _Window:
     steps: int = 0
     """Steps timed in this process."""
     data_wait_s: float = 0.0
-    loss_sum: float = 0.0
+    loss_sum: float | torch.Tensor = 0.0
+    """Sum of the applied steps' losses; a device tensor while steps add to it (read at the log interval only)."""
     loss_count: int = 0
     resumed_steps: int = 0
     """Steps of this window run before the resume (from the checkpoint)."""
@@ -391,15 +416,15 @@ class Trainer:
             out = self.train_step()
             self.step += 1
             self._window.add(out)
-            if out["skipped"]:
+            if out["nonfinite"]:
                 self.nonfinite_total += 1
                 self.nonfinite_in_a_row += 1
                 logger.warning(
-                    "step %d: non-finite loss on some rank; step skipped (%d in a row)",
+                    "step %d: non-finite loss or gradients on some rank; step skipped (%d in a row)",
                     self.step,
                     self.nonfinite_in_a_row,
                 )
-            else:
+            elif not out["skipped"]:
                 self.nonfinite_in_a_row = 0
             if self.step % tcfg.log_every_steps == 0 or self.step == max_steps or out["skipped"]:
                 event = self.log_step(out)
@@ -443,17 +468,22 @@ class Trainer:
     # -- one step ------------------------------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; skipped if any rank's loss is non-finite.
+        """One optimizer step over ``grad_accum_steps`` micro-batches; skipped on every rank if any rank's loss or the
+        gradient norm is non-finite.
 
-        With ``grad_accum_steps=1`` (the usual case) a skipped step has no backward and no optimizer update at all.
-        With gradient accumulation, a non-finite micro-batch contributes a zero gradient instead (DeepSpeed's
-        accumulation boundary must stay aligned), the optimizer step still runs on the other micro-batches, and the
-        step counts as skipped only when every micro-batch was non-finite.
+        The finiteness check needs no host read of its own: each micro-batch's loss statistics are all-reduced on the
+        device, and a non-finite global loss multiplies the backward loss by NaN (a finite one by exactly 1.0), so the
+        gradients, and with them the gradient norm the optimizer computes anyway, turn non-finite on every rank.
+        DeepSpeed's optimizers (ZeRO 1-3, bf16, fp16) then skip the update themselves, leave the weights and optimizer
+        state untouched and count it in ``engine.skipped_steps``; the plain fp32 optimizer without ZeRO has no such
+        check, so :meth:`_skip_if_nonfinite` reads the gradient norm it computes once and drops the gradients before
+        ``engine.step()``. With gradient accumulation one non-finite micro-batch skips its whole optimizer step.
         """
         engine, accum, dev = self.engine, self.cfg.trainer.grad_accum_steps, self.dist.device
         engine.train()
         lr = self.parts.optimizer.param_groups[0]["lr"] / self.parts.group_specs[0][0]  # optim.lr scheduled
-        data_wait, losses, bad_micro, grad_norm = 0.0, [], 0, None
+        data_wait, losses, grad_norm, dropped = 0.0, [], None, False
+        skipped_before = engine.skipped_steps
         started = time.perf_counter()
         for micro in range(accum):
             t0 = time.perf_counter()
@@ -463,30 +493,29 @@ class Trainer:
             gen = torch.Generator(device=dev).manual_seed(
                 augment_seed(self.cfg.trainer.seed, self.step, micro, self.dist.rank)
             )
-            labels = batch["label"].to(dev).clamp_min(0)  # padding rows may carry -1; they are masked below
-            images, targets = self.data.augment(batch["image"].to(dev), labels, generator=gen)
-            valid = batch["valid"].to(dev)
+            # copies queue behind the device's work instead of waiting for it (the loader pins batches on CUDA)
+            labels = batch["label"].to(dev, non_blocking=True).clamp_min(0)  # padding rows may be -1; masked below
+            images, targets = self.data.augment(batch["image"].to(dev, non_blocking=True), labels, generator=gen)
+            valid = batch["valid"].to(dev, non_blocking=True)
             logits = engine(images)
             loss = soft_target_cross_entropy(logits, targets, valid)
-            # one all-reduce gives the global mean loss and, through NaN propagation, the cross-rank finiteness
+            # the global mean loss, summed over ranks on the device; NaN anywhere makes it NaN everywhere
             n_valid = valid.sum().to(torch.float64)
             stats = torch.stack([loss.detach().to(torch.float64) * n_valid, n_valid])
             if self.dist.world_size > 1:
                 torch.distributed.all_reduce(stats)
-            finite = bool(torch.isfinite(stats[0]))
-            if finite:
-                losses.append((stats[0] / stats[1].clamp_min(1)).item())
-            else:
-                bad_micro += 1
-                if accum == 1:
-                    break
-                # keeps DeepSpeed's hooks and accumulation counter aligned; contributes a zero gradient
-                loss = logits.float().nan_to_num(0.0, 0.0, 0.0).sum() * 0.0
-            if accum > 1 or finite:
-                engine.backward(loss)
-                grad_norm = self._stage0_grad_norm() if engine.is_gradient_accumulation_boundary() else None
+            global_loss = stats[0] / stats[1].clamp_min(1)
+            losses.append(global_loss)
+            poison = torch.where(torch.isfinite(global_loss), 1.0, float("nan")).to(loss.dtype)
+            engine.backward(loss * poison)
+            if engine.is_gradient_accumulation_boundary():
+                grad_norm = self._stage0_grad_norm()
+                dropped = self._skip_if_nonfinite(grad_norm)
+            with _optimizer_step_skipped(self.engine.optimizer) if dropped else contextlib.nullcontext():
                 engine.step()
-        skipped = bad_micro == accum
+        skipped = dropped or engine.skipped_steps != skipped_before
+        if skipped and not dropped:
+            self.parts.scheduler.step()  # DeepSpeed does not step its scheduler on a skipped step: keep it on ours
         if self._compile_pending:  # torch.compile compiles in the first forward and backward of the process
             self._compile_pending = False
             logger.info(
@@ -494,27 +523,38 @@ class Trainer:
                 self.cfg.trainer.compile_backend,
                 time.perf_counter() - started - data_wait,
             )
-        if skipped and accum == 1:
-            self.parts.scheduler.step()  # no engine.step() ran: keep the LR schedule on the trainer's step count
-        else:
-            gn = engine.get_global_grad_norm() if grad_norm is None else grad_norm
-            grad_norm = float(gn) if gn is not None else float("nan")
+        step_loss = torch.stack(losses).mean()
+        nonfinite = skipped
+        if skipped and self.cfg.trainer.precision == "fp16":
+            nonfinite = not math.isfinite(float(step_loss))  # fp16 skips on loss-scale overflows routinely
+        if not skipped:
+            if grad_norm is None:
+                grad_norm = engine.get_global_grad_norm()
             if self.ema is not None:
                 self.ema.update(engine.module)
         return {
-            "loss": sum(losses) / len(losses) if losses else float("nan"),
+            "loss": step_loss,
             "lr": lr,
             "grad_norm": None if skipped else grad_norm,
             "skipped": skipped,
+            "nonfinite": nonfinite,
             "data_wait_s": data_wait,
         }
 
-    def _stage0_grad_norm(self) -> float | None:
-        """DeepSpeed reports no gradient norm without ZeRO: compute it from the all-reduced gradients."""
+    def _stage0_grad_norm(self) -> torch.Tensor | None:
+        """DeepSpeed reports no gradient norm without ZeRO: compute it (on the device) from the all-reduced
+        gradients."""
         if self.cfg.deepspeed.zero_stage != 0:
             return None
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+    def _skip_if_nonfinite(self, grad_norm: torch.Tensor | None) -> bool:
+        """Without an optimizer that checks for overflow (fp32 without ZeRO): whether this step's update must be
+        skipped (non-finite gradient norm). Reads the norm on the host: the one device sync of a step without ZeRO."""
+        if grad_norm is None or hasattr(self.engine.optimizer, "overflow"):
+            return False
+        return not bool(torch.isfinite(grad_norm))
 
     def _batch_stream(self) -> Iterator[dict[str, torch.Tensor]]:
         return self.data.train.iter_batches()
@@ -613,9 +653,9 @@ class Trainer:
             "event": "train",
             "step": self.step,
             "epoch": self._epoch(),
-            "loss": out["loss"] if out["skipped"] else window.loss_sum / max(1, window.loss_count),
+            "loss": float(out["loss"] if out["skipped"] else window.loss_sum / max(1, window.loss_count)),
             "lr": out["lr"],
-            "grad_norm": out["grad_norm"],
+            "grad_norm": None if out["grad_norm"] is None else float(out["grad_norm"]),
             "skipped": out["skipped"],
             "img_per_s": img_per_s,
             "img_per_s_per_rank": img_per_s / self.dist.world_size,

@@ -50,10 +50,19 @@ def test_missing_data_exits_2_with_advice(run_root, capsys):
 
 @pytest.mark.slow
 @pytest.mark.world_size(2)
-def test_nan_guard_skips_steps_and_stops_after_the_limit(digits_dir, run_root, start_train):
+@pytest.mark.parametrize(
+    "engine",
+    [
+        ["deepspeed.zero_stage=2"],  # DeepSpeed's ZeRO optimizer skips on the poisoned gradient norm
+        ["deepspeed.zero_stage=0", "trainer.grad_accum_steps=2", "data.batch_size=8"],  # the trainer's own check
+        ["deepspeed.zero_stage=1", "trainer.precision=bf16", "model.drop_path_rate=0"],  # bf16's overflow check
+    ],
+    ids=["zero2", "zero0-accum2", "zero1-bf16"],
+)
+def test_nan_guard_skips_steps_and_stops_after_the_limit(engine, digits_dir, run_root, start_train):
     """Rank 0's loss is NaN at steps 2, 4, 5, 6 (injected by tests/faults/sitecustomize.py): both ranks skip those
-    steps (no update); the third in a row stops the run with status failed and a checkpoint whose weights equal step
-    3's."""
+    steps (no update), with or without ZeRO and gradient accumulation, in fp32 and bf16; the third in a row stops the
+    run with status failed and a checkpoint whose weights equal step 3's."""
     overrides = [
         *base(digits_dir, run_root, "nan"),
         "trainer.max_steps=10",
@@ -67,6 +76,7 @@ def test_nan_guard_skips_steps_and_stops_after_the_limit(digits_dir, run_root, s
         "checkpoint.every_steps=3",
         "checkpoint.every_minutes=0",
         "checkpoint.keep_last=5",
+        *engine,
     ]
     faults = str(Path(__file__).resolve().parent.parent / "faults")
     env = train_env(PRETRAIN_FAULT_NONFINITE_STEPS="2,4,5,6", PYTHONPATH=faults)

@@ -40,7 +40,7 @@ def test_ds_config_from_typed_config():
 
 def test_precision_and_offload():
     ds = build_ds_config(cfg_with("trainer.precision=bf16", "deepspeed.offload_optimizer=cpu"), 1)
-    assert ds["bf16"] == {"enabled": True}
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True}  # the non-finite guard relies on the check
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert build_ds_config(cfg_with("trainer.precision=fp16"), 1)["fp16"]["enabled"] is True
     with pytest.raises(ConfigError, match="zero_stage >= 1"):
