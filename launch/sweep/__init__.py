@@ -1,12 +1,10 @@
 """``pretrain sweep SWEEP.yaml``: hyperparameter sweeps with Ray Tune, one ``pretrain train`` run per trial.
 
-The driver builds Ray Tune's search space, scheduler (ASHA, PBT, FIFO) and function trainable
-(:func:`launch.sweep.trial.run_trial`) from a checked :class:`launch.sweep.spec.SweepSpec`, runs or restores the Tuner
-and hands its results to :func:`launch.sweep.summary.summarize_sweep`. Ray Tune's own API carries the sweep:
-``CheckpointConfig(num_to_keep)`` keeps checkpoints, ``FailureConfig(max_failures)`` retries, ``Tuner.restore``
-resumes. The sweep dir ``<output_dir>/<name>/`` holds ``sweep.yaml`` (the spec with absolute paths: what ``--resume``
-runs), ``tune/`` (Ray Tune's experiment and kept checkpoints), ``trials/<trial_id>/`` (a run dir per trial) and the
-summary.
+The driver builds Ray Tune's search space, scheduler and function trainable (:mod:`launch.sweep.trial`) from a checked
+:class:`launch.sweep.spec.SweepSpec`; Ray Tune's own API carries the sweep: ``CheckpointConfig`` keeps checkpoints,
+``FailureConfig`` retries, ``Tuner.restore`` resumes. The sweep dir ``<output_dir>/<name>/`` holds ``sweep.yaml`` (the
+spec, paths absolute: what ``--resume`` runs), ``tune/`` (Ray Tune's experiment and kept checkpoints),
+``trials/<trial_id>/`` (a run dir per trial) and the summary (:mod:`launch.sweep.summary`).
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ import dataclasses
 import logging
 import os
 import shutil
-import time
 from typing import Any
 
 import yaml
@@ -35,25 +32,17 @@ _PBT_MIN_KEEP = 4  # PBT clones a donor's checkpoint a moment after choosing it:
 
 
 def _scheduler(spec: SweepSpec, max_t: int) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining  # noqa: PLC0415
+    from ray.tune import schedulers  # noqa: PLC0415
 
-    s = spec.scheduler
+    s, kwargs = spec.scheduler, spec.scheduler.ray_kwargs()
+    if s.name == "fifo":
+        return schedulers.FIFOScheduler()
     if s.name == "asha":
-        max_t = max(s.max_t or max_t, s.grace_period)
-        return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=s.grace_period,
-                             reduction_factor=s.reduction_factor, brackets=s.brackets)  # fmt: skip
-    if s.name == "pbt":
-        return PopulationBasedTraining(
-            time_attr="training_iteration",
-            perturbation_interval=s.perturbation_interval,
-            burn_in_period=s.burn_in_period,
-            hyperparam_mutations={p: to_tune(d, for_mutation=True) for p, d in s.hyperparam_mutations.items()},
-            quantile_fraction=s.quantile_fraction,
-            resample_probability=s.resample_probability,
-            perturbation_factors=tuple(s.perturbation_factors),
-            synch=s.synch,
-        )
-    return FIFOScheduler()
+        kwargs["max_t"] = max(s.max_t or max_t, s.grace_period)
+    else:
+        kwargs["hyperparam_mutations"] = {p: to_tune(d, for_mutation=True) for p, d in s.hyperparam_mutations.items()}
+    cls = schedulers.ASHAScheduler if s.name == "asha" else schedulers.PopulationBasedTraining
+    return cls(time_attr="training_iteration", **kwargs)
 
 
 def _trainable(spec: SweepSpec) -> Any:
@@ -83,11 +72,7 @@ def _restage_lost_checkpoints(spec: SweepSpec) -> None:
 
 def run_sweep(spec: SweepSpec, max_t: int, resume: bool = False) -> list[TrialRecord]:
     """Run (or continue, with ``resume``) the sweep; ``max_t``: ASHA's default (:func:`evals_per_trial`). Returns the
-    ranked trial records.
-
-    Raises:
-        ConfigError: the sweep exists and ``resume`` is not set.
-    """
+    ranked trial records; raises ConfigError if the sweep exists and ``resume`` is not set."""
     import ray  # noqa: PLC0415
     from ray import tune  # noqa: PLC0415
     from ray.tune.search import BasicVariantGenerator  # noqa: PLC0415
@@ -104,7 +89,6 @@ def run_sweep(spec: SweepSpec, max_t: int, resume: bool = False) -> list[TrialRe
         (spec.sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=True)
-    t0 = time.monotonic()
     if can_restore:
         logger.info("resuming sweep %s from %s", spec.name, exp_dir)
         _restage_lost_checkpoints(spec)
@@ -136,14 +120,12 @@ def run_sweep(spec: SweepSpec, max_t: int, resume: bool = False) -> list[TrialRe
                 verbose=1,
             ),
         )
-    results = tuner.fit()
-    logger.info("sweep %s: Ray Tune finished in %.0f s", spec.name, time.monotonic() - t0)
-    return summarize_sweep(spec, results)
+    return summarize_sweep(spec, tuner.fit())
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``pretrain sweep``: exit 0 when at least one trial produced the metric, 1 otherwise, 2 on a config error."""
-    spec = load_sweep(args.sweep_config, list(getattr(args, "overrides", []) or []), name=args.name,
+    spec = load_sweep(args.sweep_config, args.overrides, name=args.name,
                       output_dir=args.output_dir, max_concurrent=args.max_concurrent,
                       trial_backend=args.trial_backend, num_samples=args.num_samples)  # fmt: skip
     if args.resume and (saved := spec.sweep_dir / "sweep.yaml").is_file():

@@ -2,8 +2,9 @@
 
 The schema is built by :func:`pretrain.config.build_dataclass`, the code that builds run configs: an unknown key fails
 naming the closest valid ones, values are checked against the annotations, ``__post_init__`` checks ranges. Search-space
-and PBT-mutation keys are config paths of the run config; :func:`validate_trial_configs` resolves one trial config per
-value of every dimension (both ends of ranges, every choice), so a value the run config rejects fails at once (exit 2).
+and PBT-mutation keys are config paths: :func:`validate_trial_configs` resolves one trial config per value of every
+dimension (both ends of ranges, every choice) as ``pretrain train`` would, so an unknown path (with the closest valid
+ones) or a value the run config rejects fails before anything starts (exit 2).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import dataclasses
 import math
 import os
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +24,6 @@ from pretrain.config import (
     PATH_KEYS,
     Config,
     ConfigError,
-    _all_keys,
     _find_yaml,
     _suggest,
     absolute_paths,
@@ -39,12 +38,9 @@ EVAL_METRICS = {"val_loss": "min", "val_top1": "max", "val_top5": "max"}
 """Metrics of the trainer's eval events, with the mode that suits each."""
 _KINDS = ("choice", "uniform", "loguniform", "randint", "grid")
 """Distributions: ``{uniform: [lo, hi]}``, ``{randint: [lo, hi]}`` (hi excluded), ``{grid: [a, b]}`` (every value)."""
-_SCHEDULER_KEYS = {
-    "asha": {"grace_period", "reduction_factor", "max_t", "brackets"},
-    "pbt": {"perturbation_interval", "hyperparam_mutations", "quantile_fraction", "resample_probability",
-            "burn_in_period", "perturbation_factors", "synch"},
-    "fifo": set(),
-}  # fmt: skip
+_SCHEDULER_KEYS = {"asha": {"grace_period", "reduction_factor", "max_t", "brackets"}, "fifo": set(),
+                   "pbt": {"perturbation_interval", "hyperparam_mutations", "quantile_fraction", "resample_probability",
+                           "burn_in_period", "perturbation_factors", "synch"}}  # fmt: skip
 
 
 def format_override(key: str, value: Any) -> str:
@@ -52,28 +48,6 @@ def format_override(key: str, value: Any) -> str:
     (``1.0e-05`` keeps its dot, a string that reads as a number, such as ``12345_00001``, is quoted)."""
     text = yaml.safe_dump(value, default_flow_style=True, width=math.inf).removesuffix("\n...\n")
     return f"{key}={text.strip()}"
-
-
-def _config_fields(cls: Any = Config, prefix: str = "") -> dict[str, Any]:
-    """Every field of the run config by path (``optim.lr``), with its annotation."""
-    out: dict[str, Any] = {}
-    for name, tp in typing.get_type_hints(cls).items():
-        out |= _config_fields(tp, f"{prefix}{name}.") if dataclasses.is_dataclass(tp) else {prefix + name: tp}
-    return out
-
-
-def _check_path(path: str, where: str) -> None:
-    """``path`` must name a field of the run config (or a key under an open mapping such as ``model.kwargs``)."""
-    fields = _config_fields()
-    if path in fields or any(path.startswith(k + ".") for k, tp in fields.items() if typing.get_origin(tp) is dict):
-        if path.startswith("run."):
-            raise ConfigError(f"{where}: '{path}' is set by the sweep for every trial (its run dir) and cannot vary")
-        return
-    hint = _suggest(path, sorted(fields))
-    if not hint and path in _all_keys():
-        example = min(k for k in fields if k.startswith(path + "."))
-        hint = f"; '{path}' is a section, name one of its fields (e.g. {example})"
-    raise ConfigError(f"{where}: unknown config path '{path}'{hint}")
 
 
 def _distribution(raw: Any, where: str, kinds: tuple[str, ...] = _KINDS) -> dict[str, list[Any]]:
@@ -122,7 +96,7 @@ def to_tune(dist: dict[str, list[Any]], for_mutation: bool = False) -> Any:
 
 @dataclass
 class SchedulerSpec:
-    """Trial scheduler. Times are counted in eval events (Ray Tune iterations), not optimizer steps."""
+    """Trial scheduler; its settings are Ray Tune's keyword arguments. Times count eval events, not optimizer steps."""
 
     name: Literal["asha", "pbt", "fifo"] = "asha"
     """``asha`` (stops bad trials early), ``pbt`` (population based training) or ``fifo`` (every trial to the end)."""
@@ -150,13 +124,11 @@ class SchedulerSpec:
     """PBT: wait for every trial at each perturbation."""
 
     def __post_init__(self):
-        defaults = {
-            f.name: f.default_factory() if callable(f.default_factory) else f.default for f in dataclasses.fields(self)
-        }
-        given = {k for k, v in defaults.items() if getattr(self, k) != v}
-        if extra := sorted(given - _SCHEDULER_KEYS[self.name] - {"name"}):
-            own = sorted(_SCHEDULER_KEYS[self.name]) or "none"
-            raise ConfigError(f"scheduler.{extra[0]} is no setting of {self.name}; it takes {own}")
+        own = _SCHEDULER_KEYS[self.name]
+        for f in dataclasses.fields(self):  # a setting of another scheduler, given: a mistake
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            if f.name not in {"name", *own} and getattr(self, f.name) != default:
+                raise ConfigError(f"scheduler.{f.name} is no setting of {self.name}; it takes {sorted(own) or 'none'}")
         if min(self.grace_period, self.brackets, self.perturbation_interval) < 1:
             raise ConfigError("scheduler.grace_period, brackets and perturbation_interval must be >= 1 (evals)")
         if self.reduction_factor <= 1:
@@ -170,9 +142,12 @@ class SchedulerSpec:
         if self.name == "pbt" and not self.hyperparam_mutations:
             raise ConfigError("scheduler.hyperparam_mutations: PBT needs config paths to mutate, e.g. optim.lr")
         for path, dist in self.hyperparam_mutations.items():
-            _check_path(str(path), "scheduler.hyperparam_mutations")
             where = f"scheduler.hyperparam_mutations.{path}"
             self.hyperparam_mutations[path] = _distribution(dist, where, _KINDS[:-1])  # no grid
+
+    def ray_kwargs(self) -> dict[str, Any]:
+        """The settings of this scheduler, as keyword arguments of its Ray Tune class."""
+        return {k: getattr(self, k) for k in _SCHEDULER_KEYS[self.name]}
 
 
 @dataclass
@@ -213,7 +188,7 @@ class SweepSpec:
     """Trial scheduler (``scheduler: fifo`` is short for ``{name: fifo}``)."""
     metric: str = "val_top1"
     """Eval metric that ranks trials and checkpoints."""
-    mode: str = ""
+    mode: Literal["max", "min"] | None = None
     """``max`` or ``min`` (default: what suits the metric)."""
     num_samples: int = 1
     """Samples of the space (with ``grid`` dimensions: repeats of the grid)."""
@@ -245,20 +220,37 @@ class SweepSpec:
             hint = _suggest(self.metric, list(EVAL_METRICS)) or f"; known: {', '.join(EVAL_METRICS)}"
             raise ConfigError(f"metric '{self.metric}' is not an eval metric of the trainer{hint}")
         self.mode = self.mode or EVAL_METRICS[self.metric]
-        if self.mode not in ("min", "max"):
-            raise ConfigError(f"mode must be 'min' or 'max', got {self.mode!r}")
         for key, low in (("num_samples", 1), ("max_concurrent", 0), ("max_failures", 0), ("keep_checkpoints", 1),
                          ("stop_grace_s", 0)):  # fmt: skip
             if getattr(self, key) < low:
                 raise ConfigError(f"{key} must be >= {low}, got {getattr(self, key)!r}")
-        for o in self.overrides:
-            if o.split("=", 1)[0].strip() in ("run.name", "run.output_dir"):
-                raise ConfigError(f"overrides: '{o}' is set by the sweep for every trial; use the sweep's name")
         if not self.space:
             raise ConfigError("'space' must map config paths to distributions, e.g. optim.lr: {uniform: [1e-4, 0.1]}")
         for path, dist in self.space.items():
-            _check_path(str(path), "space")
             self.space[path] = _distribution(dist, f"space.{path}")
+        varied = [
+            str(p) for p in (*self.space, *self.scheduler.hyperparam_mutations)
+        ]  # checked: validate_trial_configs
+        for key in [*varied, *(o.split("=", 1)[0].strip() for o in self.overrides)]:
+            if key in ("run.name", "run.output_dir") or "." not in key:
+                why = "is set by the sweep for every trial (its run dir)" if "." in key else "names no config field"
+                raise ConfigError(f"'{key}' {why}; vary or override a field such as optim.lr")
+        if self.trial_backend == "slurm":
+            try:
+                self.cluster_params()
+            except ConfigError as e:
+                raise ConfigError(f"slurm: {e}") from e
+
+    def cluster_params(self) -> Any:
+        """``ClusterParams`` of a Slurm trial's job from ``slurm:`` (``profile`` plus ClusterParams keys; cluster
+        ``slurm`` unless the profile says otherwise), one task (or GPU) per rank."""
+        from launch.cluster_params import load_cluster_params  # noqa: PLC0415 - only the Slurm backend needs it
+
+        opts = {k: v for k, v in self.slurm.items() if k != "profile"}
+        if "profile" not in self.slurm:
+            opts.setdefault("cluster", "slurm")
+        opts["gpus_per_node" if opts.get("gpus_per_node") else "tasks_per_node"] = self.resources.nproc
+        return load_cluster_params(self.slurm.get("profile"), **opts)
 
     @property
     def sweep_dir(self) -> Path:
@@ -277,14 +269,10 @@ class SweepSpec:
 def load_sweep(path: str | Path, extra_overrides: list[str] | None = None, **flags: Any) -> SweepSpec:
     """Read and check a sweep YAML; ``flags`` (the CLI's ``--name`` etc., None: not given) override its fields, and
     every path is made absolute against the working directory (trials start elsewhere: Ray's folders, Slurm nodes).
-
-    Raises:
-        ConfigError: naming the bad key or value, with the closest valid keys.
-    """
+    Raises ConfigError naming the bad key or value, with the closest valid keys."""
     path = Path(path)
     if not path.is_file():
-        known = sorted(p.name for p in (CONFIGS_DIR / "sweep").glob("*.yaml"))
-        raise ConfigError(f"sweep config '{path}' does not exist; examples in configs/sweep/: {', '.join(known)}")
+        raise ConfigError(f"sweep config '{path}' does not exist (examples: {CONFIGS_DIR / 'sweep'})")
     raw = read_yaml_mapping(path)
     raw["overrides"] = [*(raw.get("overrides") or []), *(extra_overrides or [])]
     raw.update({k: v for k, v in flags.items() if v is not None})
@@ -295,13 +283,6 @@ def load_sweep(path: str | Path, extra_overrides: list[str] | None = None, **fla
         spec = build_dataclass(SweepSpec, raw, kind="sweep")
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from e
-    if spec.trial_backend == "slurm":
-        from launch.sweep.trial import slurm_params  # noqa: PLC0415
-
-        try:
-            slurm_params(spec.slurm, spec.resources.nproc)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: slurm: {e}") from e
     cwd = Path.cwd()
     spec.workdir = spec.workdir or str(cwd)  # sweep.yaml (--resume) keeps where the sweep started
     spec.output_dir = os.path.normpath(cwd / Path(spec.output_dir).expanduser())
@@ -310,20 +291,14 @@ def load_sweep(path: str | Path, extra_overrides: list[str] | None = None, **fla
         if key in spec.space and ("choice" in spec.space[key] or "grid" in spec.space[key]):
             ((kind, values),) = spec.space[key].items()
             spec.space[key] = {kind: [os.path.normpath(cwd / os.path.expanduser(v)) for v in values]}
-    try:
-        cfg = load_config(spec.base, spec.trial_overrides())
-    except ConfigError as e:
-        raise ConfigError(f"the trial config (base + overrides) is invalid: {e}") from e
+    cfg = load_config(spec.base, spec.trial_overrides())
     spec.overrides += absolute_paths(cfg, cwd, skip=(*spec.space, "run.output_dir"))
     return spec
 
 
 def validate_trial_configs(spec: SweepSpec) -> list[Config]:
     """Resolve one trial config per value of every dimension (others at their first value), the first one first.
-
-    Raises:
-        ConfigError: naming the dimension and value whose trial config is invalid.
-    """
+    Raises ConfigError naming the dimension and value whose trial config is invalid."""
     dims = {k: _points(d) for k, d in spec.dimensions().items()}
     first = {k: v[0] for k, v in dims.items()}
     configs = []

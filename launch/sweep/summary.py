@@ -1,9 +1,8 @@
-"""The end of a sweep: the trials ranked by their eval metric, and the files written for people to read.
+"""The end of a sweep: the trials ranked by the evals they reported to Ray Tune, and files for people to read.
 
-:func:`summarize_sweep` builds one :class:`TrialRecord` per trial of Ray Tune's results from its run dir
-(``metrics.jsonl``, ``status.json``), prints the ranked table, the best config and checkpoint with the ``pretrain
-export`` command for it, and writes ``summary.txt``/``summary.json``, ``metric_vs_step.png``, ``best_config.yaml`` and
-``tb/<trial_id>`` links to every trial's TensorBoard logs into the sweep dir.
+:func:`summarize_sweep` prints the ranked table and the best config and checkpoint (with the ``pretrain export``
+command for it), and writes ``summary.txt``/``.json``, ``metric_vs_step.png``, ``best_config.yaml`` and ``tb/`` links to
+every trial's TensorBoard logs into the sweep dir.
 """
 
 from __future__ import annotations
@@ -18,8 +17,7 @@ from typing import Any
 from launch.sweep.spec import SweepSpec, format_override
 from launch.sweep.trial import newest_checkpoint
 from pretrain.config import dump_config, load_config
-from pretrain.fsutil import read_jsonl
-from pretrain.rundir import METRICS, TB, read_status
+from pretrain.rundir import TB, read_status
 
 __all__ = ["TrialRecord", "summarize_sweep"]
 
@@ -33,6 +31,7 @@ class TrialRecord:
     status: str
     """``finished``, ``stopped`` (by the scheduler, or the sweep was interrupted) or ``error``."""
     step: int
+    """The step of its last eval: where it finished or was stopped."""
     best: float | None
     best_step: int | None
     last: float | None
@@ -43,13 +42,12 @@ class TrialRecord:
     """The checkpoint at the best eval if Ray Tune kept it, else the run dir's newest."""
 
 
-def _trial_record(spec: SweepSpec, result: Any, max_steps: int) -> TrialRecord:
-    """The record of one ``ray.tune.Result``."""
-    run_dir = spec.sweep_dir.resolve() / "trials" / result.metrics["trial_id"]
-    events = read_jsonl(run_dir / METRICS)
-    curve = [(int(e["step"]), float(e[spec.metric])) for e in events if spec.metric in e and "step" in e]
-    step = max([int(e.get("step", 0)) for e in events] or [0])
-    finished = (read_status(run_dir)[0] or {}).get("state") == "finished" or step >= max_steps
+def _trial_record(spec: SweepSpec, result: Any) -> TrialRecord:
+    """The record of one ``ray.tune.Result``: the evals the trial reported, and how its run ended."""
+    df, run_dir = result.metrics_dataframe, spec.sweep_dir.resolve() / "trials" / result.metrics["trial_id"]
+    evals = {} if df is None or spec.metric not in df else dict(zip(df["step"].astype(int), df[spec.metric]))
+    curve = [(step, float(v)) for step, v in sorted(evals.items())]  # a step reported twice (a resumed sweep) once
+    finished = (read_status(run_dir)[0] or {}).get("state") == "finished"  # Tune marks a stopped trial done too
     status = "error" if result.error else "finished" if finished else "stopped"
     best = best_step = last = checkpoint = None
     if curve:
@@ -57,8 +55,8 @@ def _trial_record(spec: SweepSpec, result: Any, max_steps: int) -> TrialRecord:
         last = curve[-1][1]
         kept = [c.path for c, m in result.best_checkpoints if m.get("step") == best_step and os.path.isdir(c.path)]
         checkpoint = kept[0] if kept else newest_checkpoint(run_dir)
-    return TrialRecord(run_dir.name, dict(result.config or {}), status, step, best, best_step, last, str(run_dir),
-                       str(result.error or ""), curve, checkpoint and str(checkpoint))  # fmt: skip
+    return TrialRecord(run_dir.name, dict(result.config or {}), status, curve[-1][0] if curve else 0, best, best_step,
+                       last, str(run_dir), str(result.error or ""), curve, checkpoint and str(checkpoint))  # fmt: skip
 
 
 def _format_value(v: Any) -> str:
@@ -97,9 +95,8 @@ def _plot(spec: SweepSpec, records: list[TrialRecord], path: Path) -> None:
     if any(r.curve for r in records):
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path.with_name(path.stem + ".tmp.png"))
+    fig.savefig(path)
     plt.close(fig)
-    path.with_name(path.stem + ".tmp.png").replace(path)
 
 
 def _write_best_config(spec: SweepSpec, best: TrialRecord, path: Path) -> None:
@@ -116,16 +113,14 @@ def summarize_sweep(spec: SweepSpec, results: Any) -> list[TrialRecord]:
     """Rank the trials of Ray Tune's ``ResultGrid``, print the table and write summary.txt/json, the plot,
     best_config.yaml and the tb links."""
     sweep_dir = spec.sweep_dir.resolve()
-    max_steps = load_config(spec.base, spec.trial_overrides()).trainer.max_steps
-    records = [_trial_record(spec, r, max_steps) for r in results]
+    records = [_trial_record(spec, r) for r in results]
     sign = 1.0 if spec.mode == "max" else -1.0
     records.sort(key=lambda r: (r.best is None, -sign * (r.best if r.best is not None else 0.0), r.trial_id))
 
     table = _table(spec, records)
     (sweep_dir / "summary.txt").write_text(table + "\n")
-    (sweep_dir / "summary.json").write_text(
-        json.dumps([dataclasses.asdict(r) for r in records], indent=1, default=str) + "\n"
-    )
+    summary = json.dumps([dataclasses.asdict(r) for r in records], indent=1, default=str)
+    (sweep_dir / "summary.json").write_text(summary + "\n")
     _plot(spec, records, sweep_dir / "metric_vs_step.png")
     (sweep_dir / TB).mkdir(exist_ok=True)
     for r in records:

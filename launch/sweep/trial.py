@@ -1,15 +1,14 @@
 """A sweep trial: a Ray Tune function trainable around one ``pretrain train`` run (a local process or a Slurm job).
 
-:func:`run_trial` starts ``pretrain train BASE overrides... --nproc N`` with the trial's sampled values and its own run
-dir ``<sweep>/trials/<trial_id>/``. The run waits at each eval (:mod:`pretrain.sweep_hook`); the trial blocks in
-``tune.report`` with that eval (from the run's ``status.json``) and ``tune.Checkpoint.from_directory`` on the run's
-checkpoint of that step, then tells the run to continue. When Ray Tune stops or pauses the trial inside
-``tune.report``, the run is told to stop where it waits: a trial stopped at a rung trains no further, on both backends.
+:func:`run_trial` starts ``pretrain train BASE overrides... --nproc N`` with the trial's values and its own run dir
+``<sweep>/trials/<trial_id>/``. The run waits at each eval (:mod:`pretrain.sweep_hook`) while the trial blocks in
+``tune.report`` with that eval and ``tune.Checkpoint.from_directory`` on the run's checkpoint of that step, then tells
+it to continue, or, when Ray Tune stopped or paused the trial there, to stop: a trial stopped at a rung trains no
+further.
 
-A restarted trial (``--resume``, a retry, a PBT exploit) waits for its earlier run to let go of the run dir, then
-starts the same command: ``pretrain train`` resumes from the run dir's newest checkpoint. A checkpoint Ray Tune hands
-over from another trial (PBT exploit), or any when the run dir has none, becomes the newest first; the checkpoints it
-replaces move to ``previous/<time>/checkpoints/``, as ``pretrain.rundir`` sets history aside (nothing is deleted).
+A restarted trial (``--resume``, a retry, PBT) waits for its earlier run to let go of the run dir and starts the same
+command, which resumes from the run dir's newest checkpoint. A checkpoint of another trial (PBT exploit) becomes that
+first; the checkpoints it replaces move to ``previous/<time>/checkpoints/`` (nothing is deleted).
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from pretrain.rundir import (
 )
 from pretrain.sweep_hook import CONTINUE, STOP, decide, install_hook, start_heartbeat, waiting_step
 
-__all__ = ["HEARTBEAT_TIMEOUT_S", "newest_checkpoint", "run_trial", "slurm_params"]
+__all__ = ["HEARTBEAT_TIMEOUT_S", "newest_checkpoint", "run_trial"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,65 +63,35 @@ def newest_checkpoint(run_dir: str | Path) -> Path | None:
     return root / tag if tag and (root / tag / COMPLETE_MARKER).is_file() else None
 
 
-def slurm_params(options: dict[str, Any], nproc: int) -> Any:
-    """``ClusterParams`` of a trial job from the sweep's ``slurm:`` (``profile`` plus ClusterParams keys), one task (or
-    GPU) per rank. Raises ConfigError naming an unknown profile or key (with close matches) or a bad value."""
-    from launch.cluster_params import load_cluster_params  # noqa: PLC0415 - only the Slurm backend needs it
-
-    opts = {"cluster": "slurm", **options}
-    profile = opts.pop("profile", None)
-    if profile is not None and "cluster" not in options:
-        opts.pop("cluster")
-    opts["gpus_per_node" if opts.get("gpus_per_node") else "tasks_per_node"] = nproc
-    return load_cluster_params(profile, **opts)
-
-
 class _LocalRun:
-    """``pretrain train`` as a process of this machine; its output goes to ``sweep/train.log``.
+    """``pretrain train`` as a process of this machine, logging to ``sweep/train.log``.
 
-    Ray SIGKILLs the direct children of a trial's worker when the worker ends, which could kill the run while torch
-    builds an extension (its lock would stay behind). So the run starts one process further down (the shell returns at
-    once) and ends by itself (:mod:`pretrain.sweep_hook`); the shell records its pid and exit code.
+    Ray SIGKILLs the direct children of a trial's worker when the worker ends (a stopped trial, a killed driver), which
+    could kill the run while torch builds an extension (its lock would stay behind). So a shell stands between them,
+    reporting the run's exit code, and the run always ends by itself (:mod:`pretrain.sweep_hook`).
     """
 
     def __init__(self, spec: SweepSpec, overrides: list[str], run_dir: Path):
-        self.spec, self.run_dir, self.folder, self.logs = spec, run_dir, run_dir / SWEEP, run_dir / SWEEP / "train.log"
+        self.spec, self.run_dir, self.shell = spec, run_dir, None
+        self.logs, self.pid_file = run_dir / SWEEP / "train.log", run_dir / SWEEP / "pid"
         self.cmd = [sys.executable, "-m", "launch.cli", "train", spec.base, *overrides]
         self.cmd += ["--nproc", str(spec.resources.nproc)]
-        life = f"{os.getpid()}.{time.monotonic_ns()}"  # a late exit code of an earlier life must not speak for this one
-        self.pid_file, self.exit_file = self.folder / f"pid.{life}", self.folder / f"exit_code.{life}"
 
     def start(self) -> None:
-        for old in [*self.folder.glob("pid.*"), *self.folder.glob("exit_code.*")]:
-            old.unlink(missing_ok=True)
-        log, now = self.logs, time.time()
-        with open(log, "a") as f:
-            f.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))}.{int(now % 1 * 1000):03d} "
-                    f"{' '.join(self.cmd)}\n")  # fmt: skip
-        q = shlex.quote
-        script = (f"({shlex.join(self.cmd)} >>{q(str(log))} 2>&1 </dev/null & echo $! >{q(str(self.pid_file))}; "
-                  f"wait $!; echo $? >{q(str(self.exit_file))}) &")  # fmt: skip
-        # the ranks share the trial's CPUs: `pretrain train` divides OMP_NUM_THREADS among them
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, int(self.spec.resources.cpu)))}
-        subprocess.run(["sh", "-c", script], cwd=self.spec.workdir or None, env=env, check=True,
-                       stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        self.pid_file.unlink(missing_ok=True)  # an earlier life's pid may have been reused by now
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, int(self.spec.resources.cpu)))}  # its ranks share them
+        with open(self.logs, "a") as log:
+            log.write(f"\n===== {datetime.now().isoformat(' ', 'milliseconds')} {' '.join(self.cmd)}\n")
+            log.flush()
+            script = f'"$@" & echo $! >{shlex.quote(str(self.pid_file))}; wait $!'
+            self.shell = subprocess.Popen(["sh", "-c", script, "sh", *self.cmd], cwd=self.spec.workdir or None, env=env,
+                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True)  # fmt: skip
         note(self.run_dir, "started the run")
 
     def poll(self) -> int | None:
-        """The run's exit code once it ended (-1: its shell died too), None while it starts or runs."""
-        for _ in range(2):
-            try:
-                return int(self.exit_file.read_text())
-            except (OSError, ValueError):
-                pass
-            try:
-                os.kill(int(self.pid_file.read_text()), 0)
-                return None
-            except (OSError, ValueError) as e:
-                if not isinstance(e, ProcessLookupError):
-                    return None  # not started yet
-            time.sleep(0.5)  # ended: its exit code follows at once (unless its shell was killed too)
-        return -1
+        """The run's exit code once it ended (-1: it never started), None while it runs."""
+        return -1 if self.shell is None else self.shell.poll()
 
     def signal_stop(self) -> None:
         """SIGTERM to the launcher only (it forwards it to the ranks): a compiler it runs is not interrupted."""
@@ -135,12 +105,13 @@ class _SlurmRun:
     """``pretrain train`` as a Slurm job (``pretrain submit``'s ``TrainJob``), its run dir on a shared file system."""
 
     def __init__(self, spec: SweepSpec, overrides: list[str], run_dir: Path):
-        self.spec, self.overrides, self.run_dir, self.logs, self.job = spec, overrides, run_dir, run_dir / "slurm", None
+        self.spec, self.overrides, self.run_dir, self.job = spec, overrides, run_dir, None
+        self.logs = run_dir / "slurm"
 
     def start(self) -> None:
         from launch import submit  # noqa: PLC0415
 
-        params = slurm_params(self.spec.slurm, self.spec.resources.nproc)
+        params = self.spec.cluster_params()
         plan = submit.validate_run(self.spec.base, self.overrides, params)
         self.job = submit.submit_plan(plan, params, argv=["pretrain sweep (trial)"])
         note(self.run_dir, "submitted the run as Slurm job %s", self.job.job_id)
@@ -148,7 +119,9 @@ class _SlurmRun:
     def poll(self) -> int | None:
         """0 when the run finished or stopped, 1 when the job ended otherwise, None while queued, running or requeued
         (``status.json`` decides: without Slurm accounting submitit reports ended jobs as UNKNOWN)."""
-        if self.job is None or not self.job.done():
+        if self.job is None:
+            return 1
+        if not self.job.done():
             return None
         from launch.status import TERMINAL_SLURM_STATES, slurm_job_info  # noqa: PLC0415
 
@@ -227,12 +200,8 @@ def _report(run_dir: Path, trial_id: str, step: int, done: bool = False) -> None
 
 
 def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
-    """Ray Tune function trainable: one training run, one ``tune.report`` per eval.
-
-    Args:
-        config: Sampled values keyed by config path (``{"optim.lr": 3e-4}``).
-        spec: The sweep.
-    """
+    """Ray Tune function trainable: one training run with the sampled ``config`` (``{"optim.lr": 3e-4}``), one
+    ``tune.report`` per eval."""
     from ray import tune  # noqa: PLC0415 - Ray is imported lazily (STYLE rule 12)
 
     trial_id = tune.get_context().get_trial_id()

@@ -331,7 +331,7 @@ def test_bad_search_space_key_exits_2_with_suggestion(digits_dir: Path, tmp_path
         timeout=120,
     )
     assert result.returncode == 2, result.stderr
-    assert "unknown config path 'optim.lrr'" in result.stderr and "did you mean optim.lr" in result.stderr
+    assert "unknown config key 'optim.lrr'" in result.stderr and "did you mean optim.lr" in result.stderr
     assert not (tmp_path / "bad").exists()
 
 
