@@ -8,8 +8,8 @@ Layout of ``<run.output_dir>/<run.name>/``::
     checkpoints/<tag>/ checkpoints; checkpoints/latest names the newest complete one
     status.json        state, step, last checkpoint, host, Slurm job id
     lease.json         the lease of the run that owns the directory now (see below)
-    previous/<stamp>/  history a ``--restart`` set aside (never deleted)
-    sweep/             a sweep trial's files (hook: :mod:`pretrain.sweep_hook`; the run's pid, exit code, log)
+    previous/<stamp>/  history a ``--restart`` or a PBT exploit set aside (never deleted)
+    sweep/             a sweep trial's files (hook: :mod:`pretrain.sweep_hook`; the run's pid, its log, the trial's log)
 
 The lease. One run owns a run directory at a time: rank 0 (or the ``--nproc`` launcher) takes ``lease.json`` before it
 writes anything and holds it for the run's whole life, refreshing its heartbeat. The file is created with
