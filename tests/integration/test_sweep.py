@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from launch.slurm_jobs import read_job_events
 from pretrain.config import load_config
 
 pytestmark = [pytest.mark.slow]
@@ -357,6 +358,7 @@ def test_slurm_trial_stopped_at_a_rung_trains_no_further(digits_dir: Path, ray_a
     # ASHA on the Slurm backend, one trial at a time: the good lr passes the only rung (the first eval) alone, then the
     # hopeless lr's val_loss there is worse than the good one's, so ASHA stops it at the rung. Its job must train no
     # further than that eval: the run waits there for the decision and ends by itself with that step's checkpoint.
+    # Every trial is a 2-node job (one rank on each node of the local cluster), as our users' trials are.
     need_slurm()
     sweep = write_sweep(
         tmp_path / "slurm.yaml",
@@ -367,7 +369,7 @@ def test_slurm_trial_stopped_at_a_rung_trains_no_further(digits_dir: Path, ray_a
         scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
         stop_grace_s=60,
         trial_backend="slurm",
-        slurm={"profile": "local", "cpus_per_task": 1, "mem_gb": 2, "timeout_min": 10},
+        slurm={"profile": "local", "nodes": 2, "cpus_per_task": 1, "mem_gb": 1, "timeout_min": 10},
     )
     rc, log = Driver(sweep, tmp_path, ray_address).wait(timeout=420)
     assert rc == 0, log[-4000:]
@@ -378,5 +380,8 @@ def test_slurm_trial_stopped_at_a_rung_trains_no_further(digits_dir: Path, ray_a
     run_dir = Path(bad["run_dir"])
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "stopped" and status["step"] == EVERY and status["slurm_job_id"], status
+    for trial in (good, bad):  # each trial's job ran one rank on each of the 2 nodes
+        starts = [e for e in read_job_events(trial["run_dir"]) if e["event"] == "start"]
+        assert [(len(e["hosts"]), e["world_size"]) for e in starts] == [(2, 2)], starts
     assert max(e["step"] for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())) == EVERY
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{EVERY:06d}"
