@@ -2,19 +2,20 @@
 
 Usage::
 
-    pretrain data build digit-pairs --out data/digit_pairs      # and `digits --out data/digits` for the digits rows
+    pretrain data build digit-pairs:canvas=32,scale=2,min_distance=16,digit_classes=01 --out data/digit_pairs_32
+    pretrain data build digits --out data/digits                  # for the digits rows
     python benchmarks/set_quality.py                              # every row, 1 seed; prints and appends the table
-    python benchmarks/set_quality.py --rows set softmax --seeds 0 1 2 --steps 400
+    python benchmarks/set_quality.py --rows set softmax sepvit --seeds 0 1 --steps 5000 --runs runs/bench_set32
 
 Every row is one ``pretrain train RUN_CONFIG --nproc 1`` with ``OMP_NUM_THREADS=1`` (1 rank, 1 thread),
 ``trainer.max_steps=--steps`` (``--digits-steps`` for digits rows), ``trainer.seed``/``data.seed`` = the seed, from
-scratch in its own run dir under ``runs/bench_set``; a row differs from the ``set`` row only by the model overrides
-it names (the recipe, data and steps are the run config's). Digit-pairs rows use
-``configs/run/digit_pairs_{setformer,sepvit}_lite.yaml`` (64x64 canvas, same/different class, chance 50%), digits
-rows ``configs/run/digits_{setformer,sepvit}_lite.yaml`` at ``--nproc 1``. The table reports the final val top-1
-(mean and per seed), the train loop time (first to last train event of ``metrics.jsonl``) and the whole command's
-wall time; the budget line says how long the table took. The 2-core machine is shared, so times are comparable
-within one table only.
+scratch in its own run dir under ``--runs`` (``runs/bench_set``); a row differs from the ``set`` row only by the
+model overrides it names (the recipe, data and steps are the run config's). Digit-pairs rows use
+``configs/run/digit_pairs_{setformer,sepvit}_lite.yaml`` (digits 0 and 1 at 2x on a 32x32 canvas, same/different
+class, chance 50%; ``configs/data/digit_pairs.yaml``), digits rows ``configs/run/digits_{setformer,sepvit}_lite.yaml``
+at ``--nproc 1``. The table reports the final val top-1 (mean and per seed), the train loop time (first to last train
+event of ``metrics.jsonl``) and the whole command's wall time; the budget line says how long the table took. The
+2-core machine is shared, so times are comparable within one table only.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-RUNS = "runs/bench_set"
+RUNS = "runs/bench_set"  # default of --runs
 PAIRS = "configs/run/digit_pairs_setformer_lite.yaml"
 PAIRS_SEPVIT = "configs/run/digit_pairs_sepvit_lite.yaml"
 DIGITS = "configs/run/digits_setformer_lite.yaml"
@@ -77,31 +78,32 @@ def _run(name: str, seed: int, args: argparse.Namespace) -> dict:
     data, steps = (args.digits_data, args.digits_steps) if digits else (args.pairs_data, args.steps)
     run = f"{name}_s{seed}"
     cmd = [
-        sys.executable, "-m", "launch.cli", "train", config, f"data.path={data}", f"run.output_dir={RUNS}",
+        sys.executable, "-m", "launch.cli", "train", config, f"data.path={data}", f"run.output_dir={args.runs}",
         f"run.name={run}", "trainer.progress_bar=false", f"trainer.max_steps={steps}",
         f"trainer.eval_every_steps={steps}", f"checkpoint.every_steps={steps}", f"trainer.seed={seed}",
         f"data.seed={seed}", "schedule.warmup_steps=50", *overrides, *args.overrides, "--nproc", "1",
     ]  # fmt: skip
     if args.collect:  # a run made earlier (or by an interrupted table): read what it left
-        saved = ROOT / RUNS / f"{run}.json"
-        return _result(run, cmd, 0, json.loads(saved.read_text())["wall_s"] if saved.exists() else float("nan"))
-    shutil.rmtree(ROOT / RUNS / run, ignore_errors=True)
+        saved = ROOT / args.runs / f"{run}.json"
+        wall = json.loads(saved.read_text())["wall_s"] if saved.exists() else float("nan")
+        return _result(args.runs, run, cmd, 0, wall)
+    shutil.rmtree(ROOT / args.runs / run, ignore_errors=True)
     t0 = time.perf_counter()
-    log = ROOT / RUNS / f"{run}.log"
+    log = ROOT / args.runs / f"{run}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as f:
         env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    result = _result(run, cmd, proc.returncode, time.perf_counter() - t0)
-    (ROOT / RUNS / f"{run}.json").write_text(json.dumps(result))
+    result = _result(args.runs, run, cmd, proc.returncode, time.perf_counter() - t0)
+    (ROOT / args.runs / f"{run}.json").write_text(json.dumps(result))
     print(f"{name} seed {seed}: {result}", flush=True)
     return result
 
 
-def _result(run: str, cmd: list[str], exit_code: int, wall: float) -> dict:
+def _result(runs: str, run: str, cmd: list[str], exit_code: int, wall: float) -> dict:
     from pretrain.metrics import read_jsonl
 
-    events = read_jsonl(ROOT / RUNS / run / "metrics.jsonl") if (ROOT / RUNS / run).exists() else []
+    events = read_jsonl(ROOT / runs / run / "metrics.jsonl") if (ROOT / runs / run).exists() else []
     train = [e for e in events if e.get("event") == "train"]
     evals = [e for e in events if e.get("event") == "eval"]
     return {
@@ -202,13 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW", help="rows to run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--steps", type=int, default=250, help="train steps of every digit-pairs run")
+    p.add_argument("--steps", type=int, default=2000, help="train steps of every digit-pairs run")
     p.add_argument("--digits-steps", type=int, default=600, help="train steps of every digits run")
-    p.add_argument("--pairs-data", default="data/digit_pairs")
+    p.add_argument("--pairs-data", default="data/digit_pairs_32")
     p.add_argument("--digits-data", default="data/digits")
     p.add_argument("--override", dest="overrides", action="append", default=[], help="section.field=value, every row")
     p.add_argument("--note", action="append", default=[], help="a line under the table")
-    p.add_argument("--collect", action="store_true", help="train nothing: tabulate the runs already in " + RUNS)
+    p.add_argument("--collect", action="store_true", help="train nothing: tabulate the runs already in --runs")
+    p.add_argument("--runs", default=RUNS, help="folder of the runs (one per row and seed)")
     p.add_argument("--timing", type=int, default=0, metavar="N", help="instead: interleaved fwd+bwd timing, N rounds")
     p.add_argument("--no-append", action="store_true")
     args = p.parse_args(argv)
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.collect:  # the seeds each row has a run of
         found = {
-            n: [s for s in args.seeds if (ROOT / RUNS / f"{n}_s{s}" / "metrics.jsonl").exists()] for n in args.rows
+            n: [s for s in args.seeds if (ROOT / args.runs / f"{n}_s{s}" / "metrics.jsonl").exists()] for n in args.rows
         }
         results = {name: [_run(name, seed, args) for seed in seeds] for name, seeds in found.items() if seeds}
     else:
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_append:
         notes = [
             f"Budget: {sum(map(len, results.values()))} runs ({args.steps} steps on digit pairs, {args.digits_steps} "
-            f"on digits; batch 64), 1 rank, 1 thread each: "
+            f"on digits; the run configs' batch sizes), 1 rank, 1 thread each: "
             f"{sum(r['wall_s'] for rs in results.values() for r in rs) / 60:.0f} min of wall time in all.",
             *args.note,
             f"every run: `{next(iter(results.values()))[0]['command']}` with the row's overrides (first shown).",

@@ -187,6 +187,7 @@ class DigitPairsSource:
         distractors: dimmed extra digits per image.
         distractor_level: brightness of distractors relative to the pair (0..1).
         min_distance: least distance between the two digit centres, in pixels.
+        digit_classes: the digit classes pairs are drawn from (e.g. ``01``: pairs of 0s and 1s only).
         seed: seed of the pair generator.
     """
 

@@ -101,6 +101,19 @@ def test_stored_samples_are_the_generated_pairs(pairs_dir: Path) -> None:
         assert int(members[f"{key}.cls"]) == int(meta["digit_classes"][0] == meta["digit_classes"][1]) == row[0]
 
 
+def test_the_ablation_variant_is_small_two_class_and_balanced() -> None:
+    """The spec configs/data/digit_pairs.yaml names: digits 0 and 1 at 2x on a 32x32 canvas."""
+    src = open_source("digit-pairs:canvas=32,scale=2,min_distance=16,digit_classes=01,train_pairs=400,val_pairs=100")
+    assert src.digit_classes == "01" and "digit_classes=01" in src.spec and "canvas=32" in src.spec
+    for split, n in (("train", 400), ("val", 100)):
+        rows = src.layouts[split]
+        assert rows[:, 0].sum() == n // 2
+        assert set(src.digits.labels[rows[:, 1:3]].ravel().tolist()) == {0, 1}
+        assert rows[:, 3:7].min() >= 0 and rows[:, 3:7].max() <= 32 - 16  # both 16 px digits inside the canvas
+        assert np.hypot(rows[:, 3] - rows[:, 5], rows[:, 4] - rows[:, 6]).min() >= 16
+    assert src.render(src.layouts["val"][0]).shape == (32, 32, 3)
+
+
 @pytest.mark.parametrize(
     "spec", ["digit-pairs:canvas=16", "digit-pairs:colour=1", "digit-pairs:seed=x", "digit-pairs:digit_classes=1"]
 )
