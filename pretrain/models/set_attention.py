@@ -10,12 +10,13 @@ al., ICLR 2021, ``claying/OTK``), whose layer SeT's description matches, or is o
 
 Evidence from the SeT quality ablation (benchmarks/set_quality.py; tables "SeT quality ablation" of 2026-11-30 in
 benchmarks/RESULTS.md): on digit pairs (two digits far apart, same/different class) SeT, SeT as first reviewed,
-the same backbone with softmax attention and sepvit_lite all stay at chance within the CPU budget, so no accuracy
-row separates the choices below; they rest on the measured invariants each point states. On the digits, all fixes
-together reach 99.7% val top-1 against 99.3% for the reviewed layer and 99.3% for softmax (row ``digits_set``,
-``digits_set_review``, ``digits_softmax``; one seed, 600 steps). Step cost at 64x64 (interleaved fwd+bwd, batch 64):
-SeT 1.09x softmax, the reviewed layer 1.05x (equal within the noise); at 224x224 SeT's ``O(n p)`` wins (setformer
-docstring and the "SeT vs softmax attention" rows of RESULTS.md).
+the same backbone with softmax attention and sepvit_lite all stay at chance within the CPU budget (150 steps on the
+64x64 canvas; 5,000 steps of 32 on its cheapest variant, digits 0/1 on 32x32, where a small ReLU CNN learns it in
+300), so no accuracy row separates the choices below; they rest on the measured invariants each point states. On
+the digits, all fixes together reach 99.7% val top-1 against 99.3% for the reviewed layer and 99.3% for softmax
+(row ``digits_set``, ``digits_set_review``, ``digits_softmax``; one seed, 600 steps). Step cost at 64x64
+(interleaved fwd+bwd, batch 64): SeT 1.09x softmax, the reviewed layer 1.05x (equal within the noise); at 224x224
+SeT's ``O(n p)`` wins (setformer docstring and the "SeT vs softmax attention" rows of RESULTS.md).
 
 - Per head: an input projection (one ``Linear(C, C)`` split into heads, like a query projection; optional), then the
   Nystrom map ``psi(x) = |x| kappa(Z x/|x|) kappa(Z Z^T)^(-1/2)`` with ``k`` learnable anchors ``Z`` renormalised
