@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -98,6 +99,7 @@ class ResumableLoader:
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
             pin_memory=pin_memory,
             timeout=timeout_s if num_workers > 0 else 0,  # the in-process iterator refuses a timeout
+            worker_init_fn=_leave_stop_signals_to_the_main_process if num_workers > 0 else None,
         )
 
     # -- position ------------------------------------------------------------------------------------------------
@@ -364,6 +366,22 @@ class DataParts:
     """:class:`~data_pipeline.augment.DeviceAugment`: the batch-level augmentation, run on the rank's device."""
     normalize: Any
     """:func:`~data_pipeline.augment.normalize`: the eval-time normalisation."""
+
+
+def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """In a DataLoader worker: SIGTERM, SIGINT and SIGUSR2 do nothing; the main process owns the stop.
+
+    ``timeout``, a terminal's Ctrl-C and Slurm (preemption, time limit, ``scancel``) signal every process of the run,
+    data workers included. torch installs a C handler for SIGTERM in each worker that kills it, and the main process's
+    SIGCHLD handler then raises in the middle of the step or of the preemption checkpoint. The main process checkpoints
+    and shuts its workers down itself (the DataLoader's done event), so a worker only has to keep going until then.
+    """
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+        signal.signal(sig, _ignore_signal)
+
+
+def _ignore_signal(signum: int, frame: Any) -> None:
+    """A Python-level handler (not SIG_IGN, which a process would keep across an exec)."""
 
 
 def build_data(

@@ -101,8 +101,9 @@ class TrainResult:
 class StopSignals:
     """Turns SIGTERM/SIGUSR2 (and a first Ctrl-C) into a flag checked at the end of each step (then checkpoint, exit 3).
 
-    Installed before the data loaders fork their workers, so workers inherit the handler and a signal sent to the
-    whole process group (Slurm does this) does not kill them mid-batch. A second SIGINT raises KeyboardInterrupt.
+    A signal sent to the whole process group or job (``timeout``, a terminal, Slurm) reaches the data workers too;
+    they leave it to this process (``data_pipeline.loader``), which checkpoints and then shuts them down. A second
+    SIGINT raises KeyboardInterrupt.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
