@@ -445,7 +445,8 @@ def _scale_child(spec: dict[str, Any]) -> dict[str, Any]:
     the loader's own call; the manifest and the stream's shard list are built first, then the peak is reset
     (``/proc/self/clear_refs``) and peak = VmHWM growth over the RSS after the reset.
     """
-    from data_pipeline.stream import EpochOrder, ShardStream
+    from data_pipeline.order import EpochOrder
+    from data_pipeline.stream import ShardStream
 
     gc.collect()
     base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -496,7 +497,7 @@ def shuffle_quality(samples: int, shard_samples: int, shuffle_buffer: int, batch
       that come from one shard;
     - shards per batch: distinct shards in a rank batch, mean.
     """
-    from data_pipeline.stream import EpochOrder
+    from data_pipeline.order import EpochOrder
 
     n_shards = samples // shard_samples
     out = EpochOrder(np.full(n_shards, shard_samples), seed=0, epoch=1, shuffle_buffer=shuffle_buffer, order=order)
@@ -539,7 +540,7 @@ def scale_main(argv: list[str]) -> int:
         sys.stdout.write(json.dumps(_scale_child(json.loads(args.child))) + "\n")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from data_pipeline.stream import LEGACY_ORDER, ORDER_VERSION
+    from data_pipeline.order import LEGACY_ORDER, ORDER_VERSION
 
     global_batch = args.world_size * args.batch_size
     load_before = os.getloadavg()

@@ -20,7 +20,7 @@ number of skipped samples per reason in the consumed batches, exact whatever the
 ``state_dict()``.
 
 Epoch order version: ``state_dict()`` records the stream's ``"order"``; a state without it was written before
-version 2 and resumes with :data:`~data_pipeline.stream.LEGACY_ORDER` (and keeps it for the rest of that run), so an
+version 2 and resumes with :data:`~data_pipeline.order.LEGACY_ORDER` (and keeps it for the rest of that run), so an
 old run continues with the sample order it started with.
 """
 
@@ -41,7 +41,8 @@ from torch.utils.data import DataLoader
 if TYPE_CHECKING:
     from data_pipeline.config import AugmentConfig, DataConfig
 
-from data_pipeline.stream import LEGACY_ORDER, ORDER_VERSION, ORDER_VERSIONS, ShardStream, Transform
+from data_pipeline.order import LEGACY_ORDER, ORDER_VERSION, ORDER_VERSIONS
+from data_pipeline.stream import ShardStream, Transform
 
 __all__ = ["DataParts", "ResumableLoader", "build_data", "build_loader"]
 
@@ -165,7 +166,7 @@ class ResumableLoader:
 
         ``world_size`` and ``batch_size`` may change together as long as their product (the global batch) stays the
         same: the global sample sequence, and so the meaning of ``batches_done``, is unchanged. The stream takes the
-        state's epoch order version (:data:`~data_pipeline.stream.LEGACY_ORDER` when it has none).
+        state's epoch order version (:data:`~data_pipeline.order.LEGACY_ORDER` when it has none).
 
         Raises:
             ValueError: A key is missing, or the seed or the global batch differ (the message names the field), or

@@ -3,7 +3,7 @@
 The order of an epoch is a pure function of ``(seed, epoch, manifest)``; every rank, worker and resume point derives
 the slice it needs from that order, so nothing has to be communicated between them.
 
-Order of an epoch (``train=True``; computed by :mod:`data_pipeline.order`, whose names this module re-exports):
+Order of an epoch (``train=True``; computed by :mod:`data_pipeline.order`, where its functions live):
 
 1. the split's shards are permuted with an RNG seeded from ``(seed, epoch)``;
 2. their samples are laid out in that shard order, each shard's samples in write order;
@@ -91,31 +91,14 @@ from data_pipeline.order import (
     EpochOrder,
     _check_layout_args,
     batch_indices,
-    epoch_order,
     num_batches,
-    plan_batches,
     sample_key,
     split_shards,
     worker_batches,
 )
 from data_pipeline.shard_index import ShardIndex, StoredShard, index_shard, pick_image, read_stored_shard
 
-__all__ = [
-    "CORRUPT_REASONS",
-    "LEGACY_ORDER",
-    "ORDER_VERSION",
-    "ORDER_VERSIONS",
-    "EpochOrder",
-    "ShardStream",
-    "Transform",
-    "batch_indices",
-    "epoch_order",
-    "num_batches",
-    "plan_batches",
-    "sample_key",
-    "split_shards",
-    "worker_batches",
-]
+__all__ = ["CORRUPT_REASONS", "ShardStream", "Transform"]
 
 logger = logging.getLogger(__name__)
 

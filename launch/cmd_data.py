@@ -294,7 +294,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.split not in manifest.splits:
         _error("plan", f"split {args.split!r} is not in {args.data_dir}; splits: {', '.join(manifest.splits)}")
         return EXIT_USAGE
-    from data_pipeline.stream import plan_batches  # the loader's own planning code
+    from data_pipeline.order import plan_batches  # the loader's own planning code
 
     plans: list[list[list[str]]] = []
     try:

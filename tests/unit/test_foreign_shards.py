@@ -23,8 +23,8 @@ from PIL import Image
 
 from data_pipeline.loader import build_loader
 from data_pipeline.manifest import load_manifest
+from data_pipeline.order import plan_batches
 from data_pipeline.shard_index import read_stored_shard, split_member_name, stored_index_name
-from data_pipeline.stream import plan_batches
 from data_pipeline.wds_index import index_dataset
 from launch.cli import main
 

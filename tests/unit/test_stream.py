@@ -32,7 +32,8 @@ from PIL import Image
 
 from data_pipeline import shard_index, stream
 from data_pipeline.loader import ResumableLoader, build_loader
-from data_pipeline.stream import ShardStream, load_manifest, plan_batches, sample_key
+from data_pipeline.order import plan_batches, sample_key
+from data_pipeline.stream import ShardStream, load_manifest
 from data_pipeline.transforms import EvalTransform, TrainTransform
 
 # A hang (a worker never delivering) must fail the test instead of blocking the suite.

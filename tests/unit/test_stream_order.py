@@ -17,7 +17,7 @@ from data_fixtures import make_dataset, png_transform, write_manifest
 
 from data_pipeline import order
 from data_pipeline.loader import ResumableLoader, build_loader
-from data_pipeline.stream import LEGACY_ORDER, ORDER_VERSION, EpochOrder, batch_indices, epoch_order
+from data_pipeline.order import LEGACY_ORDER, ORDER_VERSION, EpochOrder, batch_indices, epoch_order
 
 pytestmark = [
     pytest.mark.timeout(120),
