@@ -477,8 +477,9 @@ class Trainer:
         gradients, and with them the gradient norm the optimizer computes anyway, turn non-finite on every rank.
         DeepSpeed's optimizers (ZeRO 1-3, bf16, fp16) then skip the update themselves, leave the weights and optimizer
         state untouched and count it in ``engine.skipped_steps``; the plain fp32 optimizer without ZeRO has no such
-        check, so :meth:`_skip_if_nonfinite` reads the gradient norm it computes once and drops the gradients before
-        ``engine.step()``. With gradient accumulation one non-finite micro-batch skips its whole optimizer step.
+        check, so :meth:`_skip_if_nonfinite` reads the gradient norm it computes once and ``engine.step()`` then runs
+        without the optimizer's update (:func:`_optimizer_step_skipped`). With gradient accumulation one non-finite
+        micro-batch skips its whole optimizer step.
         """
         engine, accum, dev = self.engine, self.cfg.trainer.grad_accum_steps, self.dist.device
         engine.train()
@@ -512,7 +513,7 @@ class Trainer:
             if engine.is_gradient_accumulation_boundary():
                 grad_norm = self._stage0_grad_norm()
                 dropped = self._skip_if_nonfinite(grad_norm)
-            with _optimizer_step_skipped(self.engine.optimizer) if dropped else contextlib.nullcontext():
+            with _optimizer_step_skipped(engine.optimizer) if dropped else contextlib.nullcontext():
                 engine.step()
         skipped = dropped or engine.skipped_steps != skipped_before
         if skipped and not dropped:
