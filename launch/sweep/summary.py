@@ -42,10 +42,33 @@ class TrialRecord:
     """The checkpoint at the best eval if Ray Tune kept it, else the run dir's newest."""
 
 
+def _run_evals(run_dir: Path, metric: str) -> dict[int, float]:
+    """``metric`` at each eval in the run's ``metrics.jsonl`` (the later of a step logged twice; a torn line skipped)."""
+    evals: dict[int, float] = {}
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return evals
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "eval" and isinstance(event.get(metric), (int, float)):
+            evals[int(event["step"])] = float(event[metric])
+    return evals
+
+
 def _trial_record(spec: SweepSpec, result: Any) -> TrialRecord:
-    """The record of one ``ray.tune.Result``: the evals the trial reported, and how its run ended."""
+    """The record of one ``ray.tune.Result``: the evals the trial reported, and how its run ended.
+
+    The curve comes from the run's own ``metrics.jsonl``, which holds the same evals the trial reported: Ray Tune's
+    ``progress.csv`` is copied back over the trial's local one when a PBT exploit restarts the trial, and a CI run lost
+    the exploited trial's first eval that way, so Ray's dataframe is only the fallback for a run without metrics."""
     df, run_dir = result.metrics_dataframe, spec.sweep_dir.resolve() / "trials" / result.metrics["trial_id"]
-    evals = {} if df is None or spec.metric not in df else dict(zip(df["step"].astype(int), df[spec.metric]))
+    evals = _run_evals(run_dir, spec.metric)
+    if not evals and df is not None and spec.metric in df:
+        evals = dict(zip(df["step"].astype(int), df[spec.metric]))
     curve = [(step, float(v)) for step, v in sorted(evals.items())]  # a step reported twice (a resumed sweep) once
     finished = (read_status(run_dir)[0] or {}).get("state") == "finished"  # Tune marks a stopped trial done too
     status = "error" if result.error else "finished" if finished else "stopped"
