@@ -17,6 +17,7 @@ from typing import Any
 from launch.sweep.spec import SweepSpec, format_override
 from launch.sweep.trial import newest_checkpoint
 from pretrain.config import dump_config, load_config
+from pretrain.fsutil import read_jsonl
 from pretrain.rundir import TB, read_status
 
 __all__ = ["TrialRecord", "summarize_sweep"]
@@ -43,20 +44,9 @@ class TrialRecord:
 
 
 def _run_evals(run_dir: Path, metric: str) -> dict[int, float]:
-    """``metric`` at each eval in the run's ``metrics.jsonl`` (the later of a step logged twice; a torn line skipped)."""
-    evals: dict[int, float] = {}
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return evals
-    for line in lines:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict) and event.get("event") == "eval" and isinstance(event.get(metric), (int, float)):
-            evals[int(event["step"])] = float(event[metric])
-    return evals
+    """``metric`` at each eval in the run's ``metrics.jsonl`` (the later of a step logged twice)."""
+    events = (e for e in read_jsonl(run_dir / "metrics.jsonl") if isinstance(e, dict) and e.get("event") == "eval")
+    return {int(e["step"]): float(e[metric]) for e in events if isinstance(e.get(metric), (int, float))}
 
 
 def _trial_record(spec: SweepSpec, result: Any) -> TrialRecord:
