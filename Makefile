@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml setup.py data_pipeline/_jpeg_roi.c constraints.txt
 
 test: install
 	-$(MAKE) --no-print-directory slurm-up
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q --durations=30 tests
 
 lint: install
 	$(BIN)/ruff check pretrain launch data_pipeline tests benchmarks
