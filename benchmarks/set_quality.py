@@ -1,21 +1,24 @@
-"""SeT quality ablation: val accuracy and train time on digit pairs (and digits) at equal steps and the same recipe.
+"""SeT quality ablation: val accuracy and train time on digit pairs, fine-tuned from digits, at equal steps and recipe.
 
 Usage::
 
-    pretrain data build digit-pairs:canvas=32,scale=2,min_distance=16,digit_classes=01 --out data/digit_pairs_32
-    pretrain data build digits --out data/digits                  # for the digits rows
+    pretrain data build digits --out data/digits
+    pretrain data build digit-pairs:canvas=64,scale=4,min_distance=40 --out data/digit_pairs_x4
     python benchmarks/set_quality.py                              # every row, 1 seed; prints and appends the table
-    python benchmarks/set_quality.py --rows set softmax sepvit --seeds 0 1 --steps 5000 --runs runs/bench_set32
+    python benchmarks/set_quality.py --rows set softmax sepvit --seeds 0 1
 
-Every row is one ``pretrain train RUN_CONFIG --nproc 1`` with ``OMP_NUM_THREADS=1`` (1 rank, 1 thread),
-``trainer.max_steps=--steps`` (``--digits-steps`` for digits rows), ``trainer.seed``/``data.seed`` = the seed, from
-scratch in its own run dir under ``--runs`` (``runs/bench_set``); a row differs from the ``set`` row only by the
-model overrides it names (the recipe, data and steps are the run config's). Digit-pairs rows use
-``configs/run/digit_pairs_{setformer,sepvit}_lite.yaml`` (digits 0 and 1 at 2x on a 32x32 canvas, same/different
-class, chance 50%; ``configs/data/digit_pairs.yaml``), digits rows ``configs/run/digits_{setformer,sepvit}_lite.yaml``
-at ``--nproc 1``. The table reports the final val top-1 (mean and per seed), the train loop time (first to last train
-event of ``metrics.jsonl``) and the whole command's wall time; the budget line says how long the table took. The
-2-core machine is shared, so times are comparable within one table only.
+A row is two runs, each ``pretrain train RUN_CONFIG --nproc 1`` with ``OMP_NUM_THREADS=1`` (1 rank, 1 thread),
+``trainer.seed``/``data.seed`` = the seed, in its own run dir under ``--runs`` (``runs/bench_set``), with the row's
+model overrides: first ``configs/run/digits_{setformer,sepvit}_lite.yaml`` on the digits for ``--digits-steps`` (its
+val top-1 is the row's digits accuracy), then ``configs/run/digit_pairs_{setformer,sepvit}_lite.yaml`` on digit
+pairs for ``--steps`` with ``model.init_from`` = that digits run (two digits at 4x on a 64x64 canvas, same/different
+class, chance 50%; ``configs/data/digit_pairs.yaml``). ``*_scratch`` rows train on the pairs only, from scratch.
+Trained from scratch, every model stayed at chance on every variant of the pairs tried (RESULTS.md); from digits
+weights they learn it within a few hundred steps, and how far they get is what the table compares. A row differs from
+the ``set`` row only by the model overrides it names. The table reports the final pairs val top-1 (mean and per
+seed), the digits val top-1, the pairs train loop time (first to last train event of ``metrics.jsonl``) and the wall
+time of both runs; the budget line says how long the table took. The 2-core machine is shared, so times are
+comparable within one table only; ``--timing`` compares step costs with the rows interleaved in one process.
 """
 
 from __future__ import annotations
@@ -47,41 +50,39 @@ K = "model.kwargs."
 REVIEW = [f"{K}kernel_sigma=0.5", f"{K}pos_sigma=0.25", f"{K}learn_pos_scale=false", f"{K}exact_rows=false",
           f"{K}direct_output=false"]  # fmt: skip
 
-# name -> (run config, overrides, what it tests). Row order is the table's.
-ROWS: dict[str, tuple[str, list[str], str]] = {
-    "set": (PAIRS, [], "SeT, the model config's settings"),
-    "set_review": (PAIRS, REVIEW, "SeT as reviewed (sigma 0.5, fixed pos 0.25, n T A, p = n twice)"),
-    "softmax": (PAIRS, [f"{K}attention=softmax"], "same backbone, global softmax attention"),
-    "sepvit": (PAIRS_SEPVIT, [], "sepvit_lite (windowed softmax attention)"),
-    "set_pos_off": (PAIRS, [f"{K}pos_sigma=null"], "SeT, OT positional term off"),
-    "set_pos_fixed": (PAIRS, [f"{K}learn_pos_scale=false"], "SeT, positional scale fixed at 1"),
-    "set_p_n": (PAIRS, [f"{K}num_ref=[64,64,16,4]"], "SeT, p = n from stage 2 (direct output)"),
-    "set_p_n_twice": (PAIRS, [f"{K}num_ref=[64,64,16,4]", f"{K}direct_output=false"], "SeT, p = n, plan twice"),
-    "set_iters1": (PAIRS, [f"{K}sinkhorn_iters=1"], "SeT, 1 Sinkhorn iteration"),
-    "set_iters10": (PAIRS, [f"{K}sinkhorn_iters=10"], "SeT, 10 Sinkhorn iterations"),
-    "set_eps0.1": (PAIRS, [f"{K}sinkhorn_eps=0.1"], "SeT, eps 0.1"),
-    "set_eps2": (PAIRS, [f"{K}sinkhorn_eps=2.0"], "SeT, eps 2.0"),
-    "set_anchors64": (PAIRS, [f"{K}num_anchors=64"], "SeT, 64 Nystrom anchors per head"),
-    "set_sigma0.5": (PAIRS, [f"{K}kernel_sigma=0.5"], "SeT, kernel sigma 0.5 (the review's)"),
-    "digits_set": (DIGITS, [], "digits, SeT"),
-    "digits_set_review": (DIGITS, REVIEW, "digits, SeT as reviewed"),
-    "digits_softmax": (DIGITS, [f"{K}attention=softmax"], "digits, softmax"),
-    "digits_sepvit": (DIGITS_SEPVIT, [], "digits, sepvit_lite"),
+# name -> (pairs run config, digits run config it starts from (None: from scratch), overrides, what it tests).
+# Row order is the table's.
+ROWS: dict[str, tuple[str, str | None, list[str], str]] = {
+    "set": (PAIRS, DIGITS, [], "SeT, the model config's settings"),
+    "softmax": (PAIRS, DIGITS, [f"{K}attention=softmax"], "same backbone, global softmax attention"),
+    "sepvit": (PAIRS_SEPVIT, DIGITS_SEPVIT, [], "sepvit_lite (windowed softmax attention)"),
+    "set_scratch": (PAIRS, None, [], "SeT, pairs only, from scratch"),
+    "softmax_scratch": (PAIRS, None, [f"{K}attention=softmax"], "softmax, pairs only, from scratch"),
+    "set_review": (PAIRS, DIGITS, REVIEW, "SeT as reviewed (sigma 0.5, fixed pos 0.25, n T A, p = n twice)"),
+    "set_pos_off": (PAIRS, DIGITS, [f"{K}pos_sigma=null"], "SeT, OT positional term off"),
+    "set_pos_fixed": (PAIRS, DIGITS, [f"{K}learn_pos_scale=false"], "SeT, positional scale fixed at 1"),
+    "set_iters1": (PAIRS, DIGITS, [f"{K}sinkhorn_iters=1"], "SeT, 1 Sinkhorn iteration"),
+    "set_iters10": (PAIRS, DIGITS, [f"{K}sinkhorn_iters=10"], "SeT, 10 Sinkhorn iterations"),
+    "set_eps0.1": (PAIRS, DIGITS, [f"{K}sinkhorn_eps=0.1"], "SeT, eps 0.1"),
+    "set_eps2": (PAIRS, DIGITS, [f"{K}sinkhorn_eps=2.0"], "SeT, eps 2.0"),
+    "set_anchors64": (PAIRS, DIGITS, [f"{K}num_anchors=64"], "SeT, 64 Nystrom anchors per head"),
+    "set_sigma0.5": (PAIRS, DIGITS, [f"{K}kernel_sigma=0.5"], "SeT, kernel sigma 0.5 (the review's)"),
+    # step-time rows (--timing) only: the digits model's 32x32 token maps clamp these reference sizes
+    "set_p_n": (PAIRS, None, [f"{K}num_ref=[64,64,16,4]"], "SeT, p = n from stage 2 (direct output)"),
+    "set_p_n_twice": (PAIRS, None, [f"{K}num_ref=[64,64,16,4]", f"{K}direct_output=false"], "SeT, p = n, plan twice"),
 }
+TIMING_ONLY = ("set_p_n", "set_p_n_twice")
 
 __all__ = ["ROWS", "main"]
 
 
-def _run(name: str, seed: int, args: argparse.Namespace) -> dict:
-    config, overrides, _ = ROWS[name]
-    digits = "digits_" in Path(config).name
-    data, steps = (args.digits_data, args.digits_steps) if digits else (args.pairs_data, args.steps)
-    run = f"{name}_s{seed}"
+def _train(config: str, run: str, data: str, steps: int, seed: int, extra: list[str], args: argparse.Namespace) -> dict:
+    """One ``pretrain train`` run (or, with ``--collect``, what an earlier one left) and its figures."""
     cmd = [
         sys.executable, "-m", "launch.cli", "train", config, f"data.path={data}", f"run.output_dir={args.runs}",
         f"run.name={run}", "trainer.progress_bar=false", f"trainer.max_steps={steps}",
         f"trainer.eval_every_steps={steps}", f"checkpoint.every_steps={steps}", f"trainer.seed={seed}",
-        f"data.seed={seed}", "schedule.warmup_steps=50", *overrides, *args.overrides, "--nproc", "1",
+        f"data.seed={seed}", f"schedule.warmup_steps={min(50, steps // 4)}", *extra, *args.overrides, "--nproc", "1",
     ]  # fmt: skip
     if args.collect:  # a run made earlier (or by an interrupted table): read what it left
         saved = ROOT / args.runs / f"{run}.json"
@@ -96,18 +97,39 @@ def _run(name: str, seed: int, args: argparse.Namespace) -> dict:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     result = _result(args.runs, run, cmd, proc.returncode, time.perf_counter() - t0)
     (ROOT / args.runs / f"{run}.json").write_text(json.dumps(result))
-    print(f"{name} seed {seed}: {result}", flush=True)
+    print(f"{run}: {result}", flush=True)
     return result
 
 
-def _result(runs: str, run: str, cmd: list[str], exit_code: int, wall: float) -> dict:
-    from pretrain.metrics import read_jsonl
+def _run(name: str, seed: int, args: argparse.Namespace) -> dict:
+    """A row's digits run (unless it starts from scratch), then its digit-pairs run from the digits run's weights."""
+    pairs, digits, overrides, _ = ROWS[name]
+    run = f"{name}_s{seed}"
+    init = "model.init_from="
+    digits_result = None
+    if digits is not None:
+        digits_result = _train(digits, f"{run}_digits", args.digits_data, args.digits_steps, seed, overrides, args)
+        init += f"{args.runs}/{run}_digits"
+    result = _train(pairs, run, args.pairs_data, args.steps, seed, [*overrides, init], args)
+    if digits_result is None:
+        return {**result, "digits_top1": float("nan")}
+    return {
+        **result,
+        "digits_top1": digits_result["val_top1"],
+        "exit": max(result["exit"], digits_result["exit"]),
+        "wall_s": result["wall_s"] + digits_result["wall_s"],
+        "command": f"{digits_result['command']}; {result['command']}",
+    }
 
-    events = read_jsonl(ROOT / runs / run / "metrics.jsonl") if (ROOT / runs / run).exists() else []
+
+def _result(runs: str, run: str, cmd: list[str], exit_code: int, wall: float) -> dict:
+    from pretrain.fsutil import read_jsonl
+
+    events = read_jsonl(ROOT / runs / run / "metrics.jsonl")
     train = [e for e in events if e.get("event") == "train"]
     evals = [e for e in events if e.get("event") == "eval"]
     return {
-        **_cost(cmd),
+        **_cost(cmd[4], [a for a in cmd[5:] if a.startswith("model.")]),
         "step_s": statistics.fmean(e["step_time_s"] for e in train[1:]) if len(train) > 1 else float("nan"),
         "exit": exit_code if evals else 1,
         "val_top1": evals[-1]["val_top1"] if evals else float("nan"),
@@ -118,30 +140,37 @@ def _result(runs: str, run: str, cmd: list[str], exit_code: int, wall: float) ->
     }
 
 
-def _cost(cmd: list[str]) -> dict:
-    """Params (M) and forward MMACs per image of the model a training command builds (matmuls and convolutions)."""
+def _build(config: str, overrides: list[str]):
+    """The freshly initialised model of a run config with ``overrides`` (no ``init_from``), and its input size."""
     from pretrain.config import load_config
-    from pretrain.models._flops import count_macs, count_params
     from pretrain.trainer import build_model
 
-    overrides = [a for a in cmd[5:] if a.startswith("model.")]
-    cfg = load_config(ROOT / cmd[4], [*overrides, f"model.num_classes={10 if 'digits_' in cmd[4] else 2}"])
-    model = build_model(cfg).eval()
-    return {"params_m": count_params(model) / 1e6, "mmacs": count_macs(model, cfg.model.img_size) * 1e3}
+    classes = 10 if "digits_" in Path(config).name else 2
+    cfg = load_config(ROOT / config, [*overrides, "model.init_from=", f"model.num_classes={classes}"])
+    return build_model(cfg), cfg.model.img_size
+
+
+def _cost(config: str, overrides: list[str]) -> dict:
+    """Params (M) and forward MMACs per image of a run config's model (matmuls and convolutions)."""
+    from pretrain.models._flops import count_macs, count_params
+
+    model, size = _build(config, overrides)
+    return {"params_m": count_params(model.eval()) / 1e6, "mmacs": count_macs(model, size) * 1e3}
 
 
 def _table(rows: dict[str, list[dict]]) -> list[str]:
     lines = [
-        "| row | what | val top-1 (mean) | per seed | last train loss | s/step | train loop (s) | wall (s) | params (M)"
-        " | MMACs/img | exit |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "| row | what | pairs val top-1 (mean) | per seed | digits val top-1 | last train loss | s/step"
+        " | train loop (s) | wall (s) | params (M) | MMACs/img | exit |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, results in rows.items():
         acc = [r["val_top1"] for r in results]
         mean = statistics.fmean(acc)
         spread = f" ± {statistics.stdev(acc):.3f}" if len(acc) > 1 else ""
+        digits = " ".join("-" if r["digits_top1"] != r["digits_top1"] else f"{r['digits_top1']:.3f}" for r in results)
         lines.append(
-            f"| {name} | {ROWS[name][2]} | {mean:.3f}{spread} | {' '.join(f'{a:.3f}' for a in acc)} | "
+            f"| {name} | {ROWS[name][3]} | {mean:.3f}{spread} | {' '.join(f'{a:.3f}' for a in acc)} | {digits} | "
             f"{statistics.fmean(r['train_loss'] for r in results):.3f} | "
             f"{statistics.fmean(r['step_s'] for r in results):.2f} | "
             f"{statistics.fmean(r['train_s'] for r in results):.0f} | "
@@ -172,16 +201,11 @@ def _step_timing(rows: list[str], repeats: int, batch: int = 64) -> list[str]:
     import torch
     import torch.nn.functional as F
 
-    from pretrain.config import load_config
-    from pretrain.trainer import build_model
-
     torch.set_num_threads(1)
     models, inputs = {}, {}
     for name in rows:
-        config, overrides, _ = ROWS[name]
-        cfg = load_config(ROOT / config, [*overrides, "model.num_classes=2"])
-        models[name] = build_model(cfg).train()
-        size = cfg.model.img_size
+        model, size = _build(ROWS[name][0], ROWS[name][2])
+        models[name] = model.train()
         inputs[name] = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     times: dict[str, list[float]] = {name: [] for name in rows}
     labels = torch.zeros(batch, dtype=torch.long)
@@ -202,11 +226,12 @@ def _step_timing(rows: list[str], repeats: int, batch: int = 64) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW", help="rows to run")
+    trained = [n for n in ROWS if n not in TIMING_ONLY]
+    p.add_argument("--rows", nargs="+", default=trained, choices=list(ROWS), metavar="ROW", help="rows to run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--steps", type=int, default=2000, help="train steps of every digit-pairs run")
-    p.add_argument("--digits-steps", type=int, default=600, help="train steps of every digits run")
-    p.add_argument("--pairs-data", default="data/digit_pairs_32")
+    p.add_argument("--steps", type=int, default=400, help="train steps of every digit-pairs run")
+    p.add_argument("--digits-steps", type=int, default=400, help="train steps of every digits run")
+    p.add_argument("--pairs-data", default="data/digit_pairs_x4")
     p.add_argument("--digits-data", default="data/digits")
     p.add_argument("--override", dest="overrides", action="append", default=[], help="section.field=value, every row")
     p.add_argument("--note", action="append", default=[], help="a line under the table")
@@ -221,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_append:
             _append("SeT quality ablation: step time, rows interleaved", lines, argv, [*args.note])
         return 0
+    if set(args.rows) & set(TIMING_ONLY):
+        p.error(f"{', '.join(sorted(set(args.rows) & set(TIMING_ONLY)))}: step-time rows, for --timing only")
     if args.collect:  # the seeds each row has a run of
         found = {
             n: [s for s in args.seeds if (ROOT / args.runs / f"{n}_s{s}" / "metrics.jsonl").exists()] for n in args.rows
@@ -232,11 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     if not args.no_append:
         notes = [
-            f"Budget: {sum(map(len, results.values()))} runs ({args.steps} steps on digit pairs, {args.digits_steps} "
-            f"on digits; the run configs' batch sizes), 1 rank, 1 thread each: "
+            f"Budget: {sum(map(len, results.values()))} rows x seeds ({args.digits_steps} steps on digits, then "
+            f"{args.steps} on digit pairs; the run configs' batch sizes), 1 rank, 1 thread each: "
             f"{sum(r['wall_s'] for rs in results.values() for r in rs) / 60:.0f} min of wall time in all.",
             *args.note,
-            f"every run: `{next(iter(results.values()))[0]['command']}` with the row's overrides (first shown).",
+            f"every row: `{next(iter(results.values()))[0]['command']}` with the row's overrides (first shown).",
         ]
         _append("SeT quality ablation", lines, argv, notes)
     return 0 if all(r["exit"] == 0 for rs in results.values() for r in rs) else 1

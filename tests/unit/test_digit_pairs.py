@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -101,17 +102,24 @@ def test_stored_samples_are_the_generated_pairs(pairs_dir: Path) -> None:
         assert int(members[f"{key}.cls"]) == int(meta["digit_classes"][0] == meta["digit_classes"][1]) == row[0]
 
 
-def test_the_ablation_variant_is_small_two_class_and_balanced() -> None:
-    """The spec configs/data/digit_pairs.yaml names: digits 0 and 1 at 2x on a 32x32 canvas."""
-    src = open_source("digit-pairs:canvas=32,scale=2,min_distance=16,digit_classes=01,train_pairs=400,val_pairs=100")
-    assert src.digit_classes == "01" and "digit_classes=01" in src.spec and "canvas=32" in src.spec
+def test_the_ablation_data_is_what_its_config_says() -> None:
+    """configs/data/digit_pairs.yaml's build command writes its path: 10 classes, digits at 4x (32 px, their size in
+    the digits data) on a 64x64 canvas, centres >= 40 px apart, balanced."""
+    from pretrain.config import CONFIGS_DIR
+
+    text = (CONFIGS_DIR / "data" / "digit_pairs.yaml").read_text()
+    spec, out = re.search(r"pretrain data build (\S+) --out (\S+)", text).groups()
+    assert re.search(rf"^path: {re.escape(out)}\s", text, re.M), (out, text)
+    src = open_source(f"{spec},train_pairs=400,val_pairs=100")
+    assert (src.canvas, src.scale, src.min_distance, src.digit_classes) == (64, 4, 40, "0123456789")
     for split, n in (("train", 400), ("val", 100)):
         rows = src.layouts[split]
         assert rows[:, 0].sum() == n // 2
-        assert set(src.digits.labels[rows[:, 1:3]].ravel().tolist()) == {0, 1}
-        assert rows[:, 3:7].min() >= 0 and rows[:, 3:7].max() <= 32 - 16  # both 16 px digits inside the canvas
-        assert np.hypot(rows[:, 3] - rows[:, 5], rows[:, 4] - rows[:, 6]).min() >= 16
-    assert src.render(src.layouts["val"][0]).shape == (32, 32, 3)
+        classes = src.digits.labels[rows[:, 1:3]]
+        assert (classes[:, 0] == classes[:, 1]).tolist() == rows[:, 0].astype(bool).tolist()
+        assert rows[:, 3:7].min() >= 0 and rows[:, 3:7].max() <= 64 - 32  # both 32 px digits inside the canvas
+        assert np.hypot(rows[:, 3] - rows[:, 5], rows[:, 4] - rows[:, 6]).min() >= 40
+    assert src.render(src.layouts["val"][0]).shape == (64, 64, 3)
 
 
 @pytest.mark.parametrize(
