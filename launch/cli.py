@@ -5,15 +5,27 @@ training commands need); ``pretrain --help``, no command or an unknown one impor
 error list every command.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad config (nothing was started or written).
+
+The installed command (and ``python -m launch.cli``) is :func:`entry`: once the command has returned, every stream is
+flushed and the ``atexit`` handlers have run, it leaves with ``os._exit`` instead of tearing the interpreter down.
+After torch and DeepSpeed are loaded the teardown (freeing every module and C++ object) took 1.5-1.8 s per process
+here against 0.02 s for the handlers, and a 2-rank run has three such processes. Our files are closed by then (the
+metrics sink is line-buffered and closed, checkpoints are written and renamed); a live non-daemon thread (someone
+else's work in progress) gets the ordinary exit.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
+import logging
+import os
 import sys
+import threading
+from typing import NoReturn
 
-__all__ = ["main", "EXIT_USAGE"]
+__all__ = ["main", "entry", "EXIT_USAGE"]
 
 EXIT_USAGE = 2
 
@@ -79,5 +91,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> NoReturn:
+    """The ``pretrain`` executable: :func:`main`, then a fast exit with its code (see the module docstring)."""
+    code = main()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
