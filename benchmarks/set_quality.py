@@ -19,6 +19,8 @@ the ``set`` row only by the model overrides it names. The table reports the fina
 seed), the digits val top-1, the pairs train loop time (first to last train event of ``metrics.jsonl``) and the wall
 time of both runs; the budget line says how long the table took. The 2-core machine is shared, so times are
 comparable within one table only; ``--timing`` compares step costs with the rows interleaved in one process.
+The tables of this ablation before 2026-11-30 20:03 trained every row from scratch and had separate ``digits_*`` rows
+(this script as of commit 63c9ece).
 """
 
 from __future__ import annotations
