@@ -272,18 +272,21 @@ def test_compiled_run_with_ema_resumes_exactly(digits_dir, run_root, start_train
     # ends with its weights, bit for bit.
     # aot_eager traces the same graphs as inductor without its C++ code generation (minutes per rank on this CPU);
     # benchmarks/train.py measures inductor against eager.
-    def run(name: str, steps: int):
+    def start(name: str, steps: int):
         extra = ["trainer.compile=true", "trainer.compile_backend=aot_eager", "trainer.ema_decay=0.9"]
         extra += ["schedule.name=constant", "schedule.warmup_steps=0", "trainer.eval_every_steps=0"]
         extra += ["checkpoint.every_steps=3", f"trainer.max_steps={steps}", "data.num_workers=1"]
-        done = start_train(CONFIG, tiny_run_overrides(digits_dir, run_root, name, *extra), "--nproc", "1")
-        assert done.wait(timeout=600) == 0, done.output[-5000:]
-        return done
+        return start_train(CONFIG, tiny_run_overrides(digits_dir, run_root, name, *extra), "--nproc", "1")
 
-    whole = run("compiled", 6)
-    assert whole.output.count("first step with torch.compile (backend aot_eager)") == 1
-    run("compiled_resumed", 3)
-    resumed = run("compiled_resumed", 6)
+    def finished(run):
+        assert run.wait(timeout=600) == 0, run.output[-5000:]
+        return run
+
+    # the uninterrupted run and the first half of the interrupted one are independent 1-thread runs: side by side
+    whole, first_half = start("compiled", 6), start("compiled_resumed", 3)
+    finished(first_half)
+    assert finished(whole).output.count("first step with torch.compile (backend aot_eager)") == 1
+    resumed = finished(start("compiled_resumed", 6))
     assert "resumed from" in resumed.output and "step_000003" in resumed.output
     want, got = train_losses(run_root / "compiled"), train_losses(run_root / "compiled_resumed")
     assert sorted(got) == list(range(1, 7)) and got == want
