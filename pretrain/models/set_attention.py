@@ -11,16 +11,17 @@ al., ICLR 2021, ``claying/OTK``), whose layer SeT's description matches, or is o
 Evidence from the SeT quality ablation (benchmarks/set_quality.py; tables "SeT quality ablation" of 2026-11-30 in
 benchmarks/RESULTS.md). Digit pairs (two digits far apart, same/different class) is unlearned from scratch by every
 model tried (SeT, softmax, sepvit_lite; up to 5,000 steps), so the ablation fine-tunes each row from a digits run of
-the same model: 400 digits steps, then 400 pair steps on a 64x64 canvas. There SeT reaches 0.823 +- 0.007 val top-1
-(2 seeds) against 0.857 +- 0.008 for the same backbone with softmax attention, at the same step time: 3.4 points
-below. The layer as first reviewed reaches 0.846 (2 seeds: 0.858, 0.833) and kernel sigma 0.5 alone 0.831 (0.844,
-0.817); every other variant row (positional term off or fixed, 1 or 10 Sinkhorn iterations, eps 0.1 or 2, 64 anchors)
-is lower on its one seed, and sepvit_lite's two seeds differ by 0.076, so no row yet separates the choices below from
-the seed noise; they rest on the measured invariants each point states. On the digits, all fixes together reach 99.7%
-val top-1 against 99.3% for the reviewed layer and 99.3% for softmax (rows ``digits_set``, ``digits_set_review``,
-``digits_softmax`` of the 14:06 table; one seed, 600 steps), and every row's 400-step digits run 98.0-99.7%. Step
-cost at 64x64 (interleaved fwd+bwd, batch 64): SeT 1.09x softmax, the reviewed layer 1.05x (equal within the noise);
-at 224x224 SeT's ``O(n p)`` wins (setformer docstring and the "SeT vs softmax attention" rows of RESULTS.md).
+the same model: 400 digits steps, then 400 pair steps on a 64x64 canvas. There SeT reaches 0.784 +- 0.066 val top-1
+(3 seeds: 0.828, 0.818, 0.708) against 0.848 +- 0.017 for the same backbone with softmax attention, at the same step
+time: 6.4 points below, with the widest seed spread. The layer as first reviewed reaches 0.828 +- 0.033 (0.858,
+0.833, 0.793) and kernel sigma 0.5 alone 0.831 (2 seeds: 0.844, 0.817); every other variant row (positional term off
+or fixed, 1 or 10 Sinkhorn iterations, eps 0.1 or 2, 64 anchors) is lower on its one seed. With seeds this far apart,
+no row yet separates the choices below from the seed noise; they rest on the measured invariants each point states.
+On the digits, all fixes together reach 99.7% val top-1 against 99.3% for the reviewed layer and 99.3% for softmax
+(rows ``digits_set``, ``digits_set_review``, ``digits_softmax`` of the 14:06 table; one seed, 600 steps), and every
+row's 400-step digits run 98.0-100%. Step cost at 64x64 (interleaved fwd+bwd, batch 64): SeT 1.09x softmax, the
+reviewed layer 1.05x (equal within the noise); at 224x224 SeT's ``O(n p)`` wins (setformer docstring and the "SeT vs
+softmax attention" rows of RESULTS.md).
 
 - Per head: an input projection (one ``Linear(C, C)`` split into heads, like a query projection; optional), then the
   Nystrom map ``psi(x) = |x| kappa(Z x/|x|) kappa(Z Z^T)^(-1/2)`` with ``k`` learnable anchors ``Z`` renormalised
