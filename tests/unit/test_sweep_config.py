@@ -192,14 +192,19 @@ def test_summary_curve_is_the_runs_evals_when_ray_lost_a_row(tmp_path: Path) -> 
     spec = load_sweep(write(tmp_path, name="s", output_dir=str(tmp_path)))
     run_dir = spec.sweep_dir.resolve() / "trials" / "t0"
     run_dir.mkdir(parents=True)
-    events = [{"event": "train", "step": 5, "loss": 1.0}, {"event": "eval", "step": 5, "val_top1": 0.25},
-              {"event": "eval", "step": 10, "val_top1": 0.5}, {"event": "eval", "step": 10, "val_top1": 0.75}]  # fmt: skip
+    events = [
+        {"event": "train", "step": 5, "loss": 1.0},
+        {"event": "eval", "step": 5, "val_top1": 0.25},
+        {"event": "eval", "step": 10, "val_top1": 0.5},
+        {"event": "eval", "step": 10, "val_top1": 0.75},
+    ]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + '{"event": "ev')
     ray_rows = pd.DataFrame({"step": [10], "val_top1": [0.75]})
     result = Result(metrics={"trial_id": "t0", "step": 10}, checkpoint=None, error=None, path=str(run_dir),
                     metrics_dataframe=ray_rows, best_checkpoints=[])  # fmt: skip
     record = _trial_record(spec, result)
-    assert record.curve == [(5, 0.25), (10, 0.75)]  # both evals, the later of a step logged twice, the torn line skipped
+    # both evals, the later of a step logged twice, the torn line skipped
+    assert record.curve == [(5, 0.25), (10, 0.75)]
     assert (record.best, record.best_step, record.last, record.step) == (0.75, 10, 0.75, 10)
     # a run that never wrote metrics (it failed to start) falls back to what Ray Tune recorded
     (run_dir / "metrics.jsonl").unlink()
