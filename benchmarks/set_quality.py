@@ -113,6 +113,7 @@ def _run(name: str, seed: int, args: argparse.Namespace) -> dict:
         digits_result = _train(digits, f"{run}_digits", args.digits_data, args.digits_steps, seed, overrides, args)
         init += f"{args.runs}/{run}_digits"
     result = _train(pairs, run, args.pairs_data, args.steps, seed, [*overrides, init], args)
+    result.update(_cost(pairs, [*overrides, *(o for o in args.overrides if o.startswith("model."))]))  # once a row
     if digits_result is None:
         return {**result, "digits_top1": float("nan")}
     return {
@@ -131,7 +132,6 @@ def _result(runs: str, run: str, cmd: list[str], exit_code: int, wall: float) ->
     train = [e for e in events if e.get("event") == "train"]
     evals = [e for e in events if e.get("event") == "eval"]
     return {
-        **_cost(cmd[4], [a for a in cmd[5:] if a.startswith("model.")]),
         "step_s": statistics.fmean(e["step_time_s"] for e in train[1:]) if len(train) > 1 else float("nan"),
         "exit": exit_code if evals else 1,
         "val_top1": evals[-1]["val_top1"] if evals else float("nan"),
