@@ -26,9 +26,9 @@ softmax attention" rows of RESULTS.md).
 - Per head: an input projection (one ``Linear(C, C)`` split into heads, like a query projection; optional), then the
   Nystrom map ``psi(x) = |x| kappa(Z x/|x|) kappa(Z Z^T)^(-1/2)`` with ``k`` learnable anchors ``Z`` renormalised
   to unit norm in every forward, ``kappa(t) = exp(alpha (t - 1))``, ``alpha = 1 / kernel_sigma**2`` (OTKE/CKN form).
-  The whitening ``(kappa(Z Z^T) + ridge I)^(-1/2)`` is computed in float32 by an eigendecomposition with a
-  hand-written backward (the divided differences of ``s^(-1/2)`` have a closed form, so degenerate eigenvalues cause
-  no blow-up).
+  The whitening ``(kappa(Z Z^T) + ridge I)^(-1/2)`` is computed without a factorisation (no host sync on GPUs):
+  coupled Newton-Schulz iterations in float32, a Lyapunov solve for the exact backward, cached once per optimizer
+  step (:mod:`pretrain.models.set_whitening` says how, and how the iteration count was measured).
 - ``kernel_sigma = 2.0`` (our choice; CKN's default is 0.5). ``psi(x)^T psi(y)`` should approximate
   ``kappa(x, y) = |x| |y| exp(alpha (cos(x, y) - 1))``, but ``k`` random anchors in ``d`` dimensions cover the sphere
   too sparsely for a narrow kernel. Measured at init on 512 random inputs with ``k = d = 32`` (error relative to
@@ -75,27 +75,41 @@ softmax attention" rows of RESULTS.md).
   ``j``, so the round trip stays (and with it permutation equivariance). With ``p = n`` in stages 2-4 at 64x64 the
   step takes 0.285 s against 0.321 s with the plan applied twice (rows ``set_p_n``, ``set_p_n_twice``).
 - Positional term of the backbone: a LePE-style depthwise 3x3 conv on the values ``psi(X)`` (as CSWin does on V),
-  added to the transported output before the head merge (our choice).
+  added to the transported output before the head merge (our choice). The OT's positional log-weight is a
+  non-persistent float32 buffer built once per token grid (kept float32 when the model is cast).
 
-:class:`SoftmaxAttention` is the ablation: the same surface with global multi-head softmax attention
-(``F.scaled_dot_product_attention``) and the same LePE on V.
+GPU path (``set_impl``): ``"triton"`` runs the kernel map, the log-kernel, the Sinkhorn iterations and the transport
+there and back as one Triton kernel per direction (:mod:`pretrain.models.set_triton`), and the whitening as one
+kernel per direction; ``"torch"`` is this file's reference path; ``"auto"`` (default) is triton on CUDA tensors when
+triton imports, torch elsewhere. Both are registered as custom ops under ``torch.compile`` (no graph break). Counted
+on CPU (``pretrain.kernel_count``; bf16, batch 2, one forward+backward; benchmarks/model_kernels.py and its tables in
+benchmarks/RESULTS.md, "Kernels per training step"): one layer at n = 196, p = 49, 8 heads took 302 kernels and one
+``eigh`` before; now 27 fused (4 Triton launches; 7 of the 27 are the loss's) and 354 on the torch path, whose
+matmul-only whitening costs more kernels than ``eigh`` did; setformer_tiny 7,986 and 25 ``eigh`` before, now 1,128
+fused, 9,286 torch; no factorisation or host read on either path (VERIFIED by the counter on CPU; GPU speed is not
+measured yet: INFERRED from the launch counts only). The fused path is float32 inside, so in bf16 it is closer to the
+float32 layer than the torch path (see :mod:`pretrain.models.set_triton`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import math
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .set_whitening import whitening
+
 __all__ = [
+    "SET_IMPLS",
     "SetAttention",
     "SoftmaxAttention",
-    "inverse_sqrt_psd",
     "log_sinkhorn",
     "log_sinkhorn_unrolled",
     "positional_log_weight",
@@ -104,8 +118,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-
-# ------------------------------------------------------------------------------------------------ matrix inverse sqrt
+SET_IMPLS = ("auto", "torch", "triton")
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None  # imported only when the triton path runs
 
 
 def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
@@ -113,51 +127,6 @@ def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(device.type):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
-
-
-class _InverseSqrtPSD(torch.autograd.Function):
-    """``M^(-1/2)`` of symmetric positive-definite ``M`` by ``eigh``, with a Daleckii-Krein backward.
-
-    For ``F(M) = V f(S) V^T`` the gradient is ``V (D o (V^T G_sym V)) V^T`` where ``D_ij`` is the divided difference
-    ``(f(s_i) - f(s_j)) / (s_i - s_j)``. For ``f(s) = s^(-1/2)`` it equals ``-1 / (r_i r_j (r_i + r_j))`` with
-    ``r = sqrt(s)``: no division by eigenvalue gaps, unlike the generic ``eigh`` backward.
-    """
-
-    @staticmethod
-    def forward(ctx, matrix: torch.Tensor, min_eig: float) -> torch.Tensor:
-        eigvals, eigvecs = torch.linalg.eigh(matrix)  # (..., k), (..., k, k)
-        root = eigvals.clamp_min(min_eig).sqrt()  # (..., k)
-        out = (eigvecs / root.unsqueeze(-2)) @ eigvecs.mT  # V diag(1/r) V^T
-        ctx.save_for_backward(eigvecs, root)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
-        eigvecs, root = ctx.saved_tensors
-        grad_sym = 0.5 * (grad_out + grad_out.mT)
-        inner = eigvecs.mT @ grad_sym @ eigvecs  # (..., k, k)
-        ri, rj = root.unsqueeze(-1), root.unsqueeze(-2)
-        divided = -1.0 / (ri * rj * (ri + rj))  # divided differences of s^(-1/2)
-        return eigvecs @ (divided * inner) @ eigvecs.mT, None
-
-
-def inverse_sqrt_psd(matrix: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
-    """Differentiable ``(M + ridge I)^(-1/2)`` of a batch of symmetric PSD matrices, computed in float32 (or float64).
-
-    Args:
-        matrix: ``(..., k, k)`` symmetric positive semi-definite matrices.
-        ridge: added to the diagonal; also the floor of the eigenvalues, which bounds the output norm by
-            ``ridge^(-1/2)``.
-
-    Returns:
-        ``(..., k, k)`` in the dtype of the computation (float32 unless ``matrix`` is float64).
-    """
-    dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32
-    with _autocast_off(matrix.device):
-        m = matrix.to(dtype)
-        m = 0.5 * (m + m.mT) + ridge * torch.eye(m.shape[-1], dtype=dtype, device=m.device)
-        return _InverseSqrtPSD.apply(m, ridge)
 
 
 # ----------------------------------------------------------------------------------------------------------- Sinkhorn
@@ -336,6 +305,12 @@ class SetAttention(nn.Module):
         lepe: add a depthwise 3x3 conv of the values (LePE) to the output.
         whiten_ridge: ridge added to ``kappa(Z Z^T)`` before the inverse square root.
         proj_drop: dropout after the output projection.
+        learn_pos_scale: a learnable per-head scale (1 at init) of the positional term.
+        exact_rows: renormalise the plan's rows on the way back.
+        direct_output: at ``p = n`` on the token grid, output the slots' aggregate directly.
+        set_impl: ``"auto"`` (triton on CUDA when it imports, else torch), ``"torch"`` or ``"triton"``.
+        grid_size: the token grid the layer will mostly see; its positional log-weight is built now (any other grid
+            is built on first use).
     """
 
     def __init__(
@@ -355,15 +330,19 @@ class SetAttention(nn.Module):
         learn_pos_scale: bool = True,
         exact_rows: bool = True,
         direct_output: bool = True,
+        set_impl: Literal["auto", "torch", "triton"] = "auto",
+        grid_size: tuple[int, int] | None = None,
     ):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
-        if num_ref < 1 or sinkhorn_iters < 1 or sinkhorn_eps <= 0 or kernel_sigma <= 0:
+        if num_ref < 1 or sinkhorn_iters < 1 or sinkhorn_eps <= 0 or kernel_sigma <= 0 or whiten_ridge <= 0:
             raise ValueError(
-                f"need num_ref >= 1, sinkhorn_iters >= 1, sinkhorn_eps > 0 and kernel_sigma > 0; got {num_ref}, "
-                f"{sinkhorn_iters}, {sinkhorn_eps}, {kernel_sigma}"
+                f"need num_ref >= 1, sinkhorn_iters >= 1, sinkhorn_eps > 0, kernel_sigma > 0 and whiten_ridge > 0; "
+                f"got {num_ref}, {sinkhorn_iters}, {sinkhorn_eps}, {kernel_sigma}, {whiten_ridge}"
             )
+        if set_impl not in SET_IMPLS:
+            raise ValueError(f"set_impl={set_impl!r} must be one of {', '.join(SET_IMPLS)}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.num_anchors = num_anchors or self.head_dim
@@ -376,6 +355,7 @@ class SetAttention(nn.Module):
         self.whiten_ridge = float(whiten_ridge)
         self.exact_rows = bool(exact_rows)
         self.direct_output = bool(direct_output)
+        self.set_impl = set_impl
         inner = num_heads * self.num_anchors
 
         self.in_proj = nn.Linear(dim, dim) if input_proj else nn.Identity()
@@ -388,6 +368,11 @@ class SetAttention(nn.Module):
         self.lepe = nn.Conv2d(inner, inner, 3, padding=1, groups=inner) if lepe else None
         self.proj = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self._log_w_grid = tuple(grid_size) if grid_size is not None and with_pos else None
+        log_w = None
+        if self._log_w_grid is not None:
+            log_w = positional_log_weight(self._log_w_grid, self.ref_grid, self.pos_sigma)
+        self.register_buffer("log_w", log_w, persistent=False)  # (n, p) float32 of the grid _log_w_grid
         self.record_plan = False  # debug: keep the last plan (detached) in `last_plan`
         self.last_plan: torch.Tensor | None = None
         self.reset_parameters()
@@ -405,30 +390,49 @@ class SetAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"heads={self.num_heads}, head_dim={self.head_dim}, anchors={self.num_anchors}, num_ref={self.num_ref}, "
-            f"eps={self.sinkhorn_eps}, iters={self.sinkhorn_iters}, pos_sigma={self.pos_sigma}"
+            f"eps={self.sinkhorn_eps}, iters={self.sinkhorn_iters}, pos_sigma={self.pos_sigma}, impl={self.set_impl}"
         )
 
-    def whitening(self) -> torch.Tensor:
-        """``(kappa(Z Z^T) + ridge I)^(-1/2)`` per head, float32, ``(h, k, k)``."""
-        z = F.normalize(self.anchors.float(), dim=-1)  # (h, k, d)
-        gram = torch.exp(self.alpha * (z @ z.mT - 1.0))  # kappa(Z Z^T), (h, k, k)
-        return inverse_sqrt_psd(gram, self.whiten_ridge)
+    def _apply(self, fn, recurse=True):
+        """After a move or cast (``.to(bfloat16)``, ``.half()``, ``to_empty``) the positional log-weight is rebuilt in
+        float32 on the new device: a cast would round it, ``to_empty`` would leave it uninitialised."""
+        super()._apply(fn, recurse)
+        if self.log_w is not None:
+            self.log_w = positional_log_weight(self._log_w_grid, self.ref_grid, self.pos_sigma, self.log_w.device)
+        return self
 
-    def kernel_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Nystrom features ``psi(x) = |x| kappa(Z x / |x|) kappa(Z Z^T)^(-1/2)`` of per-head inputs.
+    def _log_weight(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """The ``(n, p)`` float32 positional log-weight of ``grid``, built once per grid and device."""
+        if self.log_w is None or self._log_w_grid != tuple(grid) or self.log_w.device != device:
+            self._log_w_grid = tuple(grid)
+            self.log_w = positional_log_weight(self._log_w_grid, self.ref_grid, self.pos_sigma, device)
+        return self.log_w
+
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        return self.set_impl == "triton" or (self.set_impl == "auto" and x.is_cuda and _HAVE_TRITON)
+
+    def whitening(self, use_triton: bool = False) -> torch.Tensor:
+        """Packed ``[Z_hat | W | R]`` per head, float32 ``(h, k, d + 2 k)``: unit anchors, ``(kappa(Z Z^T) + ridge
+        I)^(-1/2)`` and its inverse (:func:`pretrain.models.set_whitening.whitening`; cached per optimizer step)."""
+        return whitening(self.anchors, self.alpha, self.whiten_ridge, use_triton)
+
+    def kernel_map(self, x: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
+        """Nystrom features ``psi(x) = |x| kappa(Z x / |x|) kappa(Z Z^T)^(-1/2)`` of per-head inputs (torch path).
 
         Args:
             x: ``(B, h, n, d)``.
+            packed: the whitening (:meth:`whitening`); computed when omitted.
 
         Returns:
             ``(B, h, n, k)``.
         """
-        z = F.normalize(self.anchors, dim=-1).to(x.dtype)  # (h, k, d)
+        packed = (self.whitening() if packed is None else packed).to(x.dtype)  # (h, k, d + 2 k)
+        z, w = packed[..., : self.head_dim], packed[..., self.head_dim : self.head_dim + self.num_anchors]
         sq_norm = x.square().sum(-1, keepdim=True).add(1e-12)  # (B, h, n, 1); the 1e-12 keeps gradients finite at 0
         cos = (x * sq_norm.rsqrt()) @ z.mT  # (B, h, n, k)
         # |x| exp(alpha (cos - 1)) as one exp (autograd keeps only its output, which the next matmul keeps anyway)
         phi = torch.exp(torch.add(0.5 * sq_norm.log() - self.alpha, cos, alpha=self.alpha))  # (B, h, n, k)
-        return phi @ self.whitening().to(phi.dtype)  # (B, h, n, k)
+        return phi @ w  # (B, h, n, k)
 
     def log_kernel_terms(
         self, x: torch.Tensor, grid_size: tuple[int, int] | None = None
@@ -468,17 +472,36 @@ class SetAttention(nn.Module):
             log_kernel = sim.float().div_(self.sinkhorn_eps)  # -C / eps, (B, h, n, p); in place, nothing saved
             del sim
             if self.pos_sigma is not None:
-                grid = _grid_or_infer(grid_size, psi.shape[-2], needed=True)
-                log_w = positional_log_weight(grid, self.ref_grid, self.pos_sigma, psi.device)  # (n, p)
+                log_w = self._log_weight(_grid_or_infer(grid_size, psi.shape[-2], needed=True), psi.device)  # (n, p)
                 if self.pos_log_scale is None:
                     log_kernel.add_(log_w)  # in place: the division keeps nothing for backward
-                else:
-                    log_kernel = log_kernel + self.pos_log_scale.float().exp().view(-1, 1, 1) * log_w  # (B, h, n, p)
+                else:  # a bf16 scale times the float32 weight promotes to float32 without a copy
+                    log_kernel = log_kernel + self.pos_log_scale.exp().view(-1, 1, 1) * log_w  # (B, h, n, p)
             return log_sinkhorn(log_kernel, self.sinkhorn_iters)
 
     def _slots_are_tokens(self, grid: tuple[int, int] | None, n: int) -> bool:
         """Whether slot ``j`` sits on token ``j``: ``p = n``, the positional term on and the same grid shape."""
         return self.pos_sigma is not None and self.num_ref == n and grid is not None and tuple(grid) == self.ref_grid
+
+    def _fused(self, xh: torch.Tensor, grid: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Triton path: ``(out, psi)``, each ``(B, n, h k)``, from per-head inputs ``xh`` (B, n, h, d)."""
+        from .set_fused import fused_core
+        from .set_triton import MODE_DIRECT, MODE_EXACT_ROWS, MODE_N_T_A
+
+        n = xh.shape[1]
+        reference = self.reference
+        if reference is None:  # one slot: any reference gives the uniform plan; its gradient is dropped
+            reference = xh.new_zeros(self.num_heads, 1, self.num_anchors)
+        with_pos = self.pos_sigma is not None and self.reference is not None
+        log_w = self._log_weight(grid, xh.device) if with_pos else None
+        if self.direct_output and self._slots_are_tokens(grid, n):
+            mode = MODE_DIRECT
+        else:
+            mode = MODE_EXACT_ROWS if self.exact_rows else MODE_N_T_A
+        packed = self.whitening(use_triton=True)
+        return fused_core(
+            xh, packed, reference, self.pos_log_scale, log_w, self.alpha, self.sinkhorn_eps, self.sinkhorn_iters, mode
+        )
 
     def forward(
         self, x: torch.Tensor, grid_size: tuple[int, int] | None = None, return_plan: bool = False
@@ -488,28 +511,34 @@ class SetAttention(nn.Module):
         Args:
             x: ``(B, n, C)`` tokens (after the block's LayerNorm).
             grid_size: token grid ``(H, W)`` with ``H * W = n``; inferred for square ``n`` when omitted.
-            return_plan: also return the plan ``T``, ``(B, h, n, p)`` float32.
+            return_plan: also return the plan ``T``, ``(B, h, n, p)`` float32 (torch path: the fused path never
+                forms it, so this and ``record_plan`` run the torch path).
 
         Returns:
             ``(B, n, C)``, or ``(out, plan)`` with ``return_plan``.
         """
         b, n, c = x.shape
         grid = _grid_or_infer(grid_size, n, needed=self.pos_sigma is not None or self.lepe is not None)
-        xh = self.in_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, n, d)
-        psi = self.kernel_map(xh)  # (B, h, n, k)
-        plan = self.transport_plan(psi, grid)  # (B, h, n, p)
-        t = plan.to(psi.dtype)
-        slots = (t.mT @ psi) * self.num_ref  # A = p T^T psi: every slot a convex combination of tokens, (B, h, p, k)
-        if self.direct_output and self._slots_are_tokens(grid, n):
-            out = slots  # p = n on the token grid: slot j is token j's output (OTKE reads the aggregate off the grid)
-        elif self.exact_rows:
-            back = t / t.sum(-1, keepdim=True).clamp_min(1e-30)  # rows of n T, renormalised to sum to 1 exactly
-            out = back @ slots  # every token an exact convex combination of slots, (B, h, n, k)
+        xh = self.in_proj(x).view(b, n, self.num_heads, self.head_dim)  # (B, n, h, d)
+        plan = None
+        if self._use_triton(x) and not (return_plan or self.record_plan):
+            out, psi = self._fused(xh, grid)  # (B, n, h k) each
         else:
-            out = (t @ slots) * n  # n T A, (B, h, n, k)
-        out = out.transpose(1, 2).reshape(b, n, -1)  # (B, n, h k)
+            psi = self.kernel_map(xh.transpose(1, 2))  # (B, h, n, k)
+            plan = self.transport_plan(psi, grid)  # (B, h, n, p)
+            t = plan.to(psi.dtype)
+            slots = (t.mT @ psi) * self.num_ref  # A = p T^T psi: every slot a convex combination of tokens
+            if self.direct_output and self._slots_are_tokens(grid, n):
+                out = slots  # p = n on the token grid: slot j is token j's output (OTKE reads it off the grid)
+            elif self.exact_rows:
+                back = t / t.sum(-1, keepdim=True).clamp_min(1e-30)  # rows of n T, renormalised to sum to 1 exactly
+                out = back @ slots  # every token an exact convex combination of slots, (B, h, n, k)
+            else:
+                out = (t @ slots) * n  # n T A, (B, h, n, k)
+            out = out.transpose(1, 2).reshape(b, n, -1)  # (B, n, h k)
+            psi = psi.transpose(1, 2).reshape(b, n, -1)  # (B, n, h k)
         if self.lepe is not None:
-            out = out + _lepe(self.lepe, psi.transpose(1, 2).reshape(b, n, -1), grid)
+            out = out + _lepe(self.lepe, psi, grid)
         out = self.proj_drop(self.proj(out))  # (B, n, C)
         if self.record_plan:
             self.last_plan = plan.detach()

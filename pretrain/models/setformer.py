@@ -30,6 +30,11 @@ Decisions made here:
       grid. A size at which a stage has fewer tokens than the checkpoint's reference slots is refused (the clamp
       would drop learned slots), naming the stage and the smallest size that fits. The softmax ablation has nothing
       tied to the grid.
+    * ``set_impl`` picks SeT's kernels: ``"auto"`` (default) runs the fused Triton kernels on CUDA when triton imports
+      and the torch reference elsewhere; ``"torch"`` / ``"triton"`` force one (``model.kwargs.set_impl`` in a
+      config). Neither path factorises a matrix or reads the device from the host (see
+      :mod:`pretrain.models.set_attention`); each SeT layer builds its positional log-weight for the stage's grid
+      at ``img_size`` once.
     * ``attention="softmax"`` builds the same backbone with global multi-head softmax attention
       (``F.scaled_dot_product_attention``, qkv bias, same LePE) for ablations.
     * A stage with ``p = 1`` (the last stage built for 32x32) has a uniform plan whatever the input, so its SeT
@@ -208,6 +213,8 @@ class SeTformer(nn.Module):
             directly instead of transporting it back a second time.
         lepe: depthwise-conv positional term on the attention values.
         whiten_ridge: ridge of the whitening ``(kappa(Z Z^T) + ridge I)^(-1/2)``.
+        set_impl: SeT's implementation: ``"auto"`` (the fused Triton kernels on CUDA when triton imports, the torch
+            reference elsewhere), ``"torch"`` or ``"triton"`` (CUDA, or Triton's interpreter in tests).
         mlp_ratio: MLP hidden width over the block width.
         in_chans: input channels.
         drop_rate: dropout on the pooled features before the classifier.
@@ -235,6 +242,7 @@ class SeTformer(nn.Module):
         direct_output: bool = True,
         lepe: bool = True,
         whiten_ridge: float = 1e-3,
+        set_impl: Literal["auto", "torch", "triton"] = "auto",
         mlp_ratio: float = 4.0,
         in_chans: int = 3,
         drop_rate: float = 0.0,
@@ -279,6 +287,8 @@ class SeTformer(nn.Module):
                     exact_rows=exact_rows,
                     direct_output=direct_output,
                     whiten_ridge=whiten_ridge,
+                    set_impl=set_impl,
+                    grid_size=(self.resolutions[i], self.resolutions[i]),
                 )
             start = sum(depths[:i])
             self.stages.append(

@@ -14,7 +14,8 @@ from test_setformer import _layer, _one_thread, _tokens  # noqa: F401  (_one_thr
 from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.models import create_model
-from pretrain.models.set_attention import SetAttention, inverse_sqrt_psd, log_sinkhorn
+from pretrain.models.set_attention import SetAttention, log_sinkhorn
+from pretrain.models.set_whitening import clear_whitening_cache, whitening
 
 # The review's settings (kernel sigma 0.5, positional term 1/0.25 of the L1 distance, fixed, plan applied as n T A,
 # plan applied twice at p = n): kept as kwargs so the tests show what each fix changed.
@@ -186,8 +187,13 @@ def test_gradcheck_sinkhorn_backward_float64():
     assert torch.autograd.gradcheck(lambda k: log_sinkhorn(k, 3), (log_kernel,), eps=1e-6, atol=1e-6)
 
 
-def test_gradcheck_inverse_sqrt_backward_float64():
+def test_gradcheck_whitening_backward_float64():
+    """The Lyapunov backward of the Newton-Schulz whitening is the gradient of (kappa(Z Z^T) + ridge I)^(-1/2)."""
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(6, 6, generator=g, dtype=torch.float64)
-    spd = (a @ a.T / 6 + 0.1 * torch.eye(6, dtype=torch.float64)).requires_grad_()
-    assert torch.autograd.gradcheck(lambda m: inverse_sqrt_psd(m, 1e-3), (spd,), eps=1e-6, atol=1e-5)
+    anchors = torch.randn(2, 5, 4, generator=g, dtype=torch.float64).requires_grad_()
+
+    def fn(a: torch.Tensor) -> torch.Tensor:
+        clear_whitening_cache()  # gradcheck perturbs the input through .data: no version bump, so no invalidation
+        return whitening(a, 0.25, 1e-3)[..., :9]  # [Z_hat | W]; R feeds only the backward
+
+    assert torch.autograd.gradcheck(fn, (anchors,), eps=1e-6, atol=1e-5)
