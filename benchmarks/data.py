@@ -340,7 +340,10 @@ def shard_open_ms(data_dir: Path, stored: bool, repeats: int = 5) -> list[float]
     import inspect as pyinspect
 
     from data_pipeline.manifest import load_manifest
-    from data_pipeline.stream import _ShardReader
+    try:
+        from data_pipeline.shard_reader import ShardReader as _ShardReader
+    except ImportError:  # code from before the reader had a module of its own
+        from data_pipeline.stream import _ShardReader
 
     manifest = load_manifest(data_dir)
     shards = [(s.name, s.samples) for s in manifest.splits["train"].shards]

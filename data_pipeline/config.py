@@ -9,7 +9,7 @@ closest-key errors) and re-exports them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = ["AugmentConfig", "ConfigError", "DataConfig"]
 
@@ -21,11 +21,20 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     path: str = "data/digits"
-    """Folder written by ``pretrain data build`` (holds ``manifest.json``)."""
+    """Folder or remote prefix (``s3://bucket/prefix``, ``https://host/path``) holding ``manifest.json``."""
     train_split: str = "train"
     """Split streamed for training."""
     val_split: str = "val"
-    """Split used for evaluation; empty disables evaluation."""
+    """Split used for evaluation (``val`` finds ``validation`` and back); empty disables evaluation."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options of a remote ``path`` (e.g. ``{endpoint_url: ..., anon: true}``); credentials belong in the
+    AWS environment variables or files (this mapping is written to the run's config.yaml)."""
+    cache_dir: str = ""
+    """Local folder caching remote shards whole for later epochs (empty: byte-range reads only)."""
+    cache_max_gb: float = 50.0
+    """Upper bound of ``cache_dir``'s size; least recently used shards are removed past it."""
+    remote_retries: int = 5
+    """Times a remote request that failed transiently (5xx, reset, timeout) is retried before its shard is skipped."""
     batch_size: int = 64
     """Micro-batch per rank (images per forward pass on one device)."""
     num_workers: int = 2
@@ -50,6 +59,10 @@ class DataConfig:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
         if self.shuffle_buffer < 1:
             raise ConfigError(f"data.shuffle_buffer={self.shuffle_buffer} must be >= 1")
+        if self.cache_max_gb <= 0:
+            raise ConfigError(f"data.cache_max_gb={self.cache_max_gb} must be positive")
+        if self.remote_retries < 0:
+            raise ConfigError(f"data.remote_retries={self.remote_retries} must be >= 0")
 
 
 @dataclass

@@ -8,18 +8,23 @@ index`` (manifest version 2) the samples are those of the shard's stored index: 
 member at the stored offsets, and its stored label must name a class. With ``deep=True`` every image is decoded and
 every label parsed as well (read at the offsets the scan found). The report lists every bad shard with its reasons;
 the stream refuses nothing by itself, so run this after copying a data set.
+
+Remote data sets (``s3://``, ``https://``) are checked the same way: each shard is fetched whole into a temp file
+(its sha256 needs every byte), checked there and removed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_pipeline.errors import CorruptSample
 from data_pipeline.manifest import Manifest, ShardInfo, file_sha256, load_manifest
+from data_pipeline.remote import Store, Unreachable, temp_download_dir
 from data_pipeline.shard_index import StoredShard, index_shard, read_stored_shard
 
 __all__ = ["BadShard", "InspectReport", "inspect_dataset"]
@@ -108,13 +113,31 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def _check_shard(
-    data_dir: Path, shard: ShardInfo, classes: list[str], deep: bool, foreign: bool
-) -> tuple[list[str], int]:
-    """All problems of one shard, and the number of samples found in it (``foreign``: indexed by ``pretrain data
-    index``, its samples are those of its stored index)."""
+def _check_shard(manifest: Manifest, shard: ShardInfo, deep: bool, scratch: Path) -> tuple[list[str], int]:
+    """All problems of one shard, and the number of samples found in it; a remote shard is fetched into ``scratch``
+    first (and removed)."""
+    shards = manifest.shard_store
+    if not shards.remote:
+        return _check_local_shard(manifest, shard, shards.local(shard.name), deep)
+    local = scratch / shard.name.replace("/", "__")
+    try:
+        shards.download(shard.name, local)
+    except Unreachable as e:
+        return [f"unreachable ({e})"], 0
+    except OSError as e:
+        return [f"missing ({getattr(e, 'strerror', None) or e})"], 0
+    try:
+        return _check_local_shard(manifest, shard, local, deep)
+    finally:
+        local.unlink(missing_ok=True)
+
+
+def _check_local_shard(manifest: Manifest, shard: ShardInfo, path: Path, deep: bool) -> tuple[list[str], int]:
+    """:func:`_check_shard` of a shard at the local ``path`` (for a manifest indexed by ``pretrain data index``, its
+    samples are those of its stored index)."""
+    classes, foreign, root = manifest.classes, manifest.indexed, manifest.root
+    assert root is not None
     num_classes = len(classes)
-    path = Manifest.shard_path(data_dir, shard)
     try:
         size = path.stat().st_size
     except OSError as e:
@@ -129,7 +152,7 @@ def _check_shard(
     stored: StoredShard | None = None
     if shard.index is not None:
         try:
-            stored = read_stored_shard(data_dir / shard.index)
+            stored = read_stored_shard(root.file(shard.index))
         except (OSError, ValueError) as e:
             if foreign:
                 return reasons + [f"stored index unreadable ({e}); re-run `pretrain data index`"], 0
@@ -226,28 +249,38 @@ def _deep_check(data: bytes, ext: str, num_classes: int) -> str | None:
     return None
 
 
-def inspect_dataset(data_dir: str | os.PathLike, deep: bool = False, workers: int | None = None) -> InspectReport:
+def inspect_dataset(
+    data_dir: str | os.PathLike,
+    deep: bool = False,
+    workers: int | None = None,
+    storage_options: dict | None = None,
+) -> InspectReport:
     """Checks every shard of a built data set against its manifest.
 
     Args:
-        data_dir: Folder with ``manifest.json``.
+        data_dir: Folder or remote prefix with ``manifest.json``.
         deep: Also decode every image and parse every label (slow: a full pass over the data).
         workers: Threads checking shards in parallel (hashing and decoding release the GIL); default 4.
+        storage_options: fsspec options of a remote location.
 
     Returns:
         The report; ``report.ok`` is false when any shard is bad, and ``report.bad_shards`` says why.
 
     Raises:
         FileNotFoundError: No data folder or no manifest.
+        OSError: A remote location that does not answer.
         ValueError: The manifest is invalid.
     """
-    root = Path(data_dir)
-    manifest = load_manifest(root)
-    report = InspectReport(str(root), manifest, deep)
+    manifest = load_manifest(Store(data_dir, storage_options))
+    report = InspectReport(str(data_dir), manifest, deep)
     jobs = [(split, shard) for split, info in manifest.splits.items() for shard in info.shards]
     n = max(1, min(workers or 4, len(jobs) or 1))
-    with ThreadPoolExecutor(n) as pool:
-        results = list(pool.map(lambda j: _check_shard(root, j[1], manifest.classes, deep, manifest.indexed), jobs))
+    scratch = temp_download_dir()
+    try:
+        with ThreadPoolExecutor(n) as pool:
+            results = list(pool.map(lambda j: _check_shard(manifest, j[1], deep, scratch), jobs))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     for (split, shard), (reasons, found) in zip(jobs, results):
         report.shards_checked += 1
         report.samples_found[split] = report.samples_found.get(split, 0) + found
@@ -255,8 +288,9 @@ def inspect_dataset(data_dir: str | os.PathLike, deep: bool = False, workers: in
             report.bad_shards.append(BadShard(split, shard.name, reasons))
             logger.warning("bad shard %s: %s", shard.name, "; ".join(reasons))
     listed = {s.name for _, s in jobs}
-    for path in sorted(root.glob("*/*.tar")):
-        rel = path.relative_to(root).as_posix()
-        if rel not in listed:
-            report.extra_files.append(rel)
+    try:
+        present = manifest.shard_store.glob("*/*.tar")
+    except ValueError:  # a location that gives no listing (plain HTTP): nothing to compare with
+        present = []
+    report.extra_files = [rel for rel in present if rel not in listed and not rel.startswith(".")]
     return report

@@ -17,7 +17,9 @@ active at a time.
 Corrupt samples: workers put one event per skipped sample into the batch; the loader counts and logs (first and
 every ``corrupt_log_every``-th per reason) only the events of batches it hands out. The counts are therefore the
 number of skipped samples per reason in the consumed batches, exact whatever the prefetching, and they are part of
-``state_dict()``.
+``state_dict()``. Requests to a remote store that were re-sent after a transient error travel the same way (the
+batch's ``"retried"`` notes) and are counted under :data:`RETRIED_REQUESTS` with the corrupt samples: a count, not a
+skipped sample (the sample arrived on a later try), in the same metrics and checkpoints.
 
 Epoch order version: ``state_dict()`` records the stream's ``"order"``; a state without it was written before
 version 2 and resumes with :data:`~data_pipeline.order.LEGACY_ORDER` (and keeps it for the rest of that run), so an
@@ -41,14 +43,19 @@ from torch.utils.data import DataLoader
 if TYPE_CHECKING:
     from data_pipeline.config import AugmentConfig, DataConfig
 
+from data_pipeline.manifest import Manifest, load_manifest, resolve_split
 from data_pipeline.order import LEGACY_ORDER, ORDER_VERSION, ORDER_VERSIONS
+from data_pipeline.remote import RetryPolicy, Store
+from data_pipeline.shard_cache import ShardCache
 from data_pipeline.stream import ShardStream, Transform
 
-__all__ = ["DataParts", "ResumableLoader", "build_data", "build_loader"]
+__all__ = ["RETRIED_REQUESTS", "DataParts", "ResumableLoader", "build_data", "build_loader", "check_data"]
 
 logger = logging.getLogger(__name__)
 
 _STATE_KEYS = ("epoch", "batches_done", "corrupt", "seed", "world_size", "batch_size")
+RETRIED_REQUESTS = "retried_requests"
+"""Key of :meth:`ResumableLoader.corrupt_counts` counting remote requests re-sent after a transient error."""
 
 
 class ResumableLoader:
@@ -133,7 +140,8 @@ class ResumableLoader:
             self._epoch, self._batches_done = epoch, 0
 
     def corrupt_counts(self) -> dict[str, int]:
-        """Samples skipped so far per reason (in the batches handed out, across epochs and resumes)."""
+        """Samples skipped so far per reason (in the batches handed out, across epochs and resumes), and under
+        :data:`RETRIED_REQUESTS` the remote requests those batches re-sent after a transient error."""
         return dict(self._corrupt)
 
     def state_dict(self) -> dict[str, Any]:
@@ -236,6 +244,7 @@ class ResumableLoader:
                 raise RuntimeError("this loader iteration was superseded by a newer iter(loader)")
             self._batches_done += 1
             self._count_corrupt(batch.pop("corrupt"))
+            self._count_retries(batch.pop("retried"))
             yield batch
         if generation != self._generation:
             return
@@ -263,6 +272,20 @@ class ResumableLoader:
                     detail,
                     n,
                     reason,
+                    self.stream.rank,
+                    self.corrupt_log_every,
+                )
+
+    def _count_retries(self, notes: list[str]) -> None:
+        for note in notes:
+            n = self._corrupt.get(RETRIED_REQUESTS, 0) + 1
+            self._corrupt[RETRIED_REQUESTS] = n
+            if n == 1 or n % self.corrupt_log_every == 0:
+                logger.warning(
+                    "retried a request to the data store: %s [%d retries so far on rank %d; logging the 1st and every "
+                    "%d-th]",
+                    note,
+                    n,
                     self.stream.rank,
                     self.corrupt_log_every,
                 )
@@ -301,14 +324,17 @@ def build_loader(
     image_size: int | None = None,
     pin_memory: bool = False,
     timeout_s: float = 0.0,
+    storage_options: dict[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    cache_max_gb: float = 50.0,
+    remote_retries: int = 5,
 ) -> ResumableLoader:
     """Builds the loader of one rank for one split.
 
     Args:
-        data_dir: Folder with ``manifest.json`` and ``{split}/shard-*.tar``.
-        split: Split to stream (``train``, ``val``).
-        train: Shuffle per epoch and drop less than one global batch; ``False`` gives every sample exactly once
-            across ranks, in write order, padded to equal batch counts, with ``rng=None`` for the transform.
+        data_dir: Folder or remote prefix (``s3://``, ``https://``) with ``manifest.json`` and the shards.
+        split: Split to stream (``train``, ``val``; ``val`` and ``validation`` find each other).
+        train: Shuffle per epoch, dropping < 1 global batch; ``False``: every sample once, in write order, padded.
         rank: This data-parallel rank.
         world_size: Number of data-parallel ranks.
         batch_size: Samples per batch on this rank.
@@ -322,6 +348,8 @@ def build_loader(
         image_size: ``S``, to size zero-filled rows; ``None`` learns it from the first decoded sample.
         pin_memory: Pin batches for faster host-to-device copies.
         timeout_s: Fail if a worker does not deliver a batch within this many seconds (0: wait forever).
+        storage_options: fsspec options of a remote ``data_dir``; ``cache_dir`` (bounded by ``cache_max_gb``)
+            caches remote shards whole, ``remote_retries`` retries transient errors (the ``data`` config fields).
 
     Returns:
         The rank's :class:`ResumableLoader`, positioned at the start of epoch 0.
@@ -340,6 +368,9 @@ def build_loader(
         shuffle_buffer=shuffle_buffer,
         transform=transform,
         image_size=image_size,
+        storage_options=storage_options,
+        cache=ShardCache(cache_dir, int(cache_max_gb * 1e9)) if cache_dir else None,
+        retry=RetryPolicy(attempts=1 + remote_retries),
     )
     if train and stream.num_batches == 0:
         raise ValueError(
@@ -412,6 +443,10 @@ def build_data(
         image_size=img_size,
         persistent_workers=data.persistent_workers and data.num_workers > 0,
         pin_memory=pin_memory,
+        storage_options=data.storage_options,
+        cache_dir=data.cache_dir,
+        cache_max_gb=data.cache_max_gb,
+        remote_retries=data.remote_retries,
     )
     train = build_loader(
         data.path, data.train_split, train=True, batch_size=data.batch_size, transform=train_tf, **common
@@ -421,3 +456,58 @@ def build_data(
         batch = data.val_batch_size or data.batch_size
         val = build_loader(data.path, data.val_split, train=False, batch_size=batch, transform=eval_tf, **common)
     return DataParts(train, val, DeviceAugment(augment, num_classes), normalize)
+
+
+def check_data(data: DataConfig) -> tuple[Manifest, str, str]:
+    """The data set of a ``data`` section, checked before any rank starts: ``(manifest, train split, val split)``,
+    the splits as the manifest names them (``val`` finds ``validation``; an empty ``val_split`` stays empty).
+
+    Raises:
+        FileNotFoundError: No manifest at ``data.path``; the message names the command that makes one (``pretrain
+            data index`` where shards are there already).
+        OSError: A remote location that does not answer or refuses access.
+        ValueError: An unreadable manifest, or a split it does not have (naming ``data.train_split`` or
+            ``data.val_split`` and the splits there are).
+    """
+    store = Store(data.path, data.storage_options, RetryPolicy(attempts=1 + data.remote_retries))
+    try:
+        manifest = load_manifest(store)
+    except FileNotFoundError:
+        raise FileNotFoundError(_no_manifest(store)) from None
+    except ValueError as e:
+        raise ValueError(f"data.path={data.path}: unreadable manifest ({e})") from None
+    splits = ", ".join(sorted(manifest.splits))
+    try:
+        train = resolve_split(manifest, data.train_split)
+    except ValueError:
+        raise ValueError(
+            f"data.train_split={data.train_split!r} is not a split of {data.path} (its splits: {splits})"
+        ) from None
+    try:
+        val = resolve_split(manifest, data.val_split) if data.val_split else ""
+    except ValueError:
+        raise ValueError(
+            f"data.val_split={data.val_split!r} is not a split of {data.path} (its splits: {splits}); set "
+            "data.val_split to one of them, or data.val_split='' to train without evaluation"
+        ) from None
+    if val and val != data.val_split:
+        logger.info("data.val_split=%s: the data set calls it %r", data.val_split, val)
+    return manifest, train, val
+
+
+def _no_manifest(store: Store) -> str:
+    """Why ``data.path`` is no data set, and the command that makes it one."""
+    try:
+        shards = store.glob("*.tar") + store.glob("*/*.tar")
+    except (OSError, ValueError):
+        shards = []
+    if shards:
+        return (
+            f"data.path={store.url}: no manifest.json there, but WebDataset shards (e.g. {shards[0]}): index them "
+            f"with `pretrain data index {store.url}` (see --split-glob and --label), then train again"
+        )
+    return (
+        f"data.path={store.url}: no manifest.json there; for WebDataset shards there run `pretrain data index "
+        f"{store.url}`, to make shards from images `pretrain data build SOURCE --out {store.url}`, or point data.path "
+        "at an indexed or built data set"
+    )

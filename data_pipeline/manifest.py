@@ -13,6 +13,11 @@ write index to its shard from the per-shard counts. Two versions, both read:
   member offsets in tar order; the stream takes keys and labels from there. The manifest also names the ``label``
   rule, the ``image_exts`` present, and per split the samples left out (``skipped_samples``, by reason).
 
+The manifest and the ``.index/`` folder normally sit beside the shards. A store the indexer could not write (an
+HTTP(S) server, a read-only bucket) is indexed into another location (``pretrain data index URL --index-out DIR``):
+that manifest names where the shards are (``shard_location``, an absolute path or a URL) and shard names stay
+relative to it. Locations may be local folders or remote prefixes (:class:`data_pipeline.remote.Store`).
+
 Every sample is labelled, so a split with samples needs a non-empty ``classes``. Schema::
 
     {"version": 1 | 2, "source": str, "format": "png" | "jpeg" | "mixed", "classes": [name, ...], "created": iso time,
@@ -22,7 +27,8 @@ Every sample is labelled, so a split with samples needs a non-empty ``classes``.
                           "skipped_samples": {reason: n} (v2)},
                 "val": {...}},
      "skipped": [{"path": str, "reason": str}],
-     "label": "cls" | "txt" | "json:FIELD" (v2), "image_exts": [ext, ...] (v2)}
+     "label": "cls" | "txt" | "json:FIELD" (v2), "image_exts": [ext, ...] (v2),
+     "shard_location": "s3://bucket/prefix" (only where the shards are not beside the manifest)}
 """
 
 from __future__ import annotations
@@ -35,10 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.fsutil import fsync_dir
+from data_pipeline.remote import Store, is_remote
 
 __all__ = [
     "MANIFEST_NAME",
+    "VAL_SPLIT_NAMES",
+    "resolve_split",
     "previous_manifest",
     "same_manifest_content",
     "MANIFEST_VERSION",
@@ -61,8 +69,11 @@ INDEXED_MANIFEST_VERSION = 2
 """Shards indexed by ``pretrain data index``: each shard has a stored per-shard index."""
 FORMATS = ("png", "jpeg", "mixed")
 _HINT = (
-    "run `pretrain data build SOURCE --out DIR` to (re)build it, or `pretrain data index DIR` for shards made elsewhere"
+    "for WebDataset shards already there run `pretrain data index DIR`; to make shards from images run "
+    "`pretrain data build SOURCE --out DIR`"
 )
+VAL_SPLIT_NAMES = ("val", "validation")
+"""Names of the validation split: asking for one finds a data set's other (Hugging Face calls it ``validation``)."""
 
 
 @dataclass
@@ -113,8 +124,17 @@ class Manifest:
     """Version 2: where labels come from (``cls``, ``txt`` or ``json:FIELD``)."""
     image_exts: list[str] = field(default_factory=list)
     """Version 2: the image extensions present, sorted."""
-    root: Path | None = field(default=None, repr=False, compare=False)
-    """The folder it was loaded from (not stored): where stored shard indexes are found."""
+    shard_location: str = ""
+    """Where the shards are, when not beside the manifest (an absolute path or a URL); empty: beside it."""
+    root: Store | None = field(default=None, repr=False, compare=False)
+    """The location it was loaded from (not stored): where stored shard indexes are found."""
+
+    @property
+    def shard_store(self) -> Store:
+        """The location of the shards: ``shard_location`` (with the root's storage options), else the root."""
+        if self.root is None:
+            raise ValueError("the manifest was not loaded from a location: load it with load_manifest(LOCATION)")
+        return self.root.with_location(self.shard_location) if self.shard_location else self.root
 
     @property
     def indexed(self) -> bool:
@@ -162,6 +182,8 @@ class Manifest:
         }
         if v2:
             out.update(label=self.label, image_exts=list(self.image_exts))
+        if self.shard_location:
+            out["shard_location"] = self.shard_location
         return out
 
     @classmethod
@@ -229,11 +251,7 @@ class Manifest:
         skipped = raw.get("skipped") or []
         if not isinstance(skipped, list) or not all(isinstance(x, dict) for x in skipped):
             raise bad("'skipped' must be a list of {path, reason} objects")
-        label, image_exts = raw.get("label", ""), raw.get("image_exts", [])
-        if v2 and (not isinstance(label, str) or not label):
-            raise bad("'label' (cls, txt or json:FIELD) is missing")
-        if not isinstance(image_exts, list) or not all(isinstance(e, str) for e in image_exts):
-            raise bad("'image_exts' must be a list of extensions")
+        label, image_exts, shard_location = _optional_fields(raw, v2, bad)
         return cls(
             source=raw["source"],
             format=raw["format"],
@@ -244,37 +262,79 @@ class Manifest:
             version=version,
             label=label if v2 else "",
             image_exts=list(image_exts) if v2 else [],
+            shard_location=shard_location,
         )
 
 
-def load_manifest(data_dir: str | os.PathLike) -> Manifest:
-    """Reads and validates ``data_dir/manifest.json``.
+def _optional_fields(raw: dict[str, Any], v2: bool, bad: Any) -> tuple[str, list[str], str]:
+    """``label``, ``image_exts`` (version 2) and ``shard_location`` of a parsed manifest, checked."""
+    label, image_exts = raw.get("label", ""), raw.get("image_exts", [])
+    if v2 and (not isinstance(label, str) or not label):
+        raise bad("'label' (cls, txt or json:FIELD) is missing")
+    if not isinstance(image_exts, list) or not all(isinstance(e, str) for e in image_exts):
+        raise bad("'image_exts' must be a list of extensions")
+    shard_location = raw.get("shard_location", "")
+    if not isinstance(shard_location, str) or (
+        shard_location and not (is_remote(shard_location) or Path(shard_location).is_absolute())
+    ):
+        raise bad(f"'shard_location' {shard_location!r} must be an absolute path or a URL")
+    return label, image_exts, shard_location
+
+
+def load_manifest(location: str | os.PathLike | Store, storage_options: dict[str, Any] | None = None) -> Manifest:
+    """Reads and validates ``LOCATION/manifest.json``.
 
     Args:
-        data_dir: Folder written by ``pretrain data build`` or indexed by ``pretrain data index``.
+        location: Folder or remote prefix (``s3://``, ``https://``) written by ``pretrain data build`` or indexed by
+            ``pretrain data index``, or a :class:`~data_pipeline.remote.Store`.
+        storage_options: fsspec options of a remote location (see :mod:`data_pipeline.remote`).
 
     Raises:
-        FileNotFoundError: The folder or its manifest does not exist (say to run ``pretrain data build``).
+        FileNotFoundError: The folder or its manifest does not exist (the message says which command makes one).
+        OSError: A remote location that does not answer, or refuses access.
         ValueError: The manifest is not valid JSON or does not follow the schema.
     """
-    path = Path(data_dir) / MANIFEST_NAME
-    if not Path(data_dir).is_dir():
-        raise FileNotFoundError(f"data folder {data_dir} does not exist; {_HINT}")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (no finished build in {data_dir}); {_HINT}")
+    store = location if isinstance(location, Store) else Store(location, storage_options)
+    where = store.path(MANIFEST_NAME)
+    if not store.remote and not store.local().is_dir():
+        raise FileNotFoundError(f"data folder {store.url} does not exist; {_HINT.replace('DIR', store.url)}")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        data = store.read_bytes(MANIFEST_NAME)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{where} not found (no finished build or index at {store.url}); {_HINT.replace('DIR', store.url)}"
+        ) from None
+    except IsADirectoryError:
+        raise FileNotFoundError(f"{where} is a folder, not a manifest") from None
+    try:
+        raw = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); {_HINT}") from None
-    manifest = Manifest.from_dict(raw, where=str(path))
-    manifest.root = Path(data_dir)
+        raise ValueError(f"{where}: not valid JSON ({e}); {_HINT}") from None
+    manifest = Manifest.from_dict(raw, where=where)
+    manifest.root = store
     return manifest
 
 
-def previous_manifest(data_dir: str | os.PathLike) -> Manifest | None:
-    """The manifest an earlier build or index left in ``data_dir``, or None when there is none usable."""
+def resolve_split(manifest: Manifest, split: str) -> str:
+    """The manifest's name of ``split``: itself, or for a validation split its other name (``val`` <->
+    ``validation``).
+
+    Raises:
+        ValueError: The manifest has no such split (the message lists its splits).
+    """
+    if split in manifest.splits:
+        return split
+    if split in VAL_SPLIT_NAMES:
+        for other in VAL_SPLIT_NAMES:
+            if other in manifest.splits:
+                return other
+    raise ValueError(f"split {split!r} is not in the data set; its splits: {', '.join(sorted(manifest.splits))}")
+
+
+def previous_manifest(location: str | os.PathLike | Store) -> Manifest | None:
+    """The manifest an earlier build or index left at ``location``, or None when there is none usable."""
     try:
-        return load_manifest(data_dir)
+        return load_manifest(location)
     except (FileNotFoundError, ValueError):
         return None
 
@@ -287,18 +347,11 @@ def same_manifest_content(a: Manifest, b: Manifest) -> bool:
     return da == db
 
 
-def write_manifest(manifest: Manifest, data_dir: str | os.PathLike) -> Path:
-    """Writes ``data_dir/manifest.json`` atomically (temp file, fsync, rename) and returns its path."""
-    path = Path(data_dir) / MANIFEST_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest.to_dict(), f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    return path
+def write_manifest(manifest: Manifest, location: str | os.PathLike | Store) -> str:
+    """Writes ``LOCATION/manifest.json`` atomically (local: temp file, fsync, rename) and returns its path or URL."""
+    store = location if isinstance(location, Store) else Store(location)
+    store.write_bytes(MANIFEST_NAME, (json.dumps(manifest.to_dict(), indent=1) + "\n").encode("utf-8"))
+    return store.path(MANIFEST_NAME)
 
 
 def file_sha256(path: str | os.PathLike, chunk_bytes: int = 4 << 20) -> str:

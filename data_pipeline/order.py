@@ -358,7 +358,8 @@ def plan_batches(
     )
     if not manifest.indexed:
         return [[sample_key(split, int(i)) for i in row if i >= 0] for row in grid]
-    if manifest.root is None:
+    root = manifest.root
+    if root is None:
         raise ValueError("the manifest has stored shard indexes: load it with load_manifest(DIR) or pass DIR")
     shards = manifest.splits[split].shards
     offsets = np.concatenate([[0], np.cumsum([sh.samples for sh in shards], dtype=np.int64)])
@@ -367,7 +368,7 @@ def plan_batches(
     def key(index: int) -> str:
         shard = int(np.searchsorted(offsets, index, side="right")) - 1
         if shard not in stored:
-            stored[shard] = read_stored_shard(manifest.root / str(shards[shard].index))
+            stored[shard] = read_stored_shard(root.file(str(shards[shard].index)))
         return stored[shard].keys[index - int(offsets[shard])]
 
     return [[key(int(i)) for i in row if i >= 0] for row in grid]

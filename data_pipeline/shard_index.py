@@ -37,12 +37,13 @@ import os
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from contextlib import closing
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from data_pipeline.fsutil import fsync_dir
+from data_pipeline.remote import StoreFile, Unreachable
 
 __all__ = [
     "IMAGE_EXTS",
@@ -105,11 +106,13 @@ def split_member_name(name: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-def index_shard(path: Path, expected: range | None, split: str, stored: StoredShard | None = None) -> ShardIndex:
+def index_shard(
+    path: Path | StoreFile, expected: range | None, split: str, stored: StoredShard | None = None
+) -> ShardIndex:
     """The members of one shard by key, from its stored index when its size matches the shard, else from a tar scan.
 
     Args:
-        path: The shard.
+        path: The shard: a local file, or a file of a remote store (its size asked once, its tar read by ranges).
         expected: The range of write indices a shard of ours holds (its keys are ``{split}_{index:08d}``; keys outside
             it make ``foreign_keys`` true); ``None`` for a shard indexed by ``pretrain data index``.
         split: The split (for ``expected``).
@@ -117,8 +120,12 @@ def index_shard(path: Path, expected: range | None, split: str, stored: StoredSh
             then the tar is not opened (and ``expected`` not checked: the caller checks our shards' stored keys).
             ``None``, or a size that differs: the tar is scanned with ``tarfile``.
     """
+    if not isinstance(path, StoreFile):
+        path = Path(path)
     try:
-        size = path.stat().st_size
+        size = path.stat().st_size if isinstance(path, Path) else path.size()
+    except Unreachable as e:
+        return ShardIndex({}, "unreachable_shard", str(e), False)
     except OSError as e:
         return ShardIndex({}, "missing_shard", f"{path}: {e.strerror or e}", False)
     if size == 0:
@@ -136,7 +143,7 @@ def index_shard(path: Path, expected: range | None, split: str, stored: StoredSh
 
 
 def _group_members(
-    path: Path, size: int, entries: Iterator[tuple[str, int, int]]
+    path: Path | StoreFile, size: int, entries: Iterator[tuple[str, int, int]]
 ) -> tuple[dict[str, dict[str, tuple[int, int]]], str | None, str]:
     """``({key: {ext: (offset_data, size)}}, problem, detail)`` from a shard's regular-file members, in tar order.
 
@@ -154,6 +161,8 @@ def _group_members(
                     members.pop(key, None)  # the sample at the break is lost as a whole
                     return members, "truncated_shard", f"{path}: member {name} ends past the end of the file"
                 members.setdefault(key, {})[ext] = (offset, length)
+        except Unreachable as e:
+            return {}, "unreachable_shard", str(e)
         except _NoEndMarker:
             # tarfile treats a file cut exactly between members as complete: the end-of-archive blocks tell.
             if members:
@@ -168,13 +177,17 @@ class _NoEndMarker(Exception):
     """The archive's last member ends exactly at the end of the file: no end-of-archive blocks follow."""
 
 
-def _tarfile_members(path: Path, size: int) -> Iterator[tuple[str, int, int]]:
+def _tarfile_members(path: Path | StoreFile, size: int) -> Iterator[tuple[str, int, int]]:
     """``(name, offset_data, size)`` of each regular file in the tar, read with ``tarfile`` (every tar format).
 
     Raises:
         _NoEndMarker: The last member ends at the end of the file (``tarfile`` itself takes that as a complete tar).
     """
-    with tarfile.open(path, mode="r:") as tar:
+    with ExitStack() as stack:
+        if isinstance(path, Path):
+            tar = stack.enter_context(tarfile.open(path, mode="r:"))
+        else:  # a remote shard: tarfile reads its headers through a file that fetches blocks by range
+            tar = stack.enter_context(tarfile.open(fileobj=stack.enter_context(path.open()), mode="r:"))
         for info in tar:
             if info.isfile():
                 yield info.name, info.offset_data, info.size
@@ -216,15 +229,15 @@ class StoredShard:
         return len(self.keys)
 
 
-def read_stored_entry(path: Path) -> dict[str, Any]:
-    """The parsed JSON object of a stored index of the version this code reads.
+def read_stored_entry(path: Path | StoreFile) -> dict[str, Any]:
+    """The parsed JSON object of a stored index of the version this code reads (a local file or a store's).
 
     Raises:
-        OSError: It cannot be read (``FileNotFoundError``: no such file).
+        OSError: It cannot be read (``FileNotFoundError``: no such file; ``Unreachable``: a store kept failing).
         ValueError: Not valid JSON, or not a version :data:`STORED_INDEX_VERSION` stored index.
     """
     try:
-        raw = json.loads(Path(path).read_bytes())
+        raw = json.loads(path.read_bytes() if isinstance(path, StoreFile) else Path(path).read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict) or raw.get("version") != STORED_INDEX_VERSION:
@@ -232,7 +245,7 @@ def read_stored_entry(path: Path) -> dict[str, Any]:
     return raw
 
 
-def read_stored_shard(path: Path) -> StoredShard:
+def read_stored_shard(path: Path | StoreFile) -> StoredShard:
     """Reads the samples of a stored shard index, checking every entry's shape and that each member lies within the
     shard's recorded size.
 

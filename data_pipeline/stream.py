@@ -36,14 +36,20 @@ its range makes its missing keys count as ``key_mismatch``. In shards indexed by
 key, label and image extension are the ``i - offset[s]``-th entry of the shard's stored index, and a key the tar no
 longer holds counts as ``key_mismatch``. Either way the reader checks that the shard holds the key.
 
-Reading: a worker finds a sample's members through the shard's index (:func:`data_pipeline.shard_index.index_shard`,
-built once per shard and process, cached): the stored index ``.index/<shard>.json`` that ``pretrain data build`` or
-``pretrain data index`` wrote, when its recorded size is the shard's size, so the tar's headers are not read; else a
-``tarfile`` scan of the tar, which also tells how it is broken (missing, empty, truncated). A data set built before
-stored indexes existed (a version 1 manifest whose shards name no ``index``) is scanned, with the same batches. A
-stored index of our own shard that cannot be read or does not list the shard's samples is warned about once per
-shard and process and the shard scanned; one of a shard indexed by ``pretrain data index`` is an error that says to
-re-run it (its keys and labels are nowhere else).
+Reading (:mod:`data_pipeline.shard_reader`): a worker finds a sample's members through the shard's index
+(:func:`data_pipeline.shard_index.index_shard`, built once per shard and process, cached): the stored index
+``.index/<shard>.json`` that ``pretrain data build`` or ``pretrain data index`` wrote, when its recorded size is the
+shard's size, so the tar's headers are not read; else a ``tarfile`` scan of the tar, which also tells how it is broken
+(missing, empty, truncated). A data set built before stored indexes existed (a version 1 manifest whose shards name no
+``index``) is scanned, with the same batches. A stored index of our own shard that cannot be read or does not list the
+shard's samples is warned about once per shard and process and the shard scanned; one of a shard indexed by ``pretrain
+data index`` is an error that says to re-run it (its keys and labels are nowhere else).
+
+Locations: the data set may sit in a local folder or a remote store (``s3://``, ``https://``; the manifest may also
+name a separate ``shard_location``). A remote shard's members are fetched by byte range, all of a batch's at once, with
+retries; the order, the resume and the corrupt-sample counting are the same as on local disk. A request re-sent after
+a transient error is reported with the batch (``"retried"``) and a shard that kept failing skips its samples as
+``unreachable_shard``.
 
 Workers: worker ``w`` of ``K`` yields the batches ``start + w, start + w + K, ...``; PyTorch's DataLoader fetches
 from workers round-robin starting at worker 0, so the batches arrive in order. A worker reads only the samples of
@@ -72,10 +78,10 @@ import logging
 import math
 import multiprocessing
 import os
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,7 +89,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data_pipeline.errors import DECODE_ERROR, MISSING_IMAGE, MISSING_LABEL, CorruptSample
-from data_pipeline.manifest import Manifest, load_manifest
+from data_pipeline.manifest import Manifest, load_manifest, resolve_split
 from data_pipeline.order import (
     LEGACY_ORDER,
     ORDER_VERSION,
@@ -96,7 +102,10 @@ from data_pipeline.order import (
     split_shards,
     worker_batches,
 )
-from data_pipeline.shard_index import ShardIndex, StoredShard, index_shard, pick_image, read_stored_shard
+from data_pipeline.remote import RetryPolicy, Store, Unreachable
+from data_pipeline.shard_cache import ShardCache
+from data_pipeline.shard_index import pick_image
+from data_pipeline.shard_reader import UNREACHABLE_SHARD, ShardReader, member_bytes, member_ranges
 
 __all__ = ["CORRUPT_REASONS", "ShardStream", "Transform"]
 
@@ -117,124 +126,36 @@ CORRUPT_REASONS = (
     "bad_label",  # .cls (or a stored label) is not an int in [0, num_classes) or a class name of the manifest
     "read_error",  # OSError while reading member bytes
     "decode_error",  # the transform raised CorruptSample (counted under its own ``reason``, this by default)
+    UNREACHABLE_SHARD,  # a remote shard (or its stored index) kept failing transiently after every retry
 )
 
-# Per-worker caches. The samples in flight come from a window of about shuffle_buffer + world_size * batch_size
-# layout positions, i.e. a handful of shards at usual sizes; an index costs a few hundred bytes per sample, so 32
-# indexes of 10k-sample shards stay near 100 MB per worker.
-_MAX_OPEN_FILES = 16
-_MAX_CACHED_INDEXES = 32
 # Samples tried to learn the image size when a worker's first batch holds no decodable sample.
 _SIZE_PROBE_LIMIT = 256
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Reading samples out of tar shards
+@dataclass
+class _Located:
+    """Where a sample's bytes are: its key, shard, members and the ranges to read; ``label`` when the stored index
+    holds it (else it is the ``.cls`` member)."""
+
+    key: str
+    shard: int
+    shard_name: str
+    exts: dict[str, tuple[int, int]]
+    image_ext: str
+    label: int | str | None
+    ranges: list[tuple[int, int]]  # (offset, size) within the shard, covering the image and (own shards) the .cls
 
 
-class _ShardReader:
-    """Per-process cache of shard indexes and open shard files (both LRU).
+@dataclass
+class _Fetched:
+    """A batch's samples located and read: ``(row, write index, where)`` per readable sample with its ranges' bytes
+    (or errors), the ``(reason, key, detail)`` of the others, and the store requests that were retried meanwhile."""
 
-    ``stored_paths[s]`` is shard ``s``'s stored index (None: a data set built before stored indexes, scanned);
-    ``foreign``: the shards were indexed by ``pretrain data index`` (keys and labels come from their stored indexes).
-    """
-
-    def __init__(
-        self,
-        data_dir: Path,
-        split: str,
-        shards: Sequence[tuple[str, int]],
-        offsets: np.ndarray,
-        stored_paths: Sequence[Path | None],
-        foreign: bool,
-    ):
-        self.data_dir, self.split, self.shards, self.offsets = data_dir, split, shards, offsets
-        self.stored_paths, self.foreign = stored_paths, foreign
-        self.pid = os.getpid()
-        self._indexes: OrderedDict[int, ShardIndex] = OrderedDict()
-        self._stored: OrderedDict[int, StoredShard] = OrderedDict()
-        self._files: OrderedDict[int, Any] = OrderedDict()
-        self._warned: set[int] = set()  # our shards whose stored index could not be used, warned about once
-
-    def index(self, shard: int) -> ShardIndex:
-        """The shard's members by key: from its stored index, or a tar scan (see the module docstring)."""
-        idx = self._indexes.get(shard)
-        if idx is None:
-            path = self.data_dir / self.shards[shard][0]
-            if self.foreign:
-                idx = index_shard(path, None, self.split, self.stored(shard))
-            else:
-                expected = range(int(self.offsets[shard]), int(self.offsets[shard + 1]))
-                idx = index_shard(path, expected, self.split, self._own_stored(shard, expected))
-            self._indexes[shard] = idx
-            if len(self._indexes) > _MAX_CACHED_INDEXES:
-                self._indexes.popitem(last=False)
-        else:
-            self._indexes.move_to_end(shard)
-        return idx
-
-    def _own_stored(self, shard: int, expected: range) -> StoredShard | None:
-        """The stored index ``pretrain data build`` wrote for our shard, if it has one that lists exactly the shard's
-        samples; else None (the shard is scanned), with a warning once per shard if it has one that cannot be used."""
-        path = self.stored_paths[shard]
-        if path is None:
-            return None  # built before stored indexes
-        try:
-            stored = read_stored_shard(path)
-            if stored.keys != [sample_key(self.split, i) for i in expected]:
-                raise ValueError(f"{path}: its samples are not the {len(expected)} the manifest lists for the shard")
-        except (OSError, ValueError) as e:
-            if shard not in self._warned:
-                self._warned.add(shard)
-                logger.warning(
-                    "stored index of %s unusable (%s): scanning the tar instead; re-run `pretrain data "
-                    "build` with the same arguments to rewrite it (the shards are kept)",
-                    self.shards[shard][0],
-                    e,
-                )
-            return None
-        return stored
-
-    def stored(self, shard: int) -> StoredShard | None:
-        """The shard's stored index if ``pretrain data index`` made it (keys, labels), else None (our own shards)."""
-        if not self.foreign:
-            return None
-        entry = self._stored.get(shard)
-        if entry is None:
-            try:
-                entry = read_stored_shard(self.stored_paths[shard])  # type: ignore[arg-type] - set for every shard
-            except (OSError, ValueError) as e:
-                # Not a data error to skip over: every sample of the shard would go. Stop and say what to do.
-                raise RuntimeError(
-                    f"cannot read the stored index of {self.shards[shard][0]}: {e}; re-run `pretrain data index "
-                    f"{self.data_dir}`"
-                ) from e
-            self._stored[shard] = entry
-            if len(self._stored) > _MAX_CACHED_INDEXES:
-                self._stored.popitem(last=False)
-        else:
-            self._stored.move_to_end(shard)
-        return entry
-
-    def read(self, shard: int, offset: int, size: int) -> bytes:
-        f = self._files.get(shard)
-        if f is None:
-            f = open(self.data_dir / self.shards[shard][0], "rb")  # noqa: SIM115 - kept open in the LRU
-            self._files[shard] = f
-            if len(self._files) > _MAX_OPEN_FILES:
-                self._files.popitem(last=False)[1].close()
-        else:
-            self._files.move_to_end(shard)
-        f.seek(offset)
-        data = f.read(size)
-        if len(data) != size:
-            raise OSError(f"short read: {len(data)} of {size} bytes at offset {offset}")
-        return data
-
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+    located: list[tuple[int, int, _Located]]
+    events: list[tuple[str, str, str]]
+    chunks: list[list[bytes | OSError]]
+    retried: list[str]
 
 
 def _takes_out(transform: Transform) -> bool:
@@ -274,8 +195,10 @@ class ShardStream(IterableDataset):
     starts. Each process computes only its own batches' samples (:class:`EpochOrder`).
 
     Args:
-        data_dir: Folder with ``manifest.json`` and the shards.
-        split: Split to stream.
+        data_dir: Folder or remote prefix (``s3://``, ``https://``) with ``manifest.json``, the stored indexes and
+            (unless the manifest names a ``shard_location``) the shards.
+        split: Split to stream (``val`` and ``validation`` find each other, see
+            :func:`~data_pipeline.manifest.resolve_split`).
         train: Shuffle and drop the last partial global batch (``False``: write order, padded, ``rng=None``).
         rank: This rank.
         world_size: Number of data-parallel ranks.
@@ -286,9 +209,13 @@ class ShardStream(IterableDataset):
         image_size: ``S``; ``None`` takes ``transform.img_size`` if there is one, else learns it from the first
             decoded sample (needed to zero-fill padding).
         manifest: An already loaded manifest (default: read from ``data_dir``).
+        storage_options: fsspec options of remote locations (:mod:`data_pipeline.remote`).
+        cache: Local whole-shard cache of remote shards (None: byte ranges only).
+        retry: Retry policy of remote requests.
 
     Raises:
-        ValueError: Bad layout arguments, or ``image_size`` differs from ``transform.img_size``.
+        ValueError: Bad layout arguments, a split the data set does not have, or ``image_size`` differs from
+            ``transform.img_size``.
     """
 
     def __init__(
@@ -305,11 +232,20 @@ class ShardStream(IterableDataset):
         transform: Transform,
         image_size: int | None = None,
         manifest: Manifest | None = None,
+        storage_options: dict[str, Any] | None = None,
+        cache: ShardCache | None = None,
+        retry: RetryPolicy | None = None,
     ):
         super().__init__()
         _check_layout_args(world_size, rank, batch_size, shuffle_buffer, seed, 0)
-        self.data_dir = Path(data_dir)
-        self.manifest = manifest if manifest is not None else load_manifest(self.data_dir)
+        self.data_dir = str(data_dir)
+        if manifest is None:
+            manifest = load_manifest(Store(data_dir, storage_options, retry))
+        if manifest.root is None:
+            manifest.root = Store(data_dir, storage_options, retry)
+        self.manifest = manifest
+        self.index_store, self.shard_store, self.cache = manifest.root, manifest.shard_store, cache
+        split = resolve_split(manifest, split)
         self.split, self.train, self.rank, self.world_size = split, train, rank, world_size
         self.batch_size, self.seed, self.shuffle_buffer, self.transform = batch_size, seed, shuffle_buffer, transform
         # TrainTransform/EvalTransform expose their output side; knowing it up front avoids probing for it.
@@ -324,12 +260,19 @@ class ShardStream(IterableDataset):
         self.num_batches = num_batches(self.num_samples, world_size=world_size, batch_size=batch_size, train=train)
         self.num_classes = len(self.manifest.classes)
         self._class_index = {name: i for i, name in enumerate(self.manifest.classes)}
+        split_shards_info = self.manifest.splits[split].shards
+        root = self.index_store
         self._stored_paths = [
-            None if sh.index is None else self.data_dir / sh.index for sh in self.manifest.splits[split].shards
+            None if sh.index is None else root.file(sh.index) if root.remote else root.local(sh.index)
+            for sh in split_shards_info
         ]
+        self._shard_info = [(sh.sha256, sh.bytes) for sh in split_shards_info]
         # Our own shards' stored indexes are not checked here: a shard whose index is missing or broken is scanned.
+        # Remote ones are checked when first read (one request per shard here would slow every start).
         missing = (
-            [str(p) for p in self._stored_paths if p is not None and not p.is_file()] if self.manifest.indexed else []
+            [str(p) for p in self._stored_paths if p is not None and not root.remote and not p.is_file()]
+            if self.manifest.indexed
+            else []
         )
         if missing:
             raise FileNotFoundError(
@@ -339,7 +282,8 @@ class ShardStream(IterableDataset):
         # [epoch, start_batch, order version]; fork/spawn hand the same shared page to the workers.
         self._position = multiprocessing.RawArray("q", 3)
         self._position[2] = ORDER_VERSION
-        self._reader: _ShardReader | None = None
+        self._reader: ShardReader | None = None
+        self._fetch_pool: ThreadPoolExecutor | None = None
         self._plan_cache: tuple[tuple[int, int], EpochOrder | np.ndarray] | None = None
 
     def set_position(self, epoch: int, start_batch: int) -> None:
@@ -396,54 +340,93 @@ class ShardStream(IterableDataset):
             return
         if self._reader is None or self._reader.pid != os.getpid():
             # A forked worker must not share the parent's file offsets: every process opens its own files.
-            self._reader = _ShardReader(
-                self.data_dir, self.split, self.shards, self.offsets, self._stored_paths, self.manifest.indexed
+            self._reader = ShardReader(
+                self.shard_store,
+                self.split,
+                self.shards,
+                self.offsets,
+                self._stored_paths,
+                self.manifest.indexed,
+                shard_info=self._shard_info,
+                cache=self.cache,
             )
-        for b in mine:
-            yield self._make_batch(self.batch_rows(epoch, b), epoch)
+        if not self.shard_store.remote:
+            for b in mine:
+                yield self._make_batch(self.batch_rows(epoch, b), epoch)
+            return
+        # Remote: batch b + 1's members are fetched (one thread, all its ranges at once) while batch b is decoded, so
+        # the store's latency hides behind the decoding.
+        with ThreadPoolExecutor(1, thread_name_prefix="shard-fetch") as pool:
+            self._fetch_pool = pool
+            try:
+                rows = self.batch_rows(epoch, mine[0])
+                pending = pool.submit(self._fetch, rows)
+                for i in range(len(mine)):
+                    fetched = pending.result()
+                    current = rows
+                    if i + 1 < len(mine):
+                        rows = self.batch_rows(epoch, mine[i + 1])
+                        pending = pool.submit(self._fetch, rows)
+                    yield self._assemble(current, fetched, epoch)
+            finally:
+                self._fetch_pool = None
 
     # -- one batch -------------------------------------------------------------------------------------------------
 
-    def _load(
-        self, index: int, epoch: int, out: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor | None, int, tuple[str, str, str] | None]:
-        """Reads and transforms one sample: ``(image, label, None)`` or ``(None, 0, (reason, key, detail))``.
-
-        ``out`` goes to a transform that takes it (the image returned is then ``out``).
-        """
+    def _locate(self, index: int) -> _Located | tuple[str, str, str]:
+        """Where sample ``index``'s members are (and the ranges to read), or the ``(reason, key, detail)`` it is
+        skipped for."""
         assert self._reader is not None
         shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
         shard_name = self.shards[shard][0]
-        stored = self._reader.stored(shard)
         pos = index - int(self.offsets[shard])
+        down = self._reader.down(shard)
+        if down is not None:
+            return UNREACHABLE_SHARD, f"{shard_name}#{pos}", down
+        try:
+            stored = self._reader.stored(shard)
+        except Unreachable as e:
+            self._reader.mark_down(shard, str(e))
+            return UNREACHABLE_SHARD, f"{shard_name}#{pos}", str(e)
         if stored is None:
             key = sample_key(self.split, index)
         elif pos < len(stored):
             key = stored.keys[pos]
         else:  # the stored index and the manifest disagree: the index was rewritten without the manifest
             key = f"{shard_name}#{pos}"
-            return None, 0, ("missing_samples", key, f"the stored index of {shard_name} holds {len(stored)} samples")
+            return "missing_samples", key, f"the stored index of {shard_name} holds {len(stored)} samples"
         idx = self._reader.index(shard)
         exts = idx.members.get(key)
         if exts is None:
             if idx.problem is not None:
-                return None, 0, (idx.problem, key, idx.detail)
+                return idx.problem, key, idx.detail
             if stored is not None:
-                detail = f"{shard_name} holds no {key}, which `pretrain data index` found in it (changed since?)"
-                return None, 0, ("key_mismatch", key, detail)
+                return "key_mismatch", key, f"{shard_name} holds no {key}, which `pretrain data index` found in it"
             if idx.foreign_keys:
-                return None, 0, ("key_mismatch", key, f"{shard_name} holds keys outside its manifest range")
-            return None, 0, ("missing_samples", key, f"{shard_name} has no sample {key}")
+                return "key_mismatch", key, f"{shard_name} holds keys outside its manifest range"
+            return "missing_samples", key, f"{shard_name} has no sample {key}"
         image_ext = pick_image(exts) if stored is None else stored.images[pos]
         if image_ext is None or image_ext not in exts or exts[image_ext][1] == 0:
-            return None, 0, (MISSING_IMAGE, key, f"{shard_name}: members {sorted(exts)}")
+            return MISSING_IMAGE, key, f"{shard_name}: members {sorted(exts)}"
         if stored is None and "cls" not in exts:
-            return None, 0, (MISSING_LABEL, key, f"{shard_name}: members {sorted(exts)}")
-        try:
-            raw_label = self._reader.read(shard, *exts["cls"]) if stored is None else stored.labels[pos]
-            data = self._reader.read(shard, *exts[image_ext])
-        except OSError as e:
-            return None, 0, ("read_error", key, f"{shard_name}: {e}")
+            return MISSING_LABEL, key, f"{shard_name}: members {sorted(exts)}"
+        needed = [exts[image_ext]] + ([exts["cls"]] if stored is None else [])
+        label = None if stored is None else stored.labels[pos]
+        return _Located(key, shard, shard_name, exts, image_ext, label, member_ranges(needed))
+
+    def _finish(
+        self, at: _Located, chunks: list[bytes | OSError], index: int, epoch: int, out: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, int, tuple[str, str, str] | None]:
+        """Label and transform of a located sample from the bytes read: ``(image, label, None)`` or ``(None, 0,
+        (reason, key, detail))``; ``out`` goes to a transform that takes it."""
+        key, shard_name = at.key, at.shard_name
+        failed = next((c for c in chunks if isinstance(c, OSError)), None)
+        if failed is not None:
+            reason = UNREACHABLE_SHARD if isinstance(failed, Unreachable) else "read_error"
+            return None, 0, (reason, key, f"{shard_name}: {failed}")
+        datas: list[bytes] = chunks  # type: ignore[assignment] - no OSError left
+        raw_label = at.label if at.label is not None else member_bytes(at.ranges, datas, *at.exts["cls"])
+        data = member_bytes(at.ranges, datas, *at.exts[at.image_ext])
         label = self._label(raw_label)
         if label is None:
             what = f".cls={raw_label[:32]!r}" if isinstance(raw_label, bytes) else f"{raw_label!r:.40} is no class"
@@ -453,16 +436,51 @@ class ShardStream(IterableDataset):
         rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
         try:
             if out is None:
-                image = self.transform(data, image_ext, rng)
+                image = self.transform(data, at.image_ext, rng)
             else:
-                image = self.transform(data, image_ext, rng, out=out)
+                image = self.transform(data, at.image_ext, rng, out=out)
         except CorruptSample as e:
             return None, 0, (e.reason or DECODE_ERROR, key, f"{shard_name}: {e.detail}")
         except Exception as e:
             # Anything but CorruptSample is a bug in the transform: fail loudly, but say which sample hit it.
-            raise RuntimeError(f"transform failed on {key} ({shard_name}, .{image_ext}): {e!r}") from e
+            raise RuntimeError(f"transform failed on {key} ({shard_name}, .{at.image_ext}): {e!r}") from e
         self._check_image(image, key)
         return image, label, None
+
+    def _read(self, located: list[_Located]) -> list[list[bytes | OSError]]:
+        """The ranges of every located sample, read together (remote: one concurrent round of requests)."""
+        assert self._reader is not None
+        requests = [(at.shard, offset, size) for at in located for offset, size in at.ranges]
+        got = iter(self._reader.read_many(requests))
+        return [[next(got) for _ in at.ranges] for at in located]
+
+    def _fetch(self, rows: np.ndarray) -> _Fetched:
+        """Locates the samples of ``rows`` and reads their bytes (the reader is only used here, in one thread)."""
+        fetched = _Fetched([], [], [], [])
+        for i, index in enumerate(rows.tolist()):
+            if index < 0:  # eval padding
+                continue
+            at = self._locate(index)
+            if isinstance(at, _Located):
+                fetched.located.append((i, index, at))
+            else:
+                fetched.events.append(at)
+        fetched.chunks = self._read([at for _, _, at in fetched.located])
+        assert self._reader is not None
+        fetched.retried = self._reader.take_retries()
+        return fetched
+
+    def _load(
+        self, index: int, epoch: int, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, int, tuple[str, str, str] | None]:
+        """Reads and transforms one sample: ``(image, label, None)`` or ``(None, 0, (reason, key, detail))``."""
+        rows = np.array([index], dtype=np.int64)
+        pool = self._fetch_pool  # while batches are prefetched, the reader is the fetch thread's
+        fetched = pool.submit(self._fetch, rows).result() if pool is not None else self._fetch(rows)
+        if fetched.events:
+            return None, 0, fetched.events[0]
+        (_, _, at), chunks = fetched.located[0], fetched.chunks[0]
+        return self._finish(at, chunks, index, epoch, out)
 
     def _label(self, raw: bytes | int | str) -> int | None:
         """Class index of a ``.cls`` member's bytes (ASCII int) or of a stored label (an index, or a class name)."""
@@ -507,17 +525,19 @@ class ShardStream(IterableDataset):
         )
 
     def _make_batch(self, rows: np.ndarray, epoch: int) -> dict[str, Any]:
+        return self._assemble(rows, self._fetch(rows), epoch)
+
+    def _assemble(self, rows: np.ndarray, fetched: _Fetched, epoch: int) -> dict[str, Any]:
+        """The batch of ``rows`` from their fetched bytes: decoded, transformed, the skipped ones zero-filled."""
         # (B, 3, S, S), uninitialised: every row is either written by a decoded sample or zeroed below
         new_images = partial(_new_batch_images, self.batch_size, shared=get_worker_info() is not None)
         images = None if self.image_size is None else new_images(self.image_size)
         labels = torch.zeros(self.batch_size, dtype=torch.int64)
         valid = torch.zeros(self.batch_size, dtype=torch.bool)
-        events: list[tuple[str, str, str]] = []
-        for i, index in enumerate(rows.tolist()):
-            if index < 0:  # eval padding
-                continue
+        events = list(fetched.events)
+        for (i, index, at), chunks in zip(fetched.located, fetched.chunks):
             out = images[i] if images is not None and self._transform_takes_out else None
-            image, label, event = self._load(index, epoch, out)
+            image, label, event = self._finish(at, chunks, index, epoch, out)
             if event is not None:
                 events.append(event)
                 continue
@@ -537,10 +557,11 @@ class ShardStream(IterableDataset):
             "valid": valid,
             "index": torch.as_tensor(rows, dtype=torch.int64).clone(),
             "corrupt": events,
+            "retried": fetched.retried,
         }
 
     def __getstate__(self) -> dict[str, Any]:
         # Open files and caches stay in the process that made them; workers build their own.
         state = self.__dict__.copy()
-        state["_reader"], state["_plan_cache"] = None, None
+        state["_reader"], state["_plan_cache"], state["_fetch_pool"] = None, None, None
         return state

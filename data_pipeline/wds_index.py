@@ -24,14 +24,22 @@ Choices:
   a class name; a dotted FIELD reaches into nested objects). A sample without an image or a label, with a label that
   does not parse or names no class of ``--classes``, or whose key occurs twice in its shard is left out and counted per
   split and reason (``skipped_samples`` in the manifest);
-- classes: ``--classes FILE`` (one name per line), else the sorted class names found, else ``0..K-1`` for integer
-  labels (K = largest label + 1);
-- splits: the folder layout (``DIR/<split>/*.tar``) or ``--split-glob SPLIT=GLOB`` (relative to DIR); each split's
-  shards in name order, which is the write order the stream starts from;
+- classes: ``--classes FILE`` (one name per line), else a ``classes.txt`` beside the shards, else the sorted class
+  names found, else ``0..K-1`` for integer labels (K = largest label + 1);
+- splits: the folder layout (``DIR/<split>/*.tar``) or ``--split-glob SPLIT=SPEC``, a glob or WebDataset brace list
+  relative to DIR (:mod:`data_pipeline.shard_specs`); each split's shards in name order, which is the write order the
+  stream starts from;
 - a shard that cannot be read (truncated, not a tar, read differently by WebDataset and tarfile) is left out
   and listed in ``manifest["skipped"]`` with the reason; the command fails only when no usable sample is left;
 - a re-run reuses the stored index of every shard whose size and mtime (or, when only the mtime moved, sha256), label
-  rule and classes are unchanged, so indexing a grown folder reads only the new shards.
+  rule and classes are unchanged, so indexing a grown folder reads only the new shards;
+- nothing is written unless a manifest is: the stored indexes are staged in a temp folder and written (the changed
+  ones) just before the manifest, so a run that finds no usable sample leaves the location as it was.
+
+Locations: DIR may be a remote prefix (``s3://``, ``https://``; :mod:`data_pipeline.remote`). Each remote shard is
+fetched whole once (into a temp file; its sha256 needs every byte anyway) and indexed like a local one. The manifest
+and ``.index/`` go beside the shards where the location can be written, else to ``index_out`` (a local folder or
+another remote prefix), whose manifest then names the shards' location (``shard_location``).
 
 Stored index: ``DIR/.index/<shard name>.json``, the schema ``pretrain data build`` writes for its own shards
 (:mod:`data_pipeline.shard_index`), with the shard's mtime and the ``--label`` rule and ``--classes`` it was read with.
@@ -42,6 +50,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import tarfile
 import time
 from collections import Counter
@@ -62,17 +71,27 @@ from data_pipeline.manifest import (
     same_manifest_content,
     write_manifest,
 )
+from data_pipeline.remote import Store, is_remote, temp_download_dir
 from data_pipeline.shard_index import (
     IMAGE_EXTS,
-    STORED_INDEX_DIR,
+    encode_stored_index,
     index_shard,
     read_stored_entry,
     stored_index_entry,
     stored_index_name,
-    write_stored_index,
 )
+from data_pipeline.shard_specs import find_splits, parse_classes
 
-__all__ = ["BAD_LABEL", "DUPLICATE_KEY", "IndexReport", "LabelRule", "find_splits", "index_dataset", "read_classes"]
+__all__ = [
+    "BAD_LABEL",
+    "CLASSES_FILE",
+    "DUPLICATE_KEY",
+    "FIXES",
+    "IndexReport",
+    "LabelRule",
+    "index_dataset",
+    "read_classes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +100,17 @@ BAD_LABEL = "bad_label"
 DUPLICATE_KEY = "duplicate_key"
 """A key that occurs in two places of one shard: the stream could not tell them apart."""
 _LABEL_MEMBERS = {"cls": "cls", "txt": "txt", "json": "json"}
+CLASSES_FILE = "classes.txt"
+"""Class names beside the shards, one per line: used when ``--classes`` is not given."""
+FIXES = {
+    DUPLICATE_KEY: "the members of a sample are not next to each other in the tar (a `tar` of a folder stores files in "
+    "directory order): re-create it with them grouped, e.g. `tar --sort=name -cf SHARD.tar -C FOLDER .`",
+    MISSING_LABEL: "no label where --label {rule} looks; if the labels are elsewhere pass --label txt (a class name in "
+    ".txt) or --label json:FIELD (a field of .json)",
+    BAD_LABEL: "the labels do not parse as --label {rule} expects, or name no class of the class list",
+    MISSING_IMAGE: "samples without an image member (.jpg, .jpeg, .png, .webp, ...)",
+}
+"""What to do about each reason a sample is left out (``{rule}``: the ``--label`` in use)."""
 
 
 class _Skip(Exception):
@@ -144,66 +174,22 @@ class LabelRule:
         return value
 
 
-def read_classes(path: str | os.PathLike) -> list[str]:
-    """Class names, one per line (surrounding blanks and empty lines ignored).
+def read_classes(location: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Class names, one per line, from a local file or a remote one (surrounding blanks and empty lines ignored).
 
     Raises:
         ValueError: The file cannot be read, is empty, or names a class twice.
     """
+    where = str(location)
     try:
-        names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+        if is_remote(where):
+            folder, _, name = where.rstrip("/").rpartition("/")
+            text = Store(folder, storage_options).read_bytes(name).decode("utf-8")
+        else:
+            text = Path(location).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--classes {path}: cannot read it ({e})") from None
-    names = [n for n in names if n]
-    if not names:
-        raise ValueError(f"--classes {path}: no class names (one per line)")
-    twice = sorted(n for n, c in Counter(names).items() if c > 1)
-    if twice:
-        raise ValueError(f"--classes {path}: {len(twice)} names occur twice, e.g. {twice[0]!r}")
-    return names
-
-
-def find_splits(root: Path, split_globs: dict[str, str] | None = None) -> dict[str, list[str]]:
-    """``{split: [shard name relative to root, ...]}``, each split's shards sorted by name.
-
-    Args:
-        root: The data folder.
-        split_globs: ``{split: glob relative to root}``; default: one split per subfolder holding ``*.tar``.
-
-    Raises:
-        ValueError: No shard found, a glob matching nothing, a shard in two splits, or shards directly in ``root``
-            without ``split_globs`` (their split is unknown).
-    """
-
-    def tars(paths: Any) -> list[str]:
-        names = (p.relative_to(root).as_posix() for p in paths if p.is_file() and p.name.endswith(".tar"))
-        return sorted(n for n in names if not n.startswith(f"{STORED_INDEX_DIR}/"))
-
-    if split_globs:
-        splits: dict[str, list[str]] = {}
-        owner: dict[str, str] = {}
-        for split, pattern in split_globs.items():
-            names = tars(root.glob(pattern))
-            if not names:
-                raise ValueError(f"--split-glob {split}={pattern} matches no .tar file in {root}")
-            for name in names:
-                if name in owner:
-                    raise ValueError(f"{name} matches the globs of both {owner[name]} and {split}")
-                owner[name] = split
-            splits[split] = names
-        return splits
-    top = tars(root.glob("*.tar"))
-    if top:
-        raise ValueError(
-            f"{len(top)} shards lie directly in {root} (e.g. {top[0]}), so their split is unknown: name it, e.g. "
-            "--split-glob train='*train*.tar' --split-glob val='*val*.tar'"
-        )
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    splits = {d.name: tars(d.glob("*.tar")) for d in subdirs}
-    splits = {k: v for k, v in splits.items() if v}
-    if not splits:
-        raise ValueError(f"no .tar shards in {root}: expected DIR/<split>/*.tar, or pass --split-glob SPLIT=GLOB")
-    return splits
+        raise ValueError(f"--classes {where}: cannot read it ({e})") from None
+    return parse_classes(text, f"--classes {where}")
 
 
 class _HashingReader:
@@ -240,56 +226,92 @@ class _ShardResult:
     entry: dict[str, Any] | None = None  # the stored index without its samples (:func:`_summary`)
     reason: str = ""  # why the shard is left out, when entry is None
     reused: bool = False
+    staged: Path | None = None  # the stored index to write, when the manifest is written
+    examples: dict[str, str] = field(default_factory=dict)  # per skip reason, one sample and its members
 
 
-def _read_entry(path: Path) -> dict[str, Any] | None:
+@dataclass
+class _Job:
+    """One indexing run: where shards are read from, where the index goes, and how labels are read."""
+
+    src: Store
+    dst: Store
+    staging: Path
+    rule: LabelRule
+    classes: list[str] | None
+    classes_sha: str | None
+
+
+def _read_entry(store: Store, rel: str) -> dict[str, Any] | None:
     try:
-        return read_stored_entry(path)
+        return read_stored_entry(store.file(rel))
     except (OSError, ValueError):
         return None
 
 
-def _reusable(prev: dict[str, Any] | None, name: str, st: os.stat_result, rule: str, classes_sha: str | None) -> bool:
+def _reusable(prev: dict[str, Any] | None, name: str, size: int, rule: str, classes_sha: str | None) -> bool:
     return (
         prev is not None
         and prev.get("shard") == name
         and prev.get("label") == rule
         and prev.get("classes_sha256") == classes_sha
-        and prev.get("bytes") == st.st_size
+        and prev.get("bytes") == size
     )
 
 
-def _index_shard(
-    root: Path, name: str, rule: LabelRule, classes: list[str] | None, classes_sha: str | None
-) -> _ShardResult:
-    """Indexes one shard (or reuses its stored index) and writes ``.index/<name>.json``."""
+def _stage(job: _Job, name: str, entry: dict[str, Any]) -> Path:
+    path = job.staging / stored_index_name(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_stored_index(entry))
+    return path
+
+
+def _index_shard(job: _Job, name: str) -> _ShardResult:
+    """Indexes one shard (or reuses its stored index); a new or changed stored index is staged, not written."""
+    try:
+        size, mtime_ns = job.src.info(name)
+    except OSError as e:
+        return _ShardResult(name, reason=f"cannot be read ({getattr(e, 'strerror', None) or e})")
+    prev = _read_entry(job.dst, stored_index_name(name))
+    reusable = _reusable(prev, name, size, str(job.rule), job.classes_sha)
+    if reusable and mtime_ns is not None and prev.get("mtime_ns") == mtime_ns:  # type: ignore[union-attr]
+        return _ShardResult(name, _summary(prev), reused=True)  # type: ignore[arg-type]
+    fetched: Path | None = None
+    try:
+        if job.src.remote:
+            fetched = job.staging / ".shards" / name.replace("/", "__")
+            fetched.parent.mkdir(parents=True, exist_ok=True)
+            job.src.download(name, fetched)
+        path = fetched if fetched is not None else job.src.local(name)
+        if reusable and file_sha256(path) == prev.get("sha256"):  # type: ignore[union-attr] - copied or touched
+            assert prev is not None
+            if prev.get("mtime_ns") == mtime_ns:
+                return _ShardResult(name, _summary(prev), reused=True)
+            prev["mtime_ns"] = mtime_ns
+            return _ShardResult(name, _summary(prev), reused=True, staged=_stage(job, name, prev))
+        return _read_shard(job, name, path, size, mtime_ns)
+    except OSError as e:
+        return _ShardResult(name, reason=f"cannot be read ({getattr(e, 'strerror', None) or e})")
+    finally:
+        if fetched is not None:
+            fetched.unlink(missing_ok=True)
+
+
+def _read_shard(job: _Job, name: str, path: Path, size: int, mtime_ns: int | None) -> _ShardResult:
+    """The stored index of a shard read from the local file ``path``, staged (see the module docstring)."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    path = root / name
-    entry_path = root / stored_index_name(name)
-    try:
-        st = path.stat()
-    except OSError as e:
-        return _ShardResult(name, reason=f"cannot be read ({e.strerror or e})")
-    prev = _read_entry(entry_path)
-    if _reusable(prev, name, st, str(rule), classes_sha):
-        assert prev is not None
-        if prev.get("mtime_ns") == st.st_mtime_ns:
-            return _ShardResult(name, _summary(prev), reused=True)
-        if file_sha256(path) == prev.get("sha256"):  # copied or touched: same bytes
-            prev["mtime_ns"] = st.st_mtime_ns
-            write_stored_index(entry_path, prev)
-            return _ShardResult(name, _summary(prev), reused=True)
     scan = index_shard(path, None, "")
     if scan.problem is not None:
         detail = scan.detail.removeprefix(f"{path}: ")
         what = "not a readable tar" if scan.problem == "truncated_shard" and not scan.members else scan.problem
         return _ShardResult(name, reason=f"{what} ({detail})")
-    class_set = None if classes is None else set(classes)
+    class_set = None if job.classes is None else set(job.classes)
     samples: list[list[Any]] = []
     skipped: Counter[str] = Counter()
     seen: Counter[str] = Counter()
     first_skip: dict[str, str] = {}  # key -> why its first occurrence was left out
+    examples: dict[str, str] = {}
     try:
         with open(path, "rb") as f:
             reader = _HashingReader(f)
@@ -298,6 +320,7 @@ def _index_shard(
                 members = {k: v for k, v in sample.items() if not k.startswith("__")}
                 seen[key] += 1
                 if seen[key] > 1:  # left out below; the tarfile scan merged its members, so nothing to compare
+                    examples.setdefault(DUPLICATE_KEY, f"{key} found again after other samples")
                     continue
                 scanned = scan.members.get(key, {})
                 if any(ext not in scanned or scanned[ext][1] != len(data) for ext, data in members.items()):
@@ -306,12 +329,13 @@ def _index_shard(
                     image = next((ext for ext in IMAGE_EXTS if ext in members), None)
                     if image is None or not members[image]:
                         raise _Skip(MISSING_IMAGE)
-                    label = rule.read(members)
+                    label = job.rule.read(members)
                     if class_set is not None and not _names_a_class(label, class_set):
                         raise _Skip(BAD_LABEL)
                 except _Skip as s:
                     skipped[s.reason] += 1
                     first_skip[key] = s.reason
+                    examples.setdefault(s.reason, f"{key} has {' '.join('.' + e for e in sorted(members))}")
                     continue
                 offsets = {ext: list(scanned[ext]) for ext in sorted(scanned)}
                 samples.append([key, label, image, offsets])
@@ -327,16 +351,16 @@ def _index_shard(
         samples = [s for s in samples if s[0] not in twice]
     entry = stored_index_entry(
         shard=name,
-        size=st.st_size,
-        mtime_ns=st.st_mtime_ns,
+        size=size,
+        mtime_ns=mtime_ns,
         sha256=sha,
-        label=str(rule),
-        classes_sha256=classes_sha,
+        label=str(job.rule),
+        classes_sha256=job.classes_sha,
         samples=samples,
         skipped=skipped,
     )
-    write_stored_index(entry_path, entry)
-    return _ShardResult(name, _summary(entry))
+    examples = {r: e for r, e in examples.items() if r in skipped}
+    return _ShardResult(name, _summary(entry), staged=_stage(job, name, entry), examples=examples)
 
 
 @dataclass
@@ -348,6 +372,12 @@ class IndexReport:
     bad_shards: list[tuple[str, str]] = field(default_factory=list)  # (shard name, reason): left out
     indexed: list[str] = field(default_factory=list)  # shards read now
     reused: list[str] = field(default_factory=list)  # shards whose stored index was unchanged
+    index_location: str = ""  # where the manifest and .index/ are (or would have been) written
+    classes_from: str = ""  # the class list used, when one was given or found beside the shards
+    skipped: dict[str, dict[str, int]] = field(default_factory=dict)  # shard -> {reason: samples left out}
+    examples: dict[str, str] = field(default_factory=dict)  # reason -> one left-out sample and its members
+    empty_shards: list[str] = field(default_factory=list)  # readable shards that gave no usable sample
+    written: list[str] = field(default_factory=list)  # files written (stored indexes, then the manifest)
 
 
 def index_dataset(
@@ -357,61 +387,131 @@ def index_dataset(
     label: str = "cls",
     classes_file: str | os.PathLike | None = None,
     workers: int | None = None,
+    index_out: str | os.PathLike | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> IndexReport:
-    """Writes ``DIR/.index/<shard>.json`` for every new or changed shard and then ``DIR/manifest.json`` (version 2).
+    """Writes ``.index/<shard>.json`` for every new or changed shard and then ``manifest.json`` (version 2).
 
     Args:
-        data_dir: Folder holding the shards.
-        split_globs: ``{split: glob relative to data_dir}``; default ``DIR/<split>/*.tar``.
+        data_dir: Folder or remote prefix (``s3://``, ``https://``) holding the shards.
+        split_globs: ``{split: glob or brace list relative to data_dir}``; default ``DIR/<split>/*.tar``.
         label: ``cls``, ``txt`` or ``json:FIELD``.
-        classes_file: Class names, one per line (default: from the labels, see the module docstring).
-        workers: Shards read in parallel (threads: hashing and file reads release the GIL); default 4.
+        classes_file: Class names, one per line (default: ``classes.txt`` beside the shards, else from the labels).
+        workers: Shards read in parallel (threads: hashing, file reads and downloads release the GIL); default 4.
+        index_out: Where the manifest and stored indexes go (default: beside the shards; needed for read-only
+            locations such as HTTP(S)).
+        storage_options: fsspec options of remote locations.
 
     Returns:
-        The report; its ``manifest`` is None (and no manifest is written) when no shard holds a usable sample.
+        The report; its ``manifest`` is None (and nothing is written) when no shard holds a usable sample.
 
     Raises:
         FileNotFoundError: ``data_dir`` is not a folder.
-        ValueError: Bad arguments, no shards, or labels that are integers in some samples and names in others
-            without ``classes_file``.
+        PermissionError: The index location cannot be written (the message says to pass ``--index-out``).
+        ValueError: Bad arguments, no shards, compressed shards, or labels that are integers in some samples and
+            names in others without a class list.
     """
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a folder")
+    src = Store(data_dir, storage_options)
+    dst = src if index_out is None else src.with_location(index_out)
+    if not src.remote and not src.is_folder():  # a remote one says what is wrong when it is listed or read
+        raise FileNotFoundError(f"{src.url} is not a folder")
     rule = LabelRule.parse(label)
-    classes = None if classes_file is None else read_classes(classes_file)
+    splits = find_splits(src, split_globs)
+    _check_writable(dst, index_out is None)
+    classes_from = str(classes_file) if classes_file is not None else ""
+    if not classes_from and src.exists(CLASSES_FILE):
+        classes_from = src.path(CLASSES_FILE)
+    classes = read_classes(classes_from, storage_options) if classes_from else None
     classes_sha = None if classes is None else hashlib.sha256("\n".join(classes).encode()).hexdigest()
-    splits = find_splits(root, split_globs)
     names = [n for shard_names in splits.values() for n in shard_names]
     n_workers = max(1, min(workers or 4, len(names)))
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(n_workers) as pool:
-        results = {r.name: r for r in pool.map(lambda n: _index_shard(root, n, rule, classes, classes_sha), names)}
-    report = IndexReport(str(root), None)
+    job = _Job(src, dst, temp_download_dir(), rule, classes, classes_sha)
+    try:
+        with ThreadPoolExecutor(n_workers) as pool:
+            results = {r.name: r for r in pool.map(lambda n: _index_shard(job, n), names)}
+        report = _report(IndexReport(src.url, None, index_location=dst.url, classes_from=classes_from), names, results)
+        logger.info(
+            "indexed %d shards, reused %d, left out %d in %.1f s",
+            len(report.indexed),
+            len(report.reused),
+            len(report.bad_shards),
+            time.perf_counter() - t0,
+        )
+        manifest = _make_manifest(splits, results, rule, classes, report.bad_shards)
+        if manifest is None:
+            return report
+        if dst is not src:
+            manifest.shard_location = src.url if src.remote else str(Path(src.url).resolve())
+        report.written = _commit(job, results, names, manifest)
+    finally:
+        shutil.rmtree(job.staging, ignore_errors=True)
+    manifest.root = dst
+    report.manifest = manifest
+    return report
+
+
+def _report(report: IndexReport, names: list[str], results: dict[str, _ShardResult]) -> IndexReport:
+    """``report`` with what happened to each shard: left out, read or reused, its samples left out."""
     for name in names:
         r = results[name]
         if r.entry is None:
             report.bad_shards.append((name, r.reason))
             logger.warning("leaving out %s: %s", name, r.reason)
+            continue
+        (report.reused if r.reused else report.indexed).append(name)
+        if r.entry["skipped"]:
+            report.skipped[name] = dict(r.entry["skipped"])
+        if not r.entry["label_counts"]:
+            report.empty_shards.append(name)
+        for reason, example in r.examples.items():
+            report.examples.setdefault(reason, f"{name}: {example}")
+    return report
+
+
+def _check_writable(dst: Store, beside_shards: bool) -> None:
+    """Refuses, before any shard is read, an index location that cannot be written."""
+    try:
+        if dst.remote:
+            dst.check_writable()
         else:
-            (report.reused if r.reused else report.indexed).append(name)
-    logger.info(
-        "indexed %d shards, reused %d, left out %d in %.1f s",
-        len(report.indexed),
-        len(report.reused),
-        len(report.bad_shards),
-        time.perf_counter() - t0,
-    )
-    manifest = _make_manifest(splits, results, rule, classes, report.bad_shards)
-    if manifest is None:
-        return report
-    previous = previous_manifest(root)
+            folder = dst.local()
+            while not folder.exists() and folder != folder.parent:
+                folder = folder.parent
+            if not os.access(folder, os.W_OK):
+                raise PermissionError(f"{dst.url} is not writable")
+    except PermissionError as e:
+        hint = (
+            "pass --index-out LOCATION (a local folder or a writable s3:// prefix) to write the manifest and the "
+            "index there, then train with data.path=LOCATION"
+            if beside_shards
+            else "pick another --index-out"
+        )
+        raise PermissionError(f"{e}; {hint}") from None
+
+
+def _commit(job: _Job, results: dict[str, _ShardResult], names: list[str], manifest: Manifest) -> list[str]:
+    """Writes the staged stored indexes that differ from what the index location holds, then the manifest (unless
+    only its creation time would change); returns the paths written."""
+    written = []
+    for name in names:
+        staged = results[name].staged
+        if staged is None:
+            continue
+        rel = stored_index_name(name)
+        data = staged.read_bytes()
+        try:
+            same = job.dst.read_bytes(rel) == data
+        except OSError:
+            same = False
+        if not same:
+            job.dst.write_bytes(rel, data)
+            written.append(job.dst.path(rel))
+    previous = previous_manifest(job.dst)
     if previous is not None and same_manifest_content(previous, manifest):
         manifest.created = previous.created  # nothing changed: keep the file byte-identical
-    write_manifest(manifest, root)
-    manifest.root = root
-    report.manifest = manifest
-    return report
+    written.append(write_manifest(manifest, job.dst))
+    return written
 
 
 def _make_manifest(

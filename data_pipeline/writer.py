@@ -18,6 +18,11 @@ A build runs in four steps:
 4. **manifest**: ``manifest.json`` is removed when the build starts and written last; it lists every shard with
    samples, bytes, sha256 and its stored index. Tar headers carry a fixed mtime and owner, so the bytes of a shard are
    reproducible, and so are those of its stored index (``mtime_ns`` null).
+
+To a store (``--out s3://bucket/prefix``): shards are written as above into a local temp folder, and each is uploaded
+as soon as it is finished (the shard, then its sidecar, then its stored index) and removed locally, so local disk
+holds only the shards in flight. A shard already in the store with the planned size and a sidecar (uploaded after
+the shard, so it marks a complete upload) is kept, which makes a re-run finish an interrupted upload.
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +57,10 @@ from data_pipeline.manifest import (
     same_manifest_content,
     write_manifest,
 )
+from data_pipeline.remote import Store, temp_download_dir
 from data_pipeline.shard_index import (
     STORED_INDEX_DIR,
+    encode_stored_index,
     index_shard,
     stored_index_entry,
     stored_index_name,
@@ -333,18 +342,20 @@ def build_shards(
     val: str | os.PathLike | None = None,
     val_fraction: float | None = None,
     progress: bool = True,
+    storage_options: dict[str, Any] | None = None,
 ) -> Manifest:
     """Builds (or finishes) ``out_dir/{split}/shard-%06d.tar`` and ``out_dir/manifest.json`` from ``source``.
 
     Args:
         source: ``digits`` or ``imagefolder:PATH``.
-        out_dir: Output folder (created).
+        out_dir: Output folder (created), or a remote prefix (``s3://bucket/prefix``; see the module docstring).
         shard_size_mb: Target shard size in MiB.
         max_samples_per_shard: Most samples in one shard.
         workers: Processes that probe and write (default: CPUs, at most 8); ``<= 1`` runs in this process.
         val: imagefolder only: a second tree with the same classes for the val split.
         val_fraction: imagefolder only: fraction of each class put in val instead (seeded, stratified).
         progress: Show tqdm progress bars.
+        storage_options: fsspec options of a remote ``out_dir``.
 
     Returns:
         The manifest that was written.
@@ -352,12 +363,16 @@ def build_shards(
     Raises:
         ValueError: Bad source spec or options, or no readable sample at all.
         FileNotFoundError: The source folder does not exist.
+        PermissionError: A remote ``out_dir`` that cannot be written.
     """
     t0 = time.perf_counter()
     src = open_source(source, val=val, val_fraction=val_fraction)
-    out = Path(out_dir)
+    store = Store(out_dir, storage_options)
+    if store.remote:
+        store.check_writable()
+    out = temp_download_dir() if store.remote else Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    previous = previous_manifest(out)
+    previous = previous_manifest(store)
     n_workers = _default_workers() if workers is None else max(1, int(workers))
     pool: Executor | _SerialExecutor
     if n_workers > 1:
@@ -371,20 +386,20 @@ def build_shards(
         if not items:
             raise ValueError(f"source {src.spec} has no readable image ({len(skipped)} files skipped)")
         plans = plan_shards(items, src.meta, shard_size_mb=shard_size_mb, max_samples_per_shard=max_samples_per_shard)
-        (out / MANIFEST_NAME).unlink(missing_ok=True)  # from here on shards change: no manifest until all are done
-        _cleanup(out, plans)
-        for split in sorted({p.split for p in plans}):
-            (out / split).mkdir(exist_ok=True)
-        infos, written = _write_all(pool, out, plans, src, progress)
+        store.remove(MANIFEST_NAME)  # from here on shards change: no manifest until all are done
+        infos, written = _write_to(store, out, pool, plans, src, progress)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        if store.remote:
+            shutil.rmtree(out, ignore_errors=True)
     manifest = _make_manifest(src, items, plans, infos, skipped)
     if previous is not None and same_manifest_content(previous, manifest):
         manifest.created = previous.created  # nothing changed: keep the file byte-identical
-    write_manifest(manifest, out)
+    write_manifest(manifest, store)
+    manifest.root = store
     logger.info(
         "built %s in %.1f s: %s; %d shards written, %d kept; %d files skipped",
-        out,
+        store.url,
         time.perf_counter() - t0,
         ", ".join(f"{k} {v.num_samples} samples / {len(v.shards)} shards" for k, v in manifest.splits.items()),
         written,
@@ -392,6 +407,54 @@ def build_shards(
         len(skipped),
     )
     return manifest
+
+
+def _write_to(
+    store: Store, out: Path, pool: Executor | _SerialExecutor, plans: list[ShardPlan], src: Source, progress: bool
+) -> tuple[dict[str, ShardInfo], int]:
+    """Writes the planned shards into the folder ``out``, or through it into a remote store (uploaded one by one,
+    those already there kept); returns their manifest entries and how many were written."""
+    if store.remote:
+        kept = _kept_in_store(store, plans, src.classes)
+        todo = [p for p in plans if p.name not in kept]
+        infos, written = _write_all(pool, out, todo, src, progress, partial(_upload, store, out))
+        return {**infos, **kept}, written
+    _cleanup(out, plans)
+    for split in sorted({p.split for p in plans}):
+        (out / split).mkdir(exist_ok=True)
+    return _write_all(pool, out, plans, src, progress)
+
+
+def _kept_in_store(store: Store, plans: list[ShardPlan], classes: list[str]) -> dict[str, ShardInfo]:
+    """Shards already in the store with the planned size and a sidecar; their stored index is (re)written if it
+    differs from the plan's."""
+    kept: dict[str, ShardInfo] = {}
+    for plan in plans:
+        try:
+            if store.size(plan.name) != plan.bytes:
+                continue
+            sha = store.read_bytes(plan.name + ".sha256").decode("ascii").split()[0]
+        except (OSError, UnicodeDecodeError, IndexError):
+            continue
+        index_name = stored_index_name(plan.name)
+        data = encode_stored_index(plan.stored_index(sha, classes))
+        try:
+            same = store.read_bytes(index_name) == data
+        except OSError:
+            same = False
+        if not same:
+            store.write_bytes(index_name, data)
+        kept[plan.name] = ShardInfo(plan.name, len(plan.samples), plan.bytes, sha, index_name)
+    if kept:
+        logger.info("%d of %d shards are already in %s: kept", len(kept), len(plans), store.url)
+    return kept
+
+
+def _upload(store: Store, out: Path, plan: ShardPlan, info: ShardInfo) -> None:
+    """Uploads a finished shard, then its sidecar, then its stored index, and removes the local copies."""
+    for rel in (plan.name, plan.name + ".sha256", stored_index_name(plan.name)):
+        store.upload(out / rel, rel)
+        (out / rel).unlink()
 
 
 def _scan(
@@ -414,7 +477,12 @@ def _scan(
 
 
 def _write_all(
-    pool: Executor | _SerialExecutor, out: Path, plans: list[ShardPlan], src: Source, progress: bool
+    pool: Executor | _SerialExecutor,
+    out: Path,
+    plans: list[ShardPlan],
+    src: Source,
+    progress: bool,
+    on_written: Callable[[ShardPlan, ShardInfo], None] | None = None,
 ) -> tuple[dict[str, ShardInfo], int]:
     infos: dict[str, ShardInfo] = {}
     written = 0
@@ -430,6 +498,8 @@ def _write_all(
         for plan, (info, was_written) in done:
             infos[plan.name] = info
             written += int(was_written)
+            if on_written is not None:
+                on_written(plan, info)
             bar.update(len(plan.samples))
     return infos, written
 

@@ -3,9 +3,14 @@
 - ``pretrain data build SOURCE --out DIR``: ``digits``, ``digit-pairs[:KEY=VALUE,...]`` or ``imagefolder:PATH`` ->
   ``DIR/{train,val}/shard-*.tar``
   and ``DIR/manifest.json``; a re-run finishes an interrupted build and keeps the shards already written.
-- ``pretrain data index DIR [--split-glob SPLIT=GLOB ...] [--label cls|txt|json:FIELD] [--classes FILE]``: for
-  shards written by any WebDataset tool, ``DIR/manifest.json`` plus a stored index per shard (``DIR/.index/``);
-  unreadable shards are named and left out; exit 1 only when no usable sample is found.
+- ``pretrain data index DIR [--split-glob SPLIT=SPEC ...] [--label cls|txt|json:FIELD] [--classes FILE]
+  [--index-out LOCATION]``: for shards written by any WebDataset tool, ``DIR/manifest.json`` plus a stored index per
+  shard (``DIR/.index/``); unreadable shards are named and left out, left-out samples counted per shard with the fix
+  for each reason; exit 1 (nothing written) only when no usable sample is found.
+
+Every DIR may be a local folder or a remote prefix (``s3://bucket/prefix``, ``https://host/path``), read through
+fsspec with the standard credentials (AWS environment variables and files, ``AWS_ENDPOINT_URL``) and the options of
+``--storage-options JSON``.
 - ``pretrain data inspect DIR [--deep]``: checks every shard against the manifest; exit 1 naming each bad shard.
 - ``pretrain data plan DIR --world-size W --workers K --batch-size B``: one JSON line per batch with the exact
   sample keys each rank gets, computed by the code the loader runs.
@@ -65,6 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="imagefolder: put this fraction of each class in val (seeded, stratified)",
     )
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_storage_options(b)
     b.set_defaults(func=run_build)
 
     x = sub.add_parser(
@@ -74,17 +80,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "writes DIR/manifest.json and one stored index per shard under DIR/.index/ (keys, labels, member offsets), "
         "after which train, eval, plan and inspect use DIR like shards of `pretrain data build`. Keys follow "
         "WebDataset's rule (path up to the first dot of the file name). A sample's image is its first member of "
-        "jpg, jpeg, png, webp, ...; samples without an image or a label are left out and counted per reason. Shards "
-        "that cannot be read are named and left out; exit 1 only when no usable sample is found. A re-run reads only "
-        "new or changed shards.",
+        "jpg, jpeg, png, webp, ...; samples without an image or a label are left out and counted per shard and "
+        "reason, with the fix for each. Shards that cannot be read are named and left out; exit 1 (nothing written) "
+        "only when no usable sample is found. A re-run reads only new or changed shards. DIR may be an s3:// or "
+        "https:// prefix: the index goes beside the shards, or to --index-out where DIR takes no writes. Uncompressed "
+        ".tar only (compressed shards are refused with the command that decompresses them).",
     )
-    x.add_argument("data_dir", metavar="DIR", help="folder holding the shards (default layout: DIR/<split>/*.tar)")
+    x.add_argument(
+        "data_dir",
+        metavar="DIR",
+        help="folder or s3:// / https:// prefix holding the shards (default layout: DIR/<split>/*.tar)",
+    )
     x.add_argument(
         "--split-glob",
         action="append",
         default=[],
-        metavar="SPLIT=GLOB",
-        help="shards of SPLIT, a glob relative to DIR (repeat per split), e.g. train='train-*.tar'",
+        metavar="SPLIT=SPEC",
+        help="shards of SPLIT, a glob or WebDataset brace list relative to DIR (repeat per split), e.g. "
+        "train='train-*.tar' or train='train-{000000..000099}.tar'",
     )
     x.add_argument(
         "--label",
@@ -92,8 +105,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="cls|txt|json:FIELD",
         help="where labels are: .cls (class index, default), .txt (class name), or a .json field (index or name)",
     )
-    x.add_argument("--classes", default=None, metavar="FILE", help="class names, one per line (default: from labels)")
+    x.add_argument(
+        "--classes",
+        default=None,
+        metavar="FILE",
+        help="class names, one per line (default: DIR/classes.txt if there is one, else from the labels)",
+    )
     x.add_argument("--workers", type=int, default=None, metavar="N", help="shards read in parallel (default 4)")
+    x.add_argument(
+        "--index-out",
+        default=None,
+        metavar="LOCATION",
+        help="write manifest.json and .index/ here (a folder or s3:// prefix) instead of beside the shards: for "
+        "read-only locations such as https://; then train with data.path=LOCATION",
+    )
+    _add_storage_options(x)
     x.set_defaults(func=run_index)
 
     i = sub.add_parser(
@@ -102,9 +128,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Summarise a data set and check that every shard exists with the size, sha256 and sample "
         "count of the manifest. Exit 1 naming every bad shard, 0 when clean.",
     )
-    i.add_argument("data_dir", metavar="DIR", help="folder holding manifest.json")
+    i.add_argument("data_dir", metavar="DIR", help="folder or s3:// / https:// prefix holding manifest.json")
     i.add_argument("--deep", action="store_true", help="also decode every image and parse every label")
     i.add_argument("--workers", type=int, default=None, metavar="N", help="shards checked in parallel (default 4)")
+    _add_storage_options(i)
     i.set_defaults(func=run_inspect)
 
     p = sub.add_parser(
@@ -113,7 +140,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description='Print one JSON line per batch, {"rank": r, "batch": b, "keys": [...]}, for every rank, '
         "as the training stream yields them (same code).",
     )
-    p.add_argument("data_dir", metavar="DIR", help="folder holding manifest.json")
+    p.add_argument("data_dir", metavar="DIR", help="folder or s3:// / https:// prefix holding manifest.json")
     p.add_argument("--world-size", type=int, required=True, metavar="W", help="number of ranks")
     p.add_argument(
         "--workers",
@@ -128,7 +155,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-batches", type=int, default=0, metavar="N", help="start at batch N (resume point)")
     p.add_argument("--split", default="train", help="split (default train)")
     p.add_argument("--shuffle-buffer", type=int, default=1000, metavar="N", help="data.shuffle_buffer (default 1000)")
+    _add_storage_options(p)
     p.set_defaults(func=run_plan)
+
+
+def _add_storage_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage-options",
+        default=None,
+        metavar="JSON",
+        help="fsspec options of a remote location, as in data.storage_options, e.g. '{\"anon\": true}' (credentials: "
+        "the AWS environment variables and files)",
+    )
+
+
+def _storage_options(command: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--storage-options`` as a mapping; prints the problem and returns None when it is not one."""
+    import yaml
+
+    if not args.storage_options:
+        return {}
+    try:
+        value = yaml.safe_load(args.storage_options)  # JSON is YAML
+    except yaml.YAMLError as e:
+        value = e
+    if not isinstance(value, dict):
+        _error(
+            command, f"--storage-options {args.storage_options!r}: expected a JSON object, e.g. '{{\"anon\": true}}'"
+        )
+        return None
+    return value
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -153,6 +209,9 @@ def run_build(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         _error("build", f"--workers={args.workers} must be >= 1")
         return EXIT_USAGE
+    options = _storage_options("build", args)
+    if options is None:
+        return EXIT_USAGE
     try:
         manifest = build_shards(
             args.source,
@@ -163,8 +222,9 @@ def run_build(args: argparse.Namespace) -> int:
             val=args.val,
             val_fraction=args.val_fraction,
             progress=not args.no_progress,
+            storage_options=options,
         )
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, PermissionError) as e:
         _error("build", str(e))
         return EXIT_USAGE
     except (OSError, RuntimeError) as e:
@@ -189,12 +249,16 @@ def run_index(args: argparse.Namespace) -> int:
     for spec in args.split_glob:
         split, eq, pattern = spec.partition("=")
         if not eq or not split or not pattern or split in split_globs:
-            _error("index", f"--split-glob {spec!r}: expected SPLIT=GLOB, once per split (e.g. train='train-*.tar')")
+            _error("index", f"--split-glob {spec!r}: expected SPLIT=SPEC, once per split (e.g. train='train-*.tar')")
             return EXIT_USAGE
         split_globs[split] = pattern
     if args.workers is not None and args.workers < 1:
         _error("index", f"--workers={args.workers} must be >= 1")
         return EXIT_USAGE
+    options = _storage_options("index", args)
+    if options is None:
+        return EXIT_USAGE
+    from data_pipeline.remote import Unreachable
     from data_pipeline.wds_index import index_dataset
 
     try:
@@ -204,21 +268,30 @@ def run_index(args: argparse.Namespace) -> int:
             label=args.label,
             classes_file=args.classes,
             workers=args.workers,
+            index_out=args.index_out,
+            storage_options=options,
         )
-    except (FileNotFoundError, ValueError) as e:
+    except Unreachable as e:
+        _error("index", f"{e}; check the location and the network, then run the same command again")
+        return EXIT_FAILED
+    except (FileNotFoundError, PermissionError, ValueError) as e:
         _error("index", str(e))
         return EXIT_USAGE
     for name, reason in report.bad_shards:
         print(f"left out {name}: {reason}")
+    _print_left_out_samples(report, args.label)
     manifest = report.manifest
     if manifest is None:
+        left = sum(sum(c.values()) for c in report.skipped.values())
         _error(
             "index",
-            f"no usable sample in {args.data_dir} ({len(report.bad_shards)} shards unreadable); nothing written",
+            f"no usable sample in {args.data_dir} ({len(report.bad_shards)} shards unreadable, {left} samples left "
+            "out, see above); nothing written",
         )
         return EXIT_FAILED
+    classes = f" (from {report.classes_from})" if report.classes_from else ""
     print(
-        f"indexed {args.data_dir}: label {manifest.label}, {manifest.num_classes} classes, images "
+        f"indexed {args.data_dir}: label {manifest.label}, {manifest.num_classes} classes{classes}, images "
         f"{', '.join(manifest.image_exts)}; {len(report.indexed)} shards read, {len(report.reused)} unchanged"
     )
     for name, split in manifest.splits.items():
@@ -229,7 +302,43 @@ def run_index(args: argparse.Namespace) -> int:
         )
     if report.bad_shards:
         print(f"{len(report.bad_shards)} unreadable shards left out (listed in manifest.json under 'skipped')")
+    indexes = len(report.written) - 1
+    print(f"wrote {indexes} stored indexes and the manifest to {report.index_location}")
+    if manifest.shard_location:
+        print(
+            f"the manifest names the shards' location {manifest.shard_location}: train with data.path={args.index_out}"
+        )
     return EXIT_OK
+
+
+_MAX_SHARD_LINES = 20  # shards listed one per line in `data index`'s report of left-out samples
+
+
+def _print_left_out_samples(report: Any, label: str) -> None:
+    """Per shard, the samples `index` left out and why; the shards that gave none; then the fix for each reason."""
+    from data_pipeline.wds_index import FIXES
+
+    if report.skipped:
+        print("samples left out, per shard:")
+        for i, (name, counts) in enumerate(report.skipped.items()):
+            if i == _MAX_SHARD_LINES:
+                print(f"  ... and {len(report.skipped) - i} more shards")
+                break
+            empty = " (no usable sample)" if name in report.empty_shards else ""
+            print(f"  {name}: {', '.join(f'{r} {n}' for r, n in sorted(counts.items()))}{empty}")
+    if report.empty_shards:
+        listed = ", ".join(report.empty_shards[:_MAX_SHARD_LINES])
+        more = (
+            f" and {len(report.empty_shards) - _MAX_SHARD_LINES} more"
+            if len(report.empty_shards) > _MAX_SHARD_LINES
+            else ""
+        )
+        print(f"{len(report.empty_shards)} shards gave no usable sample: {listed}{more}")
+    reasons = sorted({r for counts in report.skipped.values() for r in counts})
+    for reason in reasons:
+        fix = FIXES.get(reason, "").format(rule=label)
+        example = report.examples.get(reason)
+        print(f"{reason}: {fix}" + (f" (e.g. {example})" if example else ""))
 
 
 # -------------------------------------------------------------------------------------------------------- inspect
@@ -239,12 +348,15 @@ def run_inspect(args: argparse.Namespace) -> int:
     """``pretrain data inspect``: 0 clean, 1 bad shards (or invalid manifest), 2 no data set at that path."""
     from data_pipeline.inspect import inspect_dataset
 
+    options = _storage_options("inspect", args)
+    if options is None:
+        return EXIT_USAGE
     try:
-        report = inspect_dataset(args.data_dir, deep=args.deep, workers=args.workers)
-    except FileNotFoundError as e:
+        report = inspect_dataset(args.data_dir, deep=args.deep, workers=args.workers, storage_options=options)
+    except (FileNotFoundError, PermissionError) as e:
         _error("inspect", str(e))
         return EXIT_USAGE
-    except ValueError as e:
+    except (OSError, ValueError) as e:
         _error("inspect", str(e))
         return EXIT_FAILED
     print(report.summary_table())
@@ -272,7 +384,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_plan(args: argparse.Namespace) -> int:
     """``pretrain data plan``: JSON lines ``{"rank", "batch", "keys"}``, batch-major, from ``--skip-batches`` on."""
-    from data_pipeline.manifest import load_manifest
+    from data_pipeline.manifest import load_manifest, resolve_split
 
     checks = [
         (args.world_size >= 1, f"--world-size={args.world_size} must be >= 1"),
@@ -286,13 +398,14 @@ def run_plan(args: argparse.Namespace) -> int:
         if not ok:
             _error("plan", message)
             return EXIT_USAGE
-    try:
-        manifest = load_manifest(args.data_dir)
-    except (FileNotFoundError, ValueError) as e:
-        _error("plan", str(e))
+    options = _storage_options("plan", args)
+    if options is None:
         return EXIT_USAGE
-    if args.split not in manifest.splits:
-        _error("plan", f"split {args.split!r} is not in {args.data_dir}; splits: {', '.join(manifest.splits)}")
+    try:
+        manifest = load_manifest(args.data_dir, options)
+        split = resolve_split(manifest, args.split)
+    except (OSError, ValueError) as e:
+        _error("plan", str(e))
         return EXIT_USAGE
     from data_pipeline.order import plan_batches  # the loader's own planning code
 
@@ -302,7 +415,7 @@ def run_plan(args: argparse.Namespace) -> int:
             plans.append(
                 plan_batches(
                     manifest,
-                    args.split,
+                    split,
                     seed=args.seed,
                     epoch=args.epoch,
                     world_size=args.world_size,
@@ -311,7 +424,7 @@ def run_plan(args: argparse.Namespace) -> int:
                     shuffle_buffer=args.shuffle_buffer,
                 )
             )
-    except ValueError as e:
+    except (OSError, ValueError) as e:
         _error("plan", str(e))
         return EXIT_USAGE
     n_batches = max((len(p) for p in plans), default=0)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.remote import is_remote
 from pretrain.rundir import CHECKPOINTS, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 __all__ = ["default_output", "eval_command", "register"]
@@ -40,7 +41,9 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("path", metavar="CHECKPOINT|FILE|RUN_DIR")
-    p.add_argument("--data", required=True, metavar="DIR", help="data set folder (holds manifest.json)")
+    p.add_argument(
+        "--data", required=True, metavar="DIR", help="data set folder or s3:// / https:// prefix (holds manifest.json)"
+    )
     p.add_argument("--split", default="val", help="split to score (default val)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass on each rank (default 64)")
     p.add_argument("--nproc", type=int, default=None, help="local ranks to start (default 1, or join the launcher's)")
@@ -63,7 +66,7 @@ def default_output(path: Path, tag_dir: Path | None, split: str, ema: bool) -> P
 
 def _check_args(args: argparse.Namespace) -> str:
     """The reason the arguments cannot work, or ''."""
-    from data_pipeline.manifest import load_manifest
+    from data_pipeline.manifest import load_manifest, resolve_split
 
     path = Path(args.path)
     if not path.exists():
@@ -74,7 +77,9 @@ def _check_args(args: argparse.Namespace) -> str:
         manifest = load_manifest(args.data)
     except (OSError, ValueError) as e:
         return f"--data {args.data}: {e}"
-    if args.split not in manifest.splits:
+    try:
+        resolve_split(manifest, args.split)  # val and validation find each other
+    except ValueError:
         return f"--data {args.data} has no split {args.split!r} (splits: {', '.join(sorted(manifest.splits))})"
     return ""
 
@@ -152,7 +157,7 @@ def _evaluate_here(args: argparse.Namespace, env: Any) -> int:
                 "loss": metrics["val_loss"],
                 "samples": metrics["val_samples"],
                 "split": args.split,
-                "data": str(Path(args.data).resolve()),
+                "data": args.data if is_remote(args.data) else str(Path(args.data).resolve()),
                 "model": model_cfg["name"],
                 "source": meta.get("source", str(path.resolve())),
                 "step": int(meta["step"]) if str(meta.get("step", "")).isdigit() else None,

@@ -254,24 +254,23 @@ def validate_launch(
 
 
 def resolve_data(cfg: Config) -> Config:
-    """``cfg`` with ``model.num_classes`` from the data set's manifest.
+    """``cfg`` with ``model.num_classes`` from the data set's manifest and the splits as the manifest names them.
 
     Raises:
-        ConfigError: ``data.path`` holds no built data set (naming the command that builds one), or its manifest is
-            unreadable.
+        ConfigError: ``data.path`` holds no data set (naming the command that makes one), its manifest is unreadable,
+            or ``data.train_split`` / ``data.val_split`` is not a split of it.
     """
-    manifest = Path(cfg.data.path) / "manifest.json"
-    if not manifest.is_file():
-        raise ConfigError(
-            f"data.path={cfg.data.path}: no manifest.json there; build the data first, e.g. "
-            f"`pretrain data build digits --out {cfg.data.path}`, or point data.path at a built data set"
-        )
-    from pretrain.trainer import resolve_num_classes
+    from data_pipeline.loader import check_data
 
     try:
-        return resolve_num_classes(cfg)
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"data.path={cfg.data.path}: unreadable manifest ({e})") from e
+        manifest, train_split, val_split = check_data(cfg.data)
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+    data = dataclasses.replace(cfg.data, train_split=train_split, val_split=val_split)
+    model = cfg.model
+    if cfg.data.classes_from_manifest:
+        model = dataclasses.replace(cfg.model, num_classes=len(manifest.classes))
+    return dataclasses.replace(cfg, data=data, model=model)
 
 
 def _check_model(cfg: Config) -> int:

@@ -566,7 +566,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return _build(Config, merged)
 
 
-PATH_KEYS = ("data.path", "run.output_dir", "model.init_from")
+PATH_KEYS = ("data.path", "data.cache_dir", "run.output_dir", "model.init_from")
 """Config fields that name a file or folder. A relative value is relative to the directory the user ran the command
 in; a process that starts elsewhere (a sweep trial, a Slurm job) gets them made absolute (:func:`absolute_paths`)."""
 
@@ -581,7 +581,7 @@ def absolute_paths(cfg: Config, root: str | Path | None = None, skip: tuple[str,
             continue
         section, name = key.split(".")
         value = os.path.expanduser(str(getattr(getattr(cfg, section), name)))
-        if value and not os.path.isabs(value):
+        if value and not os.path.isabs(value) and "://" not in value:  # a URL (s3://, https://) is left as it is
             pinned.append(f"{key}={json.dumps(os.path.normpath(os.path.join(os.path.abspath(root), value)))}")
     return pinned
 
