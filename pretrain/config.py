@@ -167,13 +167,14 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     """Recompute block activations in backward to save memory."""
     compile: bool = False
-    """torch.compile the model, after DeepSpeed wraps it (``engine.compile()``); the first step includes the compile
-    time, logged once."""
+    """torch.compile each transformer block in place, after DeepSpeed wraps the model (blocks of one configuration
+    share a graph); the first step includes the compile time, logged once."""
     compile_backend: str = "inductor"
     """torch.compile backend with ``compile=true`` (``inductor``; ``aot_eager`` traces without code generation)."""
     max_nonfinite_steps: int = 5
     """Stop after this many consecutive steps with a NaN/Inf loss or gradient norm (each is skipped; with gradient
-    accumulation one non-finite micro-batch skips its optimizer step)."""
+    accumulation one non-finite micro-batch skips its optimizer step). Checked when the steps are read back from the
+    device: at the next log step or checkpoint."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Training device; auto picks CUDA when present."""
     progress_bar: bool = True

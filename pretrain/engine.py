@@ -1,12 +1,18 @@
-"""DeepSpeed engine from the typed config: ZeRO stage, precision, batch arithmetic, AdamW, LR schedule, loss, EMA.
+"""DeepSpeed engine from the typed config: ZeRO stage, precision, batch arithmetic, AdamW, LR schedule, loss.
 
 ``build_engine()`` is the one place where the single-device model becomes a distributed one. Order (rule 1):
 
 1. activation checkpointing  (``model.set_grad_checkpointing``: changes what the blocks keep for backward)
 2. input cast (bf16/fp16)    (a forward pre-hook gives float inputs the weights' dtype; before compile, so traced)
-3. ZeRO init                 (``deepspeed.initialize``: partitions optimizer state / gradients / parameters, casts
-                              the weights to bf16/fp16 (fp32 masters stay in the optimizer) and installs its hooks)
-4. compile                   (``engine.compile()``, as DeepSpeed documents: compiles the wrapped module in place, so
+3. device kernels (CUDA)     (cuDNN autotuning, TF32; after ZeRO init, channels-last conv weights for ZeRO-0;
+                              nothing changes on CPU)
+4. ZeRO init                 (``deepspeed.initialize`` with a fused AdamW/SGD: partitions optimizer state /
+                              gradients / parameters, casts the weights to bf16/fp16 (fp32 masters stay in the
+                              optimizer) and installs its hooks)
+5. the device step           (:class:`pretrain.optim.DeviceStep` takes over the optimizer step for ZeRO 0-2 in
+                              fp32/bf16: one flat all-reduce, the global norm, clipping and the non-finite skip on
+                              the device)
+6. compile                   (each block of ``stages.S.blocks.B`` compiled in place, :func:`compile_blocks`:
                               parameter names, checkpoints and the EMA copy made before are those of the eager model;
                               the compilation itself happens in the first forward)
 
@@ -16,7 +22,6 @@ activations, fp32 master weights and optimizer state in ZeRO's partitions); fp16
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import re
@@ -29,15 +34,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import Config, ConfigError
+from pretrain.optim import DeviceStep, build_optimizer, uses_device_step
 
 __all__ = [
     "EngineParts",
-    "ModelEMA",
     "build_ds_config",
     "build_engine",
     "build_lr_lambda",
     "cast_float_inputs",
     "check_batch_sizes",
+    "channels_last_weights",
+    "compile_blocks",
+    "configure_device_kernels",
     "optimizer_state_bytes",
     "param_groups",
     "reapply_optim_config",
@@ -102,11 +110,14 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     if cfg.trainer.precision == "bf16":
-        # a non-finite gradient norm skips the update: the trainer's non-finite guard relies on it (as for fp32/fp16)
-        ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
+        ds["bf16"] = {"enabled": True}
     elif cfg.trainer.precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2}
     merged = _merge(ds, cfg.deepspeed.overrides)
+    if (merged.get("bf16") or {}).get("enabled") and "check_grad_overflow" not in merged["bf16"]:
+        # the non-finite guard: DeviceStep checks the global gradient norm on the device; where DeepSpeed steps
+        # itself (ZeRO-3, offload) its per-tensor overflow check must skip a non-finite update
+        merged["bf16"]["check_grad_overflow"] = not uses_device_step(merged)
     _check_ds_config(cfg, merged)
     _check_typed_keys(cfg, ds)
     return merged
@@ -295,35 +306,6 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, valid
     return (per_row * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-class ModelEMA:
-    """Exponential moving average of a model's weights (fp32 copy, same device), evaluated as ``val_*_ema``.
-
-    Args:
-        model: The (unwrapped) model to track; its current weights initialise the average.
-        decay: Per optimizer step, ``ema = decay * ema + (1 - decay) * weights``.
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.module = copy.deepcopy(model).float().eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Move the average towards ``model``'s current weights (buffers are copied)."""
-        for e, p in zip(self.module.parameters(), model.parameters()):
-            e.lerp_(p.detach().float(), 1.0 - self.decay)
-        for e, b in zip(self.module.buffers(), model.buffers()):
-            e.copy_(b)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "module": self.module.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["module"])
-
-
 def optimizer_state_bytes(optimizer: Any) -> int:
     """Bytes of optimizer state tensors (e.g. Adam moments) held by this rank, unwrapping DeepSpeed's ZeRO wrapper."""
     inner = optimizer
@@ -364,6 +346,8 @@ class EngineParts:
     group_specs: list[tuple[float, bool]]
     """``(lr_scale, decayed)`` of each param group, in order (:func:`param_groups`); a checkpoint load replaces the
     groups' dicts with the saved ones, which checkpoints of older versions wrote without these keys."""
+    device_step: DeviceStep | None = None
+    """The optimizer step that reads nothing back (ZeRO 0-2, fp32/bf16); None where DeepSpeed steps itself."""
 
 
 def reapply_optim_config(parts: EngineParts, cfg: Config) -> list[str]:
@@ -399,8 +383,23 @@ def reapply_optim_config(parts: EngineParts, cfg: Config) -> list[str]:
             if i == 0 and old != value:
                 changes.append(f"optim.{key}={value} (the checkpoint's {old})")
             group[key] = value
+        _keep_fused(sched.optimizer, group)
     sched._last_lr = [g["lr"] for g in groups]
     return changes
+
+
+def _keep_fused(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> None:
+    """A loaded param group keeps the fused kernel: a checkpoint written by an unfused optimizer would switch it off,
+    the fused kernel keeps its step counter on the parameters' device, and its multi-tensor kernels pair the elements
+    of a parameter and its moments by memory order (a checkpoint from a run without channels-last weights)."""
+    group["fused"], group["foreach"] = True, None
+    for p in group["params"]:
+        state = optimizer.state.get(p, {})
+        if torch.is_tensor(state.get("step")) and state["step"].device != p.device:
+            state["step"] = state["step"].to(p.device, torch.float32)
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def build_engine(cfg: Config, model: nn.Module, world_size: int) -> EngineParts:
@@ -423,25 +422,72 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int) -> EngineParts:
     # 2. input cast: bf16/fp16 weights need inputs of their dtype (DeepSpeed casts only the weights, in step 4)
     if cfg.trainer.precision != "fp32":
         model.register_forward_pre_hook(cast_float_inputs)
-    # 3. ZeRO init: the client optimizer's param groups carry the weight-decay split and the layer-wise lr scales
+    # 3. device kernels
+    cuda = next(model.parameters()).device.type == "cuda"
+    if cuda:
+        configure_device_kernels()
+    # 4. ZeRO init: the client optimizer's param groups carry the weight-decay split and the layer-wise lr scales
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
     for g in groups:
         g["lr"] = cfg.optim.lr * g["lr_scale"]
-    if cfg.optim.name == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(
-            groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
-        )
-    else:
-        opt = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    opt = build_optimizer(cfg, groups)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, build_lr_lambda(cfg))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # DeepSpeed 0.19 still calls the deprecated all_gather_into_tensor in ZeRO-1/2 steps; once per rank is noise
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    device_step = uses_device_step(ds_config)
+    # the device step clips; DeepSpeed's engine would otherwise clip ZeRO-0 fp32 gradients tensor by tensor
+    init_config = {**ds_config, "gradient_clipping": 0.0} if device_step else ds_config
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=opt, lr_scheduler=sched, config=ds_config
+        model=model, optimizer=opt, lr_scheduler=sched, config=init_config
     )
-    # 4. compile
+    if cuda and cfg.deepspeed.zero_stage == 0:
+        channels_last_weights(engine)
+    # 5. the device step
+    step = DeviceStep.install(engine, clip=ds_config["gradient_clipping"]) if device_step else None
+    # 6. compile
     if cfg.trainer.compile:
-        engine.compile(backend=cfg.trainer.compile_backend)
+        compile_blocks(model, cfg.trainer.compile_backend)
     specs = [(g["lr_scale"], g["decayed"]) for g in groups]
-    return EngineParts(engine, optimizer, scheduler, ds_config, specs)
+    return EngineParts(engine, optimizer, scheduler, init_config, specs, step)
+
+
+def configure_device_kernels() -> None:
+    """CUDA kernel choices: cuDNN picks the fastest algorithm per conv shape once (the shapes never change), and fp32
+    matmuls and convs run on TF32 tensor cores (the whole model of an fp32 run; the loss and the EMA's evaluation of a
+    bf16 one)."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
+def channels_last_weights(engine: Any) -> int:
+    """Make the conv weights of a ZeRO-0 engine channels-last (the layout of cuDNN's fastest conv kernels), with their
+    fp32 masters where DeepSpeed's bf16 wrapper keeps one per parameter; returns how many tensors changed.
+
+    After ``deepspeed.initialize``, not before: the engine broadcasts every parameter as bytes at start-up, which needs
+    contiguous tensors. Not under ZeRO-1/2 (every parameter is a contiguous view of one flat buffer) nor ZeRO-3
+    (partitions).
+    """
+    tensors = [p for p in engine.module.parameters() if p.dim() == 4]
+    tensors += [m for group in getattr(engine.optimizer, "fp32_groups", []) for m in group if m.dim() == 4]
+    for t in tensors:
+        t.data = t.data.contiguous(memory_format=torch.channels_last)
+    return len(tensors)
+
+
+def compile_blocks(model: nn.Module, backend: str) -> int:
+    """``torch.compile`` each block of ``stages.S.blocks.B`` in place (``nn.Module.compile``), the way large runs
+    compile: blocks of the same configuration share one graph from dynamo's cache, so the compile time grows with the
+    number of distinct block configurations (stage width, window size), not with the depth, and the parameter names
+    stay the eager model's. Returns the number of blocks compiled.
+
+    Dynamo's recompile limit (8 graphs per code object) is raised to 4 graphs per block: each distinct block
+    configuration compiles a training graph, an evaluation graph and, once the evaluation batch size differs, one with
+    a dynamic batch size, and past the limit dynamo would run the rest eagerly.
+    """
+    blocks = [block for stage in model.stages for block in stage.blocks]
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(blocks))
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)

@@ -58,6 +58,8 @@ _NO_KERNEL = frozenset(
         "_efficientzerotensor",
         "is_nonzero",  # its _local_scalar_dense is the read
         "item",
+        "_record_function_enter_new",  # profiler ranges (torch.optim's step opens one): host-side markers
+        "_record_function_exit",
     }
 )
 _HOST_READ = frozenset({"_local_scalar_dense", "equal"})

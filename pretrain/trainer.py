@@ -15,21 +15,22 @@ per-rank state; device-side augmentation draws from a ``torch.Generator`` seeded
 micro-step, rank), so it needs no saved state. Loader iteration runs under ``torch.random.fork_rng`` so starting a new
 DataLoader iterator on resume does not shift the global RNG stream that dropout and drop path use.
 
-Host-device syncs (each waits on GPU for the step's queued work): a train step of ours reads the device at most once.
-Batches are copied with ``non_blocking`` from pinned memory; mixup/cutmix draw their batch-level numbers on the host;
-the loss and its finiteness stay on the device (a non-finite loss poisons the gradients, see :meth:`Trainer.train_step`)
-and the stop flags go over a host-side gloo group (:func:`pretrain.distributed.all_reduce_max`). What remains:
+Host-device syncs (each waits on GPU for all queued work, and rules out CUDA graphs): none between log steps, from any
+caller (DeepSpeed and the optimizer included, ZeRO 0-2 in fp32 and bf16; counted by ``tests/integration/
+test_host_syncs.py`` and ``benchmarks/step_kernels.py``). Batches are copied with ``non_blocking`` from pinned memory;
+mixup/cutmix draw their batch-level numbers on the host; the loss, the global gradient norm and whether the step was
+skipped stay on the device (a non-finite loss poisons the gradients, and :class:`~pretrain.optim.DeviceStep` skips a
+non-finite update on the device, see :meth:`Trainer.train_step`); the stop flags go over a host-side gloo group
+(:func:`pretrain.distributed.all_reduce_max`). What remains:
 
-- fp32 without ZeRO: one read of the gradient norm before ``engine.step()``, to skip a non-finite update (torch's
-  optimizer has no such check). With ZeRO or bf16/fp16 the trainer reads nothing: DeepSpeed's optimizer reads its own
-  gradient norm or overflow flag in ``step()`` (DeepSpeed's syncs, not removable from here).
-- At the log interval: the window's loss, the grad norm, peak memory; at evals and checkpoints: their metrics and
-  the window state. A skipped fp16 step reads its loss, to tell a non-finite loss from a loss-scale overflow.
+- At the log interval: one read of the window's losses and skip flags and the last grad norm (non-finite steps are
+  counted, warned about and checked against ``trainer.max_nonfinite_steps`` there), and peak memory; at evals and
+  checkpoints: their metrics and the window state.
+- Where DeepSpeed steps itself (ZeRO-3, optimizer offload, fp16): its overflow check reads the device in ``step()``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -54,7 +55,7 @@ from pretrain.checkpoint import (
 )
 from pretrain.config import Config, config_digest, dump_config, model_shape_digest
 from pretrain.distributed import DistInfo, all_reduce_max, broadcast_object
-from pretrain.engine import EngineParts, ModelEMA, build_engine, reapply_optim_config, soft_target_cross_entropy
+from pretrain.engine import EngineParts, build_engine, reapply_optim_config, soft_target_cross_entropy
 from pretrain.evaluate import eval_metrics, evaluate_models
 from pretrain.export import EMA_FILE, load_pretrained
 from pretrain.metrics import (
@@ -64,7 +65,9 @@ from pretrain.metrics import (
     device_peak_flops,
     peak_memory_mb,
 )
+from pretrain.optim import ModelEMA
 from pretrain.rundir import CHECKPOINTS, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, run_history
+from pretrain.step_window import NonfiniteRun, StepWindow
 from pretrain.sweep_hook import CONTINUE, STOP, SweepHook
 
 __all__ = [
@@ -132,17 +135,6 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
-
-@contextlib.contextmanager
-def _optimizer_step_skipped(optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """``engine.step()`` without the optimizer's update: DeepSpeed still clips and zeroes the gradients and steps its
-    counters and LR scheduler, so the engine's accumulation boundary and the schedule stay on the trainer's steps."""
-    optimizer.step = lambda *args, **kwargs: None  # type: ignore[method-assign]  # shadows the class's step
-    try:
-        yield
-    finally:
-        del optimizer.step
 
 
 def augment_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
@@ -244,52 +236,6 @@ def build_trainer(cfg: Config, dist: DistInfo, stop: StopSignals | None = None) 
 # ----------------------------------------------------------------------------------------------------------- trainer
 
 
-@dataclass
-class _Window:
-    """The steps since the previous train event: their losses (resumable) and this process's timing of them.
-
-    The loss sums and the step count before the resume are part of the trainer's checkpointed state, so the first
-    event after a resume averages the loss over the whole window, as the uninterrupted run does. The timing covers
-    only the steps run in this process: a full window's images over part of its time would overstate the throughput,
-    and the other life's clock is not comparable (start-up, another node).
-    """
-
-    start: float = field(default_factory=time.perf_counter)
-    steps: int = 0
-    """Steps timed in this process."""
-    data_wait_s: float = 0.0
-    loss_sum: float | torch.Tensor = 0.0
-    """Sum of the applied steps' losses; a device tensor while steps add to it (read at the log interval only)."""
-    loss_count: int = 0
-    resumed_steps: int = 0
-    """Steps of this window run before the resume (from the checkpoint)."""
-
-    def add(self, out: dict[str, Any]) -> None:
-        """Count one step's :meth:`Trainer.train_step` result (a skipped step's NaN loss is left out of the mean)."""
-        self.steps += 1
-        self.data_wait_s += out["data_wait_s"]
-        if not out["skipped"]:
-            self.loss_sum += out["loss"]
-            self.loss_count += 1
-
-    def state_dict(self) -> dict[str, int | float]:
-        """Plain numbers only (the checkpoint must load with ``torch.load(weights_only=True)``)."""
-        return {
-            "steps": int(self.resumed_steps + self.steps),
-            "loss_sum": float(self.loss_sum),
-            "loss_count": int(self.loss_count),
-        }
-
-    @classmethod
-    def from_state(cls, state: dict[str, int | float] | None) -> _Window:
-        """The window a checkpoint was written in; an empty one for checkpoints older than the window state."""
-        if not state:
-            return cls()
-        return cls(
-            loss_sum=float(state["loss_sum"]), loss_count=int(state["loss_count"]), resumed_steps=int(state["steps"])
-        )
-
-
 class Trainer:
     """Runs one rank's share of a training run (all ranks run the same loop in lockstep)."""
 
@@ -317,14 +263,14 @@ class Trainer:
         self.sink: MetricsSink = MetricsSink()
         # resumable counters (state_dict)
         self.step = 0
-        self.nonfinite_total = 0
-        self.nonfinite_in_a_row = 0
+        self.nonfinite = NonfiniteRun(cfg.trainer.max_nonfinite_steps)
         self._compile_pending = cfg.trainer.compile
         self.best_metric: float | None = None
         self.best_step: int | None = None
         self.last_eval: dict[str, Any] = {}
         self.restarts = 0
-        self._window = _Window()  # the steps not yet logged
+        self._window = StepWindow()  # the steps not yet logged
+        self._last_step: dict[str, Any] = {"loss": math.nan, "skipped": False, "grad_norm": None, "lr": 0.0}
         # per process
         self.last_checkpoint: str | None = None
         self._last_save_time = time.monotonic()
@@ -338,8 +284,8 @@ class Trainer:
         all-reduced), stored in DeepSpeed's client state."""
         return {
             "step": self.step,
-            "nonfinite_total": self.nonfinite_total,
-            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "nonfinite_total": self.nonfinite.total,
+            "nonfinite_in_a_row": self.nonfinite.in_a_row,
             "best_metric": self.best_metric,
             "best_step": self.best_step,
             "last_eval": dict(self.last_eval),
@@ -349,12 +295,12 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
-        self.nonfinite_total = int(state["nonfinite_total"])
-        self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+        self.nonfinite.total = int(state["nonfinite_total"])
+        self.nonfinite.in_a_row = int(state["nonfinite_in_a_row"])
         self.best_metric, self.best_step = state["best_metric"], state["best_step"]
         self.last_eval = dict(state["last_eval"])
         self.restarts = int(state["restarts"])
-        self._window = _Window.from_state(state.get("log_window"))  # absent in checkpoints of older versions
+        self._window = StepWindow.from_state(state.get("log_window"))  # absent in checkpoints of older versions
 
     # -- the run -------------------------------------------------------------------------------------------------
 
@@ -414,21 +360,10 @@ class Trainer:
         bar = self._progress_bar()
         self._window.start = time.perf_counter()  # this process times its own steps only
         while self.step < max_steps:
-            out = self.train_step()
+            self._window.add(self.train_step())
             self.step += 1
-            self._window.add(out)
-            if out["nonfinite"]:
-                self.nonfinite_total += 1
-                self.nonfinite_in_a_row += 1
-                logger.warning(
-                    "step %d: non-finite loss or gradients on some rank; step skipped (%d in a row)",
-                    self.step,
-                    self.nonfinite_in_a_row,
-                )
-            elif not out["skipped"]:
-                self.nonfinite_in_a_row = 0
-            if self.step % tcfg.log_every_steps == 0 or self.step == max_steps or out["skipped"]:
-                event = self.log_step(out)
+            if self.step % tcfg.log_every_steps == 0 or self.step == max_steps:
+                event = self.log_step()
                 if bar is not None:
                     bar.set_postfix(loss=f"{event['loss']:.4f}", img_s=f"{event['img_per_s']:.0f}", refresh=False)
             if bar is not None:
@@ -438,15 +373,8 @@ class Trainer:
             evaluating = final or (tcfg.eval_every_steps and self.step % tcfg.eval_every_steps == 0)
             if evaluating:
                 self.evaluate()
-            if self.nonfinite_in_a_row >= tcfg.max_nonfinite_steps:
-                self.save_checkpoint()
-                msg = (
-                    f"{self.nonfinite_in_a_row} non-finite losses in a row (trainer.max_nonfinite_steps="
-                    f"{tcfg.max_nonfinite_steps}) at step {self.step}; the weights in {self.last_checkpoint} are the "
-                    "last good ones (skipped steps never updated them). Lower optim.lr or check the data"
-                )
-                logger.error(msg)
-                return self._finish("failed", EXIT_FAILED, msg, bar)
+            if self.nonfinite.limit_step is not None:  # known once the window is read (log steps, checkpoints)
+                return self._fail_nonfinite(bar)
             if stop_signal:
                 sig = signal.Signals(int(stop_signal)).name
                 if final:  # nothing left to preempt: the run ends as finished
@@ -466,25 +394,39 @@ class Trainer:
                 return self._finish(state, code, f"stopped by {by} at step {self.step}", bar)
         return self._finish("finished", EXIT_OK, bar=bar)
 
+    def _fail_nonfinite(self, bar: Any) -> TrainResult:
+        """Checkpoint and end the run: ``trainer.max_nonfinite_steps`` steps in a row were non-finite."""
+        self.save_checkpoint()
+        limit = self.cfg.trainer.max_nonfinite_steps
+        msg = (
+            f"{limit} non-finite losses in a row (trainer.max_nonfinite_steps={limit}) at step "
+            f"{self.nonfinite.limit_step}; the weights in {self.last_checkpoint} never took a skipped step's update. "
+            "Lower optim.lr or check the data"
+        )
+        logger.error(msg)
+        return self._finish("failed", EXIT_FAILED, msg, bar)
+
     # -- one step ------------------------------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over ``grad_accum_steps`` micro-batches; skipped on every rank if any rank's loss or the
-        gradient norm is non-finite.
+        global gradient norm is non-finite, without a host read.
 
-        The finiteness check needs no host read of its own: each micro-batch's loss statistics are all-reduced on the
-        device, and a non-finite global loss multiplies the backward loss by NaN (a finite one by exactly 1.0), so the
-        gradients, and with them the gradient norm the optimizer computes anyway, turn non-finite on every rank.
-        DeepSpeed's optimizers (ZeRO 1-3, bf16, fp16) then skip the update themselves, leave the weights and optimizer
-        state untouched and count it in ``engine.skipped_steps``; the plain fp32 optimizer without ZeRO has no such
-        check, so :meth:`_skip_if_nonfinite` reads the gradient norm it computes once and ``engine.step()`` then runs
-        without the optimizer's update (:func:`_optimizer_step_skipped`). With gradient accumulation one non-finite
-        micro-batch skips its whole optimizer step.
+        Each micro-batch's loss statistics are all-reduced on the device, and a non-finite global loss multiplies the
+        backward loss by NaN (a finite one by exactly 1.0), so the gradients, and with them the global gradient norm,
+        turn non-finite on every rank. :class:`~pretrain.optim.DeviceStep` (ZeRO 0-2, fp32/bf16) then skips the update
+        on the device, the same way on every rank, since the norm is of the all-reduced gradients. Where DeepSpeed
+        steps itself (ZeRO-3, offload, fp16) its overflow check skips it and counts it in ``engine.skipped_steps``.
+        With gradient accumulation one non-finite micro-batch skips its whole optimizer step.
+
+        Returns:
+            ``loss`` (the global mean), ``skipped`` and ``nonfinite`` (1.0 for yes) as device scalars, ``grad_norm``
+            (a device scalar, a float or None), ``lr`` and ``data_wait_s``.
         """
         engine, accum, dev = self.engine, self.cfg.trainer.grad_accum_steps, self.dist.device
         engine.train()
         lr = self.parts.optimizer.param_groups[0]["lr"] / self.parts.group_specs[0][0]  # optim.lr scheduled
-        data_wait, losses, grad_norm, dropped = 0.0, [], None, False
+        data_wait, losses = 0.0, []
         skipped_before = engine.skipped_steps
         started = time.perf_counter()
         for micro in range(accum):
@@ -508,55 +450,54 @@ class Trainer:
                 torch.distributed.all_reduce(stats)
             global_loss = stats[0] / stats[1].clamp_min(1)
             losses.append(global_loss)
-            poison = torch.where(torch.isfinite(global_loss), 1.0, float("nan")).to(loss.dtype)
+            poison = global_loss.mul(0).add_(1).to(loss.dtype)  # exactly 1.0 for a finite loss, NaN for inf or NaN
             engine.backward(loss * poison)
-            if engine.is_gradient_accumulation_boundary():
-                grad_norm = self._stage0_grad_norm()
-                dropped = self._skip_if_nonfinite(grad_norm)
-            with _optimizer_step_skipped(engine.optimizer) if dropped else contextlib.nullcontext():
-                engine.step()
-        skipped = dropped or engine.skipped_steps != skipped_before
-        if skipped and not dropped:
-            self.parts.scheduler.step()  # DeepSpeed does not step its scheduler on a skipped step: keep it on ours
+            engine.step()
         if self._compile_pending:  # torch.compile compiles in the first forward and backward of the process
             self._compile_pending = False
-            logger.info(
-                "first step with torch.compile (backend %s): %.1f s, compilation included",
-                self.cfg.trainer.compile_backend,
-                time.perf_counter() - started - data_wait,
-            )
-        step_loss = torch.stack(losses).mean()
-        nonfinite = skipped
-        if skipped and self.cfg.trainer.precision == "fp16":
-            nonfinite = not math.isfinite(float(step_loss))  # fp16 skips on loss-scale overflows routinely
-        if not skipped:
-            if grad_norm is None:
-                grad_norm = engine.get_global_grad_norm()
-            if self.ema is not None:
-                self.ema.update(engine.module)
+            self._log_compile(time.perf_counter() - started - data_wait)
+        step_loss = losses[0] if accum == 1 else torch.stack(losses).mean()
+        step = self.parts.device_step
+        if step is not None:
+            skipped = nonfinite = step.skipped
+            grad_norm = step.grad_norm
+        else:
+            skipped, nonfinite, grad_norm = self._deepspeed_step_outcome(step_loss, skipped_before)
+        if self.ema is not None:
+            self.ema.update(engine.module, skipped)
         return {
             "loss": step_loss,
             "lr": lr,
-            "grad_norm": None if skipped else grad_norm,
+            "grad_norm": grad_norm,
             "skipped": skipped,
             "nonfinite": nonfinite,
             "data_wait_s": data_wait,
         }
 
-    def _stage0_grad_norm(self) -> torch.Tensor | None:
-        """DeepSpeed reports no gradient norm without ZeRO: compute it (on the device) from the all-reduced
-        gradients."""
-        if self.cfg.deepspeed.zero_stage != 0:
-            return None
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    def _deepspeed_step_outcome(self, step_loss: torch.Tensor, skipped_before: int) -> tuple[Any, Any, Any]:
+        """Where DeepSpeed steps itself: ``(skipped, nonfinite, grad_norm)`` from its counters (its step read the
+        device already), with the flags as device scalars like :class:`~pretrain.optim.DeviceStep`'s."""
+        skipped = self.engine.skipped_steps != skipped_before
+        if skipped:
+            self.parts.scheduler.step()  # DeepSpeed does not step its scheduler on a skipped step: keep it on ours
+        flag = torch.full((), float(skipped), device=self.dist.device)
+        nonfinite = flag
+        if skipped and self.cfg.trainer.precision == "fp16":  # fp16 skips on loss-scale overflows routinely
+            nonfinite = torch.isfinite(step_loss).logical_not().to(flag.dtype)
+        return flag, nonfinite, None if skipped else self.engine.get_global_grad_norm()
 
-    def _skip_if_nonfinite(self, grad_norm: torch.Tensor | None) -> bool:
-        """Without an optimizer that checks for overflow (fp32 without ZeRO): whether this step's update must be
-        skipped (non-finite gradient norm). Reads the norm on the host: the one device sync of a step without ZeRO."""
-        if grad_norm is None or hasattr(self.engine.optimizer, "overflow"):
-            return False
-        return not bool(torch.isfinite(grad_norm))
+    def _log_compile(self, seconds: float) -> None:
+        from torch._dynamo.utils import counters
+
+        logger.info(
+            "first step with torch.compile (backend %s): %.1f s, compilation included; %d blocks compiled per block "
+            "into %d graphs, %d graph breaks",
+            self.cfg.trainer.compile_backend,
+            seconds,
+            sum(len(stage.blocks) for stage in self.engine.module.stages),
+            counters["stats"]["unique_graphs"],
+            sum(counters["graph_break"].values()),
+        )
 
     def _batch_stream(self) -> Iterator[dict[str, torch.Tensor]]:
         return self.data.train.iter_batches()
@@ -607,6 +548,7 @@ class Trainer:
         """Collective save of ``step_{step}`` (skipped if this step is already saved)."""
         if self._saved_step == self.step:
             return
+        self._settle()  # the window state and the non-finite counts go into the checkpoint
         client_state = {
             "trainer": self.state_dict(),
             "config_digest": config_digest(self.cfg),
@@ -642,30 +584,32 @@ class Trainer:
         self._last_save_time = time.monotonic()
         self.status.update(last_checkpoint=self.last_checkpoint, step=self.step)
 
-    def log_step(self, out: dict[str, Any]) -> dict[str, Any]:
+    def log_step(self) -> dict[str, Any]:
         """Write a train event for the steps since the previous one, then start a new window.
 
-        The loss is the mean over the whole window, across a resume too. The timing fields cover the window's steps
-        run in this process; ``resumed_in_window`` says when that is not the whole window.
+        The loss is the mean over the whole window, across a resume too (the last step's loss if that was skipped).
+        The timing fields cover the window's steps run in this process; ``resumed_in_window`` says when that is not
+        the whole window.
         """
-        window, self._window = self._window, _Window()
+        last = self._settle()
+        window, self._window = self._window, StepWindow()
         elapsed = max(1e-9, time.perf_counter() - window.start)
         img_per_s = window.steps * self.global_batch / elapsed
         event: dict[str, Any] = {
             "event": "train",
             "step": self.step,
             "epoch": self._epoch(),
-            "loss": float(out["loss"] if out["skipped"] else window.loss_sum / max(1, window.loss_count)),
-            "lr": out["lr"],
-            "grad_norm": None if out["grad_norm"] is None else float(out["grad_norm"]),
-            "skipped": out["skipped"],
+            "loss": last["loss"] if last["skipped"] else window.loss_sum / max(1, window.loss_count),
+            "lr": last["lr"],
+            "grad_norm": last["grad_norm"],
+            "skipped": last["skipped"],
             "img_per_s": img_per_s,
             "img_per_s_per_rank": img_per_s / self.dist.world_size,
             "data_wait_frac": window.data_wait_s / elapsed,
             "step_time_s": elapsed / max(1, window.steps),
             "resumed_in_window": window.resumed_steps > 0,
             "peak_mem_mb": peak_memory_mb(self.dist.device),
-            "nonfinite_steps": self.nonfinite_total,
+            "nonfinite_steps": self.nonfinite.total,
             "time": time.time(),
         }
         if self.flops_per_image and self.peak_flops:
@@ -675,6 +619,11 @@ class Trainer:
         self.sink.log(event)
         self.status.update(step=self.step, epoch=event["epoch"], img_per_s=img_per_s)
         return event
+
+    def _settle(self) -> dict[str, Any]:
+        """Read back the window's pending steps (:meth:`StepWindow.settle`); the last step's values."""
+        self._last_step = self._window.settle(self.step, self.nonfinite) or self._last_step
+        return self._last_step
 
     def _global_corrupt_counts(self) -> dict[str, int]:
         counts = self.data.train.corrupt_counts()
@@ -733,7 +682,7 @@ class Trainer:
             message=message,
             last_checkpoint=self.last_checkpoint,
             last_eval=self.last_eval,
-            nonfinite_steps=self.nonfinite_total,
+            nonfinite_steps=self.nonfinite.total,
         )
         return TrainResult(code, state, self.step, dict(self.last_eval), self.last_checkpoint, message)
 

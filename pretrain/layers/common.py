@@ -34,6 +34,10 @@ class DropPath(nn.Module):
     def _scale(self, x: torch.Tensor) -> torch.Tensor:
         keep = 1.0 - self.p
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # one draw per sample
+        if torch.compiler.is_compiling():
+            # bernoulli_(float) would make the rate a constant of the graph, one graph per drop-path rate: compared
+            # with a tensor, blocks that differ only in their rate share one compiled graph
+            return (torch.rand(shape, device=x.device) < keep).to(x.dtype).div_(keep)
         return x.new_empty(shape).bernoulli_(keep).div_(keep)  # (B, 1, ..., 1): 0 or 1 / keep
 
     def residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

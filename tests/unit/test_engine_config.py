@@ -1,4 +1,4 @@
-"""DeepSpeed config from the typed config, batch arithmetic, param groups, LR schedule, loss, EMA (no processes)."""
+"""DeepSpeed config from the typed config, batch arithmetic, param groups, LR schedule, loss, optimizer and EMA."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from pretrain.config import ConfigError, load_config
 from pretrain.engine import (
-    ModelEMA,
     build_ds_config,
     build_lr_lambda,
     check_batch_sizes,
@@ -20,6 +19,7 @@ from pretrain.engine import (
     param_groups,
     soft_target_cross_entropy,
 )
+from pretrain.optim import ModelEMA, build_optimizer, uses_device_step
 
 
 def cfg_with(*overrides):
@@ -40,11 +40,28 @@ def test_ds_config_from_typed_config():
 
 def test_precision_and_offload():
     ds = build_ds_config(cfg_with("trainer.precision=bf16", "deepspeed.offload_optimizer=cpu"), 1)
-    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True}  # the non-finite guard relies on the check
+    # DeepSpeed steps itself with offload (and ZeRO-3): the non-finite guard relies on its overflow check there
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True} and not uses_device_step(ds)
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert build_ds_config(cfg_with("trainer.precision=fp16"), 1)["fp16"]["enabled"] is True
     with pytest.raises(ConfigError, match="zero_stage >= 1"):
         build_ds_config(cfg_with("deepspeed.zero_stage=0", "deepspeed.offload_optimizer=cpu"), 1)
+
+
+def test_the_device_step_takes_zero_0_to_2_in_fp32_and_bf16():
+    for stage in (0, 1, 2):
+        for precision in ("fp32", "bf16"):
+            ds = build_ds_config(cfg_with(f"deepspeed.zero_stage={stage}", f"trainer.precision={precision}"), 2)
+            assert uses_device_step(ds), (stage, precision)
+            if precision == "bf16":  # no per-tensor overflow loop: the device step checks the global norm
+                assert ds["bf16"]["check_grad_overflow"] is False
+    assert not uses_device_step(build_ds_config(cfg_with("deepspeed.zero_stage=3", "trainer.precision=bf16"), 2))
+    assert build_ds_config(cfg_with("deepspeed.zero_stage=3", "trainer.precision=bf16"), 2)["bf16"][
+        "check_grad_overflow"
+    ]
+    assert not uses_device_step(build_ds_config(cfg_with("trainer.precision=fp16", "trainer.device=cuda"), 2))
+    overridden = cfg_with("trainer.precision=bf16", 'deepspeed.overrides={"data_types": {"grad_accum_dtype": "fp32"}}')
+    assert not uses_device_step(build_ds_config(overridden, 2))
 
 
 def test_overrides_merge_last_and_deep():
@@ -251,6 +268,71 @@ def test_ema_moves_towards_weights():
     other = ModelEMA(nn.Linear(3, 2), 0.9)
     other.load_state_dict(ema.state_dict())
     assert torch.equal(other.module.weight, ema.module.weight)
+
+
+def test_ema_update_is_a_few_foreach_kernels_and_a_skipped_step_leaves_it():
+    from pretrain.kernel_count import count_kernels
+    from pretrain.models import create_model
+
+    model = create_model("sepvit_lite", num_classes=10, img_size=32, window_sizes=[[4], [2, 4], [2] * 6, [1, 1]])
+    ema = ModelEMA(model, decay=0.9)
+    model = model.to(torch.bfloat16)  # what DeepSpeed's bf16 engine trains
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    start = [e.clone() for e in ema.module.parameters()]
+    count = count_kernels(lambda: ema.update(model, skipped=torch.tensor(1.0)))
+    assert all(torch.equal(a, b) for a, b in zip(start, ema.module.parameters()))
+    assert count.host_reads == [] and count.kernels <= 8, count.by_op  # vs 2 per tensor (170 tensors)
+    ema.update(model, skipped=torch.tensor(0.0))
+    for a, e, p in zip(start, ema.module.parameters(), model.parameters()):
+        torch.testing.assert_close(e, 0.9 * a + 0.1 * p.float())
+
+
+def test_the_optimizers_are_fused_and_stay_fused_after_a_checkpoint_load():
+    model = nn.Linear(4, 3)
+    for name in ("adamw", "sgd"):
+        opt = build_optimizer(cfg_with(f"optim.name={name}"), param_groups(model, 0.05))
+        assert all(g["fused"] for g in opt.param_groups), name
+    from pretrain.engine import EngineParts, reapply_optim_config
+
+    cfg = cfg_with("optim.lr=1e-3", "optim.weight_decay=0.05")
+    groups = param_groups(model, 0.05)
+    for g in groups:
+        g["lr"] = 1e-3
+    unfused = torch.optim.AdamW(groups, lr=1e-3)  # a checkpoint written before the fused optimizer
+    model(torch.randn(2, 4)).sum().backward()
+    unfused.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(unfused, build_lr_lambda(cfg))
+    parts = EngineParts(None, unfused, sched, {}, [(1.0, True), (1.0, False)])
+    reapply_optim_config(parts, cfg)
+    assert all(g["fused"] and g["foreach"] is None for g in unfused.param_groups)
+    unfused.found_inf, unfused.grad_scale = torch.tensor(1.0), torch.tensor(1.0)
+    before = model.weight.clone()
+    unfused.step()  # the fused kernel, which takes found_inf: skipped
+    assert torch.equal(before, model.weight)
+
+
+def test_a_loaded_optimizer_state_takes_the_layout_of_channels_last_weights():
+    from pretrain.engine import EngineParts, reapply_optim_config
+
+    conv = nn.Conv2d(3, 8, 3)
+    cfg = cfg_with("optim.lr=1e-3")
+    groups = param_groups(conv, 0.05)
+    for g in groups:
+        g["lr"] = 1e-3
+    opt = build_optimizer(cfg, groups)
+    conv(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()  # moments in the contiguous layout, as a checkpoint of a CPU run holds them
+    moments = {k: v.clone() for k, v in opt.state[conv.weight].items()}
+    conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)  # what CUDA ZeRO-0 runs use
+    parts = EngineParts(
+        None, opt, torch.optim.lr_scheduler.LambdaLR(opt, build_lr_lambda(cfg)), {}, [(1.0, True), (1.0, False)]
+    )
+    reapply_optim_config(parts, cfg)
+    state = opt.state[conv.weight]
+    assert state["exp_avg"].stride() == conv.weight.stride() != moments["exp_avg"].stride()
+    assert torch.equal(state["exp_avg"], moments["exp_avg"]) and torch.equal(state["exp_avg_sq"], moments["exp_avg_sq"])
 
 
 def test_optimizer_state_bytes_counts_adam_moments():
