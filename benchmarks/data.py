@@ -340,6 +340,7 @@ def shard_open_ms(data_dir: Path, stored: bool, repeats: int = 5) -> list[float]
     import inspect as pyinspect
 
     from data_pipeline.manifest import load_manifest
+
     try:
         from data_pipeline.shard_reader import ShardReader as _ShardReader
     except ImportError:  # code from before the reader had a module of its own

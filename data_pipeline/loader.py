@@ -497,6 +497,11 @@ def check_data(data: DataConfig) -> tuple[Manifest, str, str]:
 
 def _no_manifest(store: Store) -> str:
     """Why ``data.path`` is no data set, and the command that makes it one."""
+    if not store.remote and not store.exists():
+        return (
+            f"data.path={store.url}: no such folder; make a data set there with `pretrain data build SOURCE --out "
+            f"{store.url}` (e.g. SOURCE=digits), or point data.path at an indexed or built data set"
+        )
     try:
         shards = store.glob("*.tar") + store.glob("*/*.tar")
     except (OSError, ValueError):

@@ -44,7 +44,16 @@ def test_config_errors_exit_2_and_write_nothing(extra, flags, message, digits_di
 def test_missing_data_exits_2_with_advice(run_root, capsys):
     code = main(["train", CONFIG, *base(run_root / "no_data", run_root / "runs")])
     assert code == 2
-    assert "pretrain data build digits" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no such folder" in err and "pretrain data build SOURCE --out" in err
+    assert not (run_root / "runs").exists()
+
+
+def test_a_folder_without_a_manifest_points_to_data_index(run_root, capsys):
+    (run_root / "shards").mkdir(parents=True)
+    code = main(["train", CONFIG, *base(run_root / "shards", run_root / "runs")])
+    assert code == 2
+    assert f"pretrain data index {run_root / 'shards'}" in capsys.readouterr().err
     assert not (run_root / "runs").exists()
 
 
