@@ -2,9 +2,22 @@
 label smoothing and normalisation, for a whole ``uint8 (B, 3, H, W)`` batch at once.
 
 The DataLoader workers only decode and crop (``data_pipeline.transforms``); everything per-pixel and random runs
-here, vectorised over the batch: each image picks its RandAugment ops independently, and every op is computed for
-the batch and selected per image by a mask, so nothing loops over images or synchronises with the device except
-one scalar per batch when mixing is on (the seed of the batch-level mixup/cutmix draws).
+here. Each image draws its own RandAugment ops, and each op is computed only on the images that drew it:
+
+- **torch path** (CPU, and CUDA where Triton is missing): the per-image draws are made on the host, the images of each
+  op are gathered (``index_select``), transformed and written back (``index_copy_``); the five geometric ops share one
+  affine resampling of their images. No host read of the device: the draws never leave the host.
+- **Triton path** (``data_pipeline._augment_triton``, the default on CUDA): the draws stay on the device, and one
+  kernel per RandAugment round applies to every image the op it drew (a branch per image, no gather), with the uint8
+  conversion, colour jitter, normalisation and random erasing fused into the kernels around them: about 30 launches
+  per batch where the ops computed for every image and selected by masks took 450 (benchmarks/RESULTS.md).
+
+Why not a library: torchvision's and timm's RandAugment are not dependencies (they do not import with the CPU torch),
+and torchvision's batched transforms apply one draw to the whole batch, where here every image draws its own ops.
+
+Both paths draw the same numbers from the generator in the same order, and a generator seeded the same way gives the
+same op choices and magnitudes on either path (the torch path's output is bit-identical to computing every op on the
+whole batch and selecting per image, its definition; the Triton path matches it to float32 rounding).
 
 Order of operations (as timm's loader + train loop apply them):
 
@@ -15,15 +28,16 @@ Order of operations (as timm's loader + train loop apply them):
 4. mixup or cutmix of the batch with its reversed self, on both images and label-smoothed one-hot targets.
 
 Every random number comes from the ``torch.Generator`` passed in (the batch-level mixing draws from a host RNG seeded
-with the generator's seed, so they never wait for the device), so a generator seeded the same way gives bit-identical
-outputs on the same device; keep the generator on the images' device to avoid host-device copies.
+with the generator's seed, so they never wait for the device). The torch path needs host draws for its grouping: it
+draws from the generator itself when that is a CPU generator, else from a CPU generator with the same seed (so a CUDA
+run without Triton draws other, equally seeded numbers); keep the generator on the images' device.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -54,6 +68,7 @@ RANDAUG_OPS = (
 )
 """The RandAugment op set; each image draws ``randaug_n`` of them (with replacement)."""
 _GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+_GEOMETRIC_IDS = [RANDAUG_OPS.index(n) for n in _GEOMETRIC]
 RANDAUG_OP_PROB = 0.5
 """Probability that a drawn op is applied (timm's default for its ``rand-`` policies)."""
 _MAX_LEVEL = 10.0  # magnitudes are on a 0..10 scale
@@ -68,6 +83,7 @@ _ERASE_LOG_RATIO = (math.log(0.3), math.log(1 / 0.3))
 _ERASE_ATTEMPTS = 10
 # ITU-R 601-2 luma, as PIL's convert("L")
 _LUMA = (0.299, 0.587, 0.114)
+IMPLS = ("auto", "torch", "triton")
 
 
 def _stats(values: Sequence[float], ref: torch.Tensor) -> torch.Tensor:
@@ -165,9 +181,10 @@ def _posterize(x: torch.Tensor, drop_bits: torch.Tensor) -> torch.Tensor:
     return torch.floor(_levels(x).to(x.dtype) / q) * q / 255.0
 
 
-def _pick(mask: torch.Tensor, new: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
-    """Per image: ``new`` where ``mask`` (B,) is set, else ``cur``."""
-    return torch.where(mask.view(-1, 1, 1, 1), new, cur)
+def _solarize(x: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
+    """PIL: invert the levels >= 256 * (1 - frac); ``frac`` is (B,)."""
+    threshold = (256.0 / 255.0) * (1.0 - frac).view(-1, 1, 1, 1)
+    return torch.where(x >= threshold, 1.0 - x, x)
 
 
 def _affine(x: torch.Tensor, theta: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
@@ -175,6 +192,80 @@ def _affine(x: torch.Tensor, theta: torch.Tensor, fill: torch.Tensor) -> torch.T
     (normalised, centre origin); uncovered pixels get ``fill`` (1, C, 1, 1)."""
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
     return F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+
+
+def _affine_maps(
+    chosen: dict[str, torch.Tensor], frac: torch.Tensor, sign: torch.Tensor, h: int, w: int
+) -> torch.Tensor:
+    """Output -> input maps in affine_grid's normalised coordinates, identity where no geometric op is ``chosen``
+    (``chosen[name]`` is a (B,) mask, at most one set per image); ``h / w`` terms keep angles and shears true in
+    pixels on non-square images."""
+    b = frac.shape[0]
+    theta = torch.zeros(b, 2, 3, dtype=torch.float32, device=frac.device)
+    theta[:, 0, 0] = 1.0
+    theta[:, 1, 1] = 1.0
+    angle = sign * frac * math.radians(_MAX_ROTATE_DEG)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rot = torch.stack(
+        [
+            torch.stack([cos, -sin * h / w, torch.zeros_like(cos)], -1),
+            torch.stack([sin * w / h, cos, torch.zeros_like(cos)], -1),
+        ],
+        dim=1,
+    )  # (B, 2, 3)
+    theta = torch.where(chosen["rotate"].view(-1, 1, 1), rot, theta)
+    shear = sign * frac * _MAX_SHEAR
+    shear_x = theta.clone()
+    shear_x[:, 0, 1] = shear * h / w
+    theta = torch.where(chosen["shear_x"].view(-1, 1, 1), shear_x, theta)
+    shear_y = theta.clone()
+    shear_y[:, 1, 0] = shear * w / h
+    theta = torch.where(chosen["shear_y"].view(-1, 1, 1), shear_y, theta)
+    shift = sign * frac * (2.0 * _MAX_TRANSLATE)  # normalised coordinates span 2
+    move_x = theta.clone()
+    move_x[:, 0, 2] = shift
+    theta = torch.where(chosen["translate_x"].view(-1, 1, 1), move_x, theta)
+    move_y = theta.clone()
+    move_y[:, 1, 2] = shift
+    return torch.where(chosen["translate_y"].view(-1, 1, 1), move_y, theta)
+
+
+def _enhance(frac: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """(B,) blend factor ``1 +- 0.9 frac`` of the enhance ops."""
+    return 1.0 + sign * _MAX_ENHANCE * frac
+
+
+# The colour ops on the images that drew them: (x (n, 3, H, W), frac (n,), sign (n,)) -> (n, 3, H, W)
+_COLOUR_OPS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "autocontrast": lambda x, frac, sign: _autocontrast(x),
+    "equalize": lambda x, frac, sign: _equalize(x),
+    "posterize": lambda x, frac, sign: _posterize(x, torch.round(_MAX_POSTERIZE_DROP * frac)),
+    "solarize": lambda x, frac, sign: _solarize(x, frac),
+    "color": lambda x, frac, sign: _blend(_grey(x), x, _enhance(frac, sign)),
+    "contrast": lambda x, frac, sign: _blend(_grey(x).mean(dim=(2, 3), keepdim=True), x, _enhance(frac, sign)),
+    "brightness": lambda x, frac, sign: _blend(torch.zeros_like(x), x, _enhance(frac, sign)),
+    "sharpness": lambda x, frac, sign: _blend(_smooth(x), x, _enhance(frac, sign)),
+}
+
+
+def _host_draw(shape: tuple[int, ...], g: torch.Generator, normal: bool = False) -> np.ndarray:
+    """``torch.rand``/``torch.randn`` from the CPU generator ``g``, written straight into a host array (the same
+    numbers as ``torch.rand(shape, generator=g)``; the grouping reads them as numpy, never through a device)."""
+    out = np.empty(shape, dtype=np.float32)
+    (torch.randn if normal else torch.rand)(shape, generator=g, out=torch.from_numpy(out))
+    return out
+
+
+def _ops_of_round(b: int, g: torch.Generator, aug: AugmentConfig) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """One RandAugment round's draws from the CPU generator ``g``: (op index per image, -1 where none applies;
+    magnitude ``frac`` in [0, 1]; sign), the latter two as host tensors. Draw order as the Triton path's."""
+    n_ops = len(RANDAUG_OPS)
+    u_op, u_apply = _host_draw((b,), g), _host_draw((b,), g)
+    z, u_sign = torch.from_numpy(_host_draw((b,), g, normal=True)), torch.from_numpy(_host_draw((b,), g))
+    op = np.minimum((u_op * np.float32(n_ops)).astype(np.int64), n_ops - 1)  # as (u * 13).long() in float32
+    op = np.where(u_apply < RANDAUG_OP_PROB, op, -1)
+    level = (aug.randaug_m + aug.randaug_mstd * z).clamp(0.0, _MAX_LEVEL)
+    return op, level / _MAX_LEVEL, torch.where(u_sign < 0.5, -1.0, 1.0)
 
 
 # ------------------------------------------------------------------------------------------------ the augmenter
@@ -188,17 +279,23 @@ class DeviceAugment:
             (``randaug_n``, ``color_jitter``, ``random_erasing``, ``mixup_alpha`` and ``cutmix_alpha`` or
             ``mix_prob``, ``label_smoothing``).
         num_classes: Width of the soft targets.
+        impl: ``"torch"``, ``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or ``"auto"``:
+            Triton on CUDA where it imports and builds (else torch, with a warning), torch elsewhere.
     """
 
-    def __init__(self, aug: AugmentConfig, num_classes: int):
+    def __init__(self, aug: AugmentConfig, num_classes: int, impl: str = "auto"):
         if num_classes <= 0:
             raise ValueError(f"num_classes={num_classes} must be positive")
         if len(aug.mean) != 3 or len(aug.std) != 3:
             raise ValueError("augment.mean and augment.std need 3 values")
+        if impl not in IMPLS:
+            raise ValueError(f"impl={impl!r}: expected one of {', '.join(IMPLS)}")
         self.aug = aug
         self.num_classes = int(num_classes)
         self.mean = tuple(float(m) for m in aug.mean)
         self.std = tuple(float(s) for s in aug.std)
+        self.impl = impl
+        self._triton_failed = False
 
     @property
     def mixes(self) -> bool:
@@ -228,97 +325,75 @@ class DeviceAugment:
             # batch-level draws (mix or not, which, lambda, box) on the host, seeded by the generator's seed (a host
             # value: no draw from the device generator, so nothing waits for the device)
             host_rng = np.random.default_rng([generator.initial_seed(), 0x6D6978])
-        x = images.float().div(255.0)  # (B, 3, H, W) in [0, 1]
-        if aug.randaug_n > 0:
-            x = self._randaugment(x, generator)
-        if aug.color_jitter > 0:
-            x = self._color_jitter(x, generator)
-        x = _normalize_unit(x, self.mean, self.std)
-        if aug.random_erasing > 0:
-            x = self._erase(x, generator)
+        x = self._pixels(images, generator)  # (B, 3, H, W) normalised
         targets = soft_targets(labels.to(x.device), self.num_classes, aug.label_smoothing)  # (B, K)
         if host_rng is not None and host_rng.random() < aug.mix_prob:
             x, targets = self._mix(x, targets, host_rng)
         return x, targets
 
-    # -- random numbers ----------------------------------------------------------------------------------------
+    def path(self, images: torch.Tensor) -> str:
+        """``"torch"`` or ``"triton"``: the path a batch on ``images``' device takes."""
+        if self.impl != "auto":
+            return self.impl
+        if images.device.type != "cuda" or self._triton_failed or images.numel() == 0:
+            return "torch"
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            self._triton_failed = True
+            logger.warning("triton does not import: device-side augmentation takes the torch path")
+            return "torch"
+        return "triton"
 
-    @staticmethod
-    def _rand(shape: Sequence[int], g: torch.Generator, device: torch.device) -> torch.Tensor:
-        return torch.rand(tuple(shape), generator=g, device=g.device).to(device)
+    def _pixels(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> RandAugment, colour jitter, normalisation, random erasing; float32 (B, 3, H, W)."""
+        if self.path(images) == "triton":
+            from data_pipeline import _augment_triton
 
-    @staticmethod
-    def _randn(shape: Sequence[int], g: torch.Generator, device: torch.device) -> torch.Tensor:
-        return torch.randn(tuple(shape), generator=g, device=g.device).to(device)
+            try:
+                return _augment_triton.augment_pixels(images, g, self.aug, self.mean, self.std)
+            except Exception as e:  # a kernel that does not build here: the torch path is the same augmentation
+                if self.impl == "triton":
+                    raise
+                self._triton_failed = True
+                logger.warning("the Triton augmentation failed (%s: %s); using the torch path", type(e).__name__, e)
+        return self._pixels_torch(images, g)
 
-    # -- RandAugment -------------------------------------------------------------------------------------------
+    # -- torch path --------------------------------------------------------------------------------------------
+
+    def _pixels_torch(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        aug = self.aug
+        host = g if g.device.type == "cpu" else torch.Generator().manual_seed(g.initial_seed())
+        x = images.float().div(255.0)  # (B, 3, H, W) in [0, 1]
+        if aug.randaug_n > 0:
+            x = self._randaugment(x, host)
+        if aug.color_jitter > 0:
+            x = self._color_jitter(x, host)
+        x = _normalize_unit(x, self.mean, self.std)
+        if aug.random_erasing > 0:
+            x = self._erase(x, host, g)
+        return x
 
     def _randaugment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        aug = self.aug
+        """``randaug_n`` rounds; in each, every op runs on the images that drew it (gathered, written back)."""
         b, _, h, w = x.shape
         dev = x.device
         fill = _stats(self.mean, x)  # uncovered pixels get the mean colour (0 after normalisation)
-        n_ops = len(RANDAUG_OPS)
-        for _ in range(aug.randaug_n):
-            op = (self._rand((b,), g, dev) * n_ops).long().clamp_(max=n_ops - 1)  # (B,) op index per image
-            apply = self._rand((b,), g, dev) < RANDAUG_OP_PROB
-            level = (aug.randaug_m + aug.randaug_mstd * self._randn((b,), g, dev)).clamp(0.0, _MAX_LEVEL)
-            frac = level / _MAX_LEVEL  # (B,) magnitude in [0, 1]
-            sign = torch.where(self._rand((b,), g, dev) < 0.5, -1.0, 1.0)  # (B,)
-            chosen = {name: apply & (op == i) for i, name in enumerate(RANDAUG_OPS)}
-            # colour ops: each computed for the whole batch, kept where chosen
-            enhance = 1.0 + sign * _MAX_ENHANCE * frac  # (B,) blend factor
-            grey = _grey(x)  # (B, 1, H, W)
-            y = _pick(chosen["brightness"], _blend(torch.zeros_like(x), x, enhance), x)
-            y = _pick(chosen["color"], _blend(grey, x, enhance), y)
-            y = _pick(chosen["contrast"], _blend(grey.mean(dim=(2, 3), keepdim=True), x, enhance), y)
-            y = _pick(chosen["sharpness"], _blend(_smooth(x), x, enhance), y)
-            y = _pick(chosen["autocontrast"], _autocontrast(x), y)
-            y = _pick(chosen["equalize"], _equalize(x), y)
-            y = _pick(chosen["posterize"], _posterize(x, torch.round(_MAX_POSTERIZE_DROP * frac)), y)
-            threshold = (256.0 / 255.0) * (1.0 - frac).view(-1, 1, 1, 1)  # PIL: invert levels >= 256 * (1 - f)
-            y = _pick(chosen["solarize"], torch.where(x >= threshold, 1.0 - x, x), y)
-            # geometric ops: one affine map per image (identity where none is chosen), one resampling pass
-            theta = self._affine_maps(chosen, frac, sign, h, w)  # (B, 2, 3)
-            geometric = torch.stack([chosen[n] for n in _GEOMETRIC]).any(dim=0)  # (B,)
-            y = _pick(geometric, _affine(x, theta, fill), y)
-            x = y
+        for _ in range(self.aug.randaug_n):
+            op, frac, sign = _ops_of_round(b, g, self.aug)  # (B,) host
+            for name, fn in _COLOUR_OPS.items():
+                rows = np.flatnonzero(op == RANDAUG_OPS.index(name))
+                if rows.size:
+                    idx = torch.from_numpy(rows)
+                    part = fn(x.index_select(0, idx.to(dev)), frac[idx].to(dev), sign[idx].to(dev))
+                    x.index_copy_(0, idx.to(dev), part)  # (n, 3, H, W) back into its rows
+            rows = np.flatnonzero(np.isin(op, _GEOMETRIC_IDS))
+            if rows.size:  # the five geometric ops: one affine map per image, one resampling of them all
+                idx = torch.from_numpy(rows)
+                chosen = {n: torch.from_numpy(op[rows] == RANDAUG_OPS.index(n)) for n in _GEOMETRIC}
+                theta = _affine_maps(chosen, frac[idx], sign[idx], h, w).to(dev)  # (n, 2, 3)
+                x.index_copy_(0, idx.to(dev), _affine(x.index_select(0, idx.to(dev)), theta, fill))
         return x
-
-    @staticmethod
-    def _affine_maps(
-        chosen: dict[str, torch.Tensor], frac: torch.Tensor, sign: torch.Tensor, h: int, w: int
-    ) -> torch.Tensor:
-        """Output -> input maps in affine_grid's normalised coordinates; ``h / w`` terms keep angles and shears
-        true in pixels on non-square images."""
-        b = frac.shape[0]
-        theta = torch.zeros(b, 2, 3, dtype=torch.float32, device=frac.device)
-        theta[:, 0, 0] = 1.0
-        theta[:, 1, 1] = 1.0
-        angle = sign * frac * math.radians(_MAX_ROTATE_DEG)
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        rot = torch.stack(
-            [
-                torch.stack([cos, -sin * h / w, torch.zeros_like(cos)], -1),
-                torch.stack([sin * w / h, cos, torch.zeros_like(cos)], -1),
-            ],
-            dim=1,
-        )  # (B, 2, 3)
-        theta = torch.where(chosen["rotate"].view(-1, 1, 1), rot, theta)
-        shear = sign * frac * _MAX_SHEAR
-        shear_x = theta.clone()
-        shear_x[:, 0, 1] = shear * h / w
-        theta = torch.where(chosen["shear_x"].view(-1, 1, 1), shear_x, theta)
-        shear_y = theta.clone()
-        shear_y[:, 1, 0] = shear * w / h
-        theta = torch.where(chosen["shear_y"].view(-1, 1, 1), shear_y, theta)
-        shift = sign * frac * (2.0 * _MAX_TRANSLATE)  # normalised coordinates span 2
-        move_x = theta.clone()
-        move_x[:, 0, 2] = shift
-        theta = torch.where(chosen["translate_x"].view(-1, 1, 1), move_x, theta)
-        move_y = theta.clone()
-        move_y[:, 1, 2] = shift
-        return torch.where(chosen["translate_y"].view(-1, 1, 1), move_y, theta)
 
     # -- colour jitter -----------------------------------------------------------------------------------------
 
@@ -333,8 +408,9 @@ class DeviceAugment:
 
     # -- random erasing ----------------------------------------------------------------------------------------
 
-    def _erase(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """With probability ``random_erasing`` per image, fill one random box with N(0, 1) noise."""
+    def _erase(self, x: torch.Tensor, g: torch.Generator, g_noise: torch.Generator) -> torch.Tensor:
+        """With probability ``random_erasing`` per image, fill one random box with N(0, 1) noise (box draws from
+        ``g``, the noise from ``g_noise``)."""
         b, c, h, w = x.shape
         dev = x.device
         draws = self._rand((4, b, _ERASE_ATTEMPTS), g, dev)  # area, log-ratio, top, left
@@ -357,8 +433,12 @@ class DeviceAugment:
             & (cols < (left + ew).view(-1, 1, 1))
         )  # (B, H, W)
         mask = (inside & erase.view(-1, 1, 1)).unsqueeze(1)  # (B, 1, H, W)
-        noise = self._randn((b, c, h, w), g, dev)
+        noise = torch.randn((b, c, h, w), generator=g_noise, device=g_noise.device).to(dev)
         return torch.where(mask, noise, x)
+
+    @staticmethod
+    def _rand(shape: Sequence[int], g: torch.Generator, device: torch.device) -> torch.Tensor:
+        return torch.rand(tuple(shape), generator=g, device=g.device).to(device)
 
     # -- mixup / cutmix ----------------------------------------------------------------------------------------
 

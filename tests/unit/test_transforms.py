@@ -389,6 +389,72 @@ def test_device_augment_is_a_function_of_the_generator(batch: tuple[torch.Tensor
     torch.testing.assert_close(t1.sum(1), torch.ones(8))
 
 
+REFERENCE_CONFIGS = {
+    "imagenet": AugmentConfig(color_jitter=0.4),
+    "defaults": AugmentConfig(),
+    "3 ops, wide magnitudes, all erased": AugmentConfig(randaug_n=3, randaug_mstd=3.0, random_erasing=1.0),
+    "randaug only": AugmentConfig(mixup_alpha=0.0, cutmix_alpha=0.0, random_erasing=0.0, label_smoothing=0.0),
+}
+
+
+def reference_batches(batch: tuple[torch.Tensor, torch.Tensor]):
+    """Photo crops, random pixels with a flat image, a non-square odd size and one too small for the smoothing."""
+    images, labels = batch
+    turned = images[..., :48, :48].transpose(2, 3)  # (8, 3, 48, 48)
+    more = torch.cat([images.flip(3), images.flip(2), torch.cat([turned, turned[..., :16]], dim=3)])
+    yield torch.cat([images, more]), torch.arange(32) % 8
+    gen = torch.Generator().manual_seed(11)
+    noisy = torch.randint(0, 256, (24, 3, 33, 17), dtype=torch.uint8, generator=gen)
+    noisy[0] = 77  # a flat image: autocontrast and equalize leave it alone
+    yield noisy, torch.arange(24) % 8
+    yield torch.randint(0, 256, (9, 3, 2, 9), dtype=torch.uint8, generator=gen), torch.arange(9) % 8
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_CONFIGS))
+def test_grouped_ops_give_the_masked_reference_bit_for_bit(batch: tuple[torch.Tensor, torch.Tensor], name: str) -> None:
+    """Each op on the images that drew it gives exactly what computing every op for the whole batch and selecting
+    per image gave (the augmentation before issue 22, kept in tests/unit/augment_reference.py): same op choices, same
+    magnitudes, same pixels and targets for the same generator seed."""
+    from augment_reference import MaskedAugment
+
+    cfg = REFERENCE_CONFIGS[name]
+    for i, (images, labels) in enumerate(reference_batches(batch)):
+        for seed in (3 * i, 3 * i + 1):
+            want = MaskedAugment(cfg, num_classes=8)(images, labels, gen(seed))
+            got = DeviceAugment(cfg, num_classes=8, impl="torch")(images, labels, gen(seed))
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (name, tuple(images.shape), seed)
+
+
+def test_each_op_runs_only_on_the_images_that_drew_it(
+    batch: tuple[torch.Tensor, torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = dataclasses.replace(OFF, randaug_n=2)
+    images = torch.cat([batch[0]] * 8)  # (64, 3, 48, 64)
+    seen: list[tuple[str, int]] = []
+
+    def spy(name, fn):
+        def wrapped(x, *args):
+            seen.append((name, x.shape[0]))
+            return fn(x, *args)
+
+        return wrapped
+
+    for name, fn in list(augment._COLOUR_OPS.items()):
+        monkeypatch.setitem(augment._COLOUR_OPS, name, spy(name, fn))
+    monkeypatch.setattr(augment, "_affine", spy("geometric", augment._affine))
+    DeviceAugment(cfg, num_classes=8, impl="torch")(images, torch.zeros(64, dtype=torch.long), gen(9))
+    g, want = gen(9), []
+    for _ in range(cfg.randaug_n):  # the draws again, from a generator seeded the same way
+        op, _, _ = augment._ops_of_round(64, g, cfg)
+        counts = {n: int((op == k).sum()) for k, n in enumerate(augment.RANDAUG_OPS)}
+        want += [(n, counts[n]) for n in augment._COLOUR_OPS if counts[n]]
+        geometric = sum(counts[n] for n in augment._GEOMETRIC)
+        want += [("geometric", geometric)] if geometric else []
+    assert seen == want
+    assert sum(n for _, n in seen) < 2 * 64  # half the draws apply no op: those images are never computed
+    assert len({name for name, _ in seen}) == 9  # every colour op and the geometric group ran
+
+
 def test_all_knobs_off_is_exactly_normalize(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
     images, labels = batch
     x, t = DeviceAugment(OFF, num_classes=8)(images, labels, gen(0))
@@ -488,16 +554,14 @@ def test_randaugment_ops_match_pillow(photo: np.ndarray) -> None:
 
 
 def test_geometric_ops_keep_the_image_on_zero_magnitude(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
-    images, labels = batch
-    cfg = dataclasses.replace(OFF, randaug_n=4, randaug_m=0.0, randaug_mstd=0.0)
-    aug = DeviceAugment(cfg, num_classes=8)
+    images, _ = batch
     x = images.float() / 255
     names = list(augment.RANDAUG_OPS)
     chosen = {n: torch.ones(8, dtype=torch.bool) if n == "rotate" else torch.zeros(8, dtype=torch.bool) for n in names}
-    theta = aug._affine_maps(chosen, torch.zeros(8), torch.ones(8), 48, 64)
-    fill = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+    theta = augment._affine_maps(chosen, torch.zeros(8), torch.ones(8), 48, 64)
+    fill = torch.tensor(OFF.mean).view(1, 3, 1, 1)
     torch.testing.assert_close(augment._affine(x, theta, fill), x, atol=1e-5, rtol=0)
     # a quarter turn of a square image at full magnitude is not the identity
     chosen["rotate"][:] = True
-    theta = aug._affine_maps(chosen, torch.ones(8), torch.ones(8), 48, 48)
+    theta = augment._affine_maps(chosen, torch.ones(8), torch.ones(8), 48, 48)
     assert (augment._affine(x[..., :48], theta, fill) - x[..., :48]).abs().mean() > 0.02
