@@ -63,12 +63,17 @@ ROWS: dict[str, tuple[str, str | None, list[str], str]] = {
     "set_review": (PAIRS, DIGITS, REVIEW, "SeT as reviewed (sigma 0.5, fixed pos 0.25, n T A, p = n twice)"),
     "set_pos_off": (PAIRS, DIGITS, [f"{K}pos_sigma=null"], "SeT, OT positional term off"),
     "set_pos_fixed": (PAIRS, DIGITS, [f"{K}learn_pos_scale=false"], "SeT, positional scale fixed at 1"),
+    "set_pos_sigma0.25": (PAIRS, DIGITS, [f"{K}pos_sigma=0.25"], "SeT, positional penalty 1/0.25 (the review's)"),
     "set_iters1": (PAIRS, DIGITS, [f"{K}sinkhorn_iters=1"], "SeT, 1 Sinkhorn iteration"),
+    "set_iters5": (PAIRS, DIGITS, [f"{K}sinkhorn_iters=5"], "SeT, 5 Sinkhorn iterations"),
     "set_iters10": (PAIRS, DIGITS, [f"{K}sinkhorn_iters=10"], "SeT, 10 Sinkhorn iterations"),
     "set_eps0.1": (PAIRS, DIGITS, [f"{K}sinkhorn_eps=0.1"], "SeT, eps 0.1"),
     "set_eps2": (PAIRS, DIGITS, [f"{K}sinkhorn_eps=2.0"], "SeT, eps 2.0"),
     "set_anchors64": (PAIRS, DIGITS, [f"{K}num_anchors=64"], "SeT, 64 Nystrom anchors per head"),
     "set_sigma0.5": (PAIRS, DIGITS, [f"{K}kernel_sigma=0.5"], "SeT, kernel sigma 0.5 (the review's)"),
+    "set_inexact_rows": (PAIRS, DIGITS, [f"{K}exact_rows=false"], "SeT, way back n T A, rows not renormalised"),
+    "set_plan_twice": (PAIRS, DIGITS, [f"{K}direct_output=false"], "SeT, plan applied twice where p = n"),
+    "set_ref64": (PAIRS, DIGITS, [f"{K}num_ref=[64,16,4,1]"], "SeT, 64 reference slots in stage 1 (8x8, from 4x4)"),
     # step-time rows (--timing) only: the digits model's 32x32 token maps clamp these reference sizes
     "set_p_n": (PAIRS, None, [f"{K}num_ref=[64,64,16,4]"], "SeT, p = n from stage 2 (direct output)"),
     "set_p_n_twice": (PAIRS, None, [f"{K}num_ref=[64,64,16,4]", f"{K}direct_output=false"], "SeT, p = n, plan twice"),
@@ -143,21 +148,25 @@ def _result(runs: str, run: str, cmd: list[str], exit_code: int, wall: float) ->
 
 
 def _build(config: str, overrides: list[str]):
-    """The freshly initialised model of a run config with ``overrides`` (no ``init_from``), and its input size."""
+    """The freshly initialised model of a run config with ``overrides`` (no ``init_from``), its input size and its
+    per-rank batch size."""
     from pretrain.config import load_config
     from pretrain.trainer import build_model
 
     classes = 10 if "digits_" in Path(config).name else 2
     cfg = load_config(ROOT / config, [*overrides, "model.init_from=", f"model.num_classes={classes}"])
-    return build_model(cfg), cfg.model.img_size
+    return build_model(cfg), cfg.model.img_size, cfg.data.batch_size
 
 
 def _cost(config: str, overrides: list[str]) -> dict:
-    """Params (M) and forward MMACs per image of a run config's model (matmuls and convolutions)."""
+    """Params (M) and forward MMACs per image of a run config's model (matmuls and convolutions), counted on a batch
+    of the run's size: SeT's whitening is computed once per forward whatever the batch (once per step in training),
+    so a batch of 1 would charge all of it to one image."""
     from pretrain.models._flops import count_macs, count_params
 
-    model, size = _build(config, overrides)
-    return {"params_m": count_params(model.eval()) / 1e6, "mmacs": count_macs(model, size) * 1e3}
+    model, size, batch = _build(config, overrides)
+    mmacs = count_macs(model, size, batch=batch) * 1e3 / batch
+    return {"params_m": count_params(model.eval()) / 1e6, "mmacs": mmacs}
 
 
 def _table(rows: dict[str, list[dict]]) -> list[str]:
@@ -206,7 +215,7 @@ def _step_timing(rows: list[str], repeats: int, batch: int = 64) -> list[str]:
     torch.set_num_threads(1)
     models, inputs = {}, {}
     for name in rows:
-        model, size = _build(ROWS[name][0], ROWS[name][2])
+        model, size, _ = _build(ROWS[name][0], ROWS[name][2])
         models[name] = model.train()
         inputs[name] = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     times: dict[str, list[float]] = {name: [] for name in rows}
