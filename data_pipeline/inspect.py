@@ -1,16 +1,19 @@
 """``pretrain data inspect``: check a built data set against its manifest.
 
 For every shard listed in ``manifest.json``: the file exists, its size and sha256 match the manifest, and its tar
-headers (read by the ``tarfile`` scan the loader falls back to, :func:`data_pipeline.shard_index.index_shard`) hold the
-listed number of samples (keys), each with an image and a ``.cls`` label; the shard's stored index, which the loader
-reads instead of the tar headers, lists the same members at the same offsets. For shards indexed by ``pretrain data
-index`` (manifest version 2) the samples are those of the shard's stored index: each must be in the tar with its image
-member at the stored offsets, and its stored label must name a class. With ``deep=True`` every image is decoded and
-every label parsed as well (read at the offsets the scan found). The report lists every bad shard with its reasons;
-the stream refuses nothing by itself, so run this after copying a data set.
+headers (read by the ``tarfile`` scan the loader falls back to, :func:`data_pipeline.shard_index.index_shard`, which
+also reports a tar cut anywhere, a header included) hold the listed number of samples (keys), each with an image and a
+``.cls`` label. The shard's stored index, which the loader reads instead of the tar headers, must be the file whose
+sha256 the manifest recorded, and is compared with the tar sample by sample: the same members at the same offsets and
+sizes, and the same label as the shard's own label member gives under the manifest's label rule (``.cls`` for our own
+shards). For shards indexed by ``pretrain data index`` (manifest version 2) the samples are those of the shard's stored
+index: each must be in the tar with its image member at the stored offsets, and its stored label must name a class.
+With ``deep=True`` every image is decoded and every ``.cls`` parsed as well (read at the offsets the scan found). The
+report names every bad shard with its reasons and the samples concerned; the stream refuses nothing by itself, so run
+this after copying a data set.
 
 Remote data sets (``s3://``, ``https://``) are checked the same way: each shard is fetched whole into a temp file
-(its sha256 needs every byte), checked there and removed.
+(its sha256 needs every byte), checked there and removed; its stored index is read from the store.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from data_pipeline.errors import CorruptSample
+from data_pipeline.labels import MAX_MEMBER_BYTES, LabelRule, SkipSample
 from data_pipeline.manifest import Manifest, ShardInfo, file_sha256, load_manifest
 from data_pipeline.remote import Store, Unreachable, temp_download_dir
-from data_pipeline.shard_index import StoredShard, index_shard, read_stored_shard
+from data_pipeline.shard_index import StoredShard, index_digest, index_shard, parse_stored_entry, stored_shard_of
 
 __all__ = ["BadShard", "InspectReport", "inspect_dataset"]
 
@@ -132,11 +137,66 @@ def _check_shard(manifest: Manifest, shard: ShardInfo, deep: bool, scratch: Path
         local.unlink(missing_ok=True)
 
 
+def _read_index(manifest: Manifest, shard: ShardInfo) -> tuple[StoredShard | None, list[str]]:
+    """The shard's stored index (None: unreadable) and what is wrong with it: unreadable, or not the file whose sha256
+    the manifest recorded (still parsed, so that the samples that changed are named)."""
+    root = manifest.root
+    assert root is not None and shard.index is not None
+    fix = "re-run `pretrain data index`" if manifest.indexed else "re-run `pretrain data build` with the same arguments"
+    try:
+        data = root.read_bytes(shard.index)
+        reasons = []
+        if shard.index_sha256 is not None and index_digest(data) != shard.index_sha256:
+            reasons.append(
+                f"stored index {shard.index} changed after the manifest was written (sha256 {index_digest(data)[:12]}"
+                f"..., the manifest recorded {shard.index_sha256[:12]}...: the loader skips the shard); {fix}"
+            )
+        return stored_shard_of(parse_stored_entry(data, root.path(shard.index)), root.path(shard.index)), reasons
+    except (OSError, ValueError) as e:
+        return None, [f"stored index unreadable ({e}); {fix}"]
+
+
+def _label_in_shard(f: BinaryIO, exts: dict[str, tuple[int, int]], rule: LabelRule, num_classes: int) -> Any:
+    """The label the shard holds for a sample, read at the scan's offset with the label rule, or why there is none."""
+    span = exts.get(rule.member)
+    if span is None:
+        return _NoLabel(f"no .{rule.member}")
+    f.seek(span[0])
+    try:
+        return rule.read({rule.member: f.read(min(span[1], MAX_MEMBER_BYTES[rule.member] + 1))}, num_classes)
+    except SkipSample as e:
+        return _NoLabel(e.detail or e.reason)
+
+
+class _NoLabel(str):
+    """Why a sample has no label in its shard (a str subclass, never equal to a stored label of type str)."""
+
+
+def _label_differences(
+    path: Path, index: StoredShard, members: dict[str, dict[str, tuple[int, int]]], rule: LabelRule, num_classes: int
+) -> str | None:
+    """The reason naming the samples whose stored label is not the one their shard holds; None when all agree."""
+    differ = []
+    with open(path, "rb") as f:
+        for key, stored in zip(index.keys, index.labels):
+            if key not in members:
+                continue  # reported as not in the tar
+            found = _label_in_shard(f, members[key], rule, num_classes)
+            if type(found) is not type(stored) or found != stored:
+                shown = f"none: {found}" if isinstance(found, _NoLabel) else repr(found)
+                differ.append(f"{key} (stored {str(repr(stored))[:40]}, in the shard {shown[:80]})")
+    if not differ:
+        return None
+    return (
+        f"{len(differ)} samples' labels in the stored index are not the ones in the shard ({rule}), e.g. "
+        f"{'; '.join(differ[:_MAX_LISTED])}"
+    )
+
+
 def _check_local_shard(manifest: Manifest, shard: ShardInfo, path: Path, deep: bool) -> tuple[list[str], int]:
     """:func:`_check_shard` of a shard at the local ``path`` (for a manifest indexed by ``pretrain data index``, its
     samples are those of its stored index)."""
-    classes, foreign, root = manifest.classes, manifest.indexed, manifest.root
-    assert root is not None
+    classes, foreign = manifest.classes, manifest.indexed
     num_classes = len(classes)
     try:
         size = path.stat().st_size
@@ -149,30 +209,27 @@ def _check_local_shard(manifest: Manifest, shard: ShardInfo, path: Path, deep: b
     if sha != shard.sha256:
         reasons.append(f"sha256 {sha[:12]}... does not match the manifest's {shard.sha256[:12]}...")
     failed: dict[str, list[str]] = {"bad_label": [], "decode_error": []}  # deep: keys per failure
-    stored: StoredShard | None = None
+    index: StoredShard | None = None
     if shard.index is not None:
-        try:
-            stored = read_stored_shard(root.file(shard.index))
-        except (OSError, ValueError) as e:
-            if foreign:
-                return reasons + [f"stored index unreadable ({e}); re-run `pretrain data index`"], 0
-            reasons.append(f"stored index unusable ({e}); re-run `pretrain data build` with the same arguments")
-    own, stored = (None, stored) if foreign else (stored, None)
+        index, index_reasons = _read_index(manifest, shard)
+        reasons += index_reasons
+        if index is None and foreign:
+            return reasons, 0
+    own, stored = (None, index) if foreign else (index, None)
     scan = index_shard(path, None, "")  # the tarfile scan: members by key in tar order; a break and what precedes it
     members = scan.members
     read_whole = scan.problem is None
     if scan.problem == "truncated_shard":
         reasons.append(f"truncated or unreadable tar ({scan.detail.removeprefix(f'{path}: ')})")
     if deep:
-        image_of = None if stored is None else dict(zip(stored.keys, stored.images))
-        with open(path, "rb") as f:
-            for key, exts in members.items():
-                for ext, (offset, n) in exts.items():
-                    if image_of is None or image_of.get(key) == ext:  # stored: the image members only
-                        f.seek(offset)
-                        problem = _deep_check(f.read(n), ext, num_classes)
-                        if problem:
-                            failed[problem].append(key)
+        _decode_all(path, members, None if stored is None else dict(zip(stored.keys, stored.images)), num_classes,
+                    failed)  # fmt: skip
+    if index is not None:
+        rule = LabelRule.parse(manifest.label) if foreign else LabelRule("cls")
+        differ = _label_differences(path, index, members, rule, num_classes)
+        if differ is not None:
+            fix = "re-run `pretrain data index`" if foreign else "re-run `pretrain data build` with the same arguments"
+            reasons.append(f"{differ}; {fix}")
     if own is not None and read_whole:
         differ = [k for k, spans in zip(own.keys, own.members) if members.get(k) != spans]
         if differ or len(own) != len(members) or own.bytes != size:
@@ -197,6 +254,24 @@ def _check_local_shard(manifest: Manifest, shard: ShardInfo, path: Path, deep: b
         if bad:
             reasons.append(f"{len(bad)} samples with {what}, e.g. {', '.join(bad[:_MAX_LISTED])}")
     return reasons, found
+
+
+def _decode_all(
+    path: Path,
+    members: dict[str, dict[str, tuple[int, int]]],
+    image_of: dict[str, str] | None,
+    num_classes: int,
+    failed: dict[str, list[str]],
+) -> None:
+    """``--deep``: decodes every member (with a stored index: every sample's image member) into ``failed``."""
+    with open(path, "rb") as f:
+        for key, exts in members.items():
+            for ext, (offset, n) in exts.items():
+                if image_of is None or image_of.get(key) == ext:  # stored: the image members only
+                    f.seek(offset)
+                    problem = _deep_check(f.read(n), ext, num_classes)
+                    if problem:
+                        failed[problem].append(key)
 
 
 def _check_stored(

@@ -18,12 +18,19 @@ HTTP(S) server, a read-only bucket) is indexed into another location (``pretrain
 that manifest names where the shards are (``shard_location``, an absolute path or a URL) and shard names stay
 relative to it. Locations may be local folders or remote prefixes (:class:`data_pipeline.remote.Store`).
 
+Each stored index is recorded with its sha256 (``index_sha256``), and no reader uses an index that does not match
+it: the loader checks it when it opens a shard (a shard of ``pretrain data index`` whose index changed is skipped and
+counted as ``bad_index``; one of ours is scanned instead), ``plan`` and ``inspect`` refuse it. A version 1 manifest
+whose shard names an index without its digest gets the index ignored (the shard is scanned, as in a build made before
+stored indexes); a version 2 one is invalid (re-run ``pretrain data index``).
+
 Every sample is labelled, so a split with samples needs a non-empty ``classes``. Schema::
 
     {"version": 1 | 2, "source": str, "format": "png" | "jpeg" | "mixed", "classes": [name, ...], "created": iso time,
      "splits": {"train": {"num_samples": int, "class_counts": {name: n},
                           "shards": [{"name": "train/shard-000000.tar", "samples": int, "bytes": int,
-                                      "sha256": hex, "index": ".index/train/shard-000000.tar.json"}],
+                                      "sha256": hex, "index": ".index/train/shard-000000.tar.json",
+                                      "index_sha256": hex}],
                           "skipped_samples": {reason: n} (v2)},
                 "val": {...}},
      "skipped": [{"path": str, "reason": str}],
@@ -91,6 +98,8 @@ class ShardInfo:
     index: str | None = None
     """Path of the shard's stored index (keys, labels, offsets) relative to the data folder; version 1: None for a
     build made before stored indexes existed."""
+    index_sha256: str | None = None
+    """Hex sha256 of the stored index file, checked by every reader of it (set whenever ``index`` is)."""
 
 
 @dataclass
@@ -159,6 +168,7 @@ class Manifest:
             out: dict[str, Any] = {"name": s.name, "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256}
             if v2 or s.index is not None:
                 out["index"] = s.index
+                out["index_sha256"] = s.index_sha256
             return out
 
         def split(info: SplitInfo) -> dict[str, Any]:
@@ -217,19 +227,7 @@ class Manifest:
             at = f"splits.{split_name}"
             if not isinstance(s, dict) or not isinstance(s.get("shards"), list):
                 raise bad(f"{at}.shards is missing")
-            shards = []
-            for i, sh in enumerate(s["shards"]):
-                try:
-                    info = ShardInfo(str(sh["name"]), int(sh["samples"]), int(sh["bytes"]), str(sh["sha256"]))
-                    if v2 or sh.get("index") is not None:
-                        info.index = str(sh["index"])
-                except (KeyError, TypeError, ValueError) as e:
-                    needs = "name, samples, bytes, sha256" + ", index" * v2
-                    raise bad(f"{at}.shards[{i}] needs {needs} ({e!r})") from None
-                for what, path in (("name", info.name), ("index", info.index)):
-                    if path is not None and (Path(path).is_absolute() or ".." in Path(path).parts):
-                        raise bad(f"{at}.shards[{i}].{what} {path!r} must be a path inside the data folder")
-                shards.append(info)
+            shards = [_shard_info(sh, f"{at}.shards[{i}]", v2, where, bad) for i, sh in enumerate(s["shards"])]
             try:
                 num_samples = int(s["num_samples"])
                 class_counts = {str(k): int(v) for k, v in (s.get("class_counts") or {}).items()}
@@ -264,6 +262,40 @@ class Manifest:
             image_exts=list(image_exts) if v2 else [],
             shard_location=shard_location,
         )
+
+
+def _shard_info(sh: Any, at: str, v2: bool, where: str, bad: Any) -> ShardInfo:
+    """One entry of a split's ``shards``, checked (``at`` names it in messages)."""
+    try:
+        info = ShardInfo(str(sh["name"]), int(sh["samples"]), int(sh["bytes"]), str(sh["sha256"]))
+        if v2 or sh.get("index") is not None:
+            info.index, info.index_sha256 = str(sh["index"]), _digest(sh.get("index_sha256"))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise bad(f"{at} needs name, samples, bytes, sha256{', index' * v2} ({e!r})") from None
+    if info.index is not None and info.index_sha256 is None:
+        if v2:
+            raise ValueError(
+                f"{where}: {at} records no sha256 of its stored index (index_sha256), so the index cannot be checked; "
+                "re-run `pretrain data index` on the data set to record it"
+            )
+        info.index = None  # an unchecked index is not used: the shard is scanned
+    for what, path in (("name", info.name), ("index", info.index)):
+        if path is not None and (Path(path).is_absolute() or ".." in Path(path).parts):
+            raise bad(f"{at}.{what} {path!r} must be a path inside the data folder")
+    return info
+
+
+def _digest(value: Any) -> str | None:
+    """A recorded sha256 (64 hex digits), or None when there is none.
+
+    Raises:
+        ValueError: Something else is recorded.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError(f"index_sha256 {str(value)[:80]!r} is not a hex sha256")
+    return value
 
 
 def _optional_fields(raw: dict[str, Any], v2: bool, bad: Any) -> tuple[str, list[str], str]:
@@ -308,8 +340,8 @@ def load_manifest(location: str | os.PathLike | Store, storage_options: dict[str
         raise FileNotFoundError(f"{where} is a folder, not a manifest") from None
     try:
         raw = json.loads(data.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{where}: not valid JSON ({e}); {_HINT}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, a number past int's digit limit, nesting
+        raise ValueError(f"{where}: not valid JSON ({type(e).__name__}: {str(e)[:200]}); {_HINT}") from None
     manifest = Manifest.from_dict(raw, where=where)
     manifest.root = store
     return manifest

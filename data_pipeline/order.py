@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from data_pipeline.manifest import Manifest, load_manifest
-from data_pipeline.shard_index import StoredShard, read_stored_shard
+from data_pipeline.shard_index import IndexChanged, StoredShard, read_stored_shard
 
 __all__ = [
     "LEGACY_ORDER",
@@ -341,7 +341,12 @@ def plan_batches(
 
     Same arguments as :func:`batch_indices`; eval padding rows are omitted, so the last eval batches may be shorter
     (or empty). ``pretrain data plan`` prints this; ``--skip-batches N`` is ``plan[N:]``. Keys of shards indexed by
-    ``pretrain data index`` come from their stored indexes (the manifest must be loaded from its folder).
+    ``pretrain data index`` come from their stored indexes (the manifest must be loaded from its folder), each
+    checked against the sha256 the manifest recorded.
+
+    Raises:
+        IndexChanged: A stored index changed after the manifest was written.
+        ValueError: Bad arguments, or a stored index that cannot be read or lists too few samples.
     """
     manifest = _as_manifest(manifest)
     grid = batch_indices(
@@ -368,8 +373,14 @@ def plan_batches(
     def key(index: int) -> str:
         shard = int(np.searchsorted(offsets, index, side="right")) - 1
         if shard not in stored:
-            stored[shard] = read_stored_shard(root.file(str(shards[shard].index)))
-        return stored[shard].keys[index - int(offsets[shard])]
+            try:
+                stored[shard] = read_stored_shard(root.file(str(shards[shard].index)), shards[shard].index_sha256)
+            except IndexChanged as e:
+                raise IndexChanged(f"{e}; re-run `pretrain data index` on {root.url}") from None
+        pos = index - int(offsets[shard])
+        if pos >= len(stored[shard]):
+            raise ValueError(f"the stored index of {shards[shard].name} holds fewer samples than the manifest lists")
+        return stored[shard].keys[pos]
 
     return [[key(int(i)) for i in row if i >= 0] for row in grid]
 

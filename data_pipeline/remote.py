@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from data_pipeline.fsutil import fsync_dir
+from data_pipeline.fsutil import write_file_inside
 
 __all__ = [
     "RangeNotSupported",
@@ -460,18 +460,13 @@ class Store:
         return not self.remote or self.protocol not in ("http", "https")
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Writes ``rel`` atomically: local via temp file, fsync and rename; remote as one PUT."""
+        """Writes ``rel`` atomically: local via temp file, fsync and rename, never outside the folder (through ``..``
+        or a symbolic link: ``PermissionError``); remote as one PUT."""
         if not self.remote:
-            path = self.local(rel)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
+            write_file_inside(self.local(), rel, data)
             return
+        if rel.startswith("/") or ".." in rel.split("/"):
+            raise PermissionError(f"refusing to write {rel!r}: not a path inside {self.url}")
         path = self.path(rel)
         self.call(path, lambda: self.fs.pipe_file(path, data))
 

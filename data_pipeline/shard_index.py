@@ -10,7 +10,17 @@ The one tar reader left is ``tarfile`` (:func:`index_shard` without ``stored``),
 shards ``pretrain data index`` reads for the first time, data sets built before stored indexes existed, a shard whose
 size no longer matches its stored index (cut short or replaced after it was indexed), and one of our shards whose
 stored index cannot be read. It reports what it finds wrong (``missing_shard``, ``empty_shard``, ``truncated_shard``
-with the members intact before the break), which the stream counts per sample.
+with the members intact before the break), which the stream counts per sample. ``tarfile`` takes the first header it
+cannot read (cut short, a bad checksum, a field that does not parse) for the end of the archive, and so does
+WebDataset's reader; a tar really ends with two zero blocks. So after the last member the scan checks that the rest of
+the file is those blocks and zero padding, and reports anything else (a cut inside a header or right after a member, a
+damaged header, bytes after the end marker such as a second tar appended with ``cat``) as ``truncated_shard``.
+
+Nothing in a stored index is taken on trust: the manifest records each stored index's sha256, checked against the
+bytes read (:func:`read_stored_shard` with ``sha256``; a mismatch is :class:`IndexChanged`), and a reader that seeks
+to a member through it reads the member's tar header too (the 512 bytes before its data) and checks that it names the
+sample's key and extension with the stored size (:func:`member_header_problem`), so an offset that points at another
+member is caught at the read.
 
 Members are grouped into samples by WebDataset's own rule (``webdataset.tariterators.base_plus_ext``, lower-cased
 extension as its ``group_by_keys`` does): the key is the member's path up to the first dot of its file name, directory
@@ -32,8 +42,8 @@ a re-run keeps both byte for byte); ``pretrain data index`` records the mtime to
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -42,21 +52,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.fsutil import fsync_dir
+from data_pipeline.fsutil import write_file_inside
 from data_pipeline.remote import StoreFile, Unreachable
 
 __all__ = [
     "IMAGE_EXTS",
     "STORED_INDEX_DIR",
     "STORED_INDEX_VERSION",
+    "TAR_HEADER_BYTES",
+    "IndexChanged",
     "ShardIndex",
     "StoredShard",
+    "index_digest",
     "index_shard",
     "key_index",
+    "member_header_problem",
     "pick_image",
     "encode_stored_index",
+    "parse_stored_entry",
     "read_stored_entry",
     "read_stored_shard",
+    "stored_shard_of",
     "split_member_name",
     "stored_index_entry",
     "stored_index_name",
@@ -147,8 +163,8 @@ def _group_members(
 ) -> tuple[dict[str, dict[str, tuple[int, int]]], str | None, str]:
     """``({key: {ext: (offset_data, size)}}, problem, detail)`` from a shard's regular-file members, in tar order.
 
-    ``entries`` raises what ``tarfile`` raises where the archive breaks, and :class:`_NoEndMarker` where it stops
-    cleanly at the end of the file.
+    ``entries`` raises what ``tarfile`` raises where the archive breaks, and :class:`_BadEnd` where what follows the
+    last member is not the end-of-archive marker.
     """
     members: dict[str, dict[str, tuple[int, int]]] = {}
     with closing(entries):
@@ -163,25 +179,52 @@ def _group_members(
                 members.setdefault(key, {})[ext] = (offset, length)
         except Unreachable as e:
             return {}, "unreachable_shard", str(e)
-        except _NoEndMarker:
-            # tarfile treats a file cut exactly between members as complete: the end-of-archive blocks tell.
-            if members:
-                return members, "truncated_shard", f"{path}: no end-of-archive marker after {len(members)} samples"
+        except _BadEnd as e:
+            return members, "truncated_shard", f"{path}: after {len(members)} samples, {e}"
         except (tarfile.TarError, OSError, EOFError) as e:
             # Members indexed before the break are intact; a sample that lost members reports them as missing.
             return members, "truncated_shard", f"{path}: {type(e).__name__}: {e}"
     return members, None, ""
 
 
-class _NoEndMarker(Exception):
-    """The archive's last member ends exactly at the end of the file: no end-of-archive blocks follow."""
+class _BadEnd(Exception):
+    """What follows the archive's last member is not the end-of-archive marker (two zero blocks, zero padding)."""
+
+
+_BLOCK = tarfile.BLOCKSIZE
+_MAX_TAIL = 1 << 20  # zero padding after the end marker: a record (10 KiB by default; tar -b 2048 makes 1 MiB)
+
+
+def _end_problem(f: Any, end: int, size: int) -> str | None:
+    """Why the bytes ``[end, size)`` of the tar, after its last member, are not a clean end of the archive; None when
+    they are two zero blocks plus zero padding."""
+    tail_bytes = size - end
+    if tail_bytes == 0:
+        return "the file ends right after a member, without the end-of-archive blocks (cut between members)"
+    if tail_bytes > _MAX_TAIL:
+        return f"{tail_bytes} bytes follow the last readable member at byte {end} (a damaged header, or tars joined)"
+    f.seek(end)
+    tail = f.read(tail_bytes)
+    if len(tail) < _BLOCK:
+        return f"the file ends {len(tail)} bytes into the header at byte {end} (cut inside a header)"
+    if tail[:_BLOCK].count(0) != _BLOCK:
+        return f"the header at byte {end} cannot be read (bad checksum or fields: damaged, or cut and rewritten)"
+    if len(tail) < 2 * _BLOCK:
+        return f"the file ends inside the end-of-archive blocks at byte {end} (cut)"
+    if tail.count(0) != len(tail):
+        return (
+            f"bytes other than zeros after the end-of-archive marker at byte {end} (tars joined with cat? members "
+            "after the marker are never read; join them with tar --concatenate)"
+        )
+    return None
 
 
 def _tarfile_members(path: Path | StoreFile, size: int) -> Iterator[tuple[str, int, int]]:
     """``(name, offset_data, size)`` of each regular file in the tar, read with ``tarfile`` (every tar format).
 
     Raises:
-        _NoEndMarker: The last member ends at the end of the file (``tarfile`` itself takes that as a complete tar).
+        _BadEnd: What follows the last member is not a clean end of the archive (``tarfile`` stops silently at the
+            first header it cannot read, and takes a file cut between members for a complete tar).
     """
     with ExitStack() as stack:
         if isinstance(path, Path):
@@ -191,8 +234,62 @@ def _tarfile_members(path: Path | StoreFile, size: int) -> Iterator[tuple[str, i
         for info in tar:
             if info.isfile():
                 yield info.name, info.offset_data, info.size
-        if tar.offset >= size:  # the header that was not there would have started at the end of the file
-            raise _NoEndMarker
+        problem = _end_problem(tar.fileobj, tar.offset, size)
+        if problem is not None:
+            raise _BadEnd(problem)
+
+
+TAR_HEADER_BYTES = _BLOCK
+"""Bytes of the tar header right before a member's data, read with the member to check it is the sample's."""
+
+
+def _substituted_name_matches(found: str, want: str) -> bool:
+    """Whether ``found``, the name in a member's ustar header, can stand for ``want`` where writers substitute it (a
+    name past 100 bytes: GNU and pax keep the real one in an extra header; non-ASCII in pax): a prefix of it or of
+    its file name, letters in any case, ``?`` and undecodable bytes matching any character."""
+    if len(want.encode("utf-8", "surrogateescape")) <= 100 and want.isascii():
+        return False  # stored as it is: only the exact name is that member
+
+    def prefix(a: str, b: str) -> bool:
+        return 0 < len(a) <= len(b) and all(
+            x.lower() == y.lower() or x == "?" or "\udc80" <= x <= "\udcff" for x, y in zip(a, b)
+        )
+
+    return prefix(found, want) or prefix(found.rpartition("/")[2], want.rpartition("/")[2])
+
+
+def _plain_header_is(header: bytes, key: str, ext: str, size: int) -> bool:
+    """The common case of :func:`member_header_problem` in a few microseconds: a ustar/GNU header of a regular file
+    whose checksum, octal size and name (with the ustar prefix) say exactly ``key.ext`` of ``size`` bytes. False
+    means "not shown here", not "wrong": the caller then parses the header fully."""
+    if len(header) != _BLOCK or header[156:157] not in (b"0", b"\0", b"7") or header[124] & 0x80:
+        return False
+    try:
+        recorded = int(header[148:156].replace(b"\0", b" ").strip() or b"x", 8)
+        member_size = int(header[124:136].replace(b"\0", b" ").strip() or b"0", 8)
+    except ValueError:
+        return False
+    if recorded != sum(header) - sum(header[148:156]) + 256 or member_size != size:  # checksum: its field as spaces
+        return False
+    name = header[:100].partition(b"\0")[0]
+    if header[257:262] == b"ustar" and header[345] != 0:
+        name = header[345:500].partition(b"\0")[0] + b"/" + name
+    return split_member_name(name.decode("utf-8", "surrogateescape")) == (key, ext)
+
+
+def member_header_problem(header: bytes, key: str, ext: str, size: int) -> str | None:
+    """Why the tar header read right before a member's data (:data:`TAR_HEADER_BYTES`) is not that of the member
+    ``key.ext`` of ``size`` bytes (the stored index points elsewhere); None when it is."""
+    if _plain_header_is(header, key, ext, size):
+        return None
+    try:
+        info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+    except tarfile.HeaderError as e:
+        return f"no tar header before its data ({e})"
+    if info.isfile() and info.size == size:
+        if split_member_name(info.name) == (key, ext) or _substituted_name_matches(info.name, f"{key}.{ext}"):
+            return None
+    return f"the member there is {info.name!r} ({info.size} bytes), not {key}.{ext} ({size} bytes)"
 
 
 def key_index(split: str, key: str) -> int:
@@ -229,34 +326,66 @@ class StoredShard:
         return len(self.keys)
 
 
-def read_stored_entry(path: Path | StoreFile) -> dict[str, Any]:
+class IndexChanged(ValueError):
+    """A stored index whose sha256 is not the one the manifest recorded: it changed after the manifest was written
+    (edited, damaged, or rewritten by a run that did not finish)."""
+
+
+def index_digest(data: bytes) -> str:
+    """The sha256 the manifest records for a stored index file's bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_stored_entry(path: Path | StoreFile, sha256: str | None = None) -> dict[str, Any]:
     """The parsed JSON object of a stored index of the version this code reads (a local file or a store's).
+
+    Args:
+        path: The stored index.
+        sha256: The digest the manifest recorded for it; checked before anything is parsed (None: not checked).
 
     Raises:
         OSError: It cannot be read (``FileNotFoundError``: no such file; ``Unreachable``: a store kept failing).
+        IndexChanged: Its bytes are not those whose ``sha256`` the manifest recorded.
         ValueError: Not valid JSON, or not a version :data:`STORED_INDEX_VERSION` stored index.
     """
+    data = path.read_bytes() if isinstance(path, StoreFile) else Path(path).read_bytes()
+    if sha256 is not None and index_digest(data) != sha256:
+        raise IndexChanged(
+            f"{path}: its sha256 {index_digest(data)[:12]}... is not the {sha256[:12]}... the manifest recorded: the "
+            "stored index changed after the manifest was written"
+        )
+    return parse_stored_entry(data, str(path))
+
+
+def parse_stored_entry(data: bytes, where: str) -> dict[str, Any]:
+    """:func:`read_stored_entry` of bytes already read (``where`` names them in messages)."""
     try:
-        raw = json.loads(path.read_bytes() if isinstance(path, StoreFile) else Path(path).read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raw = json.loads(data)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, a number past int's digit limit, nesting
+        raise ValueError(f"{where}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(raw, dict) or raw.get("version") != STORED_INDEX_VERSION:
-        raise ValueError(f"{path}: not a version {STORED_INDEX_VERSION} stored shard index")
+        raise ValueError(f"{where}: not a version {STORED_INDEX_VERSION} stored shard index")
     return raw
 
 
-def read_stored_shard(path: Path | StoreFile) -> StoredShard:
-    """Reads the samples of a stored shard index, checking every entry's shape and that each member lies within the
-    shard's recorded size.
+def read_stored_shard(path: Path | StoreFile, sha256: str | None = None) -> StoredShard:
+    """Reads the samples of a stored shard index, checking its digest (when ``sha256`` is given), every entry's shape
+    and that each member lies within the shard's recorded size, after a tar header.
 
     Raises:
         OSError: It cannot be read (``FileNotFoundError``: no such file).
+        IndexChanged: Its bytes are not those whose ``sha256`` the manifest recorded.
         ValueError: Not a stored index of a version this code reads, or a malformed entry.
     """
-    raw = read_stored_entry(path)
+    return stored_shard_of(read_stored_entry(path, sha256), str(path))
+
+
+def stored_shard_of(raw: dict[str, Any], where: str) -> StoredShard:
+    """The samples of a parsed stored index, each entry's shape and member spans checked (see
+    :func:`read_stored_shard`)."""
     size, samples = raw.get("bytes"), raw.get("samples")
-    if not isinstance(size, int) or not isinstance(samples, list):
-        raise ValueError(f"{path}: 'bytes' or 'samples' is missing")
+    if type(size) is not int or not isinstance(samples, list):
+        raise ValueError(f"{where}: 'bytes' or 'samples' is missing")
     keys: list[str] = []
     labels: list[int | str] = []
     images: list[str] = []
@@ -265,7 +394,7 @@ def read_stored_shard(path: Path | StoreFile) -> StoredShard:
         for key, label, image, exts in samples:  # a plain loop: about 4x faster than comprehensions with all()
             spans: dict[str, tuple[int, int]] = {}
             for ext, (offset, n) in exts.items():
-                if type(offset) is not int or type(n) is not int or offset < 0 or n < 0 or offset + n > size:
+                if type(offset) is not int or type(n) is not int or offset < _BLOCK or n < 0 or offset + n > size:
                     raise ValueError(f"sample {key}: member .{ext} is not within the shard's {size} bytes")
                 spans[ext] = (offset, n)
             keys.append(key)
@@ -273,9 +402,9 @@ def read_stored_shard(path: Path | StoreFile) -> StoredShard:
             images.append(image)
             members.append(spans)
     except (IndexError, TypeError, KeyError, ValueError, AttributeError) as e:
-        raise ValueError(f"{path}: malformed sample entry ({e})") from None
+        raise ValueError(f"{where}: malformed sample entry ({e})") from None
     if not all(isinstance(k, str) for k in keys) or not all(isinstance(e, str) for e in images):
-        raise ValueError(f"{path}: a sample key or image extension is not a string")
+        raise ValueError(f"{where}: a sample key or image extension is not a string")
     return StoredShard(size, keys, labels, images, members)
 
 
@@ -313,21 +442,18 @@ def encode_stored_index(entry: dict[str, Any]) -> bytes:
     return json.dumps(entry, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
-def write_stored_index(path: Path, entry: dict[str, Any]) -> bool:
-    """Writes a stored index atomically (temp file, fsync, rename, fsync of the folder) unless ``path`` already holds
-    exactly these bytes; returns whether it wrote."""
+def write_stored_index(root: Path, name: str, entry: dict[str, Any]) -> tuple[bool, str]:
+    """Writes the stored index ``root/name`` atomically (temp file, fsync, rename, fsync of the folder; never through
+    a link that leads out of ``root``) unless it already holds exactly these bytes.
+
+    Returns:
+        Whether it wrote, and the file's digest (:func:`index_digest`, what the manifest records).
+    """
     data = encode_stored_index(entry)
     try:
-        if path.read_bytes() == data:
-            return False
+        if (root / name).read_bytes() == data:
+            return False, index_digest(data)
     except OSError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    return True
+    write_file_inside(root, name, data)
+    return True, index_digest(data)

@@ -5,6 +5,15 @@ first out, the members-by-key index of each shard it reads from (:func:`data_pip
 the shard's stored index when its size matches, else a tar scan), the stored indexes of shards indexed by ``pretrain
 data index`` (keys and labels), and open files of local shards.
 
+Every stored index is checked against the sha256 the manifest recorded for it when the shard is first opened here (the
+file is read then anyway: the check costs one hash of it). A mismatch means the index changed after the manifest was
+written (edited, damaged, or rewritten by an index run that did not finish), so its offsets and labels cannot be
+trusted. For a shard of ``pretrain data index`` (keys and labels are nowhere else) the shard's samples are skipped and
+counted as :data:`BAD_INDEX`, with one warning per shard and process naming it and the fix, like a corrupt shard:
+refusing at start instead would mean reading every index before the first step (one request per shard on an object
+store), and a run stopping hours in over one shard would lose more than the shard. For one of our own shards the tar
+is scanned instead (its keys and labels are in the tar), with the same warning.
+
 Shards in a remote store (:class:`data_pipeline.remote.Store`) are read by byte ranges taken from those indexes: a
 batch's members are asked for together (:meth:`ShardReader.read_many`), concurrently, each range retried on transient
 errors. With a :class:`~data_pipeline.shard_cache.ShardCache`, a shard read remotely is also fetched whole into the
@@ -28,14 +37,16 @@ import numpy as np
 from data_pipeline.order import sample_key
 from data_pipeline.remote import Store, StoreFile, Unreachable
 from data_pipeline.shard_cache import ShardCache
-from data_pipeline.shard_index import ShardIndex, StoredShard, index_shard, read_stored_shard
+from data_pipeline.shard_index import IndexChanged, ShardIndex, StoredShard, index_shard, read_stored_shard
 
-__all__ = ["DOWN_FOR_S", "ShardReader", "UNREACHABLE_SHARD", "member_bytes", "member_ranges"]
+__all__ = ["BAD_INDEX", "DOWN_FOR_S", "ShardReader", "UNREACHABLE_SHARD", "member_bytes", "member_ranges"]
 
 logger = logging.getLogger(__name__)
 
 UNREACHABLE_SHARD = "unreachable_shard"
 """Corrupt-sample reason of a sample whose remote shard (or stored index) kept failing transiently."""
+BAD_INDEX = "bad_index"
+"""Corrupt-sample reason of the samples of a shard whose stored index is not the one the manifest recorded."""
 DOWN_FOR_S = 60.0
 """Seconds a shard that kept failing is skipped without new requests, in the process that saw it fail."""
 
@@ -81,6 +92,7 @@ class ShardReader:
         foreign: The shards were indexed by ``pretrain data index`` (keys and labels come from their stored indexes).
         shard_info: ``(sha256, bytes)`` per shard, for the cache.
         cache: Whole-shard cache of remote shards (None: range reads only).
+        index_digests: The sha256 the manifest recorded for each shard's stored index (None: not checked).
     """
 
     def __init__(
@@ -94,11 +106,14 @@ class ShardReader:
         *,
         shard_info: Sequence[tuple[str, int]] | None = None,
         cache: ShardCache | None = None,
+        index_digests: Sequence[str | None] | None = None,
     ):
         self.store = shard_root if isinstance(shard_root, Store) else Store(shard_root)
         self.split, self.shards, self.offsets = split, shards, offsets
         self.stored_paths, self.foreign = stored_paths, foreign
         self.shard_info, self.cache = shard_info, cache if self.store.remote else None
+        self.index_digests = list(index_digests) if index_digests is not None else [None] * len(shards)
+        self._bad_index: dict[int, IndexChanged] = {}  # shards of `data index` whose stored index changed
         self.pid = os.getpid()
         self._indexes: OrderedDict[int, ShardIndex] = OrderedDict()
         self._stored: OrderedDict[int, StoredShard] = OrderedDict()
@@ -164,7 +179,7 @@ class ShardReader:
         if path is None:
             return None  # built before stored indexes
         try:
-            stored = read_stored_shard(path)
+            stored = read_stored_shard(path, self.index_digests[shard])
             if stored.keys != [sample_key(self.split, i) for i in expected]:
                 raise ValueError(f"{path}: its samples are not the {len(expected)} the manifest lists for the shard")
         except Unreachable:
@@ -186,16 +201,27 @@ class ShardReader:
 
         Raises:
             Unreachable: The store kept failing to send it (the caller skips the shard's samples).
+            IndexChanged: It is not the index the manifest recorded (the caller skips the shard's samples as
+                :data:`BAD_INDEX`; warned about once per shard).
             RuntimeError: It is missing or unreadable (every sample of the shard would go: re-run the indexer).
         """
         if not self.foreign:
             return None
+        if shard in self._bad_index:
+            raise self._bad_index[shard]
         entry = self._stored.get(shard)
         if entry is None:
             try:
-                entry = read_stored_shard(self.stored_paths[shard])  # type: ignore[arg-type] - set for every shard
+                entry = read_stored_shard(self.stored_paths[shard], self.index_digests[shard])  # type: ignore[arg-type]
             except Unreachable:
                 raise
+            except IndexChanged as e:
+                self._bad_index[shard] = IndexChanged(
+                    f"{e}; re-run `pretrain data index` on the data set (check it first with `pretrain data inspect`)"
+                )
+                logger.warning("skipping the samples of %s as %s: %s", self.shards[shard][0], BAD_INDEX,
+                               self._bad_index[shard])  # fmt: skip
+                raise self._bad_index[shard] from None
             except (OSError, ValueError) as e:
                 # Not a data error to skip over: every sample of the shard would go. Stop and say what to do.
                 raise RuntimeError(

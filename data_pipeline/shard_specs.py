@@ -7,6 +7,10 @@
   the location, which plain HTTP servers rarely give: each name is taken as it is, and one that does not exist is
   named and left out when it is read. A brace list may hold glob characters too (``part{1,2}/*.tar``).
 
+Every name is a path inside the location: a spec that reaches out of it (``..``, an absolute path, a URL) is refused
+(the stored index of a shard goes to ``.index/<shard name>.json`` under the index location, which such a name would
+leave), with the way to index those shards instead.
+
 Shards are uncompressed ``.tar`` files: the loader reads a sample's members at their offsets, which a gzip stream
 does not allow. Compressed shards (``.tar.gz``, ``.tgz``, ...) with no uncompressed twin beside them are refused with
 the command that decompresses them (:class:`CompressedShards`).
@@ -15,8 +19,10 @@ the command that decompresses them (:class:`CompressedShards`).
 from __future__ import annotations
 
 import glob as globlib
+import re
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import PurePosixPath
 
 from braceexpand import braceexpand
 
@@ -75,12 +81,32 @@ def _compressed_error(store: Store, names: list[str]) -> CompressedShards:
     )
 
 
-def _matches(store: Store, spec: str) -> tuple[list[str], list[str]]:
+def _check_inside(store: Store, split: str, spec: str, name: str) -> None:
+    """Refuses a name (from ``split``'s ``spec``) that is not a path inside the location."""
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", name):
+        raise ValueError(
+            f"--split-glob {split}={spec}: {name} is not a path inside {store.url} (no '..', no absolute path or URL): "
+            "shards are named relative to DIR, and their index goes under DIR/.index/; to index shards elsewhere, "
+            "pass their folder as DIR (with --index-out LOCATION to write the index somewhere else)"
+        )
+
+
+def _matches(store: Store, split: str, spec: str) -> tuple[list[str], list[str]]:
     """``(shards, compressed files)`` a split spec names: brace-expanded, each part globbed if it has glob
-    characters (else taken as it is)."""
+    characters (else taken as it is).
+
+    Raises:
+        ValueError: A name that is not a path inside the location, or not a ``.tar``.
+    """
     shards: list[str] = []
     compressed: list[str] = []
-    for name in expand_shard_spec(spec):
+    try:
+        names = expand_shard_spec(spec)
+    except ValueError as e:  # braceexpand's UnbalancedBracesError
+        raise ValueError(f"--split-glob {split}={spec}: {e}") from None
+    for name in names:
+        _check_inside(store, split, spec, name)
         if globlib.has_magic(name):
             found = store.glob(name)
             shards += [n for n in found if _is_shard(n)]
@@ -106,14 +132,15 @@ def find_splits(store: Store, split_globs: dict[str, str] | None = None) -> dict
 
     Raises:
         CompressedShards: Compressed shards without an uncompressed twin (the message says how to decompress them).
-        ValueError: No shard found, a spec matching nothing, a shard in two splits, shards directly in the location
-            without ``split_globs`` (their split is unknown), or a location that cannot be listed without one.
+        ValueError: No shard found, a spec matching nothing or naming a path outside the location, a shard in two
+            splits, shards directly in the location without ``split_globs`` (their split is unknown), or a location
+            that cannot be listed without one.
     """
     if split_globs:
         splits: dict[str, list[str]] = {}
         owner: dict[str, str] = {}
         for split, spec in split_globs.items():
-            names, compressed = _matches(store, spec)
+            names, compressed = _matches(store, split, spec)
             if compressed:
                 raise _compressed_error(store, compressed)
             names = sorted(set(names))

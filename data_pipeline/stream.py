@@ -41,9 +41,15 @@ Reading (:mod:`data_pipeline.shard_reader`): a worker finds a sample's members t
 ``.index/<shard>.json`` that ``pretrain data build`` or ``pretrain data index`` wrote, when its recorded size is the
 shard's size, so the tar's headers are not read; else a ``tarfile`` scan of the tar, which also tells how it is broken
 (missing, empty, truncated). A data set built before stored indexes existed (a version 1 manifest whose shards name no
-``index``) is scanned, with the same batches. A stored index of our own shard that cannot be read or does not list the
-shard's samples is warned about once per shard and process and the shard scanned; one of a shard indexed by ``pretrain
-data index`` is an error that says to re-run it (its keys and labels are nowhere else).
+``index``) is scanned, with the same batches. A stored index of our own shard that cannot be read, does not list the
+shard's samples or is not the one the manifest recorded (its sha256) is warned about once per shard and process and
+the shard scanned. One of a shard indexed by ``pretrain data index`` that is not the one the manifest recorded skips
+the shard's samples as ``bad_index`` (why not a refusal at start: :mod:`data_pipeline.shard_reader`); one that is
+missing or unreadable although its digest matches is an error that says to re-run the indexer. Every member is read
+with the tar header before it, which must name the sample's key and extension with the member's size
+(:func:`~data_pipeline.shard_index.member_header_problem`): an offset that points at another member (a shard replaced
+by another of the same size, an index and manifest changed together) skips the sample as ``offset_mismatch`` instead
+of feeding it another sample's bytes or label.
 
 Locations: the data set may sit in a local folder or a remote store (``s3://``, ``https://``; the manifest may also
 name a separate ``shard_location``). A remote shard's members are fetched by byte range, all of a batch's at once, with
@@ -104,12 +110,15 @@ from data_pipeline.order import (
 )
 from data_pipeline.remote import RetryPolicy, Store, Unreachable
 from data_pipeline.shard_cache import ShardCache
-from data_pipeline.shard_index import pick_image
-from data_pipeline.shard_reader import UNREACHABLE_SHARD, ShardReader, member_bytes, member_ranges
+from data_pipeline.shard_index import TAR_HEADER_BYTES, IndexChanged, member_header_problem, pick_image
+from data_pipeline.shard_reader import BAD_INDEX, UNREACHABLE_SHARD, ShardReader, member_bytes, member_ranges
 
-__all__ = ["CORRUPT_REASONS", "ShardStream", "Transform"]
+__all__ = ["CORRUPT_REASONS", "OFFSET_MISMATCH", "ShardStream", "Transform"]
 
 logger = logging.getLogger(__name__)
+
+OFFSET_MISMATCH = "offset_mismatch"
+"""Corrupt-sample reason of a sample whose member, at its stored offset, is not behind that member's tar header."""
 
 Transform = Callable[..., torch.Tensor]
 """``transform(data, ext, rng) -> uint8 tensor (3, S, S)``; raises ``CorruptSample`` on undecodable data. A transform
@@ -121,6 +130,8 @@ CORRUPT_REASONS = (
     "truncated_shard",  # tar ends or breaks mid-way; the samples from the break on are lost
     "missing_samples",  # tar read cleanly but holds fewer samples than the manifest says
     "key_mismatch",  # tar holds keys outside the manifest's range for this shard, or lacks a key its stored index has
+    BAD_INDEX,  # the shard's stored index is not the one the manifest recorded (sha256): its samples are skipped
+    OFFSET_MISMATCH,  # the tar header before a member's stored offset is not that member's
     "missing_image",  # sample has no image member, or an empty one
     "missing_label",  # sample has no .cls member
     "bad_label",  # .cls (or a stored label) is not an int in [0, num_classes) or a class name of the manifest
@@ -144,7 +155,8 @@ class _Located:
     exts: dict[str, tuple[int, int]]
     image_ext: str
     label: int | str | None
-    ranges: list[tuple[int, int]]  # (offset, size) within the shard, covering the image and (own shards) the .cls
+    reads: list[str]  # the members read: the image and (own shards) the .cls, each with the tar header before it
+    ranges: list[tuple[int, int]]  # (offset, size) within the shard, covering those members and their headers
 
 
 @dataclass
@@ -349,6 +361,7 @@ class ShardStream(IterableDataset):
                 self.manifest.indexed,
                 shard_info=self._shard_info,
                 cache=self.cache,
+                index_digests=[sh.index_sha256 for sh in self.manifest.splits[self.split].shards],
             )
         if not self.shard_store.remote:
             for b in mine:
@@ -388,6 +401,8 @@ class ShardStream(IterableDataset):
         except Unreachable as e:
             self._reader.mark_down(shard, str(e))
             return UNREACHABLE_SHARD, f"{shard_name}#{pos}", str(e)
+        except IndexChanged as e:
+            return BAD_INDEX, f"{shard_name}#{pos}", str(e)
         if stored is None:
             key = sample_key(self.split, index)
         elif pos < len(stored):
@@ -410,9 +425,10 @@ class ShardStream(IterableDataset):
             return MISSING_IMAGE, key, f"{shard_name}: members {sorted(exts)}"
         if stored is None and "cls" not in exts:
             return MISSING_LABEL, key, f"{shard_name}: members {sorted(exts)}"
-        needed = [exts[image_ext]] + ([exts["cls"]] if stored is None else [])
+        reads = [image_ext] + (["cls"] if stored is None else [])
+        spans = [(exts[e][0] - TAR_HEADER_BYTES, exts[e][1] + TAR_HEADER_BYTES) for e in reads]  # header + data
         label = None if stored is None else stored.labels[pos]
-        return _Located(key, shard, shard_name, exts, image_ext, label, member_ranges(needed))
+        return _Located(key, shard, shard_name, exts, image_ext, label, reads, member_ranges(spans))
 
     def _finish(
         self, at: _Located, chunks: list[bytes | OSError], index: int, epoch: int, out: torch.Tensor | None
@@ -425,6 +441,13 @@ class ShardStream(IterableDataset):
             reason = UNREACHABLE_SHARD if isinstance(failed, Unreachable) else "read_error"
             return None, 0, (reason, key, f"{shard_name}: {failed}")
         datas: list[bytes] = chunks  # type: ignore[assignment] - no OSError left
+        for ext in at.reads:
+            offset, size = at.exts[ext]
+            header = member_bytes(at.ranges, datas, offset - TAR_HEADER_BYTES, TAR_HEADER_BYTES)
+            problem = member_header_problem(header, key, ext, size)
+            if problem is not None:
+                where = f"{shard_name}: .{ext} at byte {offset}"
+                return None, 0, (OFFSET_MISMATCH, key, f"{where}: {problem}; check it with `pretrain data inspect`")
         raw_label = at.label if at.label is not None else member_bytes(at.ranges, datas, *at.exts["cls"])
         data = member_bytes(at.ranges, datas, *at.exts[at.image_ext])
         label = self._label(raw_label)

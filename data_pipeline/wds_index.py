@@ -9,12 +9,12 @@ sample counting.
 
 Reading: samples come from WebDataset's own reader (``tar_file_expander`` + ``group_by_keys``: the key is the member
 path up to the first dot of its file name, ``__*__`` metadata is skipped, extensions are lower-cased) and labels are
-decoded by its ``autodecode.basichandlers``, so a sample here is what ``webdataset.WebDataset`` yields. Those iterators
-give no file offsets, and exact resumable random access needs them (a loader worker seeks to the members of its own
-batches and reads nothing else), so offsets come from a ``tarfile`` scan (:func:`data_pipeline.shard_index
-.index_shard`, the reader the loader falls back to) and every sample WebDataset yields is checked against it: same
-key, same member sizes. The loader then reads the offsets from the stored index; it scans a shard only when its
-size no longer matches.
+decoded by its ``autodecode.basichandlers``, bounded and checked (:mod:`data_pipeline.labels`), so a sample here is
+what ``webdataset.WebDataset`` yields. Those iterators give no file offsets, and exact resumable random access needs
+them (a loader worker seeks to the members of its own batches and reads nothing else), so offsets come from a
+``tarfile`` scan (:func:`data_pipeline.shard_index.index_shard`, the reader the loader falls back to) and every sample
+WebDataset yields is checked against it: same key, same member sizes. The loader then reads the offsets from the
+stored index; it scans a shard only when its size no longer matches.
 
 Choices:
 
@@ -22,19 +22,24 @@ Choices:
   (:data:`~data_pipeline.shard_index.IMAGE_EXTS`);
 - label (``--label``): ``cls`` (an integer class index), ``txt`` (a class name), ``json:FIELD`` (an integer index or
   a class name; a dotted FIELD reaches into nested objects). A sample without an image or a label, with a label that
-  does not parse or names no class of ``--classes``, or whose key occurs twice in its shard is left out and counted per
-  split and reason (``skipped_samples`` in the manifest);
+  is no label (too large, nested too deep, negative, past 2**31 or the class count, a bool, a float, a name with a
+  line break; :mod:`data_pipeline.labels`) or names no class of ``--classes``, or whose key occurs twice in its shard is
+  left out and counted per split and reason (``skipped_samples`` in the manifest), with one example and what it held;
 - classes: ``--classes FILE`` (one name per line), else a ``classes.txt`` beside the shards, else the sorted class
   names found, else ``0..K-1`` for integer labels (K = largest label + 1);
 - splits: the folder layout (``DIR/<split>/*.tar``) or ``--split-glob SPLIT=SPEC``, a glob or WebDataset brace list
   relative to DIR (:mod:`data_pipeline.shard_specs`); each split's shards in name order, which is the write order the
   stream starts from;
-- a shard that cannot be read (truncated, not a tar, read differently by WebDataset and tarfile) is left out
-  and listed in ``manifest["skipped"]`` with the reason; the command fails only when no usable sample is left;
+- a shard that cannot be read (truncated anywhere, a header included; not a tar; read differently by WebDataset and
+  tarfile) is left out and listed in ``manifest["skipped"]`` with the reason; the command fails only when no usable
+  sample is left;
 - a re-run reuses the stored index of every shard whose size and mtime (or, when only the mtime moved, sha256), label
-  rule and classes are unchanged, so indexing a grown folder reads only the new shards;
+  rule and classes are unchanged, so indexing a grown folder reads only the new shards; only an index whose bytes are
+  those the previous manifest recorded (``index_sha256``) is reused, so an index changed since is never blessed anew;
 - nothing is written unless a manifest is: the stored indexes are staged in a temp folder and written (the changed
-  ones) just before the manifest, so a run that finds no usable sample leaves the location as it was.
+  ones) just before the manifest, so a run that finds no usable sample leaves the location as it was; and nothing is
+  written outside the index location: shard names are paths inside DIR (a spec with ``..`` or an absolute path is
+  refused, :mod:`data_pipeline.shard_specs`), and a local write never follows a link out of the location.
 
 Locations: DIR may be a remote prefix (``s3://``, ``https://``; :mod:`data_pipeline.remote`). Each remote shard is
 fetched whole once (into a temp file; its sha256 needs every byte anyway) and indexed like a local one. The manifest
@@ -42,7 +47,8 @@ and ``.index/`` go beside the shards where the location can be written, else to 
 another remote prefix), whose manifest then names the shards' location (``shard_location``).
 
 Stored index: ``DIR/.index/<shard name>.json``, the schema ``pretrain data build`` writes for its own shards
-(:mod:`data_pipeline.shard_index`), with the shard's mtime and the ``--label`` rule and ``--classes`` it was read with.
+(:mod:`data_pipeline.shard_index`), with the shard's mtime and the ``--label`` rule and ``--classes`` it was read with;
+the manifest records each one's sha256, which every reader checks.
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from data_pipeline.errors import MISSING_IMAGE, MISSING_LABEL
+from data_pipeline.fsutil import inside_check
+from data_pipeline.labels import BAD_LABEL, LabelRule, SkipSample, read_classes
 from data_pipeline.manifest import (
     INDEXED_MANIFEST_VERSION,
     Manifest,
@@ -71,16 +79,17 @@ from data_pipeline.manifest import (
     same_manifest_content,
     write_manifest,
 )
-from data_pipeline.remote import Store, is_remote, temp_download_dir
+from data_pipeline.remote import Store, temp_download_dir
 from data_pipeline.shard_index import (
     IMAGE_EXTS,
     encode_stored_index,
+    index_digest,
     index_shard,
     read_stored_entry,
     stored_index_entry,
     stored_index_name,
 )
-from data_pipeline.shard_specs import find_splits, parse_classes
+from data_pipeline.shard_specs import find_splits
 
 __all__ = [
     "BAD_LABEL",
@@ -95,11 +104,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BAD_LABEL = "bad_label"
-"""A label that does not parse, is negative, or names no class of ``--classes``."""
 DUPLICATE_KEY = "duplicate_key"
 """A key that occurs in two places of one shard: the stream could not tell them apart."""
-_LABEL_MEMBERS = {"cls": "cls", "txt": "txt", "json": "json"}
 CLASSES_FILE = "classes.txt"
 """Class names beside the shards, one per line: used when ``--classes`` is not given."""
 FIXES = {
@@ -107,89 +113,12 @@ FIXES = {
     "directory order): re-create it with them grouped, e.g. `tar --sort=name -cf SHARD.tar -C FOLDER .`",
     MISSING_LABEL: "no label where --label {rule} looks; if the labels are elsewhere pass --label txt (a class name in "
     ".txt) or --label json:FIELD (a field of .json)",
-    BAD_LABEL: "the labels do not parse as --label {rule} expects, or name no class of the class list",
+    BAD_LABEL: "labels that are no class index (an integer 0 <= i < 2**31, below the number of classes) or class "
+    "name (one line, at most 1000 characters) of the class list, or that do not decode as --label {rule} expects; pass "
+    "--classes FILE when the classes are not numbered 0..K-1",
     MISSING_IMAGE: "samples without an image member (.jpg, .jpeg, .png, .webp, ...)",
 }
 """What to do about each reason a sample is left out (``{rule}``: the ``--label`` in use)."""
-
-
-class _Skip(Exception):
-    """A sample left out of the index, counted under ``reason``."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class LabelRule:
-    """Where a sample's label is: ``cls``, ``txt`` or ``json:FIELD``."""
-
-    kind: str
-    field: str = ""
-
-    @classmethod
-    def parse(cls, spec: str) -> LabelRule:
-        """``cls`` | ``txt`` | ``json:FIELD``.
-
-        Raises:
-            ValueError: Any other spec.
-        """
-        kind, colon, name = spec.partition(":")
-        if kind in ("cls", "txt") and not colon:
-            return cls(kind)
-        if kind == "json" and name and all(name.split(".")):
-            return cls(kind, name)
-        raise ValueError(f"--label {spec!r}: use cls, txt or json:FIELD (e.g. json:label)")
-
-    def __str__(self) -> str:
-        return f"json:{self.field}" if self.kind == "json" else self.kind
-
-    def read(self, members: dict[str, bytes]) -> int | str:
-        """The raw label of a sample: an int (class index) or a str (class name).
-
-        Raises:
-            _Skip: ``missing_label`` (no member, no field, empty text) or ``bad_label`` (does not decode).
-        """
-        from webdataset.autodecode import basichandlers  # webdataset's decoders by extension: int / str / JSON
-
-        data = members.get(_LABEL_MEMBERS[self.kind])
-        if data is None:
-            raise _Skip(MISSING_LABEL)
-        try:
-            value = basichandlers(self.kind, data)
-        except (ValueError, UnicodeDecodeError):  # int(b"x"), bad UTF-8, JSONDecodeError
-            raise _Skip(BAD_LABEL) from None
-        for part in self.field.split(".") if self.field else ():
-            if not isinstance(value, dict) or part not in value:
-                raise _Skip(MISSING_LABEL)
-            value = value[part]
-        if isinstance(value, str):
-            value = value.strip()
-            if not value:
-                raise _Skip(MISSING_LABEL)
-            return value
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise _Skip(BAD_LABEL)
-        return value
-
-
-def read_classes(location: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> list[str]:
-    """Class names, one per line, from a local file or a remote one (surrounding blanks and empty lines ignored).
-
-    Raises:
-        ValueError: The file cannot be read, is empty, or names a class twice.
-    """
-    where = str(location)
-    try:
-        if is_remote(where):
-            folder, _, name = where.rstrip("/").rpartition("/")
-            text = Store(folder, storage_options).read_bytes(name).decode("utf-8")
-        else:
-            text = Path(location).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--classes {where}: cannot read it ({e})") from None
-    return parse_classes(text, f"--classes {where}")
 
 
 class _HashingReader:
@@ -211,10 +140,6 @@ class _HashingReader:
         return self.sha.hexdigest()
 
 
-def _names_a_class(label: int | str, classes: set[str]) -> bool:
-    return label in classes if isinstance(label, str) else label < len(classes)
-
-
 def _summary(entry: dict[str, Any]) -> dict[str, Any]:
     """A stored index without its samples: what the manifest needs, in memory that does not grow with the samples."""
     return {k: v for k, v in entry.items() if k != "samples"}
@@ -228,6 +153,7 @@ class _ShardResult:
     reused: bool = False
     staged: Path | None = None  # the stored index to write, when the manifest is written
     examples: dict[str, str] = field(default_factory=dict)  # per skip reason, one sample and its members
+    index_sha256: str | None = None  # the digest of the stored index (staged or kept), for the manifest
 
 
 @dataclass
@@ -240,11 +166,17 @@ class _Job:
     rule: LabelRule
     classes: list[str] | None
     classes_sha: str | None
+    prev_digests: dict[str, str | None]  # shard -> the sha256 the previous manifest recorded for its stored index
+    previous: Manifest | None  # the manifest a previous run left at the index location
 
 
-def _read_entry(store: Store, rel: str) -> dict[str, Any] | None:
+def _read_entry(store: Store, rel: str, digest: str | None) -> dict[str, Any] | None:
+    """The stored index a previous run wrote, if the previous manifest recorded exactly these bytes (an index that
+    changed since, or that no manifest vouches for, is not reused: the shard is read again)."""
+    if digest is None:
+        return None
     try:
-        return read_stored_entry(store.file(rel))
+        return read_stored_entry(store.file(rel), digest)
     except (OSError, ValueError):
         return None
 
@@ -259,11 +191,13 @@ def _reusable(prev: dict[str, Any] | None, name: str, size: int, rule: str, clas
     )
 
 
-def _stage(job: _Job, name: str, entry: dict[str, Any]) -> Path:
-    path = job.staging / stored_index_name(name)
+def _stage(job: _Job, name: str, entry: dict[str, Any]) -> tuple[Path, str]:
+    """Writes the stored index into the staging folder; returns its path there and its digest."""
+    path = inside_check(job.staging, stored_index_name(name))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_stored_index(entry))
-    return path
+    data = encode_stored_index(entry)
+    path.write_bytes(data)
+    return path, index_digest(data)
 
 
 def _index_shard(job: _Job, name: str) -> _ShardResult:
@@ -272,10 +206,11 @@ def _index_shard(job: _Job, name: str) -> _ShardResult:
         size, mtime_ns = job.src.info(name)
     except OSError as e:
         return _ShardResult(name, reason=f"cannot be read ({getattr(e, 'strerror', None) or e})")
-    prev = _read_entry(job.dst, stored_index_name(name))
+    prev_digest = job.prev_digests.get(name)
+    prev = _read_entry(job.dst, stored_index_name(name), prev_digest)
     reusable = _reusable(prev, name, size, str(job.rule), job.classes_sha)
     if reusable and mtime_ns is not None and prev.get("mtime_ns") == mtime_ns:  # type: ignore[union-attr]
-        return _ShardResult(name, _summary(prev), reused=True)  # type: ignore[arg-type]
+        return _ShardResult(name, _summary(prev), reused=True, index_sha256=prev_digest)  # type: ignore[arg-type]
     fetched: Path | None = None
     try:
         if job.src.remote:
@@ -286,9 +221,10 @@ def _index_shard(job: _Job, name: str) -> _ShardResult:
         if reusable and file_sha256(path) == prev.get("sha256"):  # type: ignore[union-attr] - copied or touched
             assert prev is not None
             if prev.get("mtime_ns") == mtime_ns:
-                return _ShardResult(name, _summary(prev), reused=True)
+                return _ShardResult(name, _summary(prev), reused=True, index_sha256=prev_digest)
             prev["mtime_ns"] = mtime_ns
-            return _ShardResult(name, _summary(prev), reused=True, staged=_stage(job, name, prev))
+            staged, digest = _stage(job, name, prev)
+            return _ShardResult(name, _summary(prev), reused=True, staged=staged, index_sha256=digest)
         return _read_shard(job, name, path, size, mtime_ns)
     except OSError as e:
         return _ShardResult(name, reason=f"cannot be read ({getattr(e, 'strerror', None) or e})")
@@ -307,6 +243,7 @@ def _read_shard(job: _Job, name: str, path: Path, size: int, mtime_ns: int | Non
         what = "not a readable tar" if scan.problem == "truncated_shard" and not scan.members else scan.problem
         return _ShardResult(name, reason=f"{what} ({detail})")
     class_set = None if job.classes is None else set(job.classes)
+    num_classes = None if job.classes is None else len(job.classes)
     samples: list[list[Any]] = []
     skipped: Counter[str] = Counter()
     seen: Counter[str] = Counter()
@@ -328,14 +265,15 @@ def _read_shard(job: _Job, name: str, path: Path, size: int, mtime_ns: int | Non
                 try:
                     image = next((ext for ext in IMAGE_EXTS if ext in members), None)
                     if image is None or not members[image]:
-                        raise _Skip(MISSING_IMAGE)
-                    label = job.rule.read(members)
-                    if class_set is not None and not _names_a_class(label, class_set):
-                        raise _Skip(BAD_LABEL)
-                except _Skip as s:
+                        raise SkipSample(MISSING_IMAGE)
+                    label = job.rule.read(members, num_classes)
+                    if class_set is not None and isinstance(label, str) and label not in class_set:
+                        raise SkipSample(BAD_LABEL, f"{label[:60]!r} is not in the class list")
+                except SkipSample as s:
                     skipped[s.reason] += 1
                     first_skip[key] = s.reason
-                    examples.setdefault(s.reason, f"{key} has {' '.join('.' + e for e in sorted(members))}")
+                    has = " ".join("." + e for e in sorted(members))
+                    examples.setdefault(s.reason, f"{key} has {has}" + (f": {s.detail}" if s.detail else ""))
                     continue
                 offsets = {ext: list(scanned[ext]) for ext in sorted(scanned)}
                 samples.append([key, label, image, offsets])
@@ -360,7 +298,8 @@ def _read_shard(job: _Job, name: str, path: Path, size: int, mtime_ns: int | Non
         skipped=skipped,
     )
     examples = {r: e for r, e in examples.items() if r in skipped}
-    return _ShardResult(name, _summary(entry), staged=_stage(job, name, entry), examples=examples)
+    staged, digest = _stage(job, name, entry)
+    return _ShardResult(name, _summary(entry), staged=staged, examples=examples, index_sha256=digest)
 
 
 @dataclass
@@ -418,6 +357,10 @@ def index_dataset(
     rule = LabelRule.parse(label)
     splits = find_splits(src, split_globs)
     _check_writable(dst, index_out is None)
+    previous = previous_manifest(dst)
+    prev_digests = {} if previous is None else {
+        sh.name: sh.index_sha256 for info in previous.splits.values() for sh in info.shards
+    }  # fmt: skip
     classes_from = str(classes_file) if classes_file is not None else ""
     if not classes_from and src.exists(CLASSES_FILE):
         classes_from = src.path(CLASSES_FILE)
@@ -426,7 +369,7 @@ def index_dataset(
     names = [n for shard_names in splits.values() for n in shard_names]
     n_workers = max(1, min(workers or 4, len(names)))
     t0 = time.perf_counter()
-    job = _Job(src, dst, temp_download_dir(), rule, classes, classes_sha)
+    job = _Job(src, dst, temp_download_dir(), rule, classes, classes_sha, prev_digests, previous)
     try:
         with ThreadPoolExecutor(n_workers) as pool:
             results = {r.name: r for r in pool.map(lambda n: _index_shard(job, n), names)}
@@ -470,12 +413,15 @@ def _report(report: IndexReport, names: list[str], results: dict[str, _ShardResu
 
 
 def _check_writable(dst: Store, beside_shards: bool) -> None:
-    """Refuses, before any shard is read, an index location that cannot be written."""
+    """Refuses, before any shard is read, an index location that cannot be written (``PermissionError``) or is a
+    file (``ValueError``)."""
     try:
         if dst.remote:
             dst.check_writable()
         else:
             folder = dst.local()
+            if folder.exists() and not folder.is_dir():
+                raise ValueError(f"{dst.url} is a file, not a folder: the index location must be a folder")
             while not folder.exists() and folder != folder.parent:
                 folder = folder.parent
             if not os.access(folder, os.W_OK):
@@ -507,7 +453,7 @@ def _commit(job: _Job, results: dict[str, _ShardResult], names: list[str], manif
         if not same:
             job.dst.write_bytes(rel, data)
             written.append(job.dst.path(rel))
-    previous = previous_manifest(job.dst)
+    previous = job.previous
     if previous is not None and same_manifest_content(previous, manifest):
         manifest.created = previous.created  # nothing changed: keep the file byte-identical
     written.append(write_manifest(manifest, job.dst))
@@ -533,7 +479,9 @@ def _make_manifest(
             if entry is None:
                 continue
             n = sum(c for _, c in entry["label_counts"])
-            info.shards.append(ShardInfo(name, n, int(entry["bytes"]), str(entry["sha256"]), stored_index_name(name)))
+            index_sha = results[name].index_sha256
+            info.shards.append(ShardInfo(name, n, int(entry["bytes"]), str(entry["sha256"]), stored_index_name(name),
+                                         index_sha))  # fmt: skip
             info.num_samples += n
             labels.update({lab: c for lab, c in entry["label_counts"]})
             for reason, c in entry["skipped"].items():

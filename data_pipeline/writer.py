@@ -16,8 +16,8 @@ A build runs in four steps:
    interrupted build resumes where it stopped; a kept shard's stored index is written if it is missing or differs
    from the plan's (a build made before stored indexes existed gets them this way, without rewriting a shard).
 4. **manifest**: ``manifest.json`` is removed when the build starts and written last; it lists every shard with
-   samples, bytes, sha256 and its stored index. Tar headers carry a fixed mtime and owner, so the bytes of a shard are
-   reproducible, and so are those of its stored index (``mtime_ns`` null).
+   samples, bytes, sha256, its stored index and the index's sha256. Tar headers carry a fixed mtime and owner, so
+   the bytes of a shard are reproducible, and so are those of its stored index (``mtime_ns`` null).
 
 To a store (``--out s3://bucket/prefix``): shards are written as above into a local temp folder, and each is uploaded
 as soon as it is finished (the shard, then its sidecar, then its stored index) and removed locally, so local disk
@@ -61,6 +61,7 @@ from data_pipeline.remote import Store, temp_download_dir
 from data_pipeline.shard_index import (
     STORED_INDEX_DIR,
     encode_stored_index,
+    index_digest,
     index_shard,
     stored_index_entry,
     stored_index_name,
@@ -250,9 +251,10 @@ def _write_shard(out_dir: Path, plan: ShardPlan, source: Source) -> tuple[ShardI
     index_name = stored_index_name(plan.name)
     sha = _kept_sha(final, plan)
     if sha is not None:
-        if write_stored_index(out_dir / index_name, plan.stored_index(sha, source.classes)):
+        wrote, index_sha = write_stored_index(out_dir, index_name, plan.stored_index(sha, source.classes))
+        if wrote:
             logger.info("kept %s, (re)wrote its stored index", plan.name)
-        return ShardInfo(plan.name, len(plan.samples), plan.bytes, sha, index_name), False
+        return ShardInfo(plan.name, len(plan.samples), plan.bytes, sha, index_name, index_sha), False
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(final.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -280,8 +282,8 @@ def _write_shard(out_dir: Path, plan: ShardPlan, source: Source) -> tuple[ShardI
     side_tmp.write_text(f"{sha}  {final.name}\n")
     os.replace(side_tmp, _sidecar(final))
     fsync_dir(final.parent)
-    write_stored_index(out_dir / index_name, plan.stored_index(sha, source.classes))
-    return ShardInfo(plan.name, len(plan.samples), plan.bytes, sha, index_name), True
+    _, index_sha = write_stored_index(out_dir, index_name, plan.stored_index(sha, source.classes))
+    return ShardInfo(plan.name, len(plan.samples), plan.bytes, sha, index_name, index_sha), True
 
 
 # ------------------------------------------------------------------------------------------------------ the build
@@ -444,7 +446,7 @@ def _kept_in_store(store: Store, plans: list[ShardPlan], classes: list[str]) -> 
             same = False
         if not same:
             store.write_bytes(index_name, data)
-        kept[plan.name] = ShardInfo(plan.name, len(plan.samples), plan.bytes, sha, index_name)
+        kept[plan.name] = ShardInfo(plan.name, len(plan.samples), plan.bytes, sha, index_name, index_digest(data))
     if kept:
         logger.info("%d of %d shards are already in %s: kept", len(kept), len(plans), store.url)
     return kept

@@ -201,10 +201,14 @@ def _error(command: str, message: str) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     """``pretrain data build``."""
+    from data_pipeline.remote import is_remote
     from data_pipeline.writer import build_shards
 
-    if args.shard_size_mb <= 0 or args.max_samples_per_shard <= 0:
-        _error("build", "--shard-size-mb and --max-samples-per-shard must be positive")
+    if not 0 < args.shard_size_mb < 1 << 40 or args.max_samples_per_shard <= 0:  # NaN and inf fail the first
+        _error("build", "--shard-size-mb and --max-samples-per-shard must be positive numbers (e.g. 256 and 10000)")
+        return EXIT_USAGE
+    if not is_remote(args.out) and os.path.exists(args.out) and not os.path.isdir(args.out):
+        _error("build", f"--out {args.out} is a file, not a folder: name a folder (it is created if missing)")
         return EXIT_USAGE
     if args.workers is not None and args.workers < 1:
         _error("build", f"--workers={args.workers} must be >= 1")
@@ -251,6 +255,10 @@ def run_index(args: argparse.Namespace) -> int:
         if not eq or not split or not pattern or split in split_globs:
             _error("index", f"--split-glob {spec!r}: expected SPLIT=SPEC, once per split (e.g. train='train-*.tar')")
             return EXIT_USAGE
+        if not split.replace("-", "").replace("_", "").replace(".", "").isalnum() or split.startswith("."):
+            _error("index", f"--split-glob {spec!r}: the split name {split!r} must be a plain name (letters, digits, "
+                   "'-', '_', '.'), e.g. train or val")  # fmt: skip
+            return EXIT_USAGE
         split_globs[split] = pattern
     if args.workers is not None and args.workers < 1:
         _error("index", f"--workers={args.workers} must be >= 1")
@@ -277,6 +285,9 @@ def run_index(args: argparse.Namespace) -> int:
     except (FileNotFoundError, PermissionError, ValueError) as e:
         _error("index", str(e))
         return EXIT_USAGE
+    except OSError as e:  # a write that failed (disk full, I/O error): the manifest is written last, so not written
+        _error("index", f"failed: {e}; the manifest was not updated: fix that, then run the same command again")
+        return EXIT_FAILED
     for name, reason in report.bad_shards:
         print(f"left out {name}: {reason}")
     _print_left_out_samples(report, args.label)
@@ -406,6 +417,11 @@ def run_plan(args: argparse.Namespace) -> int:
         split = resolve_split(manifest, args.split)
     except (OSError, ValueError) as e:
         _error("plan", str(e))
+        return EXIT_USAGE
+    samples, per_global_batch = manifest.splits[split].num_samples, args.world_size * args.batch_size
+    if per_global_batch > samples:  # no rank would get a batch (and a huge world size would take ages to say so)
+        why = f"more than the {samples} of split {split!r}: no rank gets a batch; lower them"
+        _error("plan", f"--world-size {args.world_size} x --batch-size {args.batch_size} = {per_global_batch}, {why}")
         return EXIT_USAGE
     from data_pipeline.order import plan_batches  # the loader's own planning code
 

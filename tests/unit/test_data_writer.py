@@ -331,7 +331,12 @@ def test_inspect_names_a_stored_index_that_does_not_match_its_shard(digits: Path
     assert set(bad) == {"train/shard-000002.tar", "val/shard-000000.tar"}
     assert "stored index does not match the tar (1 of its 400 samples' members differ" in bad["train/shard-000002.tar"]
     assert (
-        "stored index unusable" in bad["val/shard-000000.tar"] and "pretrain data build" in bad["val/shard-000000.tar"]
+        "stored index .index/train/shard-000002.tar.json changed after the manifest was written"
+        in bad["train/shard-000002.tar"]
+    )
+    assert (
+        "stored index unreadable" in bad["val/shard-000000.tar"]
+        and "pretrain data build" in bad["val/shard-000000.tar"]
     )
 
 
@@ -346,7 +351,10 @@ def test_inspect_names_a_shard_cut_between_samples(digits: Path, tmp_path: Path)
     shard.write_bytes(shard.read_bytes()[:cut])
     (bad,) = inspect_dataset(ds).bad_shards
     assert bad.name == "train/shard-000003.tar"
-    assert "truncated or unreadable tar (no end-of-archive marker after 100 samples)" in bad.reasons
+    assert (
+        "truncated or unreadable tar (after 100 samples, the file ends right after a member, without the "
+        "end-of-archive blocks (cut between members))" in bad.reasons
+    )
     assert "100 samples in the tar, manifest says 297" in bad.reasons
 
 

@@ -114,6 +114,8 @@ def _broken_tars(root: Path) -> dict[str, Path]:
     whole = _write_members(root / "whole.tar", _samples(n=4), tarfile.USTAR_FORMAT).read_bytes()
     with tarfile.open(root / "whole.tar") as tar:
         png = tar.getmember("train_00000002.png")
+        last = tar.getmembers()[-1]
+    end = last.offset_data + -(-last.size // 512) * 512  # where the end-of-archive blocks start
     header = bytearray(whole[png.offset : png.offset + 512])
     header[100:108] = b"0x644\0\0\0"  # not octal, but with a checksum that matches: tarfile calls it invalid
     header[148:156] = b"        "
@@ -135,6 +137,9 @@ def _broken_tars(root: Path) -> dict[str, Path]:
             "badsum.tar", whole[: png.offset] + b"\x01" * 512 + whole[png.offset + 512 :]
         ),
         "non-octal mode, valid checksum": put("mode.tar", whole[: png.offset] + header + whole[png.offset + 512 :]),
+        "cut inside the end-of-archive blocks": put("endcut.tar", whole[: end + 700]),
+        "cut inside the zero padding after them": put("padcut.tar", whole[: end + 1024 + 100]),
+        "a second tar appended (cat a.tar b.tar)": put("cat.tar", whole + whole),
         "missing": root / "missing.tar",
     }
 
@@ -144,12 +149,15 @@ BROKEN = {  # case: (problem, {sample: members kept}); members before the break 
     "cut inside member data": ("truncated_shard", {0: BOTH, 1: BOTH}),  # the sample at the break is lost as a whole
     "cut inside the padding after the data": ("truncated_shard", {0: BOTH, 1: BOTH, 2: ["png"]}),
     "cut between members": ("truncated_shard", {0: BOTH, 1: BOTH}),  # tarfile alone would call it complete
-    "cut inside a header": (None, {0: BOTH, 1: BOTH}),  # tarfile reads a partial header as the end
+    "cut inside a header": ("truncated_shard", {0: BOTH, 1: BOTH}),  # tarfile alone reads a partial header as the end
     "end-of-archive blocks only": ("empty_shard", {}),
     "cut inside the first header": ("truncated_shard", {}),
     "garbage": ("truncated_shard", {}),
-    "garbage header mid-way (bad checksum)": (None, {0: BOTH, 1: BOTH}),  # tarfile stops at an invalid header
-    "non-octal mode, valid checksum": (None, {0: BOTH, 1: BOTH}),
+    "garbage header mid-way (bad checksum)": ("truncated_shard", {0: BOTH, 1: BOTH}),  # tarfile alone stops there
+    "non-octal mode, valid checksum": ("truncated_shard", {0: BOTH, 1: BOTH}),
+    "cut inside the end-of-archive blocks": ("truncated_shard", {i: BOTH for i in range(4)}),
+    "cut inside the zero padding after them": (None, {i: BOTH for i in range(4)}),  # a complete tar
+    "a second tar appended (cat a.tar b.tar)": ("truncated_shard", {i: BOTH for i in range(4)}),  # never read
     "missing": ("missing_shard", {}),
 }
 
@@ -208,29 +216,118 @@ def _entry(**change) -> dict:
         (dict(samples=[["k", 0, "png", {"png": ["x", 1]}]]), "malformed"),
         (dict(samples=[["k", 0, "png", {"png": [4000, 100]}]]), "not within the shard's 4096 bytes"),
         (dict(samples=[["k", 0, "png", {"png": [-1, 10]}]]), "not within"),
+        (dict(samples=[["k", 0, "png", {"png": [100, 10]}]]), "not within"),  # no room for its tar header
         (dict(samples=[[7, 0, "png", {"png": [512, 10]}]]), "not a string"),
+        (dict(bytes=True), "'bytes' or 'samples'"),
+        (dict(samples=[["k", 0, "png", {"png": [512.0, 10]}]]), "not within"),
     ],
 )
 def test_read_stored_shard_refuses_what_it_cannot_trust(tmp_path: Path, change: dict, message: str) -> None:
-    path = tmp_path / "i.json"
-    write_stored_index(path, _entry(**change))
+    write_stored_index(tmp_path, "i.json", _entry(**change))
     with pytest.raises(ValueError, match=message):
-        read_stored_shard(path)
+        read_stored_shard(tmp_path / "i.json")
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "RecursionError"),  # nested past the parser's depth: a message, no crash
+        (b'{"version": 1, "bytes": ' + b"9" * 5000 + b"}", "not valid JSON"),  # past int's digit limit
+        (b"\xff\xfe", "not valid JSON"),
+        (b"[1, 2]", "not a version 1"),
+    ],
+)
+def test_hostile_stored_index_bytes_are_a_value_error(tmp_path: Path, data: bytes, message: str) -> None:
+    (tmp_path / "i.json").write_bytes(data)
+    with pytest.raises(ValueError, match=message):
+        read_stored_shard(tmp_path / "i.json")
+
+
+def test_digest_is_checked_before_the_index_is_parsed(tmp_path: Path) -> None:
+    """The sha256 the manifest recorded is checked on the bytes read: one changed label is refused as IndexChanged
+    (a ValueError) naming both digests; the recorded digest reads it."""
+    wrote, digest = write_stored_index(tmp_path, "i.json", _entry())
+    assert wrote and digest == shard_index.index_digest((tmp_path / "i.json").read_bytes())
+    assert read_stored_shard(tmp_path / "i.json", digest).labels == [0]
+    write_stored_index(tmp_path, "i.json", _entry(samples=[["k", 1, "png", {"cls": [512, 1], "png": [1536, 100]}]]))
+    with pytest.raises(shard_index.IndexChanged, match=f"is not the {digest[:12]}... the manifest recorded"):
+        read_stored_shard(tmp_path / "i.json", digest)
+    (tmp_path / "i.json").write_bytes(b"[" * 100_000)  # not parsed at all once the digest differs
+    with pytest.raises(shard_index.IndexChanged):
+        read_stored_shard(tmp_path / "i.json", digest)
 
 
 def test_read_and_write_stored_index(tmp_path: Path) -> None:
-    path = tmp_path / ".index" / "train" / "t.tar.json"
+    name = ".index/train/t.tar.json"
+    path = tmp_path / name
     with pytest.raises(FileNotFoundError):
         read_stored_shard(path)
-    assert write_stored_index(path, _entry())
+    assert write_stored_index(tmp_path, name, _entry())[0]
     stored = read_stored_shard(path)
     assert (stored.bytes, stored.keys, stored.labels, stored.images) == (4096, ["k"], [0], ["png"])
     assert stored.members == [{"cls": (512, 1), "png": (1536, 100)}]
     written = path.stat().st_mtime_ns
-    assert not write_stored_index(path, _entry())  # the same bytes: the file is kept
+    assert not write_stored_index(tmp_path, name, _entry())[0]  # the same bytes: the file is kept
     assert path.stat().st_mtime_ns == written and sorted(p.name for p in path.parent.iterdir()) == ["t.tar.json"]
-    assert write_stored_index(path, _entry(sha256="1" * 64))
+    assert write_stored_index(tmp_path, name, _entry(sha256="1" * 64))[0]
     assert json.loads(path.read_text())["sha256"] == "1" * 64
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         read_stored_shard(path)
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_a_shard_cut_anywhere_is_truncated(tmp_path: Path, tar_format: int) -> None:
+    """Cut at every block boundary and at 4 places inside every block (data, padding, a header, the extension header
+    of a long name, the end blocks), a shard is never a good shorter shard: ``truncated_shard``, with only members of
+    the whole tar at their true offsets. Cut inside the zero padding after the end blocks, it is whole."""
+    long_dir = "d" * 120 + "/"  # GNU 'L' and pax 'x' extension headers before each member
+    path = _write_members(tmp_path / "whole.tar", _samples(long_dir, n=3), tar_format)
+    whole = path.read_bytes()
+    full = index_shard(path, None, "")
+    assert full.problem is None and len(full.members) == 3
+    with tarfile.open(path) as tar:
+        last = tar.getmembers()[-1]
+    end = last.offset_data + -(-last.size // 512) * 512 + 1024
+    cut = tmp_path / "cut.tar"
+    for length in sorted({b + d for b in range(0, len(whole), 512) for d in (0, 1, 100, 257, 511)} - {0}):
+        cut.write_bytes(whole[:length])
+        index = index_shard(cut, None, "")
+        if length < end:
+            assert index.problem == "truncated_shard", length
+            for key, exts in index.members.items():
+                assert all(full.members[key][ext] == span for ext, span in exts.items()), length
+        else:
+            assert index.problem is None and index.members == full.members, length
+
+
+def test_member_header_check(tmp_path: Path) -> None:
+    """The 512 bytes before a member's data name that member: its key and extension (any case), its size. Another
+    member's header, a non-header, or another size is a problem; names a writer had to substitute (past 100 bytes,
+    non-ASCII in pax) match by prefix or file name."""
+    cases = {
+        "ustar": ("", tarfile.USTAR_FORMAT),
+        "gnu long": ("x" * 120 + "/", tarfile.GNU_FORMAT),
+        "pax long": ("y" * 120 + "/", tarfile.PAX_FORMAT),
+        "pax non-ASCII": ("Bäume/", tarfile.PAX_FORMAT),
+        "ustar prefix": ("Bäume/" + "d" * 70 + "/" + "e" * 40 + "/", tarfile.USTAR_FORMAT),
+    }
+    for case, (prefix, fmt) in cases.items():
+        path = _write_members(tmp_path / "h.tar", _samples(prefix, n=2), fmt)
+        data = path.read_bytes()
+        members = index_shard(path, None, "").members
+        for key, exts in members.items():
+            for ext, (offset, size) in exts.items():
+                header = data[offset - 512 : offset]
+                assert shard_index.member_header_problem(header, key, ext, size) is None, (case, key, ext)
+                assert shard_index.member_header_problem(header, key, ext, size + 1) is not None, case
+                other = next(k for k in members if k != key)
+                problem = shard_index.member_header_problem(header, other, ext, size)
+                # past 100 bytes only the folder part is in the header: there the size is what tells members apart
+                assert (problem is None) == (case in ("gnu long", "pax long")), (case, problem)
+                assert shard_index.member_header_problem(data[offset : offset + 512].ljust(512, b"\0"), key, ext,
+                                                         size) is not None, case  # fmt: skip
+    upper = _write_members(tmp_path / "u.tar", [_file("K.JPG", b"abc")], tarfile.USTAR_FORMAT).read_bytes()
+    assert shard_index.member_header_problem(upper[:512], "K", "jpg", 3) is None  # WebDataset lower-cases extensions
+    assert "not K.png" in shard_index.member_header_problem(upper[:512], "K", "png", 3)
+    assert "no tar header" in shard_index.member_header_problem(b"\x01" * 512, "K", "jpg", 3)
