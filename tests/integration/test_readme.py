@@ -160,7 +160,7 @@ def test_readme_sweep_commands_with_relative_paths(clone: Path, tmp_path: Path) 
 
     # --dry-run checks the data set where the trials will look for it
     out = run(clone, pretrain, "sweep", sweep_yaml, "data.path=data/missing", "--dry-run")
-    assert out.returncode == 2 and "data/missing: no manifest.json there" in out.stderr, explain(out)
+    assert out.returncode == 2 and "data/missing: no such folder" in out.stderr, explain(out)
     out = run(clone, pretrain, "sweep", sweep_yaml, "--dry-run")
     assert out.returncode == 0, explain(out)
     assert f'data.path="{clone / "data" / "digits"}"' in out.stdout  # absolute in the plan, as in sweep.yaml

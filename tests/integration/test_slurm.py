@@ -201,7 +201,7 @@ def test_job_that_fails_at_start_is_shown_failed_with_its_log(slurm, tmp_path, c
     shown = capsys.readouterr().out
     assert "state:      failed" in shown
     assert f"slurm job {job_id}: FAILED" in shown
-    assert "no manifest.json" in shown  # the reason, from the job's own record
+    assert "not_built: no such folder" in shown  # the reason, from the job's own record
     assert "error log:" in shown and "RuntimeError: config error at start" in shown  # the log tail
     assert cli_main(["status", str(run_dir), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
