@@ -15,6 +15,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Without a GPU, Triton kernels run under its interpreter, which must be on before any module defining a kernel is
+# imported (pretrain.models.set_whitening imports the Triton whitening at import time): here, not in the test modules
+# that run kernels, so that running any subset of the tests in any order works.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 __all__ = ["REPO", "train_env"]
 
 

@@ -12,18 +12,18 @@ Evidence from the SeT quality ablation (benchmarks/set_quality.py; tables "SeT q
 benchmarks/RESULTS.md, the 3-seed table of 2026-12-07 05:42 for this layer). Digit pairs (two digits far apart,
 same/different class) is unlearned from scratch by every model tried (SeT, softmax, sepvit_lite; up to 5,000 steps),
 so the ablation fine-tunes each row from a digits run of the same model: 400 digits steps, then 400 pair steps on a
-64x64 canvas. There this layer reaches 0.794 +- 0.057 val top-1 (3 seeds: 0.838, 0.814, 0.730; the ``eigh`` layer
-before it 0.784 +- 0.066) against 0.848 +- 0.017 for the same backbone with softmax attention: 5.4 points below,
-with the widest seed spread. No single change closes the gap (3 seeds each): kernel sigma 0.5 reaches 0.816 +- 0.029
-(+2.3 points, less than the default's standard error of 3.3 and carried by one seed); the plan applied twice where
-``p = n`` 0.794, 10 Sinkhorn iterations 0.785, rows not renormalised 0.784, ``pos_sigma = 0.25`` 0.784, the
-positional scale fixed 0.779, 5 iterations 0.756, 64 reference slots in stage 1 0.741 and 64 anchors 0.532 (one
-seed) are no better. So no row backs a change to the choices below; they rest on the measured invariants each
-point states. The review's five changes together reach 0.829 +- 0.042, above this layer on every seed and 1.9
-points below softmax, an interaction none of its parts shows alone (RESULTS.md names the next rows). Every row's
-400-step digits run reaches 98.3-100% val top-1. Step cost at 64x64 (interleaved fwd+bwd, batch 64, the whitening
-cached): SeT 1.14-1.19x softmax in two runs, 10 iterations 1.26-1.43x; at 224x224 SeT's ``O(n p)`` wins (setformer
-docstring and the "SeT vs softmax attention" rows of RESULTS.md).
+64x64 canvas. There issue 15's layer (kernel sigma 2.0, learned positional scale with ``pos_sigma = 0.5``, rows
+renormalised on the way back, direct output at ``p = n``) reaches 0.794 +- 0.057 val top-1 (3 seeds: 0.838, 0.814,
+0.730; the ``eigh`` layer before it 0.784 +- 0.066) against 0.848 +- 0.017 for the same backbone with softmax
+attention. No single change of it clears the seed noise (3 seeds each): kernel sigma 0.5 0.816 +- 0.029; the plan
+applied twice 0.794, 10 Sinkhorn iterations 0.785, rows not renormalised 0.784, ``pos_sigma = 0.25`` 0.784, the
+positional scale fixed 0.779, 5 iterations 0.756, 64 reference slots in stage 1 0.741, 64 anchors 0.532 (one seed).
+The review's five changes together reach 0.829 +- 0.042 (0.860, 0.846, 0.781): above issue 15's layer on every seed,
+by 2.2 to 5.1 points, 1.9 points below softmax, and 1.07-1.11x softmax's step time against 1.14-1.19x (interleaved
+fwd+bwd, batch 64, 64x64). They are the defaults since (rows ``set_review``, ``set_issue15``); the combinations of
+two to four of them were not measured, so which of them carry the gain is open. Issue 15's settings stay reachable
+through the keywords. Every row's 400-step digits run reaches 98.3-100% val top-1. At 224x224 SeT's ``O(n p)`` wins
+(setformer docstring and the "SeT vs softmax attention" rows of RESULTS.md).
 
 - Per head: an input projection (one ``Linear(C, C)`` split into heads, like a query projection; optional), then the
   Nystrom map ``psi(x) = |x| kappa(Z x/|x|) kappa(Z Z^T)^(-1/2)`` with ``k`` learnable anchors ``Z`` renormalised
@@ -31,13 +31,13 @@ docstring and the "SeT vs softmax attention" rows of RESULTS.md).
   The whitening ``(kappa(Z Z^T) + ridge I)^(-1/2)`` is computed without a factorisation (no host sync on GPUs):
   coupled Newton-Schulz iterations in float32, a Lyapunov solve for the exact backward, cached once per optimizer
   step (:mod:`pretrain.models.set_whitening` says how, and how the iteration count was measured).
-- ``kernel_sigma = 2.0`` (our choice; CKN's default is 0.5). ``psi(x)^T psi(y)`` should approximate
-  ``kappa(x, y) = |x| |y| exp(alpha (cos(x, y) - 1))``, but ``k`` random anchors in ``d`` dimensions cover the sphere
-  too sparsely for a narrow kernel. Measured at init on 512 random inputs with ``k = d = 32`` (error relative to
-  ``|x| |y|``): sigma 0.5 gives ``psi(x)^T psi(x) = 0.02`` where the kernel is 1 and a max error of 0.99; sigma 1.0:
-  0.61 max, 0.050 rms; sigma 2.0: 0.15 max, 0.016 rms (``k = 64``: 0.064 max, 0.006 rms; ``d = k = 16``: 0.20 max,
-  0.025 rms). tests/unit/test_set_attention.py bounds the default at 0.2 max / 0.025 rms. The wider kernel is closer
-  to linear in ``x``; the reference and the anchors are learned, so the map's sharpness is too.
+- ``kernel_sigma = 0.5`` (CKN's default; the digit-pairs table chose it with the other review settings over 2.0).
+  ``psi(x)^T psi(y)`` approximates ``kappa(x, y) = |x| |y| exp(alpha (cos(x, y) - 1))`` only where the anchors cover
+  the sphere: measured at init on 512 random inputs with ``k = d = 32`` (error relative to ``|x| |y|``), sigma 0.5
+  gives ``psi(x)^T psi(x) = 0.02`` where the kernel is 1 and a max error of 0.99; sigma 1.0: 0.61 max, 0.050 rms;
+  sigma 2.0: 0.15 max, 0.016 rms (``k = 64``: 0.064 max, 0.006 rms). So at init the narrow map is far from its
+  kernel and the plan starts near the positional pooling below; the anchors and the reference are learned, and the
+  trained layer does better than the wide-kernel one (tests/unit/test_set_attention.py measures both settings).
 - Reference ``y``: ``p`` learnable slots per head, ``N(0, 1)`` at init, laid out on an ``a x b`` grid (``a = b =
   sqrt(p)`` when ``p`` is square, otherwise the most square factorisation), used by the positional term.
 - Similarity ``S = psi(X) y^T`` (the kernel cost is ``-S``); log Gibbs kernel ``S / eps + lambda_h log W`` with
@@ -45,15 +45,12 @@ docstring and the "SeT vs softmax attention" rows of RESULTS.md).
   ``[0, 1]^2``. Our choice of form: an additive, linear-in-distance term of the cost keeps its meaning for
   similarities of either sign (OTKE's ``W * S`` flips for negative ``S``) and leaves the marginals exact (OTKE also
   multiplies the final plan by ``W``, which breaks them); the L1 distance makes ``W`` separable over rows/columns.
-- Content/position balance (our choice): ``lambda_h = exp(pos_log_scale_h)`` is learned per head (1 at init) and
-  ``pos_sigma = 0.5``. The review of the first version (sigma 0.5, ``pos_sigma = 0.25``, fixed) measured the
-  spread of ``S / eps`` at 0.16-0.44 against ~1.2 for the positional term (std over token/slot pairs after removing
-  row and column means, which the potentials absorb): the plan was nearly a fixed spatial pooling. With the kernel
-  fix and ``pos_sigma = 0.5`` the content/position spread ratio at init is 0.75-1.3 in setformer_lite at 64x64 and
-  0.9-2.6 in setformer_tiny at 224x224 (test bound: 0.5-3 in every layer); each head can then move the balance.
-  The plan's total-variation distance from the positional-only plan at init (mean over images and heads, per
-  layer) went from 0.06-0.16 to 0.23-0.50 in setformer_tiny at 224x224 (random images) and from 0.01-0.04 to
-  0.06-0.17 in setformer_lite on digit-pairs val images (mostly blank canvas, whose tokens differ only by place).
+- Content/position balance: ``pos_sigma = 0.25`` with the positional term's scale fixed at 1 (the review's;
+  ``learn_pos_scale`` makes it ``lambda_h = exp(pos_log_scale_h)``, learned per head, 1 at init). At init the
+  spread of ``S / eps`` is 0.10-0.25 of the positional term's (std over token/slot pairs after removing row and
+  column means, which the potentials absorb; setformer_lite at 64 and 224): the plan starts as a nearly fixed
+  spatial pooling and the content term grows with training. Issue 15's setting (sigma 2.0, ``pos_sigma = 0.5``,
+  learned scale) starts balanced (0.73-1.94) but trains to a lower accuracy on digit pairs (above).
 - Entropic OT with uniform marginals (rows ``1/n``, columns ``1/p``), log-domain Sinkhorn (OTKE), ``L = 3``
   iterations of (row, column) updates, the column update last: column marginals are exact, row marginals converge
   (measured at init with the default kernel: within 2-13% of ``1/n`` after 3 iterations, 0.3% after 5, 1e-5 after
@@ -61,21 +58,17 @@ docstring and the "SeT vs softmax attention" rows of RESULTS.md).
   saved log-kernel and the ``L`` pairs of potentials, so two ``n x p`` tensors per head are kept for backward
   instead of ``2 L + 1``.
 - Output, transport there and back (our choice; linear in ``n``): ``A = p T^T psi(X)``, every slot an exact convex
-  combination of tokens (columns are exact), then ``out_i = sum_j T_ij A_j / sum_j T_ij``: the way back uses the
-  plan's rows renormalised (``exact_rows``, our choice), so every token is an exact convex combination of slots
-  whatever the row error of a 3-iteration plan (the first version used ``n T A``, off by the row error: up to 2.6%
-  at init in the review, 13% with the sharper content term of the kernel fix). An exact final normalisation costs
-  one ``n x p`` division, where more iterations cost two ``n x p`` passes each: in the interleaved step times 10
-  iterations make the whole setformer_lite step 1.46x softmax's against 1.09x at 3 (rows ``set_iters10``,
-  ``set``), while the renormalisation is not measurable (``set`` vs ``set_review``). Heads merged,
-  ``Linear(h k, C)``. Cost and memory are ``O(n p)`` per head: no ``n x n`` tensor.
-- ``p = n`` with the slots on the token grid (a stage whose ``num_ref`` is clamped to its token count, with the
-  positional term on): the output is ``A`` itself, slot ``j`` read as token ``j`` (``direct_output``; OTKE's
-  output when the reference has the input's size), instead of applying the plan a second time. Each token is then a
-  content- and position-weighted convex combination of all tokens (``p T^T``, not symmetric), where the round trip
-  gives the symmetric rank-``p`` mixing ``n p T T^T``. Without the positional term slot ``j`` has no tie to token
-  ``j``, so the round trip stays (and with it permutation equivariance). With ``p = n`` in stages 2-4 at 64x64 the
-  step takes 0.285 s against 0.321 s with the plan applied twice (rows ``set_p_n``, ``set_p_n_twice``).
+  combination of tokens (columns are exact), then ``out = n T A`` (the review's), off by the plan's row error (within
+  2.2% of ``1/n`` after 3 iterations at init with the default kernel). ``exact_rows`` renormalises the rows instead,
+  ``out_i = sum_j T_ij A_j / sum_j T_ij``, so that every token is an exact convex combination of slots: one ``n x p``
+  division, not measurable in the step time, and no better on digit pairs (0.784, row ``set_inexact_rows``). Heads
+  merged, ``Linear(h k, C)``. Cost and memory are ``O(n p)`` per head: no ``n x n`` tensor.
+- ``p = n`` with the slots on the token grid (a stage whose ``num_ref`` is clamped to its token count): the plan is
+  applied a second time by default, the symmetric rank-``p`` mixing ``n p T T^T`` (the review's).
+  ``direct_output`` outputs ``A`` itself instead, slot ``j`` read as token ``j`` (OTKE's output when the reference
+  has the input's size; needs the positional term, which ties slot ``j`` to token ``j``): with ``p = n`` in stages
+  2-4 at 64x64 the step takes 0.285 s against 0.321 s twice (rows ``set_p_n``, ``set_p_n_twice``), no better on
+  digit pairs alone (0.794, row ``set_plan_twice`` against issue 15's layer).
 - Positional term of the backbone: a LePE-style depthwise 3x3 conv on the values ``psi(X)`` (as CSWin does on V),
   added to the transported output before the head merge (our choice). The OT's positional log-weight is a
   non-persistent float32 buffer built once per token grid (kept float32 when the model is cast).
@@ -300,7 +293,7 @@ class SetAttention(nn.Module):
             parameter is created and Sinkhorn is skipped.
         num_anchors: Nystrom width ``k`` per head (default: the head width ``C / h``).
         input_proj: apply ``Linear(C, C)`` before splitting into heads (the optional ``d -> k`` projection).
-        kernel_sigma: ``sigma`` of ``kappa(t) = exp((t - 1) / sigma^2)`` (CKN default 0.5).
+        kernel_sigma: ``sigma`` of ``kappa(t) = exp((t - 1) / sigma^2)`` (0.5, CKN's default).
         sinkhorn_eps: entropic regularisation ``eps``.
         sinkhorn_iters: Sinkhorn iterations ``L``.
         pos_sigma: length scale of the positional penalty; ``None`` or 0 turns it off.
@@ -308,8 +301,9 @@ class SetAttention(nn.Module):
         whiten_ridge: ridge added to ``kappa(Z Z^T)`` before the inverse square root.
         proj_drop: dropout after the output projection.
         learn_pos_scale: a learnable per-head scale (1 at init) of the positional term.
-        exact_rows: renormalise the plan's rows on the way back.
-        direct_output: at ``p = n`` on the token grid, output the slots' aggregate directly.
+        exact_rows: renormalise the plan's rows on the way back (default: ``n T A``).
+        direct_output: at ``p = n`` on the token grid, output the slots' aggregate directly (default: the plan
+            applied twice).
         set_impl: ``"auto"`` (triton on CUDA when it imports, else torch), ``"torch"`` or ``"triton"``.
         grid_size: the token grid the layer will mostly see; its positional log-weight is built now (any other grid
             is built on first use).
@@ -322,16 +316,16 @@ class SetAttention(nn.Module):
         num_ref: int = 64,
         num_anchors: int | None = None,
         input_proj: bool = True,
-        kernel_sigma: float = 2.0,
+        kernel_sigma: float = 0.5,
         sinkhorn_eps: float = 0.5,
         sinkhorn_iters: int = 3,
-        pos_sigma: float | None = 0.5,
+        pos_sigma: float | None = 0.25,
         lepe: bool = True,
         whiten_ridge: float = 1e-3,
         proj_drop: float = 0.0,
-        learn_pos_scale: bool = True,
-        exact_rows: bool = True,
-        direct_output: bool = True,
+        learn_pos_scale: bool = False,
+        exact_rows: bool = False,
+        direct_output: bool = False,
         set_impl: Literal["auto", "torch", "triton"] = "auto",
         grid_size: tuple[int, int] | None = None,
     ):

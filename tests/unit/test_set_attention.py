@@ -1,8 +1,10 @@
-"""Invariants of the SeT layer that the quality fixes of issue 15 rely on (see pretrain/models/set_attention.py).
+"""Measured properties of the SeT layer's settings (see the decisions in pretrain/models/set_attention.py).
 
 Content/position balance at init, the Nystrom map's error against its kernel, the plan's marginals at the default
-iteration count and the exact rows of the way back, the p = n output path, linear cost in n, permutation
-equivariance without positional terms, and float64 gradchecks of the hand-written backward passes.
+iteration count and the exact rows of the optional renormalised way back, the p = n output paths, linear cost in n,
+permutation equivariance without positional terms, and float64 gradchecks of the hand-written backward passes. The
+defaults are the review's layer (the digit-pairs table decided it); the wide-kernel
+layer (``WIDE``) stays reachable through kwargs, and the tests measure both.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from pretrain.models import create_model
 from pretrain.models.set_attention import SetAttention, log_sinkhorn
 from pretrain.models.set_whitening import clear_whitening_cache, whitening
 
-# The review's settings (kernel sigma 0.5, positional term 1/0.25 of the L1 distance, fixed, plan applied as n T A,
-# plan applied twice at p = n): kept as kwargs so the tests show what each fix changed.
-REVIEW = dict(kernel_sigma=0.5, pos_sigma=0.25, learn_pos_scale=False, exact_rows=False, direct_output=False)
+# The wide-kernel layer (kernel sigma 2.0, positional term 1/0.5 of the L1 distance with a learned per-head scale,
+# rows renormalised on the way back): what the defaults were chosen against, kept as kwargs.
+WIDE = dict(kernel_sigma=2.0, pos_sigma=0.5, learn_pos_scale=True, exact_rows=True, direct_output=True)
 
 
 def _centred_std(t: torch.Tensor) -> float:
@@ -54,15 +56,17 @@ def _balance_ratios(name: str, img_size: int, **kwargs) -> list[float]:
     ("setformer_lite", 64, {"num_ref": [16, 16, 4, 1]}),  # configs/model/setformer_lite_64.yaml
     ("setformer_lite", 224, {}),
 ])  # fmt: skip
-def test_content_and_position_spread_are_comparable_at_init(name, img_size, kwargs):
+def test_content_and_position_spread_at_init(name, img_size, kwargs):
+    # the defaults start close to a spatial pooling: measured 0.10-0.17 (lite at 64) and 0.10-0.25 (lite at 224)
     ratios = _balance_ratios(name, img_size, **kwargs)
-    assert ratios and all(0.5 <= r <= 3.0 for r in ratios), ratios
-    review = _balance_ratios(name, img_size, **kwargs, **REVIEW)
-    assert max(review) < 0.5, review  # the review's finding: the positional term dominated every layer
+    assert ratios and all(0.05 <= r < 0.5 for r in ratios), ratios
+    wide = _balance_ratios(name, img_size, **kwargs, **WIDE)  # measured 0.73-1.31 and 0.73-1.94
+    assert all(0.5 <= r <= 3.0 for r in wide), wide
 
 
 def test_positional_scale_is_learned_per_head():
-    layer = _layer(num_ref=16)
+    assert _layer(num_ref=16).pos_log_scale is None  # the default: fixed at 1
+    layer = _layer(num_ref=16, learn_pos_scale=True)
     assert layer.pos_log_scale.shape == (2,)
     layer(_tokens(2, 64, 64)).square().sum().backward()
     assert layer.pos_log_scale.grad is not None and (layer.pos_log_scale.grad != 0).all()
@@ -72,9 +76,10 @@ def test_positional_scale_is_learned_per_head():
 
 # ------------------------------------------------------------------------------------------------ kernel map
 
-# Measured with 32 anchors in 32 dimensions (seed 0, 512 random unit inputs): kernel sigma 2.0 (the default) gives
-# max |psi(x)^T psi(y) - kappa(x, y)| = 0.149 and an rms error of 0.016; sigma 0.5 (the review's) gives 0.99 and
-# psi(x)^T psi(x) = 0.02 where kappa(x, x) = 1.
+# Measured with 32 anchors in 32 dimensions (512 random inputs, error relative to |x| |y|): kernel sigma 0.5 (the
+# default) gives max |psi(x)^T psi(y) - kappa(x, y)| = 0.993, rms 0.048 and psi(x)^T psi(x) = 0.021 where
+# kappa(x, x) = 1 (64 anchors: 0.985, 0.047, 0.034); sigma 2.0 gives 0.153, 0.016 and 0.911 (64 anchors: 0.069,
+# 0.0056, 0.954).
 
 
 def _kernel_errors(d: int, k: int, **kwargs) -> tuple[float, float, float]:
@@ -90,13 +95,15 @@ def _kernel_errors(d: int, k: int, **kwargs) -> tuple[float, float, float]:
     return err.abs().max().item(), err.square().mean().sqrt().item(), (psi.square().sum(-1) / norms[..., 0] ** 2).mean()
 
 
-def test_kernel_map_approximates_its_kernel():
-    max_err, rms, diag = _kernel_errors(32, 32)
-    assert max_err <= 0.2 and rms <= 0.025 and diag >= 0.85, (max_err, rms, diag)
-    max_err, rms, _ = _kernel_errors(32, 64)  # more anchors: better
-    assert max_err <= 0.1 and rms <= 0.01, (max_err, rms)
-    max_err, rms, diag = _kernel_errors(32, 32, kernel_sigma=0.5)  # the review's sigma
+def test_kernel_map_error_against_its_kernel():
+    # the default narrow kernel: k random anchors cover the sphere too sparsely, psi(x) is nearly 0 at init
+    max_err, _, diag = _kernel_errors(32, 32)
     assert max_err > 0.9 and diag < 0.05, (max_err, diag)
+    # the wide kernel is approximated, and better with more anchors
+    max_err, rms, diag = _kernel_errors(32, 32, kernel_sigma=2.0)
+    assert max_err <= 0.2 and rms <= 0.025 and diag >= 0.85, (max_err, rms, diag)
+    max_err, rms, _ = _kernel_errors(32, 64, kernel_sigma=2.0)
+    assert max_err <= 0.1 and rms <= 0.01, (max_err, rms)
 
 
 # ---------------------------------------------------------------------------------------------------- marginals
@@ -112,9 +119,11 @@ def test_marginals_at_the_default_iterations(n_side, p):
     assert (t >= 0).all()
     torch.testing.assert_close(t.sum(-2), torch.full_like(t.sum(-2), 1 / p), rtol=1e-5, atol=0)  # columns exact
     row_err = (t.sum(-1) * n - 1).abs().max().item()
-    assert row_err <= 0.1, row_err  # rows: within 10% of 1/n after 3 iterations at init (measured <= 6.8%) ...
+    # rows: within 3% of 1/n after 3 iterations at init (measured <= 2.2%; the wide kernel: <= 6.8%), what the
+    # default way back n T A is off by ...
+    assert row_err <= 0.03, row_err
     _, plan5 = _layer(num_ref=p, sinkhorn_iters=5)(_tokens(2, n, 64), (n_side, n_side), return_plan=True)
-    assert (plan5.double().sum(-1) * n - 1).abs().max() <= 0.005  # ... 0.3% after 5; the way back renormalises
+    assert (plan5.double().sum(-1) * n - 1).abs().max() <= 0.005  # ... 0.4% after 5
 
 
 def _identity_proj(layer: SetAttention) -> SetAttention:
@@ -128,13 +137,13 @@ def test_way_back_has_exact_rows():
     # all tokens equal: every slot aggregate is that token's features, so a convex way back returns them exactly,
     # however far the plan's rows are from 1/n; n T A scales token i by n * rowsum_i instead
     n, x = 64, _tokens(1, 1, 64).expand(2, 64, 64)
-    layer = _identity_proj(_layer(num_ref=16, lepe=False, sinkhorn_iters=1))
+    layer = _identity_proj(_layer(num_ref=16, lepe=False, sinkhorn_iters=1, exact_rows=True))
     xh = layer.in_proj(x[:, :1]).view(2, 1, 2, 32).transpose(1, 2)
     psi = layer.kernel_map(xh).transpose(1, 2).reshape(2, 1, 64)  # (B, 1, h k)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), psi.expand(2, n, 64), rtol=1e-5, atol=1e-6)
-        review = _identity_proj(_layer(num_ref=16, lepe=False, sinkhorn_iters=1, exact_rows=False))(x)
-    assert (review - psi).abs().max() > 1e-3
+        n_t_a = _identity_proj(_layer(num_ref=16, lepe=False, sinkhorn_iters=1, exact_rows=False))(x)
+    assert (n_t_a - psi).abs().max() > 1e-3
 
 
 # -------------------------------------------------------------------------------------------------- p = n path
@@ -143,7 +152,7 @@ def test_way_back_has_exact_rows():
 def test_p_equal_n_outputs_the_aggregate_once():
     n_side, n = 4, 16
     x = _tokens(2, n, 64)
-    layer = _identity_proj(_layer(num_ref=n, lepe=False))
+    layer = _identity_proj(_layer(num_ref=n, lepe=False, direct_output=True))
     with torch.no_grad():
         out, plan = layer(x, (n_side, n_side), return_plan=True)
         xh = layer.in_proj(x).view(2, n, 2, 32).transpose(1, 2)

@@ -47,13 +47,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-CASES = {  # name -> (layer kwargs, grid, batch)
+# The wide-kernel layer's settings (kernel sigma 2.0, learned positional scale, exact rows, direct output at p = n)
+WIDE = dict(kernel_sigma=2.0, pos_sigma=0.5, learn_pos_scale=True, exact_rows=True, direct_output=True)
+
+CASES = {  # name -> (layer kwargs, grid, batch); the defaults: n T A, positional scale fixed, plan twice at p = n
     "n_35_not_a_block_multiple": (dict(num_ref=6), (5, 7), 2),
     "p_1": (dict(num_ref=1), (3, 5), 2),
-    "p_n_direct": (dict(num_ref=16), (4, 4), 2),
+    "p_n_direct": (dict(num_ref=16, direct_output=True), (4, 4), 2),
     "p_n_plan_twice": (dict(num_ref=16, direct_output=False), (4, 4), 2),
     "batch_1_no_pos_n_T_A": (dict(num_ref=16, pos_sigma=None, exact_rows=False), (8, 8), 1),
-    "fixed_pos_scale": (dict(num_ref=9, learn_pos_scale=False, sinkhorn_iters=2), (6, 6), 2),
+    "wide_learned_pos_scale_exact_rows": (dict(num_ref=9, sinkhorn_iters=2, **WIDE), (6, 6), 2),
     "tiled_n_576": (dict(num_ref=16), (24, 24), 1),  # 3 tiles of 256 tokens, the last one partial
 }
 
@@ -71,7 +74,7 @@ def test_fused_path_matches_torch_path_float32(case):
     assert max(errors.values()) < 2e-4, errors  # measured <= 4e-5 (the two whitenings' float32 rounding)
 
 
-@pytest.mark.parametrize("case", ["n_35_not_a_block_multiple", "p_n_direct", "p_1"])
+@pytest.mark.parametrize("case", ["n_35_not_a_block_multiple", "p_n_direct", "p_n_plan_twice", "p_1"])
 def test_fused_path_bfloat16_is_closer_to_float32_than_the_torch_path(case):
     """In bf16 the fused path computes in float32 from bf16 inputs; the torch path rounds psi and S to bf16."""
     kwargs, grid, batch = CASES[case]

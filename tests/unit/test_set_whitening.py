@@ -49,8 +49,13 @@ def test_newton_schulz_whitening_matches_eigh(duplicates):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(num_ref=16), dict(num_ref=16, exact_rows=False, pos_sigma=None), dict(num_ref=16, grid=(4, 4))],
-    ids=["p<n", "n_T_A_no_pos", "p=n_direct"],
+    [
+        dict(num_ref=16),
+        dict(num_ref=16, kernel_sigma=2.0, pos_sigma=0.5, learn_pos_scale=True, exact_rows=True),
+        dict(num_ref=16, exact_rows=False, pos_sigma=None),
+        dict(num_ref=16, grid=(4, 4), direct_output=True),
+    ],
+    ids=["p<n", "p<n_wide_learned_pos_exact_rows", "n_T_A_no_pos", "p=n_direct"],
 )
 def test_layer_matches_the_eigh_layer(kwargs):
     """Outputs and every gradient of the layer within 1e-4 of today's eigh layer (float32, same weights)."""

@@ -108,9 +108,10 @@ def test_inverse_sqrt_newton_schulz_value():
     torch.testing.assert_close(r @ r, m, rtol=1e-8, atol=1e-8)
 
 
-def test_kernel_map_is_exact_on_the_anchors():
+@pytest.mark.parametrize("kernel_sigma", [0.5, 2.0])  # the default, and the wide kernel
+def test_kernel_map_is_exact_on_the_anchors(kernel_sigma):
     """Nystrom: on the anchors themselves psi(z_i)^T psi(z_j) = kappa(z_i^T z_j), up to the ridge."""
-    layer = _layer()
+    layer = _layer(kernel_sigma=kernel_sigma)
     z = F.normalize(layer.anchors.detach(), dim=-1)  # (h, k, d)
     psi = layer.kernel_map(z.unsqueeze(0))[0]  # (h, k, k)
     kappa = torch.exp(layer.alpha * (z @ z.mT - 1))
