@@ -4,7 +4,9 @@
 training commands need); ``pretrain --help``, no command or an unknown one import them all, so the help and the usage
 error list every command.
 
-Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad config (nothing was started or written).
+Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad config (nothing was started or written). A file-system
+error no command expected (a full disk, a read-only or vanished folder) ends the command with one line naming the path
+and the reason, exit 1; its traceback is logged at debug level.
 
 The installed command (and ``python -m launch.cli``) is :func:`entry`: once the command has returned, every stream is
 flushed and the ``atexit`` handlers have run, it leaves with ``os._exit`` instead of tearing the interpreter down.
@@ -27,7 +29,10 @@ from typing import NoReturn
 
 __all__ = ["main", "entry", "EXIT_USAGE"]
 
+logger = logging.getLogger(__name__)
+
 EXIT_USAGE = 2
+_EXIT_FAILED = 1
 
 # subcommand -> module exposing `register(subparsers)`; each registered parser sets `func(args) -> int`.
 _COMMANDS = {
@@ -89,10 +94,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except OSError as e:
+        logger.debug("pretrain %s failed", args.command, exc_info=True)
+        what = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+        print(f"pretrain {args.command}: {what}; check that path and its file system", file=sys.stderr)
+        return _EXIT_FAILED
 
 
 def entry() -> NoReturn:
     """The ``pretrain`` executable: :func:`main`, then a fast exit with its code (see the module docstring)."""
+    from pretrain.lifecycle import early_start
+
+    early_start(sys.argv[1:])  # before the slow imports: a stop signal from the first moment is kept
     code = main()
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         sys.exit(code)

@@ -7,11 +7,13 @@ usable checkpoint (verified by sha256 and consolidated as an export would be; ``
 weights). Images get the run's eval transform and normalisation (the run's ``augment`` section, from the export's
 metadata or the run's ``config.yaml``; the defaults, with a warning, when neither is known).
 
-The result is printed and written as JSON (``--out``; by default ``<run dir>/eval/<tag>-<split>[-ema].json`` for a
+The result is printed, then written as JSON (``--out``; by default ``<run dir>/eval/<tag>-<split>[-ema].json`` for a
 checkpoint inside its run directory, ``<FILE without .safetensors>.eval-<split>.json`` for an export, and next to any
-other checkpoint). ``--nproc N`` starts N local ranks (gloo); under torchrun or Slurm the command joins the ranks it
-finds, like ``pretrain train``. Exit 0 on success, 1 when the model or a rank fails, 2 on bad arguments (a path that is
-neither, a missing split, a head that does not match the data set's classes).
+other checkpoint). The destination is checked before the model is loaded (a directory, a read-only folder: exit 2);
+should the write still fail, the numbers are on the screen already. ``--nproc N`` starts N local ranks (gloo); under
+torchrun or Slurm the command joins the ranks it finds, like ``pretrain train``. Exit 0 on success, 1 when the model
+file is unusable, a rank fails or the result cannot be saved, 2 on bad arguments (a path that is neither, a missing
+split, a head that does not match the data set's classes, a destination that cannot be written).
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline.remote import is_remote
-from pretrain.rundir import CHECKPOINTS, EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from pretrain.fsutil import unwritable_reason
+from pretrain.rundir import CHECKPOINTS, COMPLETE_MARKER, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 __all__ = ["default_output", "eval_command", "register"]
+
+_MAX_BATCH, _MAX_WORKERS, _MAX_NPROC = 2**20, 512, 1024
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +55,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--num-workers", type=int, default=1, help="data loader workers per rank (default 1)")
     p.add_argument("--ema", action="store_true", help="score a checkpoint's EMA weights")
     p.add_argument("--out", default=None, metavar="JSON", help="where to write the result (default: see above)")
+    p.add_argument("--trust-checkpoint", action="store_true", help="score a checkpoint not signed by your key")
     p.set_defaults(func=eval_command)
 
 
@@ -64,6 +70,18 @@ def default_output(path: Path, tag_dir: Path | None, split: str, ema: bool) -> P
     return tag_dir.parent / name
 
 
+def _planned_output(args: argparse.Namespace) -> Path:
+    """Where the result will go, known before the model is loaded (for a run directory, in its ``eval/`` folder)."""
+    path = Path(args.path)
+    if args.out:
+        return Path(args.out)
+    if path.is_file():
+        return default_output(path, None, args.split, args.ema)
+    if (path / COMPLETE_MARKER).exists() or path.parent.name == CHECKPOINTS:
+        return default_output(path, path, args.split, args.ema)
+    return default_output(path, path / CHECKPOINTS / "newest", args.split, args.ema)
+
+
 def _check_args(args: argparse.Namespace) -> str:
     """The reason the arguments cannot work, or ''."""
     from data_pipeline.manifest import load_manifest, resolve_split
@@ -71,8 +89,16 @@ def _check_args(args: argparse.Namespace) -> str:
     path = Path(args.path)
     if not path.exists():
         return f"{path} does not exist"
-    if args.batch_size < 1 or (args.nproc is not None and args.nproc < 1) or args.num_workers < 0:
-        return "--batch-size and --nproc must be >= 1, --num-workers >= 0"
+    if not 1 <= args.batch_size <= _MAX_BATCH:
+        return f"--batch-size {args.batch_size} must be in [1, {_MAX_BATCH}]"
+    if args.nproc is not None and not 1 <= args.nproc <= _MAX_NPROC:
+        return f"--nproc {args.nproc} must be in [1, {_MAX_NPROC}]"
+    if not 0 <= args.num_workers <= _MAX_WORKERS:
+        return f"--num-workers {args.num_workers} must be in [0, {_MAX_WORKERS}]"
+    out = _planned_output(args)
+    problem = unwritable_reason(out)
+    if problem:
+        return f"cannot write the result to {out}: {problem}; pass --out FILE.json in a writable folder"
     try:
         manifest = load_manifest(args.data)
     except (OSError, ValueError) as e:
@@ -103,12 +129,11 @@ def _evaluate_here(args: argparse.Namespace, env: Any) -> int:
 
     from data_pipeline.augment import normalize
     from data_pipeline.manifest import load_manifest
+    from pretrain.checkpoint import UntrustedCheckpoint
     from pretrain.config import AugmentConfig, ConfigError
     from pretrain.distributed import destroy_distributed, init_distributed
     from pretrain.evaluate import build_eval_loader, eval_metrics, evaluate_models
-    from pretrain.export import ExportError, checkpoint_source
-    from pretrain.models._registry import model_from_state
-    from pretrain.rundir import write_atomic
+    from pretrain.export import ExportError, build_from_state, checkpoint_source
 
     t0 = time.perf_counter()
     dist = init_distributed(device="cpu", env=env, loader_workers=args.num_workers) if env.world_size > 1 else None
@@ -117,10 +142,15 @@ def _evaluate_here(args: argparse.Namespace, env: Any) -> int:
     path = Path(args.path)
     try:
         try:
-            state, meta = checkpoint_source(path, ema=args.ema)
-            model = model_from_state(state, meta["model_config"]).eval()
-        except (ExportError, ValueError) as e:
-            print(f"pretrain eval: {e}", file=sys.stderr)
+            state, meta = checkpoint_source(path, ema=args.ema, trusted=args.trust_checkpoint)
+            model = build_from_state(state, meta["model_config"], str(path)).eval()
+        except UntrustedCheckpoint as e:
+            if rank == 0:
+                print(f"pretrain eval: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        except ExportError as e:
+            if rank == 0:
+                print(f"pretrain eval: {e}", file=sys.stderr)
             return EXIT_FAILED
         model_cfg = meta["model_config"]
         classes = load_manifest(args.data).num_classes
@@ -149,43 +179,64 @@ def _evaluate_here(args: argparse.Namespace, env: Any) -> int:
             loader.close()
         metrics = eval_metrics(sums)
         if rank == 0:
-            tag_dir = None if path.is_file() else Path(meta["source"])  # the checkpoint a run dir resolved to
-            out = Path(args.out) if args.out else default_output(path, tag_dir, args.split, args.ema)
-            result = {
-                "top1": metrics["val_top1"],
-                "top5": metrics["val_top5"],
-                "loss": metrics["val_loss"],
-                "samples": metrics["val_samples"],
-                "split": args.split,
-                "data": args.data if is_remote(args.data) else str(Path(args.data).resolve()),
-                "model": model_cfg["name"],
-                "source": meta.get("source", str(path.resolve())),
-                "step": int(meta["step"]) if str(meta.get("step", "")).isdigit() else None,
-                "ema": args.ema or meta.get("ema") == "true",
-                "world_size": world,
-                "eval_time_s": time.perf_counter() - t0,
-                "time": time.time(),
-            }
-            out.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(out, json.dumps(result, indent=1) + "\n")
-            print(
-                f"pretrain eval: {model_cfg['name']} step {result['step']} on {args.split} ({result['samples']} "
-                f"samples): top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f}"
-            )
-            print(f"  result: {out}")
+            return _report(args, path, meta, metrics, world, time.perf_counter() - t0)
         return EXIT_OK
     finally:
         if dist is not None:
             destroy_distributed()
 
 
+def _report(
+    args: argparse.Namespace, path: Path, meta: dict[str, Any], metrics: dict[str, Any], world: int, seconds: float
+) -> int:
+    """Print the numbers, then save them: a destination that fails now loses nothing but the file."""
+    from pretrain.rundir import write_atomic
+
+    model_cfg = meta["model_config"]
+    tag_dir = None if path.is_file() else Path(meta["source"])  # the checkpoint a run dir resolved to
+    out = Path(args.out) if args.out else default_output(path, tag_dir, args.split, args.ema)
+    result = {
+        "top1": metrics["val_top1"],
+        "top5": metrics["val_top5"],
+        "loss": metrics["val_loss"],
+        "samples": metrics["val_samples"],
+        "split": args.split,
+        "data": args.data if is_remote(args.data) else str(Path(args.data).resolve()),
+        "model": model_cfg["name"],
+        "source": meta.get("source", str(path.resolve())),
+        "step": int(meta["step"]) if str(meta.get("step", "")).isdigit() else None,
+        "ema": args.ema or meta.get("ema") == "true",
+        "world_size": world,
+        "eval_time_s": seconds,
+        "time": time.time(),
+    }
+    print(
+        f"pretrain eval: {model_cfg['name']} step {result['step']} on {args.split} ({result['samples']} "
+        f"samples): top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f}"
+    )
+    sys.stdout.flush()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, json.dumps(result, indent=1) + "\n")
+    except OSError as e:
+        print(
+            f"pretrain eval: could not save the result to {out} ({e.strerror or e}); the numbers above are the "
+            "result: pass --out FILE.json somewhere writable to keep them as a file",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    print(f"  result: {out}")
+    return EXIT_OK
+
+
 def _launch_local(args: argparse.Namespace) -> int:
     """Start ``--nproc`` ranks of this command on a free port; if one fails, stop the others and exit 1 naming it."""
-    from launch.cmd_train import start_local_ranks, watch_ranks
+    from launch.local_ranks import start_local_ranks, watch_ranks
 
     argv = [sys.executable, "-m", "launch.cli", "eval", args.path, "--data", args.data, "--split", args.split]
     argv += ["--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers)]
     argv += (["--ema"] if args.ema else []) + (["--out", args.out] if args.out else [])
+    argv += ["--trust-checkpoint"] if args.trust_checkpoint else []
     procs = start_local_ranks(argv, args.nproc)
     try:
         return watch_ranks(procs, "eval", ok=(EXIT_OK,))

@@ -4,7 +4,11 @@ Writes the consolidated weights of a checkpoint (any ZeRO stage, any number of r
 that wrote it) as safetensors, with the model's name, its ``model`` config, the step and the run's eval transform in
 the file's metadata: ``pretrain.models.create_model(FILE)`` rebuilds the model with plain PyTorch. A run directory
 means its newest usable checkpoint. The checkpoint is verified first (sha256 of every file); a bad one is refused,
-naming why. Exit 0 on success, 1 when the checkpoint is bad or does not load, 2 when the path is neither.
+naming why. A checkpoint not signed by your key (another user's) needs ``--trust-checkpoint``; its files are still
+loaded as plain data. ``--out`` is checked before the work (a directory or a read-only folder is refused), and a
+write that still fails (a full disk) leaves no partial file. Exit 0 on success, 1 when the checkpoint is bad or does
+not load or the file cannot be written, 2 when the path is neither, ``--out`` cannot be written or the checkpoint is
+not trusted.
 """
 
 from __future__ import annotations
@@ -27,22 +31,31 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, metavar="FILE.safetensors", help="file to write (replaced atomically)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights (runs with trainer.ema_decay > 0)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the weights (default fp32)")
+    p.add_argument("--trust-checkpoint", action="store_true", help="export a checkpoint not signed by your key")
     p.set_defaults(func=export_command)
 
 
 def export_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pretrain.checkpoint import COMPLETE_MARKER
+    from pretrain.checkpoint import COMPLETE_MARKER, UntrustedCheckpoint
     from pretrain.export import ExportError, export_weights
+    from pretrain.fsutil import unwritable_reason
     from pretrain.rundir import CHECKPOINTS
 
     path = Path(args.path)
     if not ((path / COMPLETE_MARKER).exists() or path.parent.name == CHECKPOINTS or (path / CHECKPOINTS).is_dir()):
         print(f"pretrain export: {path} is neither a run directory nor a checkpoint", file=sys.stderr)
         return EXIT_USAGE
+    problem = unwritable_reason(args.out)
+    if problem:
+        print(f"pretrain export: cannot write {args.out}: {problem}; pass --out in a writable folder", file=sys.stderr)
+        return EXIT_USAGE
     try:
-        meta = export_weights(path, args.out, ema=args.ema, dtype=args.dtype)
+        meta = export_weights(path, args.out, ema=args.ema, dtype=args.dtype, trusted=args.trust_checkpoint)
+    except UntrustedCheckpoint as e:
+        print(f"pretrain export: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except ExportError as e:
         print(f"pretrain export: {e}", file=sys.stderr)
         return EXIT_FAILED

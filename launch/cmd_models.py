@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import sys
 
 __all__ = ["register", "run_models", "model_table"]
 
@@ -82,11 +83,17 @@ def model_table(names: list[str] | None = None, img_size: int | None = None) -> 
 
 
 def run_models(args: argparse.Namespace) -> int:
-    """Print the table; exit 2 on an unknown name."""
+    """Print the table; exit 2 on an unknown name or an ``--img-size`` no model config allows."""
+    from pretrain.config import NUMERIC_RULES
+
+    allowed = NUMERIC_RULES["model.img_size"]
+    if args.img_size is not None and not allowed.admits(args.img_size):
+        print(f"pretrain models: --img-size {args.img_size} must be {allowed.describe(True)}", file=sys.stderr)
+        return 2
     try:
         rows, notes = model_table(args.names, args.img_size)
     except ValueError as e:
-        logger.error("%s", e)
+        print(f"pretrain models: {e}", file=sys.stderr)
         return 2
     macs_col = f"GMACs@{args.img_size}" if args.img_size else "GMACs"
     header = ["model", "params (M)", macs_col, "default img size"]

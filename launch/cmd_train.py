@@ -5,22 +5,27 @@ written: the config (types, cross-field rules, global batch vs world size), the 
 the meta device), and the checkpoint to resume (complete, intact, same model shape and world size). Any of these
 failing exits with code 2 and leaves no run directory behind.
 
-Ranks:
-- ``--nproc 1`` (default, no launcher variables): trains in this process.
-- ``--nproc N>1``: starts N local ranks (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` on a
-  free port), forwards SIGTERM/SIGUSR2 to them, and if one rank dies kills the others and exits non-zero naming it.
-- Under Slurm (``srun``), torchrun or the DeepSpeed launcher (no ``--nproc``): joins the environment it finds.
+The run's lease (:mod:`pretrain.rundir`) is taken first, before anything slow: a second run on a held directory is
+told at once who holds it. Ranks:
+- ``--nproc 1`` (default, no launcher variables): trains in this process, which holds the lease.
+- ``--nproc N>1``: this process holds the lease and starts N local ranks (:mod:`launch.local_ranks`), which die with
+  it; if one rank dies it kills the others and exits non-zero naming it.
+- Under Slurm (``srun``), torchrun or the DeepSpeed launcher (no ``--nproc``): joins the environment it finds; rank 0
+  takes the lease for every rank of every node once the process group exists.
+Every process watches the lease and stops at once, writing nothing more, if it is gone or names another run.
 
-Ctrl-C: the first one makes every rank checkpoint and exit 3 at the end of its step (run the same command to resume);
-a second one kills the ranks.
+Stopping (:mod:`pretrain.lifecycle`): SIGINT (Ctrl-C, ``pretrain cancel``) or SIGTERM/SIGUSR2, at any moment from the
+start, stops the run: no training step after it, a checkpoint if it trained, state ``stopped`` or ``preempted``,
+exit 3; run the same command to continue. A second Ctrl-C kills the ranks.
 
 Resume: by default the run continues from the newest complete checkpoint in ``runs/<name>/checkpoints`` (a torn newest
 one is skipped with a warning). ``--resume PATH`` starts from the given tag directory instead. ``--no-resume``
 guarantees a fresh start: it refuses (exit 2) when the run directory already holds a complete checkpoint, and says how
-to continue or start over, rather than silently moving or deleting anything.
+to continue or start over, rather than silently moving or deleting anything. A checkpoint is loaded only when its
+COMPLETE marker is signed with the user's key (:mod:`pretrain.trust`), or with ``--trust-checkpoint``.
 
-Exit codes: 0 finished, 1 failure (a rank died, non-finite losses, ...), 2 usage/config error, 3 preempted
-(checkpoint written; run the same command to resume).
+Exit codes: 0 finished, 1 failure (a rank died, non-finite losses, ...), 2 usage/config error or a held run directory,
+3 stopped or preempted (run the same command to resume).
 """
 
 from __future__ import annotations
@@ -31,30 +36,16 @@ import json
 import logging
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from pretrain.checkpoint import (
-    CheckpointMismatchError,
-    CheckpointSaveError,
-    RunDirRefused,
-    check_resume_compatible,
-    checkpoint_dir_bytes,
-    estimate_checkpoint_bytes,
-    find_resume_checkpoint,
-    is_trusted_checkpoint,
-    list_checkpoints,
-    read_meta,
-    unusable_checkpoints,
-    verify_checkpoint,
-)
+from launch.local_ranks import run_train_ranks
+from launch.train_lease import hold_run_dir, lease_lost, record_stop_before_start, refuse_if_held, take_joined_lease
 from pretrain.config import Config, ConfigError, load_config, model_shape_digest
-from pretrain.distributed import cpu_allotment, detect_environment, find_free_port
+from pretrain.distributed import detect_environment
+from pretrain.lifecycle import LAUNCHER_PID_ENV, LEASE_TOKEN_ENV, StopSignals
 from pretrain.rundir import (
     CHECKPOINTS,
     EXIT_FAILED,
@@ -63,11 +54,10 @@ from pretrain.rundir import (
     EXIT_USAGE,
     PREVIOUS,
     STATUS,
-    Lease,
     LeaseHeld,
-    acquire_lease,
     run_history,
     set_aside_history,
+    watch_lease,
 )
 
 __all__ = [
@@ -79,15 +69,10 @@ __all__ = [
     "main",
     "register",
     "resolve_data",
-    "start_local_ranks",
     "validate_launch",
-    "watch_ranks",
 ]
 
 logger = logging.getLogger(__name__)
-
-_KILL_GRACE_S = 10.0
-_LAUNCHED_BY = "PRETRAIN_LOCAL_LAUNCHER_PID"  # set in the environment of ranks started by --nproc
 
 
 def register(subparsers: Any) -> None:
@@ -115,7 +100,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trust-checkpoint",
         action="store_true",
-        help="allow --resume PATH outside this run's directory (DeepSpeed's files are pickles: trusted code only)",
+        help="load a checkpoint (--resume, the run dir's own, model.init_from) not signed by your key, as plain data",
     )
 
 
@@ -136,6 +121,8 @@ class LaunchPlan:
     """``resume_from`` is the user's ``--resume`` (an error if unusable), not the run dir's own newest checkpoint."""
     restart: bool = False
     """``--restart``: the lease holder sets the run dir's history aside before training from step 0."""
+    trusted: bool = False
+    """``--trust-checkpoint``: the run may load checkpoints (and ``model.init_from``) not signed by this user."""
 
 
 def validate_launch(
@@ -146,6 +133,7 @@ def validate_launch(
     no_resume: bool,
     restart: bool = False,
     trust_checkpoint: bool = False,
+    cfg: Config | None = None,
 ) -> LaunchPlan:
     """Load and check everything before any rank starts or any file is written.
 
@@ -156,15 +144,17 @@ def validate_launch(
         resume: ``--resume`` tag dir, if given.
         no_resume: ``--no-resume``.
         restart: ``--restart``: train from step 0, the history set aside (by the run, once it holds the lease).
-        trust_checkpoint: ``--trust-checkpoint``: ``resume`` may lie outside the run directory.
+        trust_checkpoint: ``--trust-checkpoint``: checkpoints not signed by this user's key may be loaded.
+        cfg: ``config`` with ``overrides``, when the caller has loaded it already.
 
     Returns:
         The resolved config (``model.num_classes`` from the manifest), world size, ranks to spawn, resume point.
 
     Raises:
         ConfigError: With a message naming the field or file and the fix.
+        LeaseHeld: The run directory belongs to a live run (checked before its history is judged).
     """
-    cfg = load_config(config, overrides)
+    cfg = cfg or load_config(config, overrides)
     try:
         env = detect_environment()
     except ValueError as e:
@@ -192,23 +182,60 @@ def validate_launch(
                 "trainer.precision=fp16 needs a GPU (DeepSpeed's loss-scaled fp16 has no CPU kernels); on CPU use "
                 "trainer.precision=bf16 (bf16 weights, fp32 master weights) or fp32"
             )
+    resume_from = _resume_point(cfg, resume, no_resume, restart, trust_checkpoint, env.slurm_job_id)
+    if resume_from is None and cfg.model.init_from and not Path(cfg.model.init_from).exists():
+        # only a fresh start reads init_from: a run with its own checkpoint resumes from that
+        raise ConfigError(
+            f"model.init_from={cfg.model.init_from}: no such file or directory (an export from `pretrain export`, a "
+            "checkpoint or a run directory)"
+        )
+    if resume_from is None and cfg.model.init_from:
+        _check_init_from(cfg, trust_checkpoint)
+    _check_disk(cfg, resume_from, n_params)
+    finished = resume_from is not None and _check_resumable(cfg, resume_from, world) and not resume
+    spawn = world if (env.source == "single" and world > 1) else 0
+    return LaunchPlan(
+        cfg, world, spawn, resume_from, finished, env.rank, explicit=bool(resume), restart=restart,
+        trusted=trust_checkpoint,
+    )  # fmt: skip
 
+
+def _resume_point(
+    cfg: Config, resume: str | None, no_resume: bool, restart: bool, trust_checkpoint: bool, slurm_job_id: str | None
+) -> Path | None:
+    """The checkpoint to resume from (``--resume``, else the run dir's newest usable one), or None for a fresh start.
+
+    Raises:
+        ConfigError: ``--resume`` is unusable or untrusted, ``--no-resume`` meets checkpoints, or history has no usable
+            checkpoint.
+        LeaseHeld: That history belongs to a live run.
+    """
+    from pretrain import trust
+    from pretrain.checkpoint import (
+        UntrustedCheckpoint,
+        check_signature,
+        find_resume_checkpoint,
+        list_checkpoints,
+        untrusted_message,
+        unusable_checkpoints,
+        verify_checkpoint,
+    )
+
+    try:
+        trust.load_key()  # the run signs its checkpoints: a key problem is found now, not at the first save
+    except trust.TrustKeyError as e:
+        raise ConfigError(str(e)) from None
     ckpt_root = cfg.run_dir / CHECKPOINTS
-    resume_from: Path | None = None
     if resume:
-        resume_from = Path(resume)
-        ok, reason = verify_checkpoint(resume_from, digests=False)  # the run checks the digests when it loads it
+        ok, reason = verify_checkpoint(Path(resume), digests=False)  # the run checks the digests when it loads it
         if not ok:
             raise ConfigError(f"--resume {resume}: not a usable checkpoint ({reason})")
-        if not trust_checkpoint and not is_trusted_checkpoint(resume_from, cfg.run_dir):
-            raise ConfigError(
-                f"--resume {resume} lies outside this run's directory {cfg.run_dir}: a checkpoint's DeepSpeed files "
-                "are pickles, which can run code when loaded. Pass --trust-checkpoint if you trust where it came from "
-                "(e.g. your own earlier run)"
-            )
-    elif restart:
-        pass
-    elif no_resume:
+        if not trust_checkpoint and not (signed := check_signature(resume))[0]:
+            raise ConfigError(f"--resume {resume}: {untrusted_message(resume, signed[1])}")
+        return Path(resume)
+    if restart:
+        return None
+    if no_resume:
         complete = [c for c in list_checkpoints(ckpt_root) if c.complete]
         if complete:
             raise ConfigError(
@@ -216,41 +243,37 @@ def validate_launch(
                 f"{complete[-1].tag}). Drop --no-resume to continue it, pick a new run.name=..., or move "
                 f"{cfg.run_dir} away to start over"
             )
-    else:
-        resume_from = find_resume_checkpoint(ckpt_root, digests=False)  # the run checks the digests (and falls back)
-        history = run_history(cfg.run_dir)
-        if resume_from is None and history:
-            rejected = [f"{tag} ({why})" for tag, why in unusable_checkpoints(ckpt_root)]
-            raise ConfigError(
-                f"{cfg.run_dir} has the history of an earlier run ({'; '.join(history)}) but no usable checkpoint"
-                + (f" (rejected: {'; '.join(rejected)})" if rejected else "")
-                + ". Nothing was changed. To start again from step 0 pass --restart (the history is moved to "
-                f"{cfg.run_dir / PREVIOUS}/<time>/, nothing is deleted), or pick another run.name=..."
-            )
-    if resume_from is None and cfg.model.init_from and not Path(cfg.model.init_from).exists():
-        # only a fresh start reads init_from: a run with its own checkpoint resumes from that
+        return None
+    try:  # the run checks the digests (and falls back); an unsigned newest checkpoint is refused here
+        resume_from = find_resume_checkpoint(ckpt_root, digests=False, trusted=trust_checkpoint)
+    except UntrustedCheckpoint as e:
+        raise ConfigError(str(e)) from None
+    history = run_history(cfg.run_dir)
+    if resume_from is None and history:
+        refuse_if_held(cfg.run_dir, slurm_job_id)  # a live run's own history, before its first checkpoint
+        rejected = [f"{tag} ({why})" for tag, why in unusable_checkpoints(ckpt_root)]
         raise ConfigError(
-            f"model.init_from={cfg.model.init_from}: no such file or directory (an export from `pretrain export`, a "
-            "checkpoint or a run directory)"
+            f"{cfg.run_dir} has the history of an earlier run ({'; '.join(history)}) but no usable checkpoint"
+            + (f" (rejected: {'; '.join(rejected)})" if rejected else "")
+            + ". Nothing was changed. To start again from step 0 pass --restart (the history is moved to "
+            f"{cfg.run_dir / PREVIOUS}/<time>/, nothing is deleted), or pick another run.name=..."
         )
-    _check_disk(cfg, resume_from, n_params)
-    finished = False
-    if resume_from is not None:
-        meta = read_meta(resume_from)
-        try:
-            check_resume_compatible(
-                meta,
-                dataclasses.asdict(cfg.model),
-                model_shape_digest(cfg),
-                world,
-                cfg.data.batch_size,
-                cfg.optim.layer_decay,
-            )
-        except CheckpointMismatchError as e:
-            raise ConfigError(f"{resume_from}: {e}") from e
-        finished = int(meta.get("step", -1)) >= cfg.trainer.max_steps and not resume
-    spawn = world if (env.source == "single" and world > 1) else 0
-    return LaunchPlan(cfg, world, spawn, resume_from, finished, env.rank, explicit=bool(resume), restart=restart)
+    return resume_from
+
+
+def _check_resumable(cfg: Config, resume_from: Path, world: int) -> bool:
+    """Check that ``resume_from`` fits this run (model shape, world, batch); True when it already reached max_steps."""
+    from pretrain.checkpoint import CheckpointMismatchError, check_resume_compatible, read_meta
+
+    meta = read_meta(resume_from)
+    try:
+        check_resume_compatible(
+            meta, dataclasses.asdict(cfg.model), model_shape_digest(cfg), world, cfg.data.batch_size,
+            cfg.optim.layer_decay,
+        )  # fmt: skip
+    except CheckpointMismatchError as e:
+        raise ConfigError(f"{resume_from}: {e}") from e
+    return int(meta.get("step", -1)) >= cfg.trainer.max_steps
 
 
 def resolve_data(cfg: Config) -> Config:
@@ -301,15 +324,34 @@ def _check_model(cfg: Config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _check_disk(cfg: Config, newest: Path | None, n_params: int) -> None:
-    """The run directory must be writable and have room for at least one more checkpoint, before anything starts.
+def _check_init_from(cfg: Config, trusted: bool) -> None:
+    """``model.init_from`` must initialise this model: its metadata and (for an export) its tensor shapes, on the meta
+    device, without reading the weights."""
+    from pretrain.checkpoint import UntrustedCheckpoint
+    from pretrain.export import ExportError, check_pretrained
+
+    m = cfg.model
+    try:
+        check_pretrained(m.init_from, m.name, trusted, num_classes=m.num_classes, img_size=m.img_size,
+                         drop_path_rate=m.drop_path_rate, drop_rate=m.drop_rate, **m.kwargs)  # fmt: skip
+    except (ExportError, UntrustedCheckpoint) as e:
+        raise ConfigError(f"model.init_from={m.init_from}: {e}") from None
+
+
+def _check_output_dir(cfg: Config) -> Path:
+    """The run directory's nearest existing folder, which must be a folder and writable (checked before the lease is
+    taken in it).
 
     Raises:
-        ConfigError: naming the folder, what is needed and what is free.
+        ConfigError: naming the file or folder in the way and the fix.
     """
     existing = cfg.run_dir
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"run.output_dir={cfg.run.output_dir}: {existing} is a file, not a folder; set run.output_dir to a folder"
+        )
     for folder in (existing, cfg.run_dir / CHECKPOINTS):
         if not folder.is_dir():
             continue
@@ -321,6 +363,18 @@ def _check_disk(cfg: Config, newest: Path | None, n_params: int) -> None:
                 f"{folder} is not writable ({e.strerror or e}): the run writes {cfg.run_dir}; fix its permissions or "
                 "mount, or set run.output_dir to a writable folder"
             ) from e
+    return existing
+
+
+def _check_disk(cfg: Config, newest: Path | None, n_params: int) -> None:
+    """The run directory must be writable and have room for at least one more checkpoint, before anything starts.
+
+    Raises:
+        ConfigError: naming the folder, what is needed and what is free.
+    """
+    existing = _check_output_dir(cfg)
+    from pretrain.checkpoint import checkpoint_dir_bytes, estimate_checkpoint_bytes
+
     need = checkpoint_dir_bytes(newest) if newest is not None else estimate_checkpoint_bytes(n_params)
     free = shutil.disk_usage(existing).free
     if need and free < need:
@@ -335,7 +389,27 @@ def _check_disk(cfg: Config, newest: Path | None, n_params: int) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    plan = validate_launch(
+    stop = StopSignals.current()  # installed first thing by `pretrain` (launch.cli.entry); in-process callers: here
+    installed = stop is None
+    stop = stop or StopSignals().install()
+    try:
+        cfg = load_config(args.config, list(args.overrides))
+        if LAUNCHER_PID_ENV in os.environ:  # a rank of the --nproc launcher: it runs under the launcher's lease
+            return _run_rank(args, cfg)
+        try:
+            source = detect_environment().source
+        except ValueError as e:
+            raise ConfigError(f"launcher environment: {e}") from e
+        if source == "single":  # the --nproc launcher, or a run of one process: it holds the lease itself
+            return _run_holder(args, cfg, stop)
+        return _run_joined(args, cfg)
+    finally:
+        if installed:
+            stop.restore()
+
+
+def _plan(args: argparse.Namespace, cfg: Config) -> LaunchPlan:
+    return validate_launch(
         args.config,
         list(args.overrides),
         args.nproc,
@@ -343,29 +417,71 @@ def _run(args: argparse.Namespace) -> int:
         args.no_resume,
         restart=args.restart,
         trust_checkpoint=args.trust_checkpoint,
+        cfg=cfg,
     )
-    if plan.finished:
-        logger.info("run %s already finished (checkpoint %s); not training again", plan.cfg.run_dir, plan.resume_from)
-        code = EXIT_OK
-    elif plan.spawn:
-        # the launcher owns the run directory for the ranks' whole life (they share its lease: see _train_here)
-        try:
-            lease = _acquire(plan.cfg.run_dir, None)
-        except LeaseHeld as e:
-            print(f"pretrain train: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        with lease:
+
+
+def _run_holder(args: argparse.Namespace, cfg: Config, stop: StopSignals) -> int:
+    """The launcher (or a one-process run): the lease first, before anything slow; then checks, then the ranks."""
+    _check_output_dir(cfg)  # the lease is a file in it
+    try:
+        with hold_run_dir(cfg.run_dir) as lease:
+            plan = _plan(args, cfg)
+    except LeaseHeld as e:
+        print(f"pretrain train: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    with lease:
+        if plan.finished:
+            logger.info("run %s already finished (checkpoint %s); not training again", cfg.run_dir, plan.resume_from)
+            code = EXIT_OK
+        elif stop.received is not None:
+            code = record_stop_before_start(
+                plan.cfg.run_dir, stop.received, plan.resume_from, plan.cfg.trainer.max_steps, plan.world_size
+            )
+        elif plan.spawn:
             _set_aside(plan)
-            code = _launch_local(plan.spawn, args)
-    else:
-        code = _train_here(plan)
-    if plan.rank == 0 and _LAUNCHED_BY not in os.environ and code != EXIT_USAGE:  # with --nproc the launcher prints
+            code = run_train_ranks(_child_argv(args), plan.spawn, lease, stop)
+        else:
+            _set_aside(plan)
+            watching = watch_lease(cfg.run_dir, lease.info.token, lease_lost)
+            try:
+                code = _train_here(plan, joined=False)
+            finally:
+                watching.set()
+    if code != EXIT_USAGE:
         _print_summary(plan.cfg, code)
     return code
 
 
-def _train_here(plan: LaunchPlan) -> int:
-    from pretrain.distributed import destroy_distributed, init_distributed
+def _run_rank(args: argparse.Namespace, cfg: Config) -> int:
+    watching = watch_lease(cfg.run_dir, os.environ.get(LEASE_TOKEN_ENV, ""), lease_lost)
+    try:
+        return _train_here(_plan(args, cfg), joined=False)
+    finally:
+        watching.set()
+
+
+def _run_joined(args: argparse.Namespace, cfg: Config) -> int:
+    """A rank of a Slurm step or torchrun: rank 0 takes the lease once the process group exists."""
+    try:
+        plan = _plan(args, cfg)
+    except LeaseHeld as e:
+        print(f"pretrain train: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if plan.finished:
+        logger.info("run %s already finished (checkpoint %s); not training again", cfg.run_dir, plan.resume_from)
+        code = EXIT_OK
+    else:
+        code = _train_here(plan, joined=True)
+    if plan.rank == 0 and code != EXIT_USAGE:
+        _print_summary(plan.cfg, code)
+    return code
+
+
+def _train_here(plan: LaunchPlan, joined: bool) -> int:
+    """Train this rank. ``joined``: a Slurm/torchrun rank, whose rank 0 takes the lease here for all of them."""
+    from pretrain.checkpoint import CheckpointSaveError, RunDirRefused
+    from pretrain.distributed import barrier, destroy_distributed, init_distributed
     from pretrain.logging_utils import init_logging
     from pretrain.trainer import run_training
 
@@ -375,22 +491,25 @@ def _train_here(plan: LaunchPlan) -> int:
     if plan.cfg.trainer.device == "cpu" or not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is imported: skip GPU probing
     dist = init_distributed(device=plan.cfg.trainer.device, loader_workers=plan.cfg.data.num_workers)
-    lease, refused = _take_lease(plan.cfg, dist)
-    if refused:
-        destroy_distributed()
-        if dist.rank == 0:
-            print(f"pretrain train: {refused}", file=sys.stderr)
-        return EXIT_USAGE
-    if lease is not None:
-        _set_aside(plan)
+    lease, watching = None, None
+    if joined:
+        lease, token, refused = take_joined_lease(plan.cfg.run_dir, dist)
+        if refused:
+            destroy_distributed()
+            if dist.rank == 0:
+                print(f"pretrain train: {refused}", file=sys.stderr)
+            return EXIT_USAGE
+        watching = watch_lease(plan.cfg.run_dir, token, lease_lost)
+        if lease is not None:
+            _set_aside(plan)
     try:
-        result = run_training(plan.cfg, dist, plan.resume_from if plan.explicit else None)
+        result = run_training(plan.cfg, dist, plan.resume_from if plan.explicit else None, trusted=plan.trusted)
+        code = result.exit_code
     except (CheckpointSaveError, RunDirRefused) as e:
         # every rank raised the same error together (no peer waits in a collective): the reason, not a traceback
         if dist.rank == 0:
             print(f"pretrain train: {e}", file=sys.stderr)
-        destroy_distributed()
-        return EXIT_USAGE if isinstance(e, RunDirRefused) else EXIT_FAILED
+        code = EXIT_USAGE if isinstance(e, RunDirRefused) else EXIT_FAILED
     except BaseException:
         if dist.world_size > 1:
             # A rank that failed while its peers wait in a collective must not try a collective teardown (it can
@@ -404,13 +523,17 @@ def _train_here(plan: LaunchPlan) -> int:
             if lease is not None:
                 lease.release()
             os._exit(EXIT_FAILED)
-        destroy_distributed()
-        raise
-    finally:
         if lease is not None:
             lease.release()
+        destroy_distributed()
+        raise
+    if watching is not None:
+        watching.set()
+        barrier()  # every rank stopped watching before rank 0 lets go of the lease
+    if lease is not None:
+        lease.release()
     destroy_distributed()
-    return result.exit_code
+    return code
 
 
 def _set_aside(plan: LaunchPlan) -> None:
@@ -419,30 +542,6 @@ def _set_aside(plan: LaunchPlan) -> None:
         moved = set_aside_history(plan.cfg.run_dir)
         if moved is not None:
             logger.warning("--restart: moved the earlier history of %s to %s", plan.cfg.run_dir, moved)
-
-
-def _acquire(run_dir: Path, slurm_job_id: str | None) -> Lease:
-    lease = acquire_lease(run_dir, slurm_job_id=slurm_job_id)
-    if lease.took_over:
-        logger.warning("took over the lease of %s: its holder is dead (%s)", run_dir, lease.took_over)
-    return lease
-
-
-def _take_lease(cfg: Config, dist: Any) -> tuple[Lease | None, str]:
-    """Rank 0 takes the run directory's lease before anything is written; every rank learns whether it got it.
-
-    Ranks started by ``--nproc`` run under their launcher's lease. Returns ``(lease, refusal)``: the lease this process
-    holds (None on other ranks) and, when the directory belongs to a live run, the message naming it.
-    """
-    from pretrain.distributed import broadcast_object
-
-    lease, refused = None, ""
-    if dist.rank == 0 and _LAUNCHED_BY not in os.environ:
-        try:
-            lease = _acquire(cfg.run_dir, dist.slurm_job_id)
-        except LeaseHeld as e:
-            refused = str(e)
-    return lease, str(broadcast_object(refused))
 
 
 def _child_argv(args: argparse.Namespace) -> list[str]:
@@ -454,92 +553,6 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     if args.no_resume:
         argv.append("--no-resume")
     return argv
-
-
-def start_local_ranks(argv: list[str], nproc: int, extra_env: dict[str, str] | None = None) -> list[subprocess.Popen]:
-    """Start ``nproc`` local ranks of ``argv`` with a torchrun-style environment on a free port.
-
-    The ranks share this process's CPUs (affinity, Slurm task, OMP_NUM_THREADS): each gets its part of them.
-    """
-    port = find_free_port()
-    threads = max(1, cpu_allotment() // nproc)
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    procs = []
-    for rank in range(nproc):
-        env = dict(
-            base_env,
-            RANK=str(rank),
-            WORLD_SIZE=str(nproc),
-            LOCAL_RANK=str(rank),
-            LOCAL_WORLD_SIZE=str(nproc),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS=str(threads),
-            **(extra_env or {}),
-        )
-        procs.append(subprocess.Popen(argv, env=env))
-    logger.info("started %d ranks (pids %s), rendezvous 127.0.0.1:%d", nproc, [p.pid for p in procs], port)
-    return procs
-
-
-def _launch_local(nproc: int, args: argparse.Namespace) -> int:
-    """Start ``nproc`` ranks of this command, forward SIGTERM/SIGUSR2, and fail fast if one rank dies."""
-    procs = start_local_ranks(_child_argv(args), nproc, {_LAUNCHED_BY: str(os.getpid())})
-
-    def forward(signum: int, frame: Any) -> None:
-        logger.warning("forwarding %s to the ranks", signal.Signals(signum).name)
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    def interrupt(signum: int, frame: Any) -> None:
-        # Ctrl-C reaches the ranks too (same process group): they checkpoint and exit; a second one kills them
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        logger.warning("interrupted: the ranks checkpoint and stop at the end of this step (Ctrl-C again to kill)")
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR2)}
-    previous[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)
-    try:
-        return watch_ranks(procs)
-    except KeyboardInterrupt:
-        _stop_all(procs)
-        return 130
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def watch_ranks(
-    procs: list[subprocess.Popen], command: str = "train", ok: tuple[int, ...] = (EXIT_OK, EXIT_PREEMPTED)
-) -> int:
-    """Wait for local ranks; when one exits with a code outside ``ok``, kill the others and return its code (1 for a
-    signal). Otherwise the preempted code if any rank was preempted, else 0."""
-    while True:
-        codes = [p.poll() for p in procs]
-        failed = [(r, c) for r, c in enumerate(codes) if c is not None and c not in ok]
-        if failed:
-            rank, code = failed[0]
-            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-            others = [r for r, c in enumerate(codes) if c is None]
-            logger.error("rank %d %s; stopping the other ranks %s", rank, how, others)
-            print(f"pretrain {command}: rank {rank} {how}; stopped the other ranks", file=sys.stderr)
-            _stop_all(procs)
-            return code if code > 0 else EXIT_FAILED
-        if all(c is not None for c in codes):
-            return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else EXIT_OK
-        time.sleep(0.2)
-
-
-def _stop_all(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-    deadline = time.monotonic() + _KILL_GRACE_S
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def _print_summary(cfg: Config, code: int) -> None:
@@ -557,10 +570,11 @@ def _print_summary(cfg: Config, code: int) -> None:
     print(f"pretrain train: {' '.join(parts)}")
     if status.get("last_checkpoint"):
         print(f"  checkpoint:  {status['last_checkpoint']}")
-    print(f"  metrics:     {cfg.run_dir / 'metrics.jsonl'}")
-    print(f"  tensorboard: tensorboard --logdir {cfg.run_dir / 'tb'}")
+    if (cfg.run_dir / "metrics.jsonl").exists():  # not before the first step
+        print(f"  metrics:     {cfg.run_dir / 'metrics.jsonl'}")
+        print(f"  tensorboard: tensorboard --logdir {cfg.run_dir / 'tb'}")
     if code == EXIT_PREEMPTED:
-        print("  preempted: run the same command again to resume")
+        print(f"  {status.get('message') or 'stopped'}: run the same command again to resume")
     elif status.get("message") and code != EXIT_OK:
         print(f"  message: {status['message']}")
     sys.stdout.flush()

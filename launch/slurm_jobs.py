@@ -39,6 +39,7 @@ __all__ = [
     "log_tail",
     "parse_slurm_duration",
     "read_job_events",
+    "slurm_job_gone",
     "slurm_job_info",
     "slurm_partitions",
     "submitit_outcome",
@@ -179,6 +180,20 @@ def slurm_job_info(job_id: str) -> SlurmJobInfo | None:
             source="sacct",
         )
     return None
+
+
+def slurm_job_gone(job_id: str) -> bool:
+    """True only when Slurm answers that it does not know ``job_id`` (it ended longer ago than MinJobAge, or never
+    was); False when it knows it or cannot be asked (no client, no controller), where the job may still run."""
+    if shutil.which("scontrol") is None:
+        return False
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=SLURM_CMD_TIMEOUT_S
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode != 0 and "invalid job id" in out.stderr.lower()
 
 
 def slurm_partitions() -> dict[str, int] | None:

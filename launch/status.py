@@ -11,9 +11,17 @@ A run's state comes from several places, each trusted for what it knows:
 
 Nothing is unpickled: reading a status must not run code someone put into a file of the run directory.
 A run whose status.json says ``running`` but whose process is provably gone (its lease holder is dead, or, without a
-lease, its recorded pid on this host is gone) is shown as ``dead`` with the reason, and ``--watch`` ends there. A file
-that cannot be used (a truncated status.json, a field of the wrong type) is named on a ``problem:`` line.
-Exit codes: 0 shown/cancelled, 1 cancel failed, 2 no such run directory or nothing to cancel.
+lease, its recorded pid on this host is gone) is shown as ``dead`` with the reason. A file that cannot be used (any
+bytes: not UTF-8, truncated, not an object, nested without end, huge; a field of the wrong type or not finite) is
+named on a ``problem:`` line, and text from the files is shown with control characters escaped.
+
+``--watch`` refreshes until the state will not change by itself, and its exit code says which state that is
+(:data:`WATCH_EXIT_CODES`): 0 finished, 1 failed (or dead: its process is gone without an end state), 3 preempted
+with no requeue pending (run the same command to resume), 4 stopped or cancelled, 5 unknown (a Slurm job Slurm no
+longer knows, whose trainer never wrote an end state). ``preempted`` is not final while its Slurm job is queued or
+running again, its local job or its process lives; ``unknown`` is not final while Slurm cannot be asked.
+Exit codes without ``--watch``: 0 shown/cancelled, 1 cancel failed, 2 no such run directory, a bad ``--interval-s``
+or nothing to cancel.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import shutil
 import signal
@@ -45,14 +54,26 @@ from launch.slurm_jobs import (
     log_tail,
     parse_slurm_duration,
     read_job_events,
+    slurm_job_gone,
     slurm_job_info,
     slurm_partitions,
     submitit_outcome,
 )
-from pretrain.rundir import EXIT_USAGE, METRICS, STATUS, lease_holder, process_start_time, read_status
+from pretrain.rundir import (
+    EXIT_USAGE,
+    LEASE,
+    METRICS,
+    STATUS,
+    LeaseInfo,
+    LeaseProcess,
+    lease_holder,
+    process_start_time,
+    read_status,
+)
 
 __all__ = [
     "TERMINAL_RUN_STATES",
+    "WATCH_EXIT_CODES",
     "RunStatus",
     "cancel_main",
     "format_status",
@@ -73,7 +94,11 @@ __all__ = [
 ]
 
 TERMINAL_RUN_STATES = frozenset({"finished", "stopped", "failed", "cancelled", "dead"})
-"""States after which a run changes no more by itself (``--watch`` ends on them)."""
+"""States after which a run changes no more by itself, whatever else is known."""
+WATCH_EXIT_CODES = {"finished": 0, "failed": 1, "dead": 1, "preempted": 3, "stopped": 4, "cancelled": 4, "unknown": 5}
+"""Exit code of ``pretrain status --watch`` by the final state it ended on."""
+_TRAINER_STATES = frozenset({"running", "finished", "failed", "preempted", "stopped"})  # what status.json may say
+_INTERVAL_RANGE_S = (0.5, 86400.0)
 _PID_START_SLACK_S = 2.0  # status.json's "started" has whole seconds and is written after its process started
 
 # status.json fields as the trainer writes them (pretrain.metrics.StatusFile); a value of another type is ignored
@@ -137,6 +162,8 @@ class RunStatus:
     updated: str | None = None
     problems: list[str] = field(default_factory=list)
     """Files of the run that could not be used, and why (a truncated status.json, a field of the wrong type)."""
+    final: bool = False
+    """The state will not change by itself (``--watch`` ends on it, with :data:`WATCH_EXIT_CODES`)."""
 
 
 def _checked_status(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
@@ -149,11 +176,21 @@ def _checked_status(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
         value = status.get(key)
         if value is None:
             continue
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
         if isinstance(value, bool) or not isinstance(value, types):
-            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
             problems.append(f"{run_dir / STATUS}: {key}={shown} is not {_TYPE_NAMES[types]}; ignored")
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{run_dir / STATUS}: {key}={shown} is not a finite number; ignored")
+        elif key == "state" and value not in _TRAINER_STATES:
+            problems.append(f"{run_dir / STATUS}: {key}={shown} is not a run state; ignored")
         else:
             out[key] = value
+    if "last_eval" in out:  # numbers shown and printed as JSON: finite ones only
+        out["last_eval"] = {
+            str(k): v
+            for k, v in out["last_eval"].items()
+            if isinstance(v, (int, str)) or (isinstance(v, float) and math.isfinite(v))
+        }
     return out, problems
 
 
@@ -174,7 +211,7 @@ def _last_train_event(metrics: Path, max_bytes: int = 65536) -> dict[str, Any]:
     for line in reversed(lines):
         try:
             event = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(event, dict) and event.get("event") == "train":
             return event
@@ -241,7 +278,10 @@ def read_run_status(run_dir: str | Path, query_slurm: bool = True) -> RunStatus:
         rs.slurm_run_time_s, rs.slurm_time_limit_s, rs.slurm_nodes = info.run_time_s, info.time_limit_s, info.nodes
         rs.restarts = max(rs.restarts, info.restarts)
     cancelled = any(e.get("event") == "cancel" for e in this_job)
-    rs.state, rs.state_reason = _merge_state(rs, run_dir, info, ends, query_slurm, cancelled, status.get("started"))
+    gone = bool(query_slurm and info is None and cluster == "slurm" and job_id and slurm_job_gone(job_id))
+    started = status.get("started")
+    rs.state, rs.state_reason = _merge_state(rs, run_dir, info, ends, query_slurm, cancelled, started, gone)
+    rs.final = _is_final(rs, run_dir, info, gone) if query_slurm else rs.state in TERMINAL_RUN_STATES
     if rs.state == "failed" and job_id:
         if ends and ends[-1].get("message") and rs.trainer_state != "failed":
             rs.message = str(ends[-1]["message"])  # why the job ended (the trainer's own message is older)
@@ -259,6 +299,7 @@ def _merge_state(
     query_slurm: bool,
     cancelled: bool,
     started: str | None,
+    gone: bool = False,
 ) -> tuple[str, str]:
     """One state for the user and why, from the trainer's state, Slurm's view, the job's own records, the lease
     and `pretrain cancel`."""
@@ -301,15 +342,43 @@ def _merge_state(
             return "dead", why
         if alive and trainer is None:  # the lease is taken before status.json is first written
             return ("running" if (run_dir / STATUS).exists() else "starting"), why
+    if gone and trainer in (None, "running"):
+        return "unknown", f"Slurm no longer knows job {rs.job_id} and the trainer never wrote an end state"
     if trainer == "running" and rs.cluster == "slurm" and query_slurm and info is None:
-        return "unknown", "Slurm forgot the job and the trainer never wrote an end state"
+        return "unknown", "Slurm could not be asked about the job"
     return trainer or ("queued" if rs.job_id else "unknown"), ""
+
+
+def _is_final(rs: RunStatus, run_dir: Path, info: SlurmJobInfo | None, gone: bool) -> bool:
+    """Whether ``rs.state`` will not change by itself: a preempted run is final only when nothing will requeue or
+    resume it (its Slurm job ended or is gone, its local job and its own process are gone)."""
+    if rs.state in TERMINAL_RUN_STATES:
+        return True
+    if rs.state == "unknown":
+        return gone
+    if rs.state != "preempted":
+        return False
+    if rs.cluster == "slurm":
+        state = info.state.split()[0].rstrip("+") if info is not None else ""
+        return gone or state in TERMINAL_SLURM_STATES or state == "PREEMPTED"
+    if rs.cluster == "local" and rs.job_id and local_job_alive(rs.job_id):
+        return False
+    holder, _ = _lease(run_dir)
+    return holder is None or holder.dead_because() is not None
+
+
+def _lease(run_dir: Path) -> tuple[LeaseInfo | None, str]:
+    """:func:`lease_holder`, for any bytes in lease.json."""
+    try:
+        return lease_holder(run_dir)
+    except (ValueError, RecursionError, TypeError):
+        return None, f"{run_dir / LEASE} is unreadable (not a lease)"
 
 
 def _run_process_alive(run_dir: Path, rs: RunStatus, started: str | None) -> tuple[bool | None, str]:
     """``(alive, why)``: False when the run's process is provably dead, True when a lease holder may be alive, None
     when nothing tells (no lease, and status.json names another host or no pid)."""
-    holder, problem = lease_holder(run_dir)
+    holder, problem = _lease(run_dir)
     if holder is not None:
         why = holder.dead_because()
         if why is not None:
@@ -388,7 +457,12 @@ def format_status(rs: RunStatus) -> str:
     if rs.error_log:
         lines.append(f"error log:  {rs.error_log} (last {len(rs.error_tail)} lines)")
         lines.extend(f"  | {line}" for line in rs.error_tail)
-    return "\n".join(lines)
+    return "\n".join(_printable(line) for line in lines)
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped: what the files say must not drive the terminal."""
+    return "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in text)
 
 
 # ---------------------------------------------------------------------------------------------------------- commands
@@ -398,16 +472,25 @@ def register(subparsers: Any) -> None:
     """Add the ``status`` and ``cancel`` subcommands."""
     p = subparsers.add_parser("status", help="show a run: state, step, img/s, ETA, checkpoint, Slurm job")
     p.add_argument("run_dir", help="run directory, e.g. runs/digits_sepvit_lite")
-    p.add_argument("--watch", action="store_true", help="refresh until the run finishes, fails or is cancelled")
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="refresh until the state will not change by itself; exit 0 finished, 1 failed or dead, 3 preempted, "
+        "4 stopped or cancelled, 5 unknown (Slurm forgot the job)",
+    )
     p.add_argument("--interval-s", type=float, default=10.0, help="seconds between refreshes with --watch")
     p.add_argument("--json", action="store_true", help="print one JSON object (one per refresh with --watch)")
     p.set_defaults(func=_status)
-    c = subparsers.add_parser("cancel", help="cancel the Slurm (or local) job of a run")
+    c = subparsers.add_parser("cancel", help="stop a run: its Slurm (or local) job, or a `pretrain train`")
     c.add_argument("run_dir", help="run directory, e.g. runs/digits_sepvit_lite")
     c.set_defaults(func=_cancel)
 
 
 def _status(args: argparse.Namespace) -> int:
+    low, high = _INTERVAL_RANGE_S
+    if not low <= args.interval_s <= high:  # NaN too
+        print(f"pretrain status: --interval-s {args.interval_s} must be in [{low}, {high:.0f}]", file=sys.stderr)
+        return EXIT_USAGE
     while True:
         try:
             rs = read_run_status(args.run_dir)
@@ -419,9 +502,11 @@ def _status(args: argparse.Namespace) -> int:
         else:
             print(format_status(rs))
         sys.stdout.flush()
-        if not args.watch or rs.state in TERMINAL_RUN_STATES:
+        if not args.watch:
             return 0
-        time.sleep(max(0.5, args.interval_s))
+        if rs.final:
+            return WATCH_EXIT_CODES.get(rs.state, 1)
+        time.sleep(args.interval_s)
         if not args.json:
             print("-" * 60)
 
@@ -432,8 +517,12 @@ def _cancel(args: argparse.Namespace) -> int:
         print(f"pretrain cancel: no run directory {run_dir}", file=sys.stderr)
         return EXIT_USAGE
     rs = read_run_status(run_dir)
+    holder, _ = lease_holder(run_dir)
+    if holder is not None and holder.dead_because() is None and not _job_holds(rs, holder):
+        return _cancel_lease_holder(run_dir, holder)  # `pretrain train` (or srun), not a job `pretrain submit` recorded
     if not rs.job_id:
-        print(f"pretrain cancel: {run_dir} has no recorded job (not started by `pretrain submit`?)", file=sys.stderr)
+        print(f"pretrain cancel: no live run holds {run_dir} and it has no recorded job: nothing to cancel",
+              file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
     if rs.state in TERMINAL_RUN_STATES:
         print(f"pretrain cancel: {rs.cluster or ''} job {rs.job_id} already ended ({rs.state}); nothing to cancel")
@@ -453,6 +542,34 @@ def _cancel(args: argparse.Namespace) -> int:
             return 1
     append_job_event(run_dir, "cancel", job_id=rs.job_id, cluster=rs.cluster)
     print(f"pretrain cancel: cancelled {rs.cluster or ''} job {rs.job_id} of {run_dir}")
+    return 0
+
+
+def _job_holds(rs: RunStatus, holder: LeaseInfo) -> bool:
+    """Whether the run holding the lease is the job `pretrain submit` recorded (cancelled through Slurm/submitit)."""
+    if not rs.job_id:
+        return False
+    if rs.cluster == "local":
+        return bool(local_job_alive(rs.job_id))
+    return holder.slurm_job_id == str(rs.job_id)
+
+
+def _cancel_lease_holder(run_dir: Path, holder: LeaseInfo) -> int:
+    """Stop the run that holds ``run_dir`` as Ctrl-C does: SIGINT to each of its processes on this host (each checked
+    to be the run's own by its start time). It stops at the end of its step, checkpointed, as ``stopped``."""
+    procs = holder.processes or (LeaseProcess(holder.host, holder.pid, holder.pid_start),)
+    sent = [p for p in procs if p.send(signal.SIGINT)]
+    elsewhere = [f"{p.pid} on {p.host}" for p in procs if p.host != socket.gethostname()]
+    if not sent:
+        where = f"its processes run on other hosts ({', '.join(elsewhere)})" if elsewhere else "none of them is running"
+        job = f"; `scancel --signal=INT {holder.slurm_job_id}` stops its Slurm job" if holder.slurm_job_id else ""
+        print(f"pretrain cancel: could not signal the run holding {run_dir}: {where}{job}", file=sys.stderr)
+        return 1
+    print(f"pretrain cancel: sent SIGINT to the run holding {run_dir} (pids {', '.join(str(p.pid) for p in sent)} on "
+          f"{socket.gethostname()}): it checkpoints at the end of its step and ends as stopped; "
+          f"`pretrain status {run_dir}` shows when")  # fmt: skip
+    if elsewhere:
+        print(f"  not signalled, on other hosts: {', '.join(elsewhere)}")
     return 0
 
 

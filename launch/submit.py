@@ -8,6 +8,9 @@ partition and node count are checked against ``sinfo``. Then the resolved run co
 variables and runs ``pretrain train`` in-process (:class:`TrainJob`). The command prints the job id and the run
 directory. ``--dry-run`` prints the sbatch script submitit would write and submits nothing.
 
+The task on the node does not unpickle on trust: it runs :mod:`launch.submitit_entry`, which loads submitit's job
+pickle (in the run directory, which others may be able to write) as plain data, knowing only ``TrainJob``.
+
 Preemption and time limits (USR2, ``slurm_signal_delay_s`` before the limit, or ``scancel --signal=USR2``): the
 trainer's own handler makes every rank finish its step, agree, and write a checkpoint (COMPLETE marker last), then
 exit as preempted. Rank 0 then hands over to submitit's requeue handler, which calls :meth:`TrainJob.checkpoint` and
@@ -24,6 +27,7 @@ import difflib
 import functools
 import logging
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -81,11 +85,12 @@ class RunPlan:
     """The run's newest checkpoint already reached ``trainer.max_steps``."""
 
 
-def validate_run(config: str, overrides: list[str], params: ClusterParams) -> RunPlan:
+def validate_run(config: str, overrides: list[str], params: ClusterParams, trust_checkpoint: bool = False) -> RunPlan:
     """Check the run config for ``params.world_size`` ranks the way ``pretrain train`` does, writing nothing.
 
     Paths become absolute (the job may start elsewhere and a requeued job must find the same run). Without a data
     manifest on this machine (data only mounted on the compute nodes) the data checks are skipped with a warning.
+    ``trust_checkpoint``: the run may resume from (or start from) a checkpoint not signed by this user.
 
     Raises:
         ConfigError: Naming the key or file and the fix.
@@ -121,7 +126,7 @@ def validate_run(config: str, overrides: list[str], params: ClusterParams) -> Ru
     import submitit
 
     with submitit.helpers.clean_env():  # this process's own launcher variables are not the job's world
-        plan = validate_launch(config, checks, params.world_size, None, False)
+        plan = validate_launch(config, checks, params.world_size, None, False, trust_checkpoint=trust_checkpoint)
     return RunPlan(cfg, warnings, finished=plan.finished)
 
 
@@ -147,17 +152,21 @@ def build_executor(params: ClusterParams, folder: Path, job_name: str) -> Any:
             "--cluster slurm needs the Slurm client (srun, sbatch) on PATH; on a workstation start the local "
             "cluster with `make slurm-up`, or debug with --cluster local"
         )
+    # the tasks start through launch.submitit_entry, which loads the job's pickle as plain data (see there)
+    python = f"{shlex.quote(sys.executable)} -u -m launch.submitit_entry"
     executor = submitit.AutoExecutor(
         folder=folder,
         cluster=params.cluster,
         slurm_max_num_timeout=params.max_timeout_requeues,
         local_max_num_timeout=params.max_timeout_requeues,
+        slurm_python=python,
+        local_python=python,
     )
     executor.update_parameters(**params.executor_parameters(job_name))
     return executor
 
 
-def submit_plan(plan: RunPlan, params: ClusterParams, *, argv: list[str]) -> Any:
+def submit_plan(plan: RunPlan, params: ClusterParams, *, argv: list[str], trust_checkpoint: bool = False) -> Any:
     """Submit the run :func:`validate_run` planned as one :class:`TrainJob`: ``pretrain submit`` and Slurm sweep trials.
 
     The resolved config is frozen into ``RUN_DIR/slurm/config.yaml`` (every requeued attempt trains with that file) and
@@ -168,6 +177,7 @@ def submit_plan(plan: RunPlan, params: ClusterParams, *, argv: list[str]) -> Any
         plan: What :func:`validate_run` returned for ``params``.
         params: Where and how to submit.
         argv: The command recorded with the submission.
+        trust_checkpoint: Every attempt of the job passes ``--trust-checkpoint`` to ``pretrain train``.
 
     Returns:
         The submitit job.
@@ -184,7 +194,7 @@ def submit_plan(plan: RunPlan, params: ClusterParams, *, argv: list[str]) -> Any
     dump_config(plan.cfg, frozen)
     # a job submitted from inside a job (or a Ray worker) must not inherit its Slurm variables
     with submitit.helpers.clean_env():
-        job = executor.submit(TrainJob(str(frozen), str(run_dir), params.slurm_signal_delay_s))
+        job = executor.submit(TrainJob(str(frozen), str(run_dir), params.slurm_signal_delay_s, trust_checkpoint))
     append_job_event(
         run_dir,
         "submit",
@@ -249,14 +259,16 @@ class TrainJob:
 
     It follows submitit's ``helpers.Checkpointable`` protocol (``__call__`` plus ``checkpoint`` returning a
     ``DelayedSubmission``), duck-typed rather than subclassed so that importing this module does not import
-    submitit; submitit itself only looks for the ``checkpoint`` method. Only paths are pickled: the requeued job finds
-    its checkpoint by looking, never through a path baked into the pickle.
+    submitit; submitit itself only looks for the ``checkpoint`` method. Only paths, numbers and a flag are pickled (the
+    task loads them as plain data: :mod:`launch.submitit_entry`): the requeued job finds its checkpoint by looking,
+    never through a path baked into the pickle.
     """
 
-    def __init__(self, config_path: str, run_dir: str, signal_delay_s: int):
+    def __init__(self, config_path: str, run_dir: str, signal_delay_s: int, trust_checkpoint: bool = False):
         self.config_path = config_path
         self.run_dir = run_dir
         self.signal_delay_s = signal_delay_s
+        self.trust_checkpoint = trust_checkpoint
 
     def __call__(self) -> dict[str, Any]:
         import submitit
@@ -286,10 +298,10 @@ class TrainJob:
             )
         try:
             try:  # what `pretrain train` checks first, here so that its message ends up in the job's record
-                validate_launch(self.config_path, [], None, None, False)
+                validate_launch(self.config_path, [], None, None, False, trust_checkpoint=self.trust_checkpoint)
             except ConfigError as e:
                 raise RuntimeError(f"config error at start on {env.hostname}: {e}") from e
-            code = train_main([self.config_path])
+            code = train_main([self.config_path, *(["--trust-checkpoint"] if self.trust_checkpoint else [])])
             if code == EXIT_PREEMPTED and rank0:
                 # every rank finished its step and the collective save wrote COMPLETE: requeue the whole job
                 self._requeue(env, handler)
@@ -351,7 +363,8 @@ class TrainJob:
                                  rs.last_checkpoint, reason)  # fmt: skip
                     break
                 time.sleep(1.0)
-        found = find_resume_checkpoint(Path(self.run_dir) / "checkpoints")
+        # only named in the record: the next attempt checks the signature itself (and refuses, naming the flag)
+        found = find_resume_checkpoint(Path(self.run_dir) / "checkpoints", trusted=True)
         return str(found) if found else None
 
     def _requeue(self, env: Any, handler: Any) -> None:
@@ -415,6 +428,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--signal-delay-s", type=int, default=None, dest="slurm_signal_delay_s", metavar="S",
                    help="USR2 this many seconds before the time limit")  # fmt: skip
     p.add_argument("--max-timeout-requeues", type=int, default=None, metavar="N", help="default: the profile's (3)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="resume from (or model.init_from) a checkpoint not signed by your key")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
     p.add_argument("--wait", action="store_true", help="wait until the run finishes (through requeues)")
     p.set_defaults(func=_run, accepts_overrides=True)
@@ -439,7 +454,7 @@ _FLAG_KEYS = (
 
 def _run(args: argparse.Namespace) -> int:
     params = load_cluster_params(args.profile, **{k: getattr(args, k) for k in _FLAG_KEYS})
-    plan = validate_run(args.config, list(args.overrides), params)
+    plan = validate_run(args.config, list(args.overrides), params, args.trust_checkpoint)
     run_dir = plan.cfg.run_dir
     folder = run_dir / SLURM_SUBDIR
     problems = _check_slurm_resources(params) if params.cluster == "slurm" else []
@@ -460,7 +475,7 @@ def _run(args: argparse.Namespace) -> int:
     if active:
         raise ConfigError(f"{run_dir} already has job {active}; `pretrain cancel {run_dir}` first, or set run.name")
 
-    job = submit_plan(plan, params, argv=sys.argv)
+    job = submit_plan(plan, params, argv=sys.argv, trust_checkpoint=args.trust_checkpoint)
     shape = f"{params.nodes} node(s) x {params.ntasks_per_node} task(s)"
     if params.gpus_per_node:
         shape += " x 1 GPU"

@@ -9,7 +9,8 @@ Layout::
             rank_00000.pt ...           # per-rank state: RNGs (torch/numpy/python), data loader, corrupt counts
             ema.pt                      # EMA weights (only when trainer.ema_decay > 0)
             meta.json                   # step, digests, model config, eval metrics at save time
-            COMPLETE                    # written LAST by rank 0: JSON {files: {path: size}, sha256: {path: hex}}
+            COMPLETE                    # written LAST by rank 0: JSON {files: {path: size}, sha256: {path: hex}, step,
+                                        #   signed_by, hmac_sha256}: signed with the user's key (pretrain.trust)
         latest                          # text: name of the newest COMPLETE tag (atomically replaced)
         rejected/<tag>/                 # checkpoints that failed verification or loading, set aside (never deleted)
 
@@ -19,13 +20,16 @@ under ``rejected/`` with the reason, and the next older one is used. The digests
 are written (still in the page cache), each rank hashing its share. Sizes alone are checked where speed matters
 (retention at every save); resume checks the digests.
 
-Trust. Our own files (``rank_*.pt``, ``ema.pt``) hold tensors and plain data and load with ``weights_only=True``.
-DeepSpeed's model and optimizer files are pickles that DeepSpeed loads itself: they are loaded only from a checkpoint
-that verifies against its marker and lies under the run's own directory (:func:`is_trusted_checkpoint`), or when the
-user says so (``--trust-checkpoint``).
+Trust. Anyone who can write the run directory can also recompute sha256 digests and a marker. So COMPLETE is signed:
+an HMAC-SHA256 with this user's key, kept outside the directory (:mod:`pretrain.trust`). A checkpoint is loaded only
+when its marker carries this user's signature, or when the user says so (``--trust-checkpoint``); otherwise it is
+refused (:class:`UntrustedCheckpoint`), never set aside, so nothing changes. And nothing is unpickled on trust even
+then: our own files (``rank_*.pt``, ``ema.pt``) load with ``weights_only=True``, and every ``torch.load`` DeepSpeed
+makes while it loads a checkpoint (its model, optimizer and ZeRO files, the universal conversion of an elastic resume)
+runs with ``weights_only`` forced on and DeepSpeed's few plain record types allowed (:func:`plain_loads`).
 
-Everything here except :class:`CheckpointManager`'s save/load works without DeepSpeed, so retention and torn
-detection are unit-testable.
+The collective save and load (every rank, DeepSpeed's engine) are :mod:`pretrain.checkpoint_manager`'s; everything
+here works without DeepSpeed, so retention, verification and torn detection are unit-testable.
 """
 
 from __future__ import annotations
@@ -36,9 +40,9 @@ import logging
 import os
 import random
 import shutil
-import subprocess
-import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pretrain import trust
 from pretrain.fsutil import fsync_dir
 from pretrain.rundir import COMPLETE_MARKER, LATEST, read_latest, write_atomic, write_latest
 
@@ -54,28 +59,35 @@ __all__ = [
     "LATEST_FILE",
     "META_FILE",
     "CheckpointInfo",
-    "CheckpointManager",
     "CheckpointMismatchError",
     "CheckpointSaveError",
+    "FORCE_WEIGHTS_ONLY_ENV",
     "RunDirRefused",
+    "UntrustedCheckpoint",
+    "adopt_checkpoint",
     "checkpoint_dir_bytes",
+    "checkpoint_files",
     "estimate_checkpoint_bytes",
     "apply_retention",
     "capture_rng_state",
     "check_resume_compatible",
+    "check_signature",
+    "deepspeed_plain_types",
     "find_resume_checkpoint",
-    "is_trusted_checkpoint",
     "list_checkpoints",
     "load_plain",
+    "plain_loads",
     "reject_checkpoint",
     "read_latest",
     "read_meta",
     "rank_state_file",
     "restore_rng_state",
     "seed_rng_state",
+    "sha256_file",
     "step_from_tag",
     "tag_for_step",
     "unusable_checkpoints",
+    "untrusted_message",
     "verify_checkpoint",
     "write_complete_marker",
     "write_latest",
@@ -95,7 +107,23 @@ class CheckpointMismatchError(ValueError):
 
 
 class RunDirRefused(RuntimeError):
-    """The run directory has history but no checkpoint it could resume from (every one was rejected)."""
+    """The run directory cannot be resumed as it is: history but no checkpoint to resume from, or (the subclass) a
+    checkpoint it must not load. Nothing was changed."""
+
+
+class UntrustedCheckpoint(RunDirRefused):
+    """A checkpoint whose COMPLETE marker does not carry this user's signature, loaded without ``--trust-checkpoint``:
+    refused, never set aside (the message names the flag)."""
+
+
+def untrusted_message(tag_dir: str | Path, reason: str) -> str:
+    """Why ``tag_dir`` is refused and what to do, the one message of every command that loads checkpoints."""
+    return (
+        f"checkpoint {tag_dir} is not signed by your key ({reason}; key {trust.key_path()}). Its DeepSpeed files are "
+        "pickles, and anyone who can write its directory can recompute its sha256 digests, so it was not loaded and "
+        "nothing was changed. If you trust where it came from (another user's run, a copy made elsewhere), pass "
+        "--trust-checkpoint: it is then loaded as plain data (tensors, no code)"
+    )
 
 
 class CheckpointSaveError(OSError):
@@ -152,7 +180,8 @@ def sha256_file(path: str | Path) -> str:
 
 
 def write_complete_marker(tag_dir: str | Path, digests: dict[str, str] | None = None) -> dict[str, int]:
-    """List every file of ``tag_dir`` with its size and sha256 in COMPLETE (written atomically, last).
+    """List every file of ``tag_dir`` with its size and sha256 in COMPLETE (written atomically, last), signed with this
+    user's key.
 
     Args:
         tag_dir: The checkpoint.
@@ -170,7 +199,8 @@ def write_complete_marker(tag_dir: str | Path, digests: dict[str, str] | None = 
             digests[rel] = sha256_file(tag_dir / rel)
     fsync_dir(tag_dir)
     marker = {"files": files, "sha256": {rel: digests[rel] for rel in rels}, "time": time.time()}
-    write_atomic(tag_dir / COMPLETE_MARKER, json.dumps(marker, indent=1))
+    marker["step"] = step_from_tag(tag_dir.name)
+    write_atomic(tag_dir / COMPLETE_MARKER, json.dumps(trust.sign_record("checkpoint", marker), indent=1))
     fsync_dir(tag_dir)
     return files
 
@@ -210,8 +240,6 @@ def verify_checkpoint(tag_dir: str | Path, digests: bool = True) -> tuple[bool, 
         if actual != size:
             return False, f"file {rel} has {actual} bytes, COMPLETE recorded {size} (truncated or modified)"
     if digests:
-        if not sums:
-            return True, "ok (sizes only: the marker predates sha256 digests)"
         for rel in files:
             if rel not in sums:
                 return False, f"COMPLETE marker has no sha256 for {rel}"
@@ -220,13 +248,32 @@ def verify_checkpoint(tag_dir: str | Path, digests: bool = True) -> tuple[bool, 
     return True, "ok"
 
 
-def is_trusted_checkpoint(tag_dir: str | Path, run_dir: str | Path) -> bool:
-    """True when ``tag_dir`` lies under ``run_dir`` (symlinks resolved): a checkpoint this run's own writes made."""
+def check_signature(tag_dir: str | Path) -> tuple[bool, str]:
+    """``(True, "signed by you")`` when the COMPLETE marker of ``tag_dir`` carries this user's signature (so the
+    sha256 digests it lists are the ones this user's run wrote), else ``(False, reason)``.
+
+    Raises:
+        pretrain.trust.TrustKeyError: The key cannot be read or is not private (the message says how to fix it).
+    """
     try:
-        Path(tag_dir).resolve().relative_to(Path(run_dir).resolve())
-    except ValueError:
-        return False
-    return True
+        record = json.loads((Path(tag_dir) / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError) as e:
+        return False, f"unreadable COMPLETE marker ({type(e).__name__})"
+    if not isinstance(record, dict):
+        return False, "unreadable COMPLETE marker"
+    return trust.check_record("checkpoint", record)
+
+
+def adopt_checkpoint(tag_dir: str | Path) -> tuple[bool, str]:
+    """Sign the COMPLETE marker of ``tag_dir`` with this user's key as it is, once every file matches its sha256: what
+    ``--trust-sweep`` does to the checkpoints of a sweep the user vouched for. Returns ``(ok, reason)``; a checkpoint
+    that does not verify is left alone (a resume sets it aside)."""
+    tag_dir = Path(tag_dir)
+    ok, reason = verify_checkpoint(tag_dir)
+    if ok and not check_signature(tag_dir)[0]:
+        record = json.loads((tag_dir / COMPLETE_MARKER).read_text())
+        write_atomic(tag_dir / COMPLETE_MARKER, json.dumps(trust.sign_record("checkpoint", record), indent=1))
+    return ok, reason
 
 
 def reject_checkpoint(tag_dir: str | Path, reason: str) -> Path | None:
@@ -266,6 +313,36 @@ def load_plain(path: str | Path, map_location: Any = "cpu") -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def deepspeed_plain_types() -> list[Any]:
+    """DeepSpeed's plain record types inside its checkpoint files (the loss scaler, the ZeRO stage enum, fragment
+    addresses): a ``weights_only`` load rebuilds them from their fields without calling anything else."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
+
+
+FORCE_WEIGHTS_ONLY_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+"""torch.load honours this environment variable over a caller's ``weights_only=False`` (DeepSpeed's)."""
+
+
+@contextmanager
+def plain_loads() -> Iterator[None]:
+    """Every ``torch.load`` inside, DeepSpeed's own included, loads tensors, plain data and DeepSpeed's plain record
+    types only: a file that needs anything else fails to load instead of running code."""
+    old = os.environ.get(FORCE_WEIGHTS_ONLY_ENV)
+    os.environ[FORCE_WEIGHTS_ONLY_ENV] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_plain_types()):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY_ENV, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY_ENV] = old
+
+
 def read_meta(tag_dir: str | Path) -> dict[str, Any]:
     """The ``meta.json`` of a checkpoint ({} when absent or unreadable)."""
     try:
@@ -287,6 +364,10 @@ class CheckpointInfo:
     complete: bool
     reason: str
     meta: dict[str, Any] = field(default_factory=dict)
+    signed: bool = False
+    """COMPLETE carries this user's signature (:func:`check_signature`)."""
+    signature: str = ""
+    """Why it is not signed (or ``signed by you``)."""
 
     def usable(self, digests: bool = True) -> tuple[bool, str]:
         """``(ok, reason)``: the listing's size check, then (``digests``) every file's sha256."""
@@ -301,7 +382,7 @@ class CheckpointInfo:
 
 
 def list_checkpoints(ckpt_root: str | Path) -> list[CheckpointInfo]:
-    """Every ``step_*`` directory under ``ckpt_root``, oldest first, each verified."""
+    """Every ``step_*`` directory under ``ckpt_root``, oldest first, each checked (sizes, signature)."""
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
@@ -311,14 +392,27 @@ def list_checkpoints(ckpt_root: str | Path) -> list[CheckpointInfo]:
         if step is None or not p.is_dir():
             continue
         ok, reason = verify_checkpoint(p, digests=False)
-        out.append(CheckpointInfo(p.name, p, step, ok, reason, read_meta(p) if ok else {}))
+        signed, why = check_signature(p) if ok else (False, reason)
+        out.append(CheckpointInfo(p.name, p, step, ok, reason, read_meta(p) if ok else {}, signed, why))
     return sorted(out, key=lambda c: c.step)
 
 
-def find_resume_checkpoint(ckpt_root: str | Path, digests: bool = True) -> Path | None:
+def find_resume_checkpoint(ckpt_root: str | Path, digests: bool = True, trusted: bool = False) -> Path | None:
     """Newest complete and intact checkpoint (sha256 checked with ``digests``); newer unusable ones are skipped with a
-    warning naming why (nothing is renamed here: :meth:`CheckpointManager.load_newest` sets them aside)."""
+    warning naming why (nothing is renamed here: a resume, ``CheckpointManager.load_newest``, sets them aside).
+
+    Args:
+        ckpt_root: ``<run>/checkpoints``.
+        digests: Check every file's sha256 (else sizes only).
+        trusted: ``--trust-checkpoint``: accept a checkpoint not signed by this user.
+
+    Raises:
+        UntrustedCheckpoint: The newest complete checkpoint is not signed by this user (and not ``trusted``): it is
+            refused, not skipped, so that nobody can make a run go back to an older checkpoint by planting a newer one.
+    """
     for info in reversed(list_checkpoints(ckpt_root)):
+        if info.complete and not info.signed and not trusted:
+            raise UntrustedCheckpoint(untrusted_message(info.path, info.signature))
         ok, reason = info.usable(digests)
         if ok:
             return info.path
@@ -342,12 +436,13 @@ def apply_retention(
     """Delete checkpoints outside the newest ``keep_last`` complete ones and the best ``keep_best``.
 
     Torn directories older than the newest complete checkpoint are deleted too (newer torn ones are left alone: a
-    save may be in progress). ``latest`` is never left pointing at a deleted tag.
+    save may be in progress). Only checkpoints signed by this user count: one that is not (planted, or another user's)
+    is neither kept in their place nor ever deleted. ``latest`` is never left pointing at a deleted tag.
 
     Returns:
         The removed directories.
     """
-    infos = list_checkpoints(ckpt_root)
+    infos = [c for c in list_checkpoints(ckpt_root) if c.signed or not c.complete]
     complete = [c for c in infos if c.complete]
     if not complete:
         return []
@@ -386,7 +481,7 @@ def check_resume_compatible(
     param groups (``optim.layer_decay``) do.
 
     Another world size is fine when the global micro-batch (ranks x ``data.batch_size``) is the same: the ZeRO
-    partitions are resharded on load (:meth:`CheckpointManager.load`) and the data stream continues at the same sample.
+    partitions are resharded on load (``CheckpointManager.load``) and the data stream continues at the same sample.
 
     Args:
         meta: The checkpoint's ``meta.json``.
@@ -474,297 +569,3 @@ def seed_rng_state(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-# ------------------------------------------------------------------------------------------------------------ manager
-
-
-class CheckpointManager:
-    """Saves and loads DeepSpeed checkpoints with per-rank state, the COMPLETE marker and retention.
-
-    Every rank calls :meth:`save` and :meth:`load` together (DeepSpeed's save and load are collective).
-
-    Args:
-        ckpt_root: ``<run>/checkpoints``.
-        rank: Global rank of this process.
-        world_size: Number of ranks.
-        keep_last: Newest complete checkpoints to keep.
-        keep_best: Best checkpoints (by ``best_metric``) to keep in addition.
-        best_metric: Eval metric that ranks checkpoints.
-        best_mode: ``max`` or ``min``.
-    """
-
-    def __init__(
-        self,
-        ckpt_root: str | Path,
-        rank: int,
-        world_size: int,
-        keep_last: int = 2,
-        keep_best: int = 0,
-        best_metric: str = "val_top1",
-        best_mode: str = "max",
-    ):
-        self.root = Path(ckpt_root)
-        self.rank = rank
-        self.world_size = world_size
-        self.keep_last = keep_last
-        self.keep_best = keep_best
-        self.best_metric = best_metric
-        self.best_mode = best_mode
-
-    def save(
-        self,
-        engine: Any,
-        step: int,
-        client_state: dict[str, Any],
-        rank_state: dict[str, Any],
-        meta: dict[str, Any],
-        extra_files: dict[str, Any] | None = None,
-    ) -> Path:
-        """Write checkpoint ``tag_for_step(step)`` on every rank, then COMPLETE, ``latest`` and retention on rank 0.
-
-        Args:
-            engine: The DeepSpeed engine (model, optimizer and LR scheduler state).
-            step: Optimizer step the checkpoint is taken after.
-            client_state: Rank-independent state stored inside DeepSpeed's checkpoint.
-            rank_state: This rank's own state (RNGs, loader position), saved to ``rank_{r:05d}.pt``.
-            meta: JSON-serialisable summary written by rank 0 to ``meta.json`` (metrics, digests...).
-            extra_files: ``{file name: object}`` that rank 0 saves with ``torch.save`` (e.g. ``ema.pt``).
-
-        Returns:
-            The tag directory.
-        """
-        from pretrain.distributed import all_gather_object, barrier
-
-        tag = tag_for_step(step)
-        tag_dir = self.root / tag
-        if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tag_dir.exists():  # a torn leftover of a killed run that reached the same step: replace it
-                logger.warning("replacing existing checkpoint directory %s", tag_dir)
-                shutil.rmtree(tag_dir)
-        barrier()
-        t0 = time.monotonic()
-        error = ""
-        try:
-            engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
-        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError ("iostream error")
-            error = f"{type(e).__name__}: {e}"
-            barrier()  # the other ranks end DeepSpeed's save in its closing barrier: meet them there
-        if not error:
-            try:
-                torch.save(rank_state, rank_state_file(tag_dir, self.rank))
-                if self.rank == 0:
-                    for name, obj in (extra_files or {}).items():
-                        torch.save(obj, tag_dir / name)
-                    write_atomic(tag_dir / META_FILE, json.dumps(meta, indent=1, default=str))
-            except (OSError, RuntimeError) as e:
-                error = f"{type(e).__name__}: {e}"
-        errors = [e for e in all_gather_object(error) if e]  # every rank learns of a failure on any rank
-        if errors:
-            self._fail_save(tag_dir, errors[0])
-        barrier()  # every rank's files are on disk before the marker says so
-        digests = self._hash_shares(tag_dir)
-        if self.rank == 0:
-            write_complete_marker(tag_dir, digests)
-            write_latest(self.root, tag)
-            apply_retention(self.root, self.keep_last, self.keep_best, self.best_metric, self.best_mode)
-            logger.info("saved checkpoint %s in %.1f s", tag_dir, time.monotonic() - t0)
-        barrier()
-        return tag_dir
-
-    def _fail_save(self, tag_dir: Path, error: str) -> None:
-        """Remove a torn checkpoint (rank 0) and raise :class:`CheckpointSaveError` on every rank, naming the cause."""
-        from pretrain.distributed import barrier
-
-        barrier()
-        if self.rank == 0:
-            shutil.rmtree(tag_dir, ignore_errors=True)
-        free = shutil.disk_usage(self.root).free if self.root.exists() else 0
-        previous = [c for c in list_checkpoints(self.root) if c.complete]
-        need = checkpoint_dir_bytes(previous[-1].path) if previous else 0
-        if "No space left" in error or "iostream error" in error or (need and free < need):
-            mb = 1 << 20
-            reason = (
-                f"no space left on device: need ~{max(need, 1) / mb:.0f} MB in {self.root}, {free / mb:.0f} MB free"
-            )
-        elif "Read-only" in error or "Permission denied" in error:
-            reason = f"{self.root} is not writable"
-        else:
-            reason = f"could not write {tag_dir}"
-        kept = f"; the earlier checkpoints are intact (newest {previous[-1].tag})" if previous else ""
-        raise CheckpointSaveError(f"saving checkpoint {tag_dir.name} failed: {reason} ({error}){kept}")
-
-    def _hash_shares(self, tag_dir: Path) -> dict[str, str]:
-        """sha256 of every file of a just-written checkpoint, each rank hashing its share while the files are still in
-        the page cache; every rank gets all digests."""
-        from pretrain.distributed import all_gather_object, broadcast_object
-
-        rels = broadcast_object(checkpoint_files(tag_dir) if self.rank == 0 else None)
-        mine = {rel: sha256_file(tag_dir / rel) for rel in rels[self.rank :: self.world_size]}  # type: ignore[index]
-        return {rel: h for part in all_gather_object(mine) for rel, h in part.items()}  # type: ignore[union-attr]
-
-    def load_newest(
-        self, engine: Any, explicit: str | Path | None = None, extra: tuple[str, ...] = ()
-    ) -> tuple[Path, dict, dict] | None:
-        """Load the newest usable checkpoint, on every rank alike; ``explicit`` (``--resume``) instead of searching.
-
-        Rank 0 verifies each candidate (sha256 included); one that fails verification or fails to load on any rank is
-        reported with the reason and set aside under ``rejected/`` (never deleted), and the next older one is tried.
-        An ``explicit`` checkpoint is never set aside: its failure is an error. ``extra`` names our own files of the
-        checkpoint (e.g. ``ema.pt``) loaded on every rank into ``rank_state["files"]``, so they take part in the check.
-
-        Returns:
-            ``(tag_dir, client_state, rank_state)``, or None when no usable checkpoint is left.
-        """
-        from pretrain.distributed import all_reduce_max, broadcast_object
-
-        while True:
-            pick, why = None, ""
-            if self.rank == 0:
-                if explicit is not None:
-                    pick = str(explicit)
-                    ok, why = verify_checkpoint(explicit)
-                    if not ok:
-                        pick = None
-                else:
-                    pick = self._newest_verified()
-            pick, why = broadcast_object((pick, why))  # type: ignore[misc]
-            if pick is None:
-                if explicit is not None:
-                    raise RuntimeError(f"checkpoint {explicit} is not usable: {why}")
-                return None
-            error = ""
-            try:
-                client, rank_state = self.load(engine, Path(pick), verified=True)
-                rank_state["files"] = {name: load_plain(Path(pick) / name) for name in extra}
-            except Exception as e:  # a pickle that does not load, a state that does not fit: try the previous one
-                error = f"{type(e).__name__}: {e}"
-                logger.error("rank %d could not load checkpoint %s: %s", self.rank, pick, error)
-            if not all_reduce_max([1.0 if error else 0.0])[0]:
-                return Path(pick), client, rank_state
-            if explicit is not None:
-                raise RuntimeError(f"checkpoint {explicit} could not be loaded: {error or 'failed on another rank'}")
-            if self.rank == 0:
-                reject_checkpoint(pick, f"failed to load: {error or 'failed on another rank (see its log)'}")
-
-    def _newest_verified(self) -> str | None:
-        """Rank 0: the newest checkpoint that verifies; newer ones that do not are set aside with their reason."""
-        for info in reversed(list_checkpoints(self.root)):
-            ok, reason = info.usable()
-            if ok:
-                return str(info.path)
-            reject_checkpoint(info.path, reason)
-        return None
-
-    def load(self, engine: Any, tag_dir: str | Path, verified: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Load ``tag_dir`` into ``engine`` (model, optimizer, scheduler) and read this rank's own state.
-
-        Args:
-            engine: The DeepSpeed engine.
-            tag_dir: The checkpoint.
-            verified: Rank 0 already checked the digests (:meth:`load_newest`); only sizes are checked here.
-
-        Returns:
-            ``(client_state, rank_state)``.
-        """
-        tag_dir = Path(tag_dir)
-        ok, reason = verify_checkpoint(tag_dir, digests=not verified)
-        if not ok:
-            raise RuntimeError(f"checkpoint {tag_dir} is not usable: {reason}")
-        saved_world = int(read_meta(tag_dir).get("world_size") or self.world_size)
-        if saved_world != self.world_size:
-            return self._load_resharded(engine, tag_dir, saved_world)
-        load_path, client_state = engine.load_checkpoint(
-            str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
-        path = rank_state_file(tag_dir, self.rank)
-        if not path.is_file():
-            raise RuntimeError(f"checkpoint {tag_dir} has no state for rank {self.rank} ({path.name})")
-        rank_state = load_plain(path)
-        return client_state or {}, rank_state
-
-    def _load_resharded(self, engine: Any, tag_dir: Path, saved_world: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Load a checkpoint written by ``saved_world`` ranks on this world size (elastic resume).
-
-        ZeRO-1/2 partitions are per rank: rank 0 converts the checkpoint to a DeepSpeed universal checkpoint (one file
-        per parameter and optimizer moment) next to it, every rank loads its new partition from that, and the
-        conversion is deleted. Stage 0 checkpoints are not partitioned and load as they are. Stage 3 is refused: its
-        universal conversion did not continue runs faithfully here (losses drifted by 1e-4 one step after the resume,
-        against 1e-7 for stages 1 and 2).
-
-        Every rank continues the data stream at old rank 0's position (the same global sample; the loader checks that
-        the global batch is unchanged), rank 0 carries the corrupt-sample counts of all old ranks, and ``rng`` is None:
-        the old per-rank RNG streams do not map onto the new ranks.
-        """
-        from pretrain.distributed import barrier, broadcast_object
-
-        t0 = time.monotonic()
-        universal = None
-        load_root = tag_dir.parent
-        if engine.zero_optimization_stage() == 3:
-            raise RuntimeError(f"{tag_dir}: a ZeRO-3 checkpoint resumes only on the {saved_world} ranks that wrote it")
-        if engine.zero_optimization_stage() > 0:
-            universal = self.root / _RESHARD_DIR / tag_dir.name
-            error = None
-            if self.rank == 0:
-                try:
-                    _to_universal(tag_dir, universal)
-                except RuntimeError as e:
-                    error = str(e)
-            error = broadcast_object(error)  # every rank fails with rank 0's message, none waits in a collective
-            if error:
-                raise RuntimeError(error)
-            load_root = universal.parent
-            engine._config.load_universal_checkpoint = True  # DeepSpeed reads this flag when it loads
-        try:
-            load_path, client_state = engine.load_checkpoint(
-                str(load_root), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
-            )
-        finally:
-            if universal is not None:
-                engine._config.load_universal_checkpoint = False
-        barrier()
-        if universal is not None and self.rank == 0:
-            shutil.rmtree(universal.parent, ignore_errors=True)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir} on {self.world_size} ranks")
-        old = [load_plain(rank_state_file(tag_dir, r)) for r in range(saved_world)]
-        data = dict(old[0]["data"])
-        corrupt: dict[str, int] = {}
-        if self.rank == 0:
-            for state in old:
-                for reason, n in state["data"].get("corrupt", {}).items():
-                    corrupt[reason] = corrupt.get(reason, 0) + int(n)
-        data["corrupt"] = corrupt
-        logger.info(
-            "resharded %s from %d to %d ranks in %.1f s (ZeRO stage %d)",
-            tag_dir.name,
-            saved_world,
-            self.world_size,
-            time.monotonic() - t0,
-            engine.zero_optimization_stage(),
-        )
-        return client_state or {}, {"rank": self.rank, "rng": None, "data": data}
-
-
-_RESHARD_DIR = ".reshard"  # under checkpoints/: a universal conversion while an elastic resume loads it
-
-
-def _to_universal(tag_dir: Path, out: Path) -> None:
-    """``deepspeed.checkpoint.ds_to_universal`` of ``tag_dir`` into ``out`` (replaced), in a subprocess."""
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-        "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state",
-    ]  # fmt: skip
-    done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).splitlines()[-20:])
-        raise RuntimeError(
-            f"could not convert {tag_dir} to a DeepSpeed universal checkpoint for a resume on another number of "
-            f"ranks (exit {done.returncode}); relaunch with the checkpoint's number of ranks. Output:\n{tail}"
-        )

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from data_pipeline.config import AugmentConfig, ConfigError, DataConfig
+from pretrain.config_ranges import NUMERIC_RULES, Range, check_ranges
 
 __all__ = [
     "AugmentConfig",
@@ -38,9 +39,12 @@ __all__ = [
     "TrainerConfig",
     "UniqueKeyLoader",
     "CONFIGS_DIR",
+    "NUMERIC_RULES",
+    "Range",
     "PATH_KEYS",
     "absolute_paths",
     "build_dataclass",
+    "check_ranges",
     "config_digest",
     "config_to_dict",
     "dump_config",
@@ -86,12 +90,7 @@ class ModelConfig:
     """Start from these weights (an export, a checkpoint or a run dir), adapted to this head and size; no optimizer."""
 
     def __post_init__(self):
-        if self.img_size <= 0:
-            raise ConfigError(f"model.img_size={self.img_size} must be positive")
-        if self.num_classes < 0:
-            raise ConfigError(f"model.num_classes={self.num_classes} must be >= 0")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ConfigError(f"model.drop_path_rate={self.drop_path_rate} must be in [0, 1)")
+        check_ranges(self, "model")
 
 
 @dataclass
@@ -116,16 +115,9 @@ class OptimConfig:
     1.0 disables."""
 
     def __post_init__(self):
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr={self.lr} must be positive")
-        if self.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay={self.weight_decay} must be >= 0")
         if len(self.betas) != 2:
             raise ConfigError("optim.betas needs two values, e.g. [0.9, 0.999]")
-        if self.grad_clip < 0:
-            raise ConfigError(f"optim.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
-        if not 0.0 < self.layer_decay <= 1.0:
-            raise ConfigError(f"optim.layer_decay={self.layer_decay} must be in (0, 1] (1.0 disables)")
+        check_ranges(self, "optim")
 
 
 @dataclass
@@ -140,10 +132,7 @@ class ScheduleConfig:
     """Learning rate at the last step."""
 
     def __post_init__(self):
-        if self.warmup_steps < 0:
-            raise ConfigError(f"schedule.warmup_steps={self.warmup_steps} must be >= 0")
-        if self.min_lr < 0 or self.warmup_lr < 0:
-            raise ConfigError("schedule.min_lr and schedule.warmup_lr must be >= 0")
+        check_ranges(self, "schedule")
 
 
 @dataclass
@@ -181,14 +170,7 @@ class TrainerConfig:
     """Rank-0 progress bar."""
 
     def __post_init__(self):
-        if self.max_steps <= 0:
-            raise ConfigError(f"trainer.max_steps={self.max_steps} must be positive")
-        if self.eval_every_steps < 0 or self.log_every_steps <= 0:
-            raise ConfigError("trainer.eval_every_steps must be >= 0 and trainer.log_every_steps > 0")
-        if self.grad_accum_steps <= 0:
-            raise ConfigError(f"trainer.grad_accum_steps={self.grad_accum_steps} must be positive")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"trainer.ema_decay={self.ema_decay} must be in [0, 1) (0 disables)")
+        check_ranges(self, "trainer")
 
 
 @dataclass
@@ -209,12 +191,7 @@ class CheckpointConfig:
     """Save at the end of training."""
 
     def __post_init__(self):
-        if self.every_steps < 0 or self.every_minutes < 0:
-            raise ConfigError("checkpoint.every_steps and checkpoint.every_minutes must be >= 0")
-        if self.keep_last < 1:
-            raise ConfigError(f"checkpoint.keep_last={self.keep_last} must be >= 1 (resume needs one)")
-        if self.keep_best < 0:
-            raise ConfigError(f"checkpoint.keep_best={self.keep_best} must be >= 0")
+        check_ranges(self, "checkpoint")
 
 
 @dataclass
@@ -225,6 +202,9 @@ class LoggingConfig:
     """Python log level of rank 0 (other ranks log warnings and errors)."""
     corrupt_log_every: int = 100
     """Log the first corrupt sample and then every Nth per reason."""
+
+    def __post_init__(self):
+        check_ranges(self, "logging")
 
 
 @dataclass
@@ -241,6 +221,7 @@ class DeepSpeedConfig:
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        check_ranges(self, "deepspeed")
         if self.offload_param != "none" and self.zero_stage != 3:
             raise ConfigError("deepspeed.offload_param needs deepspeed.zero_stage=3")
 
@@ -259,6 +240,13 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def __post_init__(self):
+        # the data sections live in data_pipeline, which checks their own rules; the ranges are the schema's
+        check_ranges(self.data, "data")
+        check_ranges(self.augment, "augment")
+        if self.augment.ratio_min > self.augment.ratio_max:
+            raise ConfigError(
+                f"augment.ratio_min={self.augment.ratio_min} exceeds augment.ratio_max={self.augment.ratio_max}"
+            )
         if self.schedule.warmup_steps > self.trainer.max_steps:
             raise ConfigError(
                 f"schedule.warmup_steps={self.schedule.warmup_steps} exceeds trainer.max_steps="
@@ -392,11 +380,14 @@ def _build(cls, data: dict[str, Any], prefix: str = "", root: Any = None, kind: 
         else:
             kwargs[f.name] = _coerce(data[f.name], tp, key)
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix.rstrip('.')}: {e}") from e
+    if (root or Config) is not Config:  # another schema (cluster profile, sweep file): no NaN or inf in it either
+        check_ranges(obj, prefix.rstrip("."))
+    return obj
 
 
 def build_dataclass(cls: Any, data: dict[str, Any], kind: str = "config") -> Any:
@@ -444,7 +435,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         except _DuplicateKeyError as e:
             raise ConfigError(f"override {item!r}: {e}") from e
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from e
+            raise ConfigError(f"override {item!r}: value is not valid YAML{_yaml_problem(e)}") from None
         parts = key.split(".")
         if len(parts) < 2:
             raise ConfigError(f"override key '{key}' needs a section, e.g. 'trainer.{key}'{_suggest(key, _all_keys())}")
@@ -506,6 +497,14 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: where and what (its own text spans several lines, with a caret)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"{where} ({what})"
+
+
 class _DuplicateKeyError(yaml.YAMLError):
     """A YAML mapping names one key twice."""
 
@@ -536,7 +535,7 @@ def read_yaml_mapping(path: str | Path, what: str = "") -> dict[str, Any]:
     except _DuplicateKeyError as e:
         raise ConfigError(f"{path}: {e}") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        raise ConfigError(f"{path}: not valid YAML{_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping{what} at the top level")
     return data

@@ -24,6 +24,9 @@ an explicit ``OMP_NUM_THREADS`` (the ``--nproc`` launcher and a sweep trial set 
 their ranks), else ``SLURM_CPUS_PER_TASK`` (each Slurm task is allotted its own), else the affinity mask divided among
 the ranks of the node; DataLoader workers of the rank count against the same share. Two ranks that each spin as
 many OpenMP threads as the machine has cores run many times slower than with their share.
+
+Importing this module does not import torch (the functions that need it do): ``pretrain train`` reads its environment
+and takes the run's lease before the slow imports.
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ import socket
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 _control_group = None
 """A gloo group of all ranks for host-side agreement when the default group is NCCL (None: the default group)."""
@@ -284,6 +289,7 @@ def init_distributed(
     Returns:
         Rank, world size, backend and the ``torch.device`` this rank trains on.
     """
+    import torch
     import torch.distributed as dist
 
     env = env or detect_environment()
@@ -359,6 +365,7 @@ def barrier() -> None:
 
 def all_reduce_max(values: list[float]) -> list[float]:
     """Element-wise maximum of ``values`` over all ranks (used for stop flags every rank must agree on), on the host."""
+    import torch
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64)

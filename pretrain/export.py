@@ -6,19 +6,27 @@ in ``mp_rank_00_model_states.pt``. The EMA weights are our own ``ema.pt``. The r
 pickle, loads anywhere) with the model's name and config, so :func:`pretrain.models.create_model` rebuilds the model
 from the file alone.
 
-DeepSpeed's files are pickles. A checkpoint is verified against its COMPLETE marker (sha256 of every file) first,
-and every ``torch.load`` of the conversion runs with ``weights_only`` forced on (``TORCH_FORCE_WEIGHTS_ONLY_LOAD``),
-so an export never runs code from a file: a checkpoint that needs more than tensors and plain data is refused.
+DeepSpeed's files are pickles. A checkpoint is verified against its COMPLETE marker first: the marker must carry this
+user's signature (a checkpoint of another user loads only with ``trusted``, ``--trust-checkpoint``; see
+:mod:`pretrain.trust`) and every file must match its sha256. Every ``torch.load`` of the conversion runs with
+``weights_only`` forced on (:func:`pretrain.checkpoint.plain_loads`), so an export never runs code from a file: a
+checkpoint that needs more than tensors and plain data is refused.
+
+Nor is an export's metadata trusted: its ``model`` config is checked as a run's ``model`` section is (types, ranges:
+an ``img_size`` of 10**9 is refused before anything is allocated), and the model is first built and loaded on the
+meta device, so weights that do not fit the config are named, not found out by an allocation or a traceback. Every
+failure is an :class:`ExportError` whose message names the file and what is wrong with it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
 import os
-from collections.abc import Iterator
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +34,26 @@ import torch
 
 from pretrain.checkpoint import (
     COMPLETE_MARKER,
+    UntrustedCheckpoint,
+    check_signature,
     find_resume_checkpoint,
     load_plain,
+    plain_loads,
     read_meta,
+    untrusted_message,
     unusable_checkpoints,
     verify_checkpoint,
 )
-from pretrain.config import read_yaml_mapping
+from pretrain.config import AugmentConfig, ConfigError, ModelConfig, build_dataclass, check_ranges, read_yaml_mapping
+from pretrain.fsutil import unwritable_reason
 from pretrain.models._registry import EXPORT_FORMAT
 from pretrain.rundir import CHECKPOINTS, CONFIG_YAML
 
 __all__ = [
     "EMA_FILE",
     "ExportError",
+    "build_from_state",
+    "check_pretrained",
     "checkpoint_source",
     "consolidated_state_dict",
     "export_weights",
@@ -52,57 +67,39 @@ EMA_FILE = "ema.pt"
 """The EMA weights in a checkpoint, written by the trainer (ours: tensors only, loaded with ``weights_only=True``)."""
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 class ExportError(ValueError):
     """The path is not a usable checkpoint or run directory; the message says why."""
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint ``path`` names, verified (sha256): a checkpoint itself, or a run directory's newest usable one.
+def resolve_checkpoint(path: str | Path, trusted: bool = False) -> Path:
+    """The checkpoint ``path`` names, verified (signature, sha256): a checkpoint itself, or a run directory's newest
+    usable one. ``trusted`` (``--trust-checkpoint``) accepts a checkpoint that is not signed by this user.
 
     Raises:
         ExportError: Neither a checkpoint nor a run directory, no usable checkpoint (each one's reason listed), or
             the named checkpoint fails verification (the reason).
+        UntrustedCheckpoint: The checkpoint is not signed by this user and not ``trusted`` (the message names
+            ``--trust-checkpoint``).
     """
     path = Path(path)
     if (path / COMPLETE_MARKER).exists() or (path.is_dir() and path.parent.name == CHECKPOINTS):
-        ok, reason = verify_checkpoint(path)
+        ok, reason = verify_checkpoint(path, digests=False)
+        if ok and not trusted and not (signed := check_signature(path))[0]:
+            raise UntrustedCheckpoint(untrusted_message(path, signed[1]))
+        ok, reason = verify_checkpoint(path) if ok else (ok, reason)
         if not ok:
             raise ExportError(f"checkpoint {path} failed verification: {reason}")
         return path
     if (path / CHECKPOINTS).is_dir():
-        tag = find_resume_checkpoint(path / CHECKPOINTS, digests=True)
+        tag = find_resume_checkpoint(path / CHECKPOINTS, digests=True, trusted=trusted)
         if tag is None:
             why = "; ".join(f"{t}: {r}" for t, r in unusable_checkpoints(path / CHECKPOINTS)) or "none saved"
             raise ExportError(f"run directory {path} has no usable checkpoint ({why})")
         return tag
     raise ExportError(f"{path} is neither a checkpoint nor a run directory (no {COMPLETE_MARKER}, no {CHECKPOINTS}/)")
-
-
-def _deepspeed_plain_types() -> list[Any]:
-    """DeepSpeed's plain record types inside its ZeRO files (the loss scaler, the stage enum, fragment addresses):
-    allowed in a ``weights_only`` load, where they are rebuilt from their fields without calling anything else."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
-
-
-@contextlib.contextmanager
-def _weights_only_loads(allowed: list[Any] | None = None) -> Iterator[None]:
-    """Every ``torch.load`` inside, DeepSpeed's included, loads tensors, plain data and the ``allowed`` types only."""
-    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        with torch.serialization.safe_globals(allowed or []):
-            yield
-    finally:
-        if old is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
 
 
 def consolidated_state_dict(tag_dir: str | Path, ema: bool = False) -> dict[str, torch.Tensor]:
@@ -121,14 +118,14 @@ def consolidated_state_dict(tag_dir: str | Path, ema: bool = False) -> dict[str,
 
         chatter = io.StringIO()  # zero_to_fp32 prints its progress
         try:
-            with _weights_only_loads(_deepspeed_plain_types()), contextlib.redirect_stdout(chatter):
+            with plain_loads(), contextlib.redirect_stdout(chatter):
                 state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         except Exception as e:
             raise ExportError(f"could not consolidate the ZeRO partitions of {tag_dir}: {type(e).__name__}: {e}") from e
         logger.debug("zero_to_fp32: %s", chatter.getvalue().strip())
     else:  # stage 0: the engine saved the whole module
         try:
-            with _weights_only_loads():
+            with plain_loads():
                 state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
             state = state["module"]
         except Exception as e:
@@ -147,11 +144,47 @@ def _model_config(tag_dir: Path) -> dict[str, Any]:
     cfg = read_meta(tag_dir).get("model_config") or _run_config(tag_dir).get("model")
     if not cfg:
         raise ExportError(f"{tag_dir} has no model config (no model_config in meta.json, no run config.yaml)")
-    return dict(cfg)
+    return _checked_model_config(cfg, tag_dir)
 
 
-def checkpoint_source(path: str | Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Weights and metadata of an export, a checkpoint or a run directory (its newest usable checkpoint).
+def _checked_model_config(raw: Any, source: str | Path) -> dict[str, Any]:
+    """A stored ``model`` section checked as a run config's is (keys, types, ranges), as a plain dict.
+
+    Raises:
+        ExportError: Naming ``source`` and the field that is wrong.
+    """
+    try:
+        return dataclasses.asdict(build_dataclass(ModelConfig, raw if isinstance(raw, dict) else {"": raw}, "model"))
+    except ConfigError as e:
+        raise ExportError(
+            f"{source}: its model config is unusable ({e}); export it again with `pretrain export`"
+        ) from e
+
+
+def _checked_augment(raw: Any, source: str | Path) -> dict[str, Any]:
+    """A stored ``augment`` section checked as a run config's is ({} stays {}: the defaults, with a warning)."""
+    if not raw:
+        return {}
+    try:
+        augment = build_dataclass(AugmentConfig, raw if isinstance(raw, dict) else {"": raw}, "augment")
+        check_ranges(augment, "augment")
+    except ConfigError as e:
+        raise ExportError(f"{source}: its augment section is unusable ({e})") from e
+    return dataclasses.asdict(augment)
+
+
+def _json_field(meta: dict[str, Any], key: str, source: Path) -> Any:
+    try:
+        return json.loads(meta.get(key) or "{}")
+    except (ValueError, RecursionError) as e:
+        raise ExportError(f"{source}: its metadata field {key!r} is not valid JSON ({type(e).__name__})") from None
+
+
+def checkpoint_source(
+    path: str | Path, ema: bool = False, trusted: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and metadata of an export, a checkpoint or a run directory (its newest usable checkpoint; ``trusted``:
+    see :func:`resolve_checkpoint`).
 
     Returns:
         ``(state_dict, meta)``: ``meta["model_config"]`` is the run's ``model`` section, ``meta["augment"]`` its
@@ -163,14 +196,16 @@ def checkpoint_source(path: str | Path, ema: bool = False) -> tuple[dict[str, to
     if p.is_file():
         if ema:
             raise ExportError(f"{p} is an export: --ema applies to checkpoints (export them with --ema)")
-        state, meta = read_pretrained(p)
-        meta["augment"] = json.loads(meta.get("augment") or "{}")
+        meta = _export_meta(p)  # checked before any weight is read
+        meta["model_config"] = _checked_model_config(meta["model_config"], p)
+        meta["augment"] = _checked_augment(_json_field(meta, "augment", p), p)
+        state, _ = read_pretrained(p)
         return state, meta
-    tag_dir = resolve_checkpoint(p)
+    tag_dir = resolve_checkpoint(p, trusted)
     meta = read_meta(tag_dir)
     info = {
         "model_config": _model_config(tag_dir),
-        "augment": _run_config(tag_dir).get("augment") or {},
+        "augment": _checked_augment(_run_config(tag_dir).get("augment"), tag_dir),
         "step": str(meta.get("step", "")),
         "ema": "true" if ema else "false",
         "source": str(tag_dir.resolve()),
@@ -178,16 +213,111 @@ def checkpoint_source(path: str | Path, ema: bool = False) -> tuple[dict[str, to
     return consolidated_state_dict(tag_dir, ema=ema), info
 
 
-def load_pretrained(path: str | Path, name: str | None = None, ema: bool = False, **overrides: Any) -> torch.nn.Module:
+def load_pretrained(
+    path: str | Path, name: str | None = None, ema: bool = False, trusted: bool = False, **overrides: Any
+) -> torch.nn.Module:
     """The model of an export, a checkpoint or a run directory, built with ``overrides`` (see
-    :func:`pretrain.models._registry.model_from_state`: another head size or input size is adapted or refused)."""
+    :func:`pretrain.models._registry.model_from_state`: another head size or input size is adapted or refused);
+    ``trusted``: see :func:`resolve_checkpoint`.
+
+    Raises:
+        ExportError: The source is unusable, or its weights do not fit (named).
+    """
+    state, meta = checkpoint_source(path, ema=ema, trusted=trusted)
+    return build_from_state(state, meta["model_config"], str(path), name=name, **overrides)
+
+
+def build_from_state(
+    state: dict[str, torch.Tensor], model_config: dict[str, Any], source: str, name: str | None = None, **overrides: Any
+) -> torch.nn.Module:
+    """:func:`~pretrain.models._registry.model_from_state`, first on the meta device (no memory, no compute), so that
+    weights that do not fit the model their config describes are named before a real model is built.
+
+    Raises:
+        ExportError: Naming ``source`` and the tensors or the part that do not fit.
+    """
+    meta_state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
+    _build_or_explain(meta_state, model_config, source, name, overrides, meta=True)
+    return _build_or_explain(state, model_config, source, name, overrides, meta=False)
+
+
+def check_pretrained(path: str | Path, name: str | None = None, trusted: bool = False, **overrides: Any) -> None:
+    """Check that ``path`` (an export, a checkpoint or a run directory) can initialise model ``name`` built with
+    ``overrides``, without reading its weights: the metadata, and for an export the tensor shapes of its header on
+    the meta device. What ``model.init_from`` runs before a training starts (``trusted``: see
+    :func:`resolve_checkpoint`).
+
+    Raises:
+        ExportError: Naming the file and what does not fit.
+    """
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        model_cfg = _model_config(resolve_checkpoint(p, trusted))
+        if name is not None and name != model_cfg["name"]:
+            raise ExportError(f"{p} holds a {model_cfg['name']} model, not {name}")
+        return
+    meta = _export_meta(p)
+    model_cfg = _checked_model_config(meta["model_config"], p)
+    _checked_augment(_json_field(meta, "augment", p), p)
+    with safe_open(str(p), framework="pt") as f:
+        shapes = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+    meta_state = {
+        k: torch.empty(shape, dtype=_SAFETENSORS_DTYPES.get(dtype, torch.float32), device="meta")
+        for k, (shape, dtype) in shapes.items()
+    }
+    _build_or_explain(meta_state, model_cfg, str(p), name, overrides, meta=True)
+
+
+def _export_meta(p: Path) -> dict[str, Any]:
+    """The metadata of export ``p``, or :class:`ExportError` with why it is none (not safetensors, no metadata, not
+    JSON)."""
+    from pretrain.models import read_pretrained
+
+    try:
+        return read_pretrained(p, weights=False)[1]
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{p}: its metadata field 'model_config' is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ExportError(f"{p}: its metadata field 'model_config' is not valid JSON (nested too deep)") from None
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+
+
+def _build_or_explain(
+    state: dict[str, torch.Tensor],
+    model_config: dict[str, Any],
+    source: str,
+    name: str | None,
+    overrides: dict[str, Any],
+    meta: bool,
+) -> torch.nn.Module | None:
     from pretrain.models._registry import model_from_state
 
-    state, meta = checkpoint_source(path, ema=ema)
-    return model_from_state(state, meta["model_config"], name=name, **overrides)
+    try:
+        if not meta:
+            return model_from_state(state, model_config, name=name, **overrides)
+        with torch.device("meta"):
+            return model_from_state(state, model_config, name=name, **overrides)
+    except NotImplementedError:  # an op without a meta kernel (in a family's adapt hook): the real build will tell
+        if meta:
+            return None
+        raise
+    except ValueError as e:  # the registry's and the families' own reasons (another model, a part it cannot adapt)
+        raise ExportError(f"{source}: {e}") from None
+    except (RuntimeError, TypeError, KeyError, IndexError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = "; ".join(line for line in lines if "size mismatch" in line)[:600] or " ".join(lines)[:600]
+        raise ExportError(
+            f"{source}: its weights do not fit the {model_config.get('name')} model its config describes "
+            f"({detail}); the file was changed after `pretrain export`, or is not one"
+        ) from None
 
 
-def export_weights(path: str | Path, out: str | Path, ema: bool = False, dtype: str = "fp32") -> dict[str, str]:
+def export_weights(
+    path: str | Path, out: str | Path, ema: bool = False, dtype: str = "fp32", trusted: bool = False
+) -> dict[str, str]:
     """Write the consolidated weights of ``path`` (checkpoint or run directory) to ``out`` (safetensors).
 
     Args:
@@ -195,6 +325,7 @@ def export_weights(path: str | Path, out: str | Path, ema: bool = False, dtype: 
         out: The ``.safetensors`` file to write (replaced atomically).
         ema: Export the EMA weights instead of the trained ones.
         dtype: ``fp32`` or ``bf16`` for the floating-point tensors.
+        trusted: ``--trust-checkpoint``: accept a checkpoint that is not signed by this user.
 
     Returns:
         The metadata written: ``format``, ``model_name``, ``model_config`` (JSON), ``step``, ``ema``, ``dtype``,
@@ -204,11 +335,16 @@ def export_weights(path: str | Path, out: str | Path, ema: bool = False, dtype: 
     Raises:
         ExportError: A bad path or checkpoint (the reason), or an unknown ``dtype``.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     if dtype not in _DTYPES:
         raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
-    tag_dir = resolve_checkpoint(path)
+    out = Path(out)
+    problem = unwritable_reason(out)
+    if problem:  # before the consolidation, which may take minutes
+        raise ExportError(f"cannot write {out}: {problem}")
+    tag_dir = resolve_checkpoint(path, trusted)
     model_cfg = _model_config(tag_dir)
     state = consolidated_state_dict(tag_dir, ema=ema)
     state = {k: v.to(_DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
@@ -226,10 +362,22 @@ def export_weights(path: str | Path, out: str | Path, ema: bool = False, dtype: 
         "metrics": json.dumps(meta.get("metrics") or {}, sort_keys=True),
         "augment": json.dumps(_run_config(tag_dir).get("augment") or {}, sort_keys=True),
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(tmp), metadata=metadata)
+        os.replace(tmp, out)
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error type
+        tmp.unlink(missing_ok=True)
+        reason = _write_reason(e)
+        raise ExportError(f"could not write {out} ({reason}); nothing was written, {tag_dir} is unchanged") from None
     logger.info("exported %s (step %s%s) to %s", tag_dir, metadata["step"], ", EMA" if ema else "", out)
     return metadata
+
+
+def _write_reason(error: Exception) -> str:
+    """Why a write failed, in the OS's words, also where safetensors wraps them (``... (os error 28)``)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    found = re.search(r"os error (\d+)", str(error))
+    return os.strerror(int(found.group(1))) if found else (str(error).strip().splitlines() or ["unknown error"])[-1]

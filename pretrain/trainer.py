@@ -5,8 +5,10 @@ One process per rank runs :func:`run_training`. Exit codes (also the process exi
 - ``EXIT_OK`` (0): finished ``trainer.max_steps`` (or found the run already finished).
 - ``EXIT_FAILED`` (1): a runtime failure, including ``trainer.max_nonfinite_steps`` non-finite losses in a row.
 - ``EXIT_USAGE`` (2): bad config or arguments; nothing was started or written.
-- ``EXIT_PREEMPTED`` (3): SIGTERM or SIGUSR2 arrived; a checkpoint was written and ``status.json`` says
-  ``preempted``. Running the same command again resumes exactly (the Slurm requeue relies on this code).
+- ``EXIT_PREEMPTED`` (3): a stop signal arrived (:mod:`pretrain.lifecycle`, at any moment from the start): no step
+  after it, a checkpoint if a step was trained since the last one, and ``status.json`` says ``preempted`` (SIGTERM,
+  SIGUSR2) or ``stopped`` (SIGINT). Running the same command again resumes exactly (the Slurm requeue relies on this
+  code).
 
 Exactness on resume (same world size, CPU): the model, optimizer and LR scheduler come from DeepSpeed's checkpoint;
 the data position, the torch/numpy/python RNG states (per rank) and the trainer counters (with the loss sums of the
@@ -46,27 +48,24 @@ import torch
 import torch.nn as nn
 
 from data_pipeline.loader import DataParts, build_data
-from pretrain.checkpoint import (
-    CheckpointManager,
-    RunDirRefused,
-    capture_rng_state,
-    restore_rng_state,
-    seed_rng_state,
-)
+from pretrain.checkpoint import RunDirRefused, capture_rng_state, restore_rng_state, seed_rng_state
+from pretrain.checkpoint_manager import CheckpointManager
 from pretrain.config import Config, config_digest, dump_config, model_shape_digest
 from pretrain.distributed import DistInfo, all_reduce_max, broadcast_object
 from pretrain.engine import EngineParts, build_engine, reapply_optim_config, soft_target_cross_entropy
 from pretrain.evaluate import eval_metrics, evaluate_models
 from pretrain.export import EMA_FILE, load_pretrained
+from pretrain.lifecycle import StopRequested, StopSignals, stop_outcome
 from pretrain.metrics import (
     MetricsSink,
+    RunWriteError,
     StatusFile,
     build_metrics_sink,
     device_peak_flops,
     peak_memory_mb,
 )
 from pretrain.optim import ModelEMA
-from pretrain.rundir import CHECKPOINTS, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, run_history
+from pretrain.rundir import CHECKPOINTS, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, read_latest, run_history
 from pretrain.step_window import NonfiniteRun, StepWindow
 from pretrain.sweep_hook import CONTINUE, STOP, SweepHook
 
@@ -75,7 +74,6 @@ __all__ = [
     "EXIT_OK",
     "EXIT_PREEMPTED",
     "EXIT_USAGE",
-    "StopSignals",
     "TrainResult",
     "Trainer",
     "augment_seed",
@@ -101,42 +99,6 @@ class TrainResult:
     message: str = ""
 
 
-class StopSignals:
-    """Turns SIGTERM/SIGUSR2 (and a first Ctrl-C) into a flag checked at the end of each step (then checkpoint, exit 3).
-
-    A signal sent to the whole process group or job (``timeout``, a terminal, Slurm) reaches the data workers too;
-    they leave it to this process (``data_pipeline.loader``), which checkpoints and then shuts them down. A second
-    SIGINT raises KeyboardInterrupt.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> StopSignals:
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and self.received is not None:
-            raise KeyboardInterrupt
-        if self.received is None:
-            logger.warning("received %s: will checkpoint and stop at the end of this step", signal.Signals(signum).name)
-        self.received = signum
-
-    @property
-    def requested(self) -> bool:
-        return self.received is not None
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-
 def augment_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
     """Seed of the device-side augmentation generator: a pure function of (seed, step, micro-step, rank)."""
     digest = hashlib.sha256(f"{seed}:{step}:{micro_step}:{rank}".encode()).digest()
@@ -156,7 +118,7 @@ def resolve_num_classes(cfg: Config) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=n))
 
 
-def build_model(cfg: Config) -> nn.Module:
+def build_model(cfg: Config, trusted: bool = False) -> nn.Module:
     """The single-device model of ``cfg.model`` (initialised from ``trainer.seed``, identical on every rank).
 
     With ``model.init_from`` the weights come from that export or checkpoint (a new head and input size adapted by the
@@ -175,7 +137,7 @@ def build_model(cfg: Config) -> nn.Module:
     )
     init = cfg.model.init_from
     if init and not any(c.complete for c in list_checkpoints(cfg.run_dir / CHECKPOINTS)):
-        model = load_pretrained(init, cfg.model.name, **kwargs)
+        model = load_pretrained(init, cfg.model.name, trusted=trusted, **kwargs)
         logger.info("initialised the weights from %s (its optimizer state is not carried over)", init)
         return model
     return create_model(cfg.model.name, **kwargs)
@@ -194,15 +156,19 @@ def _flops_per_image(model: nn.Module, cfg: Config, device: torch.device) -> flo
         return None
 
 
-def build_trainer(cfg: Config, dist: DistInfo, stop: StopSignals | None = None) -> Trainer:
+def build_trainer(cfg: Config, dist: DistInfo, stop: StopSignals | None = None, trusted: bool = False) -> Trainer:
     """Model, engine, data, EMA, checkpoint manager and status file for this rank."""
     t0 = time.perf_counter()
-    model = build_model(cfg).to(dist.device)
+    stop = stop or StopSignals()
+    model = build_model(cfg, trusted).to(dist.device)
     flops = _flops_per_image(model, cfg, dist.device)
     ema = ModelEMA(model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay > 0 else None
     t1 = time.perf_counter()
+    _check_stop(stop, "while the model was built")
+    logger.info("initialising the DeepSpeed engine")
     parts = build_engine(cfg, model, dist.world_size)
     t2 = time.perf_counter()
+    _check_stop(stop, "while the DeepSpeed engine was initialised")
     data = build_data(
         cfg.data,
         cfg.augment,
@@ -222,6 +188,7 @@ def build_trainer(cfg: Config, dist: DistInfo, stop: StopSignals | None = None) 
         keep_best=cfg.checkpoint.keep_best,
         best_metric=cfg.checkpoint.best_metric,
         best_mode=cfg.checkpoint.best_mode,
+        trusted=trusted,
     )
     status = StatusFile(
         cfg.run_dir / "status.json",
@@ -230,7 +197,18 @@ def build_trainer(cfg: Config, dist: DistInfo, stop: StopSignals | None = None) 
         world_size=dist.world_size,
         run_dir=str(cfg.run_dir),
     )
-    return Trainer(cfg, dist, parts, data, ema, ckpt, status, stop or StopSignals(), flops)
+    return Trainer(cfg, dist, parts, data, ema, ckpt, status, stop, flops)
+
+
+def _check_stop(stop: StopSignals, where: str) -> None:
+    """Set-up is not a step: a stop signal that reached any rank ends the run here, on every rank, untrained.
+
+    Raises:
+        StopRequested: With the signal (every rank raises it at the same call).
+    """
+    (signum,) = all_reduce_max([float(stop.received or 0)])
+    if signum:
+        raise StopRequested(int(signum), where)
 
 
 # ----------------------------------------------------------------------------------------------------------- trainer
@@ -319,13 +297,26 @@ class Trainer:
                     "deleted. Pass --restart to start from step 0 (the history is kept in previous/), or pick "
                     "another run.name=..."
                 )
-        if self.dist.is_main:
-            dump_config(self.cfg, self.cfg.run_dir / "config.yaml")
-        self.sink = build_metrics_sink(self.cfg.run_dir, self.dist.is_main, self.cfg.logging.tensorboard, self.step)
+        _check_stop(self.stop, "before the first step")  # nothing of this life written yet: no config, no metrics
+        failure = self._open_run_files() if self.dist.is_main else None
+        if broadcast_object(failure is not None):  # every rank ends with rank 0
+            return self._fail_write(failure)
         try:
             return self.train()
         finally:
             self.sink.close()
+
+    def _open_run_files(self) -> RunWriteError | None:
+        """Rank 0 writes config.yaml and opens the metrics sink; the write that failed, if one did."""
+        try:
+            dump_config(self.cfg, self.cfg.run_dir / "config.yaml")
+        except OSError as e:
+            return RunWriteError(self.cfg.run_dir / "config.yaml", e)
+        try:
+            self.sink = build_metrics_sink(self.cfg.run_dir, True, self.cfg.logging.tensorboard, self.step)
+        except RunWriteError as e:
+            return e
+        return None
 
     def resume(self, tag_dir: Path, client: dict[str, Any], rank_state: dict[str, Any]) -> None:
         """Put back what :meth:`CheckpointManager.load_newest` loaded from ``tag_dir``: counters, data position, RNGs,
@@ -368,7 +359,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{event['loss']:.4f}", img_s=f"{event['img_per_s']:.0f}", refresh=False)
             if bar is not None:
                 bar.update(1)
-            stop_signal, time_save, sweep_stop = self._agree_on_flags()
+            stop_signal, time_save, sweep_stop, write_failed = self._agree_on_flags()
+            if write_failed:  # rank 0 could not write metrics, TensorBoard or status.json
+                return self._fail_write(self._write_failure(), bar)
             final = self.step >= max_steps
             evaluating = final or (tcfg.eval_every_steps and self.step % tcfg.eval_every_steps == 0)
             if evaluating:
@@ -381,7 +374,8 @@ class Trainer:
                     logger.info("%s arrived at the last step; finishing", sig)
                 else:
                     self.save_checkpoint()
-                    return self._finish("preempted", EXIT_PREEMPTED, f"stopped by {sig} at step {self.step}", bar)
+                    state = stop_outcome(int(stop_signal))  # stopped (SIGINT) or preempted (SIGTERM, SIGUSR2)
+                    return self._finish(state, EXIT_PREEMPTED, f"stopped by {sig} at step {self.step}", bar)
             every = cfg.checkpoint.every_steps
             if (final and cfg.checkpoint.save_final) or (every and self.step % every == 0) or time_save:
                 self.save_checkpoint()
@@ -392,7 +386,20 @@ class Trainer:
                 state, code = ("stopped", EXIT_OK) if why == STOP else ("preempted", EXIT_PREEMPTED)
                 by = "the sweep's scheduler" if why == STOP else why
                 return self._finish(state, code, f"stopped by {by} at step {self.step}", bar)
+        if self._agree_on_flags()[3]:  # the last eval or checkpoint could not be recorded
+            return self._fail_write(self._write_failure(), bar)
         return self._finish("finished", EXIT_OK, bar=bar)
+
+    def _write_failure(self) -> RunWriteError | None:
+        """The first write of metrics, TensorBoard or status.json that failed (rank 0; None elsewhere)."""
+        return self.sink.failure or self.status.failure
+
+    def _fail_write(self, failure: RunWriteError | None, bar: Any = None) -> TrainResult:
+        """End the run on every rank as failed: rank 0 could not write to the run directory (``failure``, rank 0's)."""
+        message = failure.run_ended(self.step, self.last_checkpoint) if failure is not None else ""
+        if message:
+            logger.error(message)
+        return self._finish("failed", EXIT_FAILED, message, bar)
 
     def _fail_nonfinite(self, bar: Any) -> TrainResult:
         """Checkpoint and end the run: ``trainer.max_nonfinite_steps`` steps in a row were non-finite."""
@@ -644,7 +651,7 @@ class Trainer:
         if hook is not None:
             hook.announce(self.step)
         while True:
-            stop_signal, _, sweep_stop = self._agree_on_flags()
+            stop_signal, _, sweep_stop, _ = self._agree_on_flags()
             decision = STOP if sweep_stop else broadcast_object(hook.poll(self.step) if hook is not None else None)
             if stop_signal or decision is not None:
                 break
@@ -653,14 +660,20 @@ class Trainer:
             hook.done(self.step)
         return signal.Signals(int(stop_signal)).name if stop_signal else str(decision)
 
-    def _agree_on_flags(self) -> tuple[float, bool, bool]:
+    def _agree_on_flags(self) -> tuple[float, bool, bool, bool]:
         """All ranks agree on (a stop signal on any rank, rank 0's "checkpoint minutes elapsed", rank 0's "the sweep
-        trial is gone or asks for a stop")."""
+        trial is gone or asks for a stop", rank 0's "a write to the run directory failed")."""
         minutes = self.cfg.checkpoint.every_minutes
         time_save = self.dist.is_main and minutes > 0 and time.monotonic() - self._last_save_time >= minutes * 60.0
         sweep_stop = self._sweep_hook is not None and self._sweep_hook.stop_requested()
-        sig, save, sweep = all_reduce_max([float(self.stop.received or 0), float(time_save), float(sweep_stop)])
-        return sig, bool(save), bool(sweep)
+        flags = [
+            float(self.stop.received or 0),
+            float(time_save),
+            float(sweep_stop),
+            float(bool(self._write_failure())),
+        ]
+        sig, save, sweep, failed = all_reduce_max(flags)
+        return sig, bool(save), bool(sweep), bool(failed)
 
     def _epoch(self) -> int:
         return int(self.data.train.state_dict()["epoch"])
@@ -693,7 +706,9 @@ class Trainer:
             self.data.val.close()
 
 
-def run_training(cfg: Config, dist: DistInfo, resume_from: str | Path | None = None) -> TrainResult:
+def run_training(
+    cfg: Config, dist: DistInfo, resume_from: str | Path | None = None, trusted: bool = False
+) -> TrainResult:
     """Build and fit on this rank; on an exception, ``status.json`` says failed (rank 0) and it is re-raised.
 
     Args:
@@ -701,12 +716,18 @@ def run_training(cfg: Config, dist: DistInfo, resume_from: str | Path | None = N
         dist: This rank's process group membership.
         resume_from: The user's ``--resume`` checkpoint; None resumes from the run's newest usable checkpoint, if any
             (checked against its sha256 digests; ones that fail are set aside and older ones tried).
+        trusted: ``--trust-checkpoint``: load checkpoints (and ``model.init_from``) not signed by this user.
     """
-    stop = StopSignals().install()
+    stop = StopSignals.current()  # `pretrain train` installs it first thing: it holds a signal from before now
+    installed = stop is None
+    stop = stop or StopSignals().install()
     trainer = None
     try:
-        trainer = build_trainer(cfg, dist, stop)
+        _check_stop(stop, "before the DeepSpeed engine was built")
+        trainer = build_trainer(cfg, dist, stop, trusted)
         return trainer.fit(resume_from)
+    except StopRequested as e:
+        return _stopped_untrained(cfg, dist, trainer, e)
     except BaseException as e:
         if dist.is_main:
             status = trainer.status if trainer is not None else StatusFile(cfg.run_dir / "status.json")
@@ -715,4 +736,22 @@ def run_training(cfg: Config, dist: DistInfo, resume_from: str | Path | None = N
     finally:
         if trainer is not None:
             trainer.close()
-        stop.restore()
+        if installed:
+            stop.restore()
+
+
+def _stopped_untrained(cfg: Config, dist: DistInfo, trainer: Trainer | None, stop: StopRequested) -> TrainResult:
+    """A stop signal during set-up: no step was trained and nothing of this life written but the status; exit 3."""
+    from pretrain.checkpoint import read_meta
+
+    state, message = stop_outcome(stop.signum), str(stop)
+    latest = read_latest(cfg.run_dir / CHECKPOINTS) if trainer is None else None  # the one the next run resumes
+    tag = cfg.run_dir / CHECKPOINTS / latest if latest else None
+    step = trainer.step if trainer is not None else int(read_meta(tag).get("step", 0)) if tag is not None else 0
+    last = trainer.last_checkpoint if trainer is not None else str(tag) if tag is not None else None
+    logger.warning("%s: no step was trained; run the same command to continue", message)
+    if dist.is_main:
+        status = trainer.status if trainer is not None else StatusFile(cfg.run_dir / "status.json")
+        status.update(state=state, step=step, exit_code=EXIT_PREEMPTED, message=message, last_checkpoint=last,
+                      max_steps=cfg.trainer.max_steps, world_size=dist.world_size)  # fmt: skip
+    return TrainResult(EXIT_PREEMPTED, state, step, {}, last, message)

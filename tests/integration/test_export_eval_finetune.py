@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import CheckpointManager
+from pretrain.checkpoint_manager import CheckpointManager
 from pretrain.config import load_config
 from pretrain.distributed import init_distributed
 from pretrain.engine import build_engine

@@ -1,7 +1,12 @@
 """The run directory promise against hostile and unlucky inputs, with real 2-rank DeepSpeed runs on CPU:
 
-- crafted pickles (``rank_00000.pt``, ``mp_rank_00_model_states.pt``) run no code: outside the run dir they are
-  refused without ``--trust-checkpoint``; inside it our own file loads as plain data, fails, and is set aside;
+- crafted pickles (``rank_00000.pt``, ``mp_rank_00_model_states.pt``) with COMPLETE recomputed and signed with
+  another user's key run no code: passed with ``--resume`` or planted in the run's own newest checkpoint they are
+  refused (exit 2, ``--trust-checkpoint`` named, nothing changed); with ``--trust-checkpoint`` every file, DeepSpeed's
+  included, loads as plain data, fails, and the checkpoint is set aside; a checkpoint signed by the user resumes
+  wherever it lies;
+- a job submitted with ``pretrain submit --cluster local`` starts through launch.submitit_entry and trains; on the
+  local Slurm, a job pickle replaced while the job waits in the queue runs nothing (the task refuses it);
 - 64 bytes flipped in the newest checkpoint (size unchanged): caught by sha256, set aside, the older one resumes and
   the run ends exactly as an uninterrupted one;
 - a run dir with history but no usable checkpoint refuses to start (exit 2, nothing touched) unless ``--restart``,
@@ -17,11 +22,15 @@ import os
 import pickle
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_run_overrides
+import torch
+from conftest import REPO, tiny_run_overrides, train_env
 
+from pretrain import trust
 from pretrain.checkpoint import checkpoint_dir_bytes, verify_checkpoint, write_complete_marker
 from pretrain.metrics import read_jsonl
 
@@ -39,9 +48,27 @@ class _RunsCode:
 
 
 def craft(path: Path, marker: Path) -> None:
-    """Replace ``path`` by a pickle whose unrestricted loading creates ``marker``."""
-    with open(path, "wb") as f:
-        pickle.dump({"module": _RunsCode(marker)}, f)
+    """Replace ``path`` by a torch file whose unrestricted loading (DeepSpeed's ``torch.load``) creates ``marker``."""
+    torch.save({"module": _RunsCode(marker)}, path)
+
+
+def forge_marker(tag_dir: Path, attacker_key: Path) -> None:
+    """COMPLETE with every sha256 recomputed, signed with a key the attacker has (their own)."""
+    own = os.environ.get(trust.KEY_ENV)
+    os.environ[trust.KEY_ENV] = str(attacker_key)
+    try:
+        write_complete_marker(tag_dir)
+    finally:
+        del os.environ[trust.KEY_ENV]
+        if own is not None:
+            os.environ[trust.KEY_ENV] = own
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``root``, files with their size and mtime: to show that nothing changed (a folder's own mtime
+    is left out: a probe for writability may create and remove a file in it)."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None
+            for p in root.rglob("*")}  # fmt: skip
 
 
 def train_series(run_dir: Path) -> list[tuple[int, float]]:
@@ -62,7 +89,7 @@ def finished(digits_dir, scratch_root, start_train) -> Path:
     return scratch_root / "trust-ref" / "ref"
 
 
-def test_crafted_checkpoint_outside_the_run_dir_is_refused_and_runs_nothing(
+def test_crafted_checkpoint_passed_with_resume_is_refused_and_a_signed_one_resumes_anywhere(
     finished: Path, digits_dir: Path, run_root: Path, start_train
 ) -> None:
     marker = run_root / "MARKER"
@@ -70,15 +97,23 @@ def test_crafted_checkpoint_outside_the_run_dir_is_refused_and_runs_nothing(
     shutil.copytree(finished / "checkpoints" / "step_000016", evil)
     craft(evil / "rank_00000.pt", marker)
     craft(evil / "mp_rank_00_model_states.pt", marker)
-    write_complete_marker(evil)  # a forged marker is easy: it must not be what protects
+    forge_marker(evil, run_root / "attacker_key")  # digests and marker recomputed: they must not be what protects
     run = start_train(CONFIG, tiny_run_overrides(digits_dir, run_root, "victim"), "--nproc", "2", "--resume", str(evil))
     assert run.wait() == 2, run.output[-3000:]
-    assert "lies outside this run's directory" in run.output and "--trust-checkpoint" in run.output
+    assert f"checkpoint {evil} is not signed by your key (it was signed with another key" in run.output
+    assert "--trust-checkpoint" in run.output and "Traceback" not in run.output
     assert not marker.exists()
     assert not (run_root / "victim").exists()  # refused before anything was written
 
+    # the user's own checkpoint, copied out of its run: trusted by its signature, not by where it lies
+    mine = run_root / "copied" / "step_000016"
+    shutil.copytree(finished / "checkpoints" / "step_000016", mine)
+    run = start_train(CONFIG, tiny_run_overrides(digits_dir, run_root, "mine"), "--nproc", "2", "--resume", str(mine))
+    assert run.wait() == 0, run.output[-4000:]
+    assert train_series(run_root / "mine") == [(s, loss) for s, loss in train_series(finished) if s > 16]
 
-def test_crafted_rank_file_inside_the_run_dir_is_set_aside_and_the_run_continues(
+
+def test_crafted_deepspeed_file_planted_in_the_run_dir_runs_nothing(
     finished: Path, digits_dir: Path, run_root: Path, start_train
 ) -> None:
     run_dir = run_root / "crafted"
@@ -86,15 +121,34 @@ def test_crafted_rank_file_inside_the_run_dir_is_set_aside_and_the_run_continues
     shutil.rmtree(run_dir / "checkpoints" / "step_000020")  # resume from 16, where the attack is
     (run_dir / "checkpoints" / "latest").write_text("step_000016\n")
     marker = run_root / "MARKER"
+    craft(run_dir / "checkpoints" / "step_000016" / "mp_rank_00_model_states.pt", marker)
     craft(run_dir / "checkpoints" / "step_000016" / "rank_00000.pt", marker)
-    write_complete_marker(run_dir / "checkpoints" / "step_000016")  # digests match the crafted file
+    forge_marker(run_dir / "checkpoints" / "step_000016", run_root / "attacker_key")
+    before = snapshot(run_dir)
     run = start_train(CONFIG, tiny_run_overrides(digits_dir, run_root, "crafted"), "--nproc", "2")
+    assert run.wait() == 2, run.output[-4000:]
+    assert "step_000016 is not signed by your key" in run.output and "--trust-checkpoint" in run.output
+    assert snapshot(run_dir) == before and not marker.exists()  # nothing changed, nothing ran
+
+    # trusted by the user, the checkpoint still loads as plain data only: DeepSpeed's file fails, is set aside
+    run = start_train(CONFIG, tiny_run_overrides(digits_dir, run_root, "crafted"), "--nproc", "2", "--trust-checkpoint")
     assert run.wait() == 0, run.output[-4000:]
     assert not marker.exists()
     rejected = run_dir / "checkpoints" / "rejected" / "step_000016"
     assert "failed to load" in (rejected / "REJECTED.txt").read_text()
     assert "resumed from" in run.output and "step_000012" in run.output
     assert train_series(run_dir) == train_series(finished)  # resumed from 12: the same run
+
+
+def test_a_job_submitted_to_the_local_executor_starts_through_the_plain_loader(
+    finished: Path, digits_dir: Path, run_root: Path
+) -> None:
+    argv = [sys.executable, "-m", "launch.cli", "submit", CONFIG, *tiny_run_overrides(digits_dir, run_root, "sub")]
+    argv += ["--cluster", "local", "--tasks-per-node", "2", "--wait"]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=train_env(), timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "pretrain submit: run finished" in done.stdout
+    assert train_series(run_root / "sub") == train_series(finished)
 
 
 def test_flipped_bytes_in_the_newest_checkpoint_are_caught_and_the_older_one_resumes(
@@ -114,6 +168,31 @@ def test_flipped_bytes_in_the_newest_checkpoint_are_caught_and_the_older_one_res
     assert "mp_rank_00_model_states.pt does not match its sha256" in reason
     assert "set checkpoint" in run.output and "resumed from" in run.output
     assert train_series(run_dir) == train_series(finished)
+
+
+@pytest.mark.slurm
+def test_a_job_pickle_replaced_in_the_queue_runs_nothing_on_slurm(run_root: Path) -> None:
+    from submitit.core.utils import DelayedSubmission
+
+    from launch.cluster_params import load_cluster_params
+    from launch.submit import TrainJob, build_executor
+
+    run_dir, marker = run_root / "queued", run_root / "MARKER"
+    params = load_cluster_params("local", slurm_additional_parameters={"hold": True})  # it waits until released
+    executor = build_executor(params, run_dir / "slurm", "queued")
+    job = executor.submit(TrainJob(str(run_dir / "slurm" / "config.yaml"), str(run_dir), 30))
+    try:
+        pickled = run_dir / "slurm" / f"{job.job_id}_submitted.pkl"
+        pickled.write_bytes(pickle.dumps(DelayedSubmission(_RunsCode(marker))))  # someone who can write the run dir
+        subprocess.run(["scontrol", "release", str(job.job_id)], check=True, capture_output=True, timeout=30)
+        deadline = time.monotonic() + 120
+        while not list((run_dir / "slurm").glob(f"{job.job_id}_0_result.pkl")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        logs = "".join(p.read_text(errors="replace") for p in (run_dir / "slurm").glob(f"{job.job_id}_*_log.err"))
+        assert "is not a job `pretrain submit` wrote (posix.system is not part of a training job)" in logs, logs[-3000:]
+        assert not marker.exists()
+    finally:
+        subprocess.run(["scancel", str(job.job_id)], capture_output=True, timeout=30)
 
 
 def test_history_without_a_usable_checkpoint_refuses_to_start_unless_restart(

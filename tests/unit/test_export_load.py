@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 import yaml
 
 from launch.cli import main as cli_main
-from pretrain.checkpoint import write_complete_marker
+from pretrain.checkpoint import verify_checkpoint, write_complete_marker
 from pretrain.config import ModelConfig, absolute_paths, load_config, model_shape_digest
 from pretrain.export import ExportError, export_weights
 from pretrain.models import create_model, read_pretrained
@@ -198,3 +199,118 @@ def test_init_from_is_a_path_and_not_part_of_the_model_shape(tmp_path, monkeypat
     assert tuned.model.init_from == "runs/digits_sepvit_lite"
     assert model_shape_digest(tuned) == model_shape_digest(plain)  # old checkpoints still resume
     assert f"model.init_from={json.dumps(str(tmp_path / 'runs/digits_sepvit_lite'))}" in absolute_paths(tuned)
+
+
+# --------------------------------------------------------------------------------- destinations, results, bad exports
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    from scratch_disks import tmpfs_mounts
+
+    yield from tmpfs_mounts(tmp_path / "mounts")
+
+
+def _three_class_run(tmp_path: Path) -> tuple[Path, Path]:
+    """A run directory with one checkpoint of a 3-class model, and a data set of 3 classes to score it on."""
+    from data_fixtures import make_dataset
+
+    cfg = dataclasses.asdict(
+        ModelConfig(name="sepvit_lite", num_classes=3, img_size=32, kwargs={"window_sizes": PLAN_32})
+    )
+    _checkpoint(tmp_path, _build(cfg), cfg)
+    return tmp_path / "run", make_dataset(tmp_path / "data", {"train": [4], "val": [6]})
+
+
+def test_eval_and_export_check_their_destination_before_the_work(tmp_path, tmpfs, capsys):
+    run, data = _three_class_run(tmp_path)
+    read_only = tmpfs(1 << 20, ro=True)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine\n")
+    (tmp_path / "a_dir").mkdir()
+    for out, why in [
+        (read_only / "r.json", f"{read_only} is not writable (Read-only file system)"),
+        (tmp_path / "a_dir", f"{tmp_path / 'a_dir'} is a directory"),
+        (a_file / "r.json", f"{a_file} is a file, not a folder"),
+    ]:
+        assert cli_main(["eval", str(run), "--data", str(data), "--num-workers", "0", "--out", str(out)]) == 2
+        captured = capsys.readouterr()
+        assert f"pretrain eval: cannot write the result to {out}: {why}; pass --out FILE.json" in captured.err
+        assert "top1" not in captured.out  # refused before the model was loaded
+        assert cli_main(["export", str(run), "--out", str(out)]) == 2
+        assert f"pretrain export: cannot write {out}: {why}" in capsys.readouterr().err
+    assert a_file.read_text() == "mine\n" and list((tmp_path / "a_dir").iterdir()) == []
+    assert not (run / "eval").exists()
+
+
+def test_eval_prints_its_numbers_before_it_saves_them(tmp_path, tmpfs, capsys):
+    """A disk that is full when the result is saved loses the file, not the result: it is on the screen already."""
+    from scratch_disks import fill
+
+    run, data = _three_class_run(tmp_path)
+    disk = tmpfs(1 << 20)
+    fill(disk)
+    out = disk / "result.json"
+    assert cli_main(["eval", str(run), "--data", str(data), "--num-workers", "0", "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert re.search(
+        r"pretrain eval: sepvit_lite step 3 on val \(6 samples\): top1 [\d.]+ top5 [\d.]+ loss", captured.out
+    )
+    assert f"could not save the result to {out} (No space left on device); the numbers above are the result" in (
+        captured.err
+    )
+    assert not out.exists() and sorted(p.name for p in disk.iterdir()) == ["filler"]
+    assert cli_main(["eval", str(run), "--data", str(data), "--num-workers", "0"]) == 0  # the default place works
+    result = json.loads((run / "eval" / "step_000003-val.json").read_text())
+    assert f"top1 {result['top1']:.4f}" in capsys.readouterr().out
+
+
+def test_export_to_a_full_disk_leaves_no_partial_file(tmp_path, tmpfs, capsys):
+    run, _ = _three_class_run(tmp_path)
+    disk = tmpfs(1 << 20)  # the weights need ~11 MB
+    out = disk / "w.safetensors"
+    assert cli_main(["export", str(run), "--out", str(out)]) == 1
+    assert f"pretrain export: could not write {out} (" in capsys.readouterr().err
+    assert list(disk.iterdir()) == [] and verify_checkpoint(run / "checkpoints" / "step_000003")[0]
+
+
+def _tampered(src: Path, dst: Path, edit_state=None, **edit_config) -> Path:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta, state = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    meta["model_config"] = json.dumps({**json.loads(meta["model_config"]), **edit_config})
+    if edit_state is not None:
+        edit_state(state)
+    save_file(state, str(dst), metadata=meta)
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            {"edit_state": lambda s: s.update({"head.weight": torch.zeros(3, 7)})},
+            "its weights do not fit the sepvit_lite model its config describes (size mismatch for head.weight",
+        ),
+        (
+            {"img_size": 10**9},
+            "its model config is unusable (model.img_size=1000000000 must be an integer in [1, 8192])",
+        ),
+        ({"drop_rate": float("nan")}, "model.drop_rate=nan must be a finite number in [0, 1)"),
+    ],
+    ids=["wrong-shape", "absurd-img-size", "nan-rate"],
+)
+def test_eval_and_loading_of_an_export_that_lies_name_what_is_wrong(edit, message, tmp_path, capsys):
+    from pretrain.export import ExportError, load_pretrained
+
+    run, data = _three_class_run(tmp_path)
+    good = tmp_path / "w.safetensors"
+    export_weights(run, good)
+    bad = _tampered(good, tmp_path / "bad.safetensors", **edit)
+    assert cli_main(["eval", str(bad), "--data", str(data), "--num-workers", "0"]) == 1
+    err = capsys.readouterr().err
+    assert f"pretrain eval: {bad}: " in err and message in err and "Traceback" not in err
+    with pytest.raises(ExportError, match=re.escape(message)):
+        load_pretrained(bad)

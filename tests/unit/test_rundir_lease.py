@@ -1,4 +1,5 @@
-"""The run directory's lease: one owner at a time, taken over only from a provably dead holder (real processes)."""
+"""The run directory's lease: one owner at a time, taken over only from a provably dead holder (real processes): every
+process of the run must be gone, and a stale heartbeat is judged by the file system's clock, never the holder's."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.rundir import LEASE, LeaseHeld, acquire_lease, lease_holder
+from pretrain.rundir import LEASE, LeaseHeld, LeaseProcess, acquire_lease, lease_holder, watch_lease
 
 
 def _sleeper() -> subprocess.Popen:
@@ -48,10 +49,13 @@ def test_a_killed_holder_on_this_host_is_taken_over_at_once(tmp_path: Path) -> N
         assert lease_holder(tmp_path)[0].pid == os.getpid()
 
 
-def _write_foreign_lease(run_dir: Path, **fields: object) -> None:
+def _write_foreign_lease(run_dir: Path, mtime: float | None = None, **fields: object) -> None:
+    proc = {"host": "another-node", "pid": 1234, "start": 1, "boot_id": None}
     base = {"host": "another-node", "pid": 1234, "pid_start": 1, "slurm_job_id": None, "heartbeat": time.time(),
-            "timeout_s": 600.0, "token": "theirs"}  # fmt: skip
+            "timeout_s": 600.0, "token": "theirs", "beat": 7, "processes": [proc]}  # fmt: skip
     (run_dir / LEASE).write_text(json.dumps({**base, **fields}))
+    if mtime is not None:
+        os.utime(run_dir / LEASE, (mtime, mtime))
 
 
 def test_a_lease_of_another_host_needs_a_stale_heartbeat_or_the_same_slurm_job(tmp_path: Path) -> None:
@@ -61,12 +65,132 @@ def test_a_lease_of_another_host_needs_a_stale_heartbeat_or_the_same_slurm_job(t
     _write_foreign_lease(tmp_path, slurm_job_id="77")
     with acquire_lease(tmp_path, slurm_job_id="77") as lease:  # the same job, requeued: its earlier life is over
         assert lease.took_over == "the same Slurm job 77 (requeued)"
-    _write_foreign_lease(tmp_path, heartbeat=time.time() - 700)
+    _write_foreign_lease(tmp_path, mtime=time.time() - 700)  # its file unchanged for 700 s (the file system's clock)
     with acquire_lease(tmp_path) as lease:
-        assert lease.took_over.startswith("its heartbeat is 70") and "timeout 600 s" in lease.took_over
+        assert lease.took_over.startswith("its heartbeat has not changed for 70") and "timeout 600 s" in lease.took_over
     (tmp_path / LEASE).write_text('{"host": "x", "pi')  # torn or edited: proves no holder
     with acquire_lease(tmp_path) as lease:
         assert "unreadable" in lease.took_over
+
+
+def test_the_holders_clock_is_never_compared_with_ours(tmp_path: Path) -> None:
+    # a heartbeat stamped a day ahead (the holder's clock is skewed) in a file the file system dated long ago: stale
+    _write_foreign_lease(tmp_path, heartbeat=time.time() + 86400, mtime=time.time() - 700)
+    with acquire_lease(tmp_path) as lease:
+        assert lease.took_over.startswith("its heartbeat has not changed for 70")
+    # a heartbeat stamped long ago in a file written just now: fresh, whatever the holder's clock said
+    _write_foreign_lease(tmp_path, heartbeat=time.time() - 86400)
+    with pytest.raises(LeaseHeld, match="heartbeat 0 s ago"):
+        acquire_lease(tmp_path)
+
+
+def test_a_lease_dated_ahead_of_the_file_systems_clock_cannot_lock_the_directory_for_good(tmp_path: Path) -> None:
+    # the holder's node (its clock a day ahead, on a file system that keeps the writer's times) died: its lease file
+    # is dated in the future. It is timed by observation: unchanged for its timeout since first seen, it passes on.
+    ahead = time.time() + 86400
+    _write_foreign_lease(tmp_path, heartbeat=ahead, mtime=ahead, timeout_s=1.0)
+    with pytest.raises(LeaseHeld, match="heartbeat stamped ahead of this clock"):
+        acquire_lease(tmp_path)
+    time.sleep(1.5)
+    with acquire_lease(tmp_path) as lease:
+        assert lease.took_over.startswith("its heartbeat has not changed for ") and "s (timeout 1 s)" in lease.took_over
+    assert not list(tmp_path.glob(".lease.json.*"))  # the observation is cleaned up with the takeover
+    # a holder that keeps beating (a new beat each time we look) is never stale, however far ahead its clock
+    for beat in range(3):
+        _write_foreign_lease(tmp_path, heartbeat=ahead, mtime=ahead, timeout_s=1.0, beat=beat)
+        with pytest.raises(LeaseHeld):
+            acquire_lease(tmp_path)
+        time.sleep(0.6)
+
+
+def test_a_future_heartbeat_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path: Path) -> None:
+    holder = _sleeper()
+    acquire_lease(tmp_path, pid=holder.pid)._stop.set()
+    data = json.loads((tmp_path / LEASE).read_text())
+    (tmp_path / LEASE).write_text(json.dumps({**data, "heartbeat": time.time() + 86400}))
+    os.utime(tmp_path / LEASE, (time.time() + 86400,) * 2)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    with acquire_lease(tmp_path) as lease:
+        assert lease.took_over == f"process {holder.pid} on this host is gone"
+
+
+def test_the_lease_passes_on_only_when_every_process_of_the_run_is_gone(tmp_path: Path) -> None:
+    launcher, rank = _sleeper(), _sleeper()
+    try:
+        lease = acquire_lease(tmp_path, pid=launcher.pid)
+        lease.set_processes([LeaseProcess.of(rank.pid)])
+        lease._stop.set()
+        info = lease_holder(tmp_path)[0]
+        assert [p.pid for p in info.processes] == [launcher.pid, rank.pid]
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        # the launcher is gone but its rank still runs (an orphan): the directory stays its run's
+        with pytest.raises(LeaseHeld, match=rf"pid {launcher.pid} on \S+, ranks {rank.pid} on "):
+            acquire_lease(tmp_path)
+        os.kill(rank.pid, signal.SIGKILL)
+        rank.wait()
+        with acquire_lease(tmp_path) as taken:
+            assert taken.took_over == f"processes {launcher.pid}, {rank.pid} on this host are gone"
+    finally:
+        for p in (launcher, rank):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_a_reused_pid_is_not_the_runs_process_and_is_never_signalled(tmp_path: Path) -> None:
+    proc = _sleeper()
+    try:
+        me = LeaseProcess.of(proc.pid)
+        assert me.alive() is True
+        impostor = LeaseProcess(me.host, me.pid, me.start - 1, me.boot_id)  # same pid, another start time
+        assert impostor.alive() is False and impostor.send(signal.SIGTERM) is False
+        assert proc.poll() is None
+        assert LeaseProcess("another-node", proc.pid, me.start).alive() is None  # unknown: not judged by this /proc
+        assert me.send(signal.SIGTERM) is True
+        assert proc.wait(timeout=10) == -signal.SIGTERM
+        assert me.alive() is False and me.send(signal.SIGTERM) is False
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_watch_lease_reports_a_removed_or_taken_lease_and_nothing_else(tmp_path: Path) -> None:
+    lost: list[str] = []
+    lease = acquire_lease(tmp_path)
+    stop = watch_lease(tmp_path, lease.info.token, lost.append, interval_s=0.1)
+    for _ in range(5):  # heartbeats rewrite the file: still ours
+        lease._write()
+        time.sleep(0.1)
+    assert lost == []
+    info = dataclasses.replace(lease.info, token="someone-else")
+    (tmp_path / LEASE).write_text(json.dumps({**json.loads((tmp_path / LEASE).read_text()), "token": "someone-else"}))
+    deadline = time.monotonic() + 5
+    while not lost and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(lost) == 1 and "now names another run" in lost[0], lost
+    stop.set()
+
+    lost.clear()
+    (tmp_path / LEASE).unlink()
+    with acquire_lease(tmp_path) as lease:
+        stop = watch_lease(tmp_path, lease.info.token, lost.append, interval_s=0.1)
+        (tmp_path / LEASE).unlink()
+        t0 = time.monotonic()
+        while not lost and time.monotonic() - t0 < 5:
+            time.sleep(0.05)
+        assert lost == [f"{tmp_path / LEASE} was removed"]
+        assert time.monotonic() - t0 < 2
+    del info
+
+    lost.clear()
+    with acquire_lease(tmp_path) as lease:
+        stop = watch_lease(tmp_path, lease.info.token, lost.append, interval_s=0.1)
+        stop.set()  # what a run does before it releases its lease
+    time.sleep(0.5)
+    assert lost == []
 
 
 def test_release_removes_only_its_own_lease(tmp_path: Path) -> None:
@@ -96,7 +220,8 @@ def test_two_runs_starting_together_never_both_win(tmp_path: Path, dead_holder: 
         run_dir = tmp_path / f"run{attempt}"
         run_dir.mkdir()
         if dead_holder:  # both race to break the same dead lease
-            _write_foreign_lease(run_dir, host=os.uname().nodename, pid=2**22 + 17)
+            dead = {"host": os.uname().nodename, "pid": 2**22 + 17, "start": 1, "boot_id": None}
+            _write_foreign_lease(run_dir, host=dead["host"], pid=dead["pid"], processes=[dead])
         queue = ctx.Queue()
         start = time.time() + 0.3
         procs = [ctx.Process(target=_race, args=(str(run_dir), start, queue)) for _ in range(2)]

@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 
 from launch.cli import main
 from launch.slurm_jobs import JOBS_FILE, SLURM_SUBDIR, read_job_events
+from launch.status import WATCH_EXIT_CODES
 from pretrain.rundir import METRICS, STATUS, acquire_lease
 
 REPO = Path(__file__).resolve().parents[2]
@@ -129,7 +131,7 @@ def test_watch_ends_when_the_lease_holder_is_sigkilled(tmp_path: Path) -> None:
         _kill(holder)
         t0 = time.monotonic()
         rest, _ = watch.communicate(timeout=30)
-        assert watch.returncode == 0
+        assert watch.returncode == WATCH_EXIT_CODES["dead"] == 1  # dead: the run failed without saying so
         assert time.monotonic() - t0 < 10
     finally:
         if holder.poll() is None:
@@ -216,3 +218,145 @@ def test_status_imports_no_torch_and_help_lists_every_command(tmp_path: Path) ->
         assert f"\n    {command} " in helped.stdout, command
     wrong = subprocess.run([sys.executable, "-m", "launch.cli", "stauts"], cwd=REPO, capture_output=True, text=True)
     assert wrong.returncode == 2 and "'sweep'" in wrong.stderr and "'status'" in wrong.stderr
+
+
+# --------------------------------------------------------------------------------------------------------- any bytes
+
+_HOSTILE = {
+    "not-utf8": b'{"state": "running", "message": "\xff\xfe\xfd"}',
+    "nested-without-end": b"[" * 100_000,
+    "json-array": b"[1, 2, 3]",
+    "truncated": b'{"state": "runn',
+    "huge": b'{"message": "' + b"x" * (2 << 20) + b'"}',
+    "non-finite": b'{"state": "running", "step": 3, "img_per_s": NaN, "last_eval": {"val_top1": Infinity, "step": 3}}',
+    "terminal-escapes": b'{"state": "\\u001b[2J", "message": "\\u001b[31mred", "host": "\\u0007"}',
+}
+
+
+def _no_constants(name: str) -> None:
+    raise AssertionError(f"--json printed {name}, which is not JSON")
+
+
+@pytest.mark.parametrize("kind", list(_HOSTILE))
+@pytest.mark.parametrize("name", [STATUS, METRICS, "lease.json", f"{SLURM_SUBDIR}/{JOBS_FILE}"])
+def test_status_reads_any_bytes(name: str, kind: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    _write_status(run, host="another-node")
+    (run / SLURM_SUBDIR).mkdir()
+    (run / name).write_bytes(_HOSTILE[kind])
+    assert main(["status", str(run)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"run:        {run}\nstate:      ") and captured.err == ""
+    assert "\x1b" not in captured.out and "\x07" not in captured.out, "a file's bytes reached the terminal"
+    if name == STATUS and kind != "terminal-escapes":
+        assert f"problem:    {run / STATUS}" in captured.out
+    assert main(["status", str(run), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out, parse_constant=_no_constants)
+    assert shown["run_dir"] == str(run) and isinstance(shown["problems"], list)
+
+
+def test_what_a_status_file_says_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    (run).mkdir()
+    (run / STATUS).write_bytes(_HOSTILE["non-finite"])
+    assert main(["status", str(run), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out, parse_constant=_no_constants)
+    assert shown["img_per_s"] is None and shown["last_eval"] == {"step": 3} and shown["step"] == 3
+    assert shown["problems"] == [f"{run / STATUS}: img_per_s=nan is not a finite number; ignored"]
+    (run / STATUS).write_bytes(_HOSTILE["terminal-escapes"])
+    assert main(["status", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "state='\\x1b[2J' is not a run state; ignored" in out and "message:    \\x1b[31mred" in out
+    (run / STATUS).write_bytes(_HOSTILE["huge"])
+    assert main(["status", str(run)]) == 0
+    assert f"{run / STATUS} is larger than 1 MiB" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------- --watch ends
+
+
+@pytest.mark.parametrize(("state", "code"), [("finished", 0), ("failed", 1), ("preempted", 3), ("stopped", 4)], ids=str)
+def test_watch_ends_on_every_final_state_with_its_code(state: str, code: int, tmp_path: Path, capsys) -> None:
+    """No job, no lease: nothing will change these states (a preempted `pretrain train` waits for the user)."""
+    run = tmp_path / "run"
+    _write_status(run, state=state, host="another-node")
+    t0 = time.monotonic()
+    assert main(["status", str(run), "--watch", "--interval-s", "0.5"]) == code == WATCH_EXIT_CODES[state]
+    assert time.monotonic() - t0 < 5 and capsys.readouterr().out.count("state:") == 1
+
+
+def test_watch_ends_on_a_cancelled_job_and_refuses_a_bad_interval(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    _write_status(run, state="running", host="another-node")
+    (run / SLURM_SUBDIR).mkdir()
+    events = [{"event": "submit", "job_id": UNKNOWN_SLURM_JOB, "cluster": "local"}]
+    events.append({"event": "cancel", "job_id": UNKNOWN_SLURM_JOB, "cluster": "local"})
+    (run / SLURM_SUBDIR / JOBS_FILE).write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert main(["status", str(run), "--watch", "--interval-s", "0.5"]) == 4
+    assert "state:      cancelled" in capsys.readouterr().out
+    for bad in ("nan", "inf", "0", "-1"):
+        assert main(["status", str(run), "--watch", "--interval-s", bad]) == 2
+        assert "--interval-s" in capsys.readouterr().err
+
+
+def test_a_preempted_run_is_final_only_when_nothing_will_resume_it(tmp_path: Path) -> None:
+    from launch.status import read_run_status
+
+    run = tmp_path / "run"
+    holder = _sleeper()
+    try:
+        _write_status(run, state="preempted", pid=holder.pid)
+        lease = acquire_lease(run, pid=holder.pid)
+        lease._stop.set()
+        shown = read_run_status(run)
+        assert (shown.state, shown.final) == ("preempted", False)  # its process is still checkpointing and leaving
+    finally:
+        _kill(holder)
+    shown = read_run_status(run)
+    assert (shown.state, shown.final) == ("preempted", True)
+
+
+def _stand_in(folder: Path, name: str, stderr: str) -> None:
+    """A Slurm client command that fails as the real one does (for machines without Slurm)."""
+    folder.mkdir(exist_ok=True)
+    script = folder / name
+    script.write_text(f"#!/bin/sh\necho '{stderr}' >&2\nexit 1\n")
+    script.chmod(0o755)
+
+
+def _slurm_answers() -> bool:
+    """Whether a Slurm controller answers here (Slurm may be installed with no controller running)."""
+    if shutil.which("scontrol") is None:
+        return False
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30, check=False)
+    return ping.returncode == 0 and "UP" in ping.stdout
+
+
+def test_watch_ends_on_a_slurm_job_slurm_no_longer_knows(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`unknown` ends --watch (exit 5) once Slurm answers that it does not know the job; while Slurm cannot be asked,
+    the job may still run and --watch goes on. The real scontrol answers where a Slurm controller runs; elsewhere a
+    stand-in with Slurm's own error lines."""
+    from launch.status import read_run_status
+
+    run = tmp_path / "run"
+    _write_status(run, state="running", host="another-node")
+    (run / SLURM_SUBDIR).mkdir()
+    submit = {"event": "submit", "job_id": UNKNOWN_SLURM_JOB, "cluster": "slurm"}
+    (run / SLURM_SUBDIR / JOBS_FILE).write_text(json.dumps(submit) + "\n")
+    path = os.environ["PATH"]
+    if not _slurm_answers():
+        _stand_in(tmp_path / "bin", "scontrol", "slurm_load_jobs error: Invalid job id specified")
+        monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{path}")
+    assert main(["status", str(run), "--watch", "--interval-s", "0.5"]) == 5
+    out = capsys.readouterr().out
+    assert f"state:      unknown (Slurm no longer knows job {UNKNOWN_SLURM_JOB}" in out
+    (run / STATUS).unlink()  # a job that never started (cancelled while queued, before `pretrain cancel` existed)
+    assert read_run_status(run).final
+
+    _write_status(run, state="running", host="another-node")
+    _stand_in(
+        tmp_path / "down", "scontrol", "slurm_load_jobs error: Unable to contact slurm controller (connect failure)"
+    )
+    monkeypatch.setenv("PATH", f"{tmp_path / 'down'}:{path}")
+    shown = read_run_status(run)
+    assert (shown.state, shown.final) == ("unknown", False) and "could not be asked" in shown.state_reason

@@ -165,3 +165,163 @@ def test_a_missing_init_from_exits_2_before_anything_starts(tmp_path: Path, caps
     assert main(["train", str(RUN_CONFIG), *argv]) == 2
     assert "model.init_from=nothing.safetensors: no such file or directory" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------- numeric ranges
+
+
+def _numeric_fields(cls: type, prefix: str) -> list[str]:
+    import dataclasses
+    import typing
+
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _numeric_fields(tp, f"{prefix}{f.name}.")
+        elif tp in (int, float) or typing.get_args(tp) in ((int,), (float,)):
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def test_every_numeric_field_has_a_range_and_the_defaults_fit() -> None:
+    from pretrain.config import NUMERIC_RULES, Config
+
+    fields = _numeric_fields(Config, "")
+    assert len(fields) >= 50 and "optim.betas" in fields and "augment.mean" in fields
+    assert sorted(set(fields) - set(NUMERIC_RULES)) == [], "a numeric config field without a rule"
+    assert sorted(set(NUMERIC_RULES) - set(fields)) == [], "a rule for a field that does not exist"
+    load_config(RUN_CONFIG)  # every shipped config fits the ranges
+    for path in sorted((REPO / "configs" / "run").glob("*.yaml")):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=inf", "optim.lr=inf must be positive and finite, in (0, 100]"),
+        ("optim.lr=.nan", "optim.lr=nan must be positive and finite, in (0, 100]"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1 must be a finite number in [0, 10]"),
+        ("optim.betas=[0.9,1.0]", "optim.betas[1]=1.0 must be a finite number in [0, 1)"),
+        ("optim.eps=0", "optim.eps=0.0 must be positive and finite, in (0, 1]"),
+        ("optim.momentum=1.5", "optim.momentum=1.5 must be a finite number in [0, 1)"),
+        ("optim.grad_clip=.inf", "optim.grad_clip=inf must be a finite number >= 0 (0 disables)"),
+        ("schedule.warmup_lr=-1", "schedule.warmup_lr=-1.0 must be a finite number in [0, 100]"),
+        (
+            "trainer.seed=99999999999999999999999",
+            "trainer.seed=99999999999999999999999 must be an integer in [0, 4294967295]",
+        ),
+        ("data.seed=-1", "data.seed=-1 must be an integer in [0, 4294967295]"),
+        ("trainer.max_steps=10000000000000000", "trainer.max_steps=10000000000000000 must be an integer in [1, "),
+        ("trainer.log_every_steps=0", "trainer.log_every_steps=0 must be an integer in [1, "),
+        ("trainer.max_nonfinite_steps=0", "trainer.max_nonfinite_steps=0 must be an integer in [1, "),
+        ("trainer.ema_decay=1", "trainer.ema_decay=1.0 must be a finite number in [0, 1) (0 disables)"),
+        ("checkpoint.every_minutes=.inf", "checkpoint.every_minutes=inf must be a finite number in [0, 10000000]"),
+        ("model.drop_rate=1", "model.drop_rate=1.0 must be a finite number in [0, 1)"),
+        ("model.img_size=1000000000", "model.img_size=1000000000 must be an integer in [1, 8192]"),
+        ("augment.label_smoothing=1", "augment.label_smoothing=1.0 must be in [0, 1)"),  # data_pipeline's own rule
+        ("augment.mixup_alpha=.inf", "augment.mixup_alpha=inf must be a finite number in [0, 100] (0 disables)"),
+        ("augment.cutmix_alpha=-1", "augment.cutmix_alpha=-1.0 must be a finite number in [0, 100]"),
+        (
+            "augment.mean=[123.7,116.3,103.5]",
+            "augment.mean[0]=123.7 must be a finite number in [0, 1] (0..1 scale: divide 0..255",
+        ),
+        ("augment.std=[0.2,0,0.2]", "augment.std[1]=0.0 must be positive and finite, in (0, 1]"),
+        ("augment.randaug_m=30", "augment.randaug_m=30.0 must be a finite number in [0, 10]"),
+        ("augment.ratio_min=2", "augment.ratio_min=2.0 exceeds augment.ratio_max=1.18"),
+        ("data.batch_size=2000000", "data.batch_size=2000000 must be an integer in [1, 1048576]"),
+        ("data.val_batch_size=-1", "data.val_batch_size=-1 must be an integer in [0, 1048576]"),
+        ("data.cache_max_gb=.nan", "data.cache_max_gb=nan must be positive and finite, in (0, 1000000000]"),
+        ("logging.corrupt_log_every=0", "logging.corrupt_log_every=0 must be an integer in [1, "),
+    ],
+)
+def test_non_finite_or_absurd_hyperparameters_exit_2_naming_field_and_range(
+    override: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = make_dataset(tmp_path / "data", {"train": [8], "val": [4]})
+    out = tmp_path / "runs"
+    assert main(["train", str(RUN_CONFIG), f"data.path={data}", f"run.output_dir={out}", override]) == 2
+    err = capsys.readouterr().err
+    assert f"pretrain train: config error: {message}" in err and "Traceback" not in err
+    assert not out.exists(), "nothing may be written on a config error"
+
+
+def test_other_schemas_refuse_non_finite_numbers(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    profile = _write(tmp_path / "site.yaml", "cluster: slurm\nmem_gb: .inf\n")
+    assert main(["submit", str(RUN_CONFIG), "--profile", str(profile), "--dry-run"]) == 2
+    assert "mem_gb=inf must be a finite number" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- run.output_dir, init_from
+
+
+def test_an_output_dir_that_is_a_file_exits_2_and_leaves_it_alone(tmp_path: Path, capsys) -> None:
+    data = make_dataset(tmp_path / "data", {"train": [8], "val": [4]})
+    afile = _write(tmp_path / "runs", "my notes\n")
+    for out in (afile, afile / "deeper"):
+        assert main(["train", str(RUN_CONFIG), f"data.path={data}", f"run.output_dir={out}"]) == 2
+        err = capsys.readouterr().err
+        assert f"run.output_dir={out}: {afile} is a file, not a folder" in err and "Traceback" not in err
+    assert afile.read_text() == "my notes\n"
+
+
+def _export(path: Path, state_edit=None, **config_edit) -> Path:
+    """An export of a fresh sepvit_lite at 32x32 (10 classes) as `pretrain export` writes it, then edited."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from pretrain.config import ModelConfig
+    from pretrain.models import create_model
+    from pretrain.models._registry import EXPORT_FORMAT
+
+    kwargs = {"window_sizes": [[4], [2, 4], [2, 2, 2, 2, 2, 2], [1, 1]]}
+    cfg = dataclasses.asdict(ModelConfig(name="sepvit_lite", num_classes=10, img_size=32, kwargs=kwargs))
+    state = create_model("sepvit_lite", num_classes=10, img_size=32, **kwargs).state_dict()
+    if state_edit is not None:
+        state_edit(state)
+    meta = {"format": EXPORT_FORMAT, "model_name": "sepvit_lite", "model_config": json.dumps({**cfg, **config_edit})}
+    save_file(state, str(path), metadata=meta)
+    return path
+
+
+def _wrong_shape(state: dict) -> None:
+    import torch
+
+    state["stages.0.blocks.0.attn.qkv.weight"] = torch.zeros(96, 31)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            {"state_edit": _wrong_shape},
+            "its weights do not fit the sepvit_lite model its config describes (size mismatch for "
+            "stages.0.blocks.0.attn.qkv.weight",
+        ),
+        (
+            {"img_size": 10**9},
+            "its model config is unusable (model.img_size=1000000000 must be an integer in [1, 8192])",
+        ),
+        ({"num_classes": "ten"}, "its model config is unusable (num_classes expects an integer, got str 'ten')"),
+        ({"name": "sepvit_huge"}, "the weights are of a sepvit_huge model, not sepvit_lite"),
+    ],
+    ids=["wrong-shape", "absurd-img-size", "wrong-type", "unknown-model"],
+)
+def test_init_from_an_export_that_does_not_fit_exits_2_before_anything_starts(
+    edit: dict, message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = make_dataset(tmp_path / "data", {"train": [8], "val": [4]})
+    good = _export(tmp_path / "good.safetensors")
+    bad = _export(tmp_path / "bad.safetensors", **edit)
+    out = tmp_path / "runs"
+    argv = ["train", str(RUN_CONFIG), f"data.path={data}", f"run.output_dir={out}", "--no-resume"]
+    assert main([*argv, f"model.init_from={bad}"]) == 2
+    err = capsys.readouterr().err
+    assert f"pretrain train: config error: model.init_from={bad}: {bad}: " in err and message in err
+    assert "Traceback" not in err and not out.exists()
+    from launch.cmd_train import validate_launch
+
+    plan = validate_launch(str(RUN_CONFIG), [f"data.path={data}", f"run.output_dir={out}", f"model.init_from={good}"],
+                           1, None, False)  # fmt: skip
+    assert plan.cfg.model.num_classes == 3 and not out.exists()  # a new head for 3 classes fits
