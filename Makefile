@@ -7,7 +7,7 @@ DATA    ?= data/digits
 PRETRAIN_CONFIG ?= configs/run/digits_sepvit_lite.yaml
 ARGS    ?=
 
-.PHONY: install test lint format pretrain clean slurm-up slurm-down bench
+.PHONY: install test test-fast lint format pretrain clean slurm-up slurm-down bench
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ $(STAMP): pyproject.toml setup.py data_pipeline/_jpeg_roi.c constraints.txt
 test: install
 	-$(MAKE) --no-print-directory slurm-up
 	$(BIN)/pytest -q --durations=30 tests
+
+# the inner loop: the unit tests (one process each, no Slurm, Ray or multi-rank training)
+test-fast: install
+	$(BIN)/pytest -q --durations=10 tests/unit
 
 lint: install
 	$(BIN)/ruff check pretrain launch data_pipeline tests benchmarks

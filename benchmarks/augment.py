@@ -54,7 +54,7 @@ def _reference():
 def build(impl: str, num_classes: int = 1000):
     """The augmentation ``impl`` with the ImageNet run configs' settings."""
     from data_pipeline.augment import DeviceAugment
-    from pretrain.config import AugmentConfig
+    from data_pipeline.config import AugmentConfig
 
     cfg = AugmentConfig(color_jitter=0.4)
     return _reference()(cfg, num_classes) if impl == "masked" else DeviceAugment(cfg, num_classes, impl=impl)

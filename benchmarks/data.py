@@ -47,9 +47,10 @@ Usage::
     python benchmarks/data.py index --baseline-tree /tmp/before   # stored shard index vs tar scans, alternated
 
 ``scale``: time and peak memory per process for rank r's batch b of an epoch (first and last batch), on synthetic
-shard counts (no tar files) of 1.28M, 14.2M, 100M and 1B samples, each case in a fresh process, for the old order
-(version 1: every process sorts the whole epoch) and the new one (version 2: a window around the batch), plus the
-shuffle quality of both on one whole small epoch. Target: <= 50 MB and <= 0.5 s per process at 1B samples.
+shard counts (no tar files) of 1.28M, 14.2M, 100M and 1B samples, each case in a fresh process, for a whole-epoch
+shuffle (old, :func:`_whole_epoch_order`: every process sorts the whole epoch) and the loader's order (new,
+``EpochOrder``: a window around the batch), plus the shuffle quality of both on one whole small epoch. Target:
+<= 50 MB and <= 0.5 s per process at 1B samples.
 
 ``index``: the ``train 224 (loader)`` epoch on the same shards read through their stored indexes and, as a data set
 built before stored indexes (the same shard files, a manifest naming no index), scanned with ``tarfile``; with
@@ -440,14 +441,27 @@ def _vm_kb(field: str) -> int:
     raise KeyError(field)
 
 
+def _whole_epoch_order(counts: np.ndarray, *, seed: int, epoch: int, shuffle_buffer: int) -> np.ndarray:
+    """The epoch order with every key drawn and sorted at once (the "old" rows): the shard permutation ``EpochOrder``
+    draws, then keys ``i + u_i * shuffle_buffer`` from one sequential numpy stream after it, one argsort."""
+    rng = np.random.default_rng([0x0DE7, seed, epoch])
+    perm = rng.permutation(len(counts))
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    total = int(offsets[-1])
+    layout = np.concatenate([np.arange(offsets[s], offsets[s + 1], dtype=np.int64) for s in perm])
+    keys = np.arange(total, dtype=np.float64) + rng.random(total) * shuffle_buffer
+    return layout[np.argsort(keys, kind="stable")]
+
+
 def _scale_child(spec: dict[str, Any]) -> dict[str, Any]:
     """One case in this (fresh) process: rank ``rank``'s batch ``batch`` of epoch 1, timed, with its peak memory.
 
-    ``path="order"``: ``EpochOrder(counts).batch(...)`` from an int64 array of per-shard counts; peak = growth of
-    ``getrusage`` maxrss over the baseline taken after the imports, so the counts array (what a manifest's numbers
-    cost) is included. ``path="stream"``: ``ShardStream.batch_rows`` of a stream over an in-memory synthetic manifest,
-    the loader's own call; the manifest and the stream's shard list are built first, then the peak is reset
-    (``/proc/self/clear_refs``) and peak = VmHWM growth over the RSS after the reset.
+    ``path="order"``: ``EpochOrder(counts).batch(...)`` (``name="old"``: the rows of :func:`_whole_epoch_order`)
+    from an int64 array of per-shard counts; peak = growth of ``getrusage`` maxrss over the baseline taken after the
+    imports, so the counts array (what a manifest's numbers cost) is included. ``path="stream"``:
+    ``ShardStream.batch_rows`` of a stream over an in-memory synthetic manifest, the loader's own call; the manifest
+    and the stream's shard list are built first, then the peak is reset (``/proc/self/clear_refs``) and peak = VmHWM
+    growth over the RSS after the reset.
     """
     from data_pipeline.order import EpochOrder
     from data_pipeline.stream import ShardStream
@@ -459,8 +473,13 @@ def _scale_child(spec: dict[str, Any]) -> dict[str, Any]:
     kw = dict(world_size=spec["world_size"], rank=spec["rank"], batch_size=spec["batch_size"])
     if spec["path"] == "order":
         t0 = time.perf_counter()
-        order = EpochOrder(counts, seed=0, epoch=1, shuffle_buffer=spec["shuffle_buffer"], order=spec["order"])
-        rows = order.batch(spec["batch"], **kw)
+        if spec["name"] == "old":
+            start = (spec["batch"] * spec["world_size"] + spec["rank"]) * spec["batch_size"]
+            full = _whole_epoch_order(counts, seed=0, epoch=1, shuffle_buffer=spec["shuffle_buffer"])
+            rows = full[start : start + spec["batch_size"]]
+        else:
+            order = EpochOrder(counts, seed=0, epoch=1, shuffle_buffer=spec["shuffle_buffer"])
+            rows = order.batch(spec["batch"], **kw)
         seconds = time.perf_counter() - t0
         peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kb
     else:
@@ -472,7 +491,6 @@ def _scale_child(spec: dict[str, Any]) -> dict[str, Any]:
             tempfile.gettempdir(), "train", train=True, seed=0, shuffle_buffer=spec["shuffle_buffer"],
             transform=lambda *a: None, image_size=8, manifest=manifest, **kw,
         )  # fmt: skip
-        stream.set_order(spec["order"])
         del shards, counts
         gc.collect()
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
@@ -492,8 +510,8 @@ def _run_scale_case(spec: dict[str, Any]) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def shuffle_quality(samples: int, shard_samples: int, shuffle_buffer: int, batch_size: int, order: int) -> dict:
-    """Mixing of one whole epoch (seed 0, epoch 1) of one order version.
+def shuffle_quality(samples: int, shard_samples: int, shuffle_buffer: int, batch_size: int, old: bool) -> dict:
+    """Mixing of one whole epoch (seed 0, epoch 1) of ``EpochOrder``, or (``old``) of :func:`_whole_epoch_order`.
 
     - displacement: ``|output position - layout position|`` of every sample (layout: the permuted shards laid out
       whole), mean / median / 99th percentile / max, in samples;
@@ -504,9 +522,12 @@ def shuffle_quality(samples: int, shard_samples: int, shuffle_buffer: int, batch
     from data_pipeline.order import EpochOrder
 
     n_shards = samples // shard_samples
-    out = EpochOrder(np.full(n_shards, shard_samples), seed=0, epoch=1, shuffle_buffer=shuffle_buffer, order=order)
-    out = out.slice(0, samples)
-    slot = np.empty(n_shards, dtype=np.int64)  # the layout slot of each shard; the same draw in both versions
+    counts = np.full(n_shards, shard_samples)
+    if old:
+        out = _whole_epoch_order(counts, seed=0, epoch=1, shuffle_buffer=shuffle_buffer)
+    else:
+        out = EpochOrder(counts, seed=0, epoch=1, shuffle_buffer=shuffle_buffer).slice(0, samples)
+    slot = np.empty(n_shards, dtype=np.int64)  # the layout slot of each shard; the same draw in both
     slot[np.random.default_rng([0x0DE7, 0, 1]).permutation(n_shards)] = np.arange(n_shards)
     layout = slot[out // shard_samples] * shard_samples + out % shard_samples
     moved = np.abs(np.arange(samples) - layout)
@@ -544,8 +565,6 @@ def scale_main(argv: list[str]) -> int:
         sys.stdout.write(json.dumps(_scale_child(json.loads(args.child))) + "\n")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from data_pipeline.order import LEGACY_ORDER, ORDER_VERSION
-
     global_batch = args.world_size * args.batch_size
     load_before = os.getloadavg()
     measured, results = [], {}
@@ -553,13 +572,13 @@ def scale_main(argv: list[str]) -> int:
         last = n // global_batch - 1
         for skip in args.skip_batches:
             batch = last if skip < 0 else skip
-            cases = [("new", ORDER_VERSION, "order"), ("new", ORDER_VERSION, "stream")]
+            cases = [("new", "order"), ("new", "stream")]
             if n <= args.old_max:
-                cases.insert(0, ("old", LEGACY_ORDER, "order"))
-            for name, order, path in cases:
+                cases.insert(0, ("old", "order"))
+            for name, path in cases:
                 spec = dict(
                     samples=n, shard_samples=args.shard_samples, world_size=args.world_size, rank=args.rank,
-                    batch_size=args.batch_size, shuffle_buffer=args.shuffle_buffer, batch=batch, order=order,
+                    batch_size=args.batch_size, shuffle_buffer=args.shuffle_buffer, batch=batch, name=name,
                     path=path,
                 )  # fmt: skip
                 runs = [_run_scale_case(spec) for _ in range(args.repeats)]
@@ -573,14 +592,14 @@ def scale_main(argv: list[str]) -> int:
             batch = n // global_batch - 1 if skip < 0 else skip
             assert results[n, batch, "new", "order"] == results[n, batch, "new", "stream"]
     quality = {
-        name: shuffle_quality(args.quality_samples, args.shard_samples, args.shuffle_buffer, args.batch_size, order)
-        for name, order in (("old", LEGACY_ORDER), ("new", ORDER_VERSION))
+        name: shuffle_quality(args.quality_samples, args.shard_samples, args.shuffle_buffer, args.batch_size, old)
+        for name, old in (("old", True), ("new", False))
     }
     load_after = os.getloadavg()
     calls = {"order": "EpochOrder(...).batch", "stream": "ShardStream.batch_rows"}
     rows = [
         f"| {m['samples']:,} | {m['samples'] // args.shard_samples:,} | {m['batch']:,} | {m['name']} | "
-        f"{calls[m['path']]} | {m['seconds']:.3f} | {m['peak']:.1f} |"
+        f"{'_whole_epoch_order' if m['name'] == 'old' else calls[m['path']]} | {m['seconds']:.3f} | {m['peak']:.1f} |"
         for m in measured
     ]
     largest = max(args.samples)
@@ -601,8 +620,8 @@ def scale_main(argv: list[str]) -> int:
             f"- case: rank {args.rank} of {args.world_size}, {args.batch_size} samples per rank batch (global batch "
             f"{global_batch:,}), shuffle_buffer {args.shuffle_buffer:,}, synthetic shards of {args.shard_samples:,} "
             f"samples (no tar files), epoch 1; each row is a fresh process, best time / largest peak of "
-            f"{args.repeats}. old = order version 1 (the whole epoch sorted in every process), new = version 2 "
-            "(counter-based keys, one window ranked). The old algorithm is not run above "
+            f"{args.repeats}. old = a whole-epoch shuffle (_whole_epoch_order: the whole epoch sorted in every "
+            "process), new = EpochOrder (counter-based keys, one window ranked). The old algorithm is not run above "
             f"{args.old_max:,} samples (it grows linearly: ~10x the 100M row).",
             "- peak: `EpochOrder` rows: getrusage maxrss growth over the baseline after the imports, including the "
             "int64 shard-count array; `ShardStream` rows: the loader's call on a stream over an in-memory synthetic "
@@ -617,7 +636,7 @@ def scale_main(argv: list[str]) -> int:
             "",
             f"Shuffle quality, one whole epoch of {args.quality_samples:,} samples in shards of "
             f"{args.shard_samples:,}, shuffle_buffer {args.shuffle_buffer:,}, rank batches of {args.batch_size} "
-            "consecutive positions (both versions share the shard permutation; displacement = |output position - "
+            "consecutive positions (both share the shard permutation; displacement = |output position - "
             "layout position|, in samples):",
             "",
             "| order | displacement mean | median | p99 | max | same-shard neighbours in a batch | shards per batch |",

@@ -152,7 +152,7 @@ def make_model(
     if spec.timm_name is not None and not dry:
         return _timm_model(spec.timm_name, cfg.model.num_classes, cfg.model.img_size)
     if build_model is None:
-        from pretrain.trainer import build_model
+        from pretrain.rank import build_model
     return build_model(cfg)
 
 
@@ -283,7 +283,7 @@ def stage_augment(ctx: Ctx) -> None:
 
 def train_config(ctx: Ctx, spec: ModelSpec, compiled: bool, name: str) -> Any:
     from pretrain.config import load_config
-    from pretrain.trainer import resolve_num_classes
+    from pretrain.rank import resolve_num_classes
 
     s = ctx.s
     overrides = [
@@ -304,17 +304,17 @@ def train_config(ctx: Ctx, spec: ModelSpec, compiled: bool, name: str) -> Any:
 def _trainer_model(factory: Callable[[Any, Callable], nn.Module] | None) -> Iterator[None]:
     """``build_trainer`` with ``factory(cfg, build_model)`` as its model (timm's; ``build_model`` is the trainer's
     own): the engine, data and step are the trainer's."""
-    import pretrain.trainer as trainer_module
+    import pretrain.rank as rank_module
 
     if factory is None:
         yield
         return
-    original = trainer_module.build_model
-    trainer_module.build_model = lambda cfg: factory(cfg, original)
+    original = rank_module.build_model
+    rank_module.build_model = lambda cfg, *args, **kwargs: factory(cfg, original)
     try:
         yield
     finally:
-        trainer_module.build_model = original
+        rank_module.build_model = original
 
 
 def _profile(ctx: Ctx, step: Callable[[], Any], steps: int, compiled: bool) -> dict[str, Any]:
@@ -405,7 +405,7 @@ def _rows(ctx: Ctx, stage: str, label: str, setting: str, got: dict[str, Any]) -
 
 
 def _trainer_run(ctx: Ctx, spec: ModelSpec, compiled: bool) -> tuple[dict[str, Any], str]:
-    from pretrain.trainer import build_trainer
+    from pretrain.rank import build_trainer
 
     cfg = train_config(ctx, spec, compiled, f"{spec.key}_{'compiled' if compiled else 'eager'}")
     factory = (lambda c, build: make_model(spec, c, ctx.dry, build)) if spec.timm_name else None
@@ -428,8 +428,8 @@ def _timm_loop_run(ctx: Ctx, spec: ModelSpec, compiled: bool) -> tuple[dict[str,
     """ViT-S as timm's train loop steps it: autocast bf16, fused AdamW, mixup/cutmix and label smoothing on the device
     (RandAugment runs in timm's loader workers), nothing else."""
     from data_pipeline.loader import build_data
-    from pretrain.engine import soft_target_cross_entropy
-    from pretrain.models._flops import count_macs
+    from pretrain.loss import soft_target_cross_entropy
+    from pretrain.models.flops import count_macs
 
     cfg = train_config(ctx, spec, False, f"{spec.key}_loop")
     dev = ctx.device

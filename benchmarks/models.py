@@ -2,7 +2,7 @@
 
 For each variant: build it at ``--img-size`` (fresh seed, train mode), run ``--warmup`` forward+backward steps on a
 random ``(batch, 3, S, S)`` batch with a cross-entropy loss, then time ``--iters`` more. The table reports the median
-and best step, images/s from the median, forward GMACs per image (``pretrain.models._flops.count_macs``) and the
+and best step, images/s from the median, forward GMACs per image (``pretrain.models.flops.count_macs``) and the
 compute rate this implies (``3 x 2 x GMACs`` FLOPs per image for forward+backward), which is easier to compare across
 noisy runs than raw time. A second table compares ``setformer_tiny`` with ``attention=set`` and ``attention=softmax``
 at 224 and 448 (skipped if SeTformer is not registered).
@@ -64,7 +64,7 @@ def time_train_step(
 ) -> dict[str, float | int | str]:
     """Median/best seconds of one forward+backward step of variant ``name``, and its forward GMACs per image."""
     from pretrain.models import create_model
-    from pretrain.models._flops import count_macs, count_params
+    from pretrain.models.flops import count_macs, count_params
 
     torch.manual_seed(0)
     model = create_model(name, img_size=img_size, **kwargs).train()

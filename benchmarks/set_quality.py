@@ -164,7 +164,7 @@ def _build(config: str, overrides: list[str]):
     """The freshly initialised model of a run config with ``overrides`` (no ``init_from``), its input size and its
     per-rank batch size."""
     from pretrain.config import load_config
-    from pretrain.trainer import build_model
+    from pretrain.rank import build_model
 
     classes = 10 if "digits_" in Path(config).name else 2
     cfg = load_config(ROOT / config, [*overrides, "model.init_from=", f"model.num_classes={classes}"])
@@ -175,7 +175,7 @@ def _cost(config: str, overrides: list[str]) -> dict:
     """Params (M) and forward MMACs per image of a run config's model (matmuls and convolutions), counted on a batch
     of the run's size: SeT's whitening is computed once per forward whatever the batch (once per step in training),
     so a batch of 1 would charge all of it to one image."""
-    from pretrain.models._flops import count_macs, count_params
+    from pretrain.models.flops import count_macs, count_params
 
     model, size, batch = _build(config, overrides)
     mmacs = count_macs(model, size, batch=batch) * 1e3 / batch

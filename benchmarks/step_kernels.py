@@ -65,7 +65,7 @@ counter_mod = sys.modules["counter"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(counter_mod)
 from pretrain.config import load_config
 from pretrain.distributed import init_distributed
-from pretrain.trainer import build_model, build_trainer, resolve_num_classes
+from pretrain.rank import build_model, build_trainer, resolve_num_classes
 
 dist = init_distributed(device="cpu")
 out = {}

@@ -181,7 +181,7 @@ def _zero_memory_rank(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
     from pretrain.distributed import destroy_distributed, init_distributed
     from pretrain.engine import build_engine, optimizer_state_bytes
-    from pretrain.trainer import build_model
+    from pretrain.rank import build_model
 
     dist = init_distributed(device="cpu")
     results = {}

@@ -21,9 +21,9 @@ number of skipped samples per reason in the consumed batches, exact whatever the
 batch's ``"retried"`` notes) and are counted under :data:`RETRIED_REQUESTS` with the corrupt samples: a count, not a
 skipped sample (the sample arrived on a later try), in the same metrics and checkpoints.
 
-Epoch order version: ``state_dict()`` records the stream's ``"order"``; a state without it was written before
-version 2 and resumes with :data:`~data_pipeline.order.LEGACY_ORDER` (and keeps it for the rest of that run), so an
-old run continues with the sample order it started with.
+Epoch order version: ``state_dict()`` records ``"order"``, the version of the epoch order the stream computes
+(:data:`~data_pipeline.order.ORDER_VERSION`); ``load_state_dict`` refuses a state that records another version or
+none, since its ``batches_done`` would not mean the same samples.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from data_pipeline.config import AugmentConfig, DataConfig
 
 from data_pipeline.manifest import Manifest, load_manifest, resolve_split
-from data_pipeline.order import LEGACY_ORDER, ORDER_VERSION, ORDER_VERSIONS
+from data_pipeline.order import ORDER_VERSION
 from data_pipeline.remote import RetryPolicy, Store
 from data_pipeline.shard_cache import ShardCache
 from data_pipeline.stream import ShardStream, Transform
@@ -53,7 +53,7 @@ __all__ = ["RETRIED_REQUESTS", "DataParts", "ResumableLoader", "build_data", "bu
 
 logger = logging.getLogger(__name__)
 
-_STATE_KEYS = ("epoch", "batches_done", "corrupt", "seed", "world_size", "batch_size")
+_STATE_KEYS = ("epoch", "batches_done", "corrupt", "seed", "world_size", "batch_size", "data_fingerprint")
 RETRIED_REQUESTS = "retried_requests"
 """Key of :meth:`ResumableLoader.corrupt_counts` counting remote requests re-sent after a transient error."""
 
@@ -160,7 +160,7 @@ class ResumableLoader:
             "world_size": self.stream.world_size,
             "batch_size": self.stream.batch_size,
             "data_fingerprint": self.data_fingerprint(),
-            "order": self.stream.order,
+            "order": ORDER_VERSION,
         }
 
     def data_fingerprint(self) -> str:
@@ -173,25 +173,27 @@ class ResumableLoader:
         """Makes the next iteration start at batch ``batches_done`` of ``epoch``.
 
         ``world_size`` and ``batch_size`` may change together as long as their product (the global batch) stays the
-        same: the global sample sequence, and so the meaning of ``batches_done``, is unchanged. The stream takes the
-        state's epoch order version (:data:`~data_pipeline.order.LEGACY_ORDER` when it has none).
+        same: the global sample sequence, and so the meaning of ``batches_done``, is unchanged.
 
         Raises:
             ValueError: A key is missing, or the seed or the global batch differ (the message names the field), or
-                ``batches_done`` is beyond this epoch, or the order version is unknown.
+                ``batches_done`` is beyond this epoch, or the state's epoch order version is missing or not
+                :data:`~data_pipeline.order.ORDER_VERSION`.
         """
         missing = [k for k in _STATE_KEYS if k not in state]
         if missing:
             raise ValueError(f"loader state lacks {missing}; expected keys {list(_STATE_KEYS)}")
         seed, world_size, batch_size = int(state["seed"]), int(state["world_size"]), int(state["batch_size"])
-        order = int(state.get("order", LEGACY_ORDER))  # absent in states written before version 2
-        if order not in ORDER_VERSIONS:
+        order = state.get("order")
+        if order != ORDER_VERSION:
+            found = "no epoch order version" if order is None else f"epoch order version {order!r}"
             raise ValueError(
-                f"order: the checkpoint's epoch order version {order} is unknown to this code "
-                f"(known: {list(ORDER_VERSIONS)}); resume it with the code that wrote it"
+                f"order: the checkpoint's data state records {found}; this code reads only version {ORDER_VERSION}, "
+                "so its batches_done would not mean the same samples; resume it with the code that wrote it, or start "
+                "a new run (new run.name)"
             )
-        saved_fp = state.get("data_fingerprint")  # absent in states written before it existed
-        if saved_fp is not None and saved_fp != self.data_fingerprint():
+        saved_fp = state["data_fingerprint"]
+        if saved_fp != self.data_fingerprint():
             raise ValueError(
                 f"data_fingerprint: the checkpoint was taken on other shards of split '{self.stream.split}' "
                 f"({saved_fp} != {self.data_fingerprint()}); the data set at {self.stream.data_dir} was rebuilt or "
@@ -223,9 +225,6 @@ class ResumableLoader:
             )
         if done == len(self) and done > 0:
             epoch, done = epoch + 1, 0
-        if order != ORDER_VERSION:
-            logger.info("resuming with the checkpoint's epoch order version %d (new runs use %d)", order, ORDER_VERSION)
-        self.stream.set_order(order)
         self._epoch, self._batches_done = epoch, done
         self._corrupt = {str(k): int(v) for k, v in dict(state["corrupt"]).items()}
 

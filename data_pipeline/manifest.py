@@ -9,7 +9,7 @@ write index to its shard from the per-shard counts. Two versions, both read:
   ``DIR/.index/`` (member offsets, so readers do not scan the tar; see :mod:`data_pipeline.shard_index`); shards of
   a build made before stored indexes existed name none and are scanned.
 - version 2 (``pretrain data index``, shards written by any WebDataset tool): every shard names its ``index``, a JSON
-  file under ``DIR/.index/`` (see :mod:`data_pipeline.wds_index`) holding its samples' keys, labels, image member and
+  file under ``DIR/.index/`` (see :mod:`data_pipeline.indexer`) holding its samples' keys, labels, image member and
   member offsets in tar order; the stream takes keys and labels from there. The manifest also names the ``label``
   rule, the ``image_exts`` present, and per split the samples left out (``skipped_samples``, by reason).
 

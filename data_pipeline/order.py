@@ -1,5 +1,5 @@
 """The epoch plan of a shard stream: which sample goes to which (rank, batch, row), as pure functions of (seed, epoch,
-manifest, world size, batch size), and the order versions a run may hold.
+manifest, world size, batch size), and the order version a run records.
 
 The contract (its steps spelled out in the docstring of :mod:`data_pipeline.stream`): an epoch's global order is a
 pure function of (seed, epoch, manifest); the same samples land in the same places for every world size with the same
@@ -20,9 +20,7 @@ from data_pipeline.manifest import Manifest, load_manifest
 from data_pipeline.shard_index import IndexChanged, StoredShard, read_stored_shard
 
 __all__ = [
-    "LEGACY_ORDER",
     "ORDER_VERSION",
-    "ORDER_VERSIONS",
     "EpochOrder",
     "batch_indices",
     "epoch_order",
@@ -39,12 +37,9 @@ _ORDER_DOMAIN = 0x0DE7
 _GOLDEN = 0x9E3779B97F4A7C15
 _MASK64 = 2**64 - 1
 
-LEGACY_ORDER = 1
-"""Epoch order of runs started before version 2: sort keys from one sequential numpy stream, the whole epoch at once
-in every process. A checkpoint's data state without ``"order"`` resumes with it, and keeps it."""
 ORDER_VERSION = 2
-"""Epoch order of new runs: sort keys from a counter-based hash, so a process computes only the positions it needs."""
-ORDER_VERSIONS = (LEGACY_ORDER, ORDER_VERSION)
+"""Version of the epoch order computed here (sort keys from a counter-based hash, so a process computes only the
+positions it needs), recorded in the loader's data state; a state of another version is refused."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -97,7 +92,6 @@ def epoch_order(
     epoch: int,
     shuffle_buffer: int,
     train: bool = True,
-    order: int = ORDER_VERSION,
 ) -> np.ndarray:
     """The whole global sample order of one epoch, before the cut to whole global batches.
 
@@ -109,12 +103,11 @@ def epoch_order(
         epoch: Epoch number.
         shuffle_buffer: Width of the windowed shuffle, in samples.
         train: ``False`` returns write order (eval).
-        order: Order version (:data:`ORDER_VERSION`, or :data:`LEGACY_ORDER` for runs started before it).
 
     Returns:
         int64 array of sample write indices, length ``sum(shard_samples)``.
     """
-    full = EpochOrder(shard_samples, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, train=train, order=order)
+    full = EpochOrder(shard_samples, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, train=train)
     return full.slice(0, full.num_samples)
 
 
@@ -162,7 +155,7 @@ class EpochOrder:
 
     Holds the shard permutation and the shards' running counts (O(number of shards)); :meth:`slice` computes the sort
     keys of a layout window about ``4 * shuffle_buffer`` wider than the range asked for, nothing else (see the module
-    docstring). :data:`LEGACY_ORDER` computes the whole order at construction, as runs before version 2 did.
+    docstring).
 
     Args:
         shard_samples: Samples per shard, in manifest order.
@@ -170,10 +163,6 @@ class EpochOrder:
         epoch: Epoch number (>= 0).
         shuffle_buffer: Width of the windowed shuffle, in samples (>= 1).
         train: ``False``: write order (eval).
-        order: Order version, one of :data:`ORDER_VERSIONS`.
-
-    Raises:
-        ValueError: ``order`` is not a known version.
     """
 
     def __init__(
@@ -184,21 +173,13 @@ class EpochOrder:
         epoch: int,
         shuffle_buffer: int,
         train: bool = True,
-        order: int = ORDER_VERSION,
     ):
-        if order not in ORDER_VERSIONS:
-            raise ValueError(f"order={order!r} is not a known epoch order version; known: {list(ORDER_VERSIONS)}")
         counts = np.asarray(shard_samples, dtype=np.int64)
         self.num_samples = int(counts.sum())
-        self.train, self.shuffle_buffer, self.order = train, shuffle_buffer, order
-        self._legacy: np.ndarray | None = None
+        self.train, self.shuffle_buffer = train, shuffle_buffer
         if not train:
             return
-        rng = np.random.default_rng([_ORDER_DOMAIN, seed, epoch])
-        perm = rng.permutation(len(counts))  # shards in layout order; the same draw in both versions
-        if order == LEGACY_ORDER:
-            self._legacy = _legacy_order(counts, perm, rng, shuffle_buffer)
-            return
+        perm = np.random.default_rng([_ORDER_DOMAIN, seed, epoch]).permutation(len(counts))  # shards in layout order
         self._counts = counts
         self._perm = perm.astype(np.int32 if len(counts) < 2**31 else np.int64)
         del perm
@@ -211,12 +192,12 @@ class EpochOrder:
         return self.num_samples
 
     def keys(self, start: int, stop: int) -> np.ndarray:
-        """Sort keys ``i + u_i * shuffle_buffer`` of layout positions ``[start, stop)`` (float64, version 2)."""
+        """Sort keys ``i + u_i * shuffle_buffer`` of layout positions ``[start, stop)`` (float64)."""
         u = _uniform(self._base, start, stop)
         return np.arange(start, stop, dtype=np.float64) + u * self.shuffle_buffer
 
     def write_index(self, layout: np.ndarray) -> np.ndarray:
-        """Sample write indices of layout positions (int64, any shape; version 2)."""
+        """Sample write indices of layout positions (int64, any shape)."""
         k = np.searchsorted(self._layout_ends, layout, side="right")  # laid shard holding it (empty ones skipped)
         shard = self._perm[k]
         n = self._counts[shard]
@@ -232,8 +213,6 @@ class EpochOrder:
             raise ValueError(f"positions [{start}, {stop}) are not within the epoch's [0, {self.num_samples})")
         if not self.train:
             return np.arange(start, stop, dtype=np.int64)
-        if self._legacy is not None:
-            return self._legacy[start:stop].copy()
         if start == stop:
             return np.zeros(0, dtype=np.int64)
         # With L = shuffle_buffer, key i lies in [i, i + L] (the upper end only by rounding) and ties go to the
@@ -263,17 +242,6 @@ class EpochOrder:
         return rows
 
 
-def _legacy_order(counts: np.ndarray, perm: np.ndarray, rng: np.random.Generator, shuffle_buffer: int) -> np.ndarray:
-    """Version 1: the whole epoch, keys drawn from ``rng`` after the shard permutation (kept bit for bit)."""
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    total = int(offsets[-1])
-    layout = np.concatenate(
-        [np.arange(offsets[s], offsets[s + 1], dtype=np.int64) for s in perm] or [np.zeros(0, np.int64)]
-    )
-    keys = np.arange(total, dtype=np.float64) + rng.random(total) * shuffle_buffer
-    return layout[np.argsort(keys, kind="stable")]
-
-
 def num_batches(num_samples: int, *, world_size: int, batch_size: int, train: bool = True) -> int:
     """Batches per rank per epoch: whole global batches for training, all samples (padded) for eval."""
     global_batch = world_size * batch_size
@@ -291,7 +259,6 @@ def batch_indices(
     batch_size: int,
     shuffle_buffer: int,
     train: bool = True,
-    order: int = ORDER_VERSION,
 ) -> np.ndarray:
     """Sample write indices of every batch of one rank in one epoch (the loader computes one batch at a time).
 
@@ -305,16 +272,13 @@ def batch_indices(
         batch_size: Samples per batch per rank.
         shuffle_buffer: Width of the windowed shuffle, in samples.
         train: Shuffle and drop the last partial global batch; ``False`` keeps write order and pads with ``-1``.
-        order: Epoch order version (:data:`ORDER_VERSION`; :data:`LEGACY_ORDER` for runs started before it).
 
     Returns:
         int64 array ``(num_batches, batch_size)``; ``-1`` marks eval padding rows.
     """
     _check_layout_args(world_size, rank, batch_size, shuffle_buffer, seed, epoch)
     shards = split_shards(_as_manifest(manifest), split)
-    epoch_plan = EpochOrder(
-        [n for _, n in shards], seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, train=train, order=order
-    )
+    epoch_plan = EpochOrder([n for _, n in shards], seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, train=train)
     n_batches = num_batches(len(epoch_plan), world_size=world_size, batch_size=batch_size, train=train)
     global_batch = world_size * batch_size
     grid = np.full(n_batches * global_batch, -1, dtype=np.int64)
@@ -335,7 +299,6 @@ def plan_batches(
     batch_size: int,
     shuffle_buffer: int,
     train: bool = True,
-    order: int = ORDER_VERSION,
 ) -> list[list[str]]:
     """Sample keys of every batch of one rank in one epoch, exactly as the loader yields them.
 
@@ -359,7 +322,6 @@ def plan_batches(
         batch_size=batch_size,
         shuffle_buffer=shuffle_buffer,
         train=train,
-        order=order,
     )
     if not manifest.indexed:
         return [[sample_key(split, int(i)) for i in row if i >= 0] for row in grid]

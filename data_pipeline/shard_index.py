@@ -3,7 +3,7 @@
 Written once, read by every loader worker. Each shard has a stored index, ``DIR/.index/<shard name>.json`` (schema
 below), written when the shard is made known to us: by ``pretrain data build`` as it writes the shard (it knows every
 offset then, :mod:`data_pipeline.writer`), by ``pretrain data index`` for shards made by other tools
-(:mod:`data_pipeline.wds_index`). A worker opening a shard parses that file instead of reading the tar's headers
+(:mod:`data_pipeline.indexer`). A worker opening a shard parses that file instead of reading the tar's headers
 (:func:`index_shard` with ``stored``); only its size is checked against the shard (one ``stat``).
 
 The one tar reader left is ``tarfile`` (:func:`index_shard` without ``stored``), for what has no usable stored index:

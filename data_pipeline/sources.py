@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,7 +39,6 @@ __all__ = [
     "SourceItem",
     "UnreadableImage",
     "format_of",
-    "iter_samples",
     "open_source",
 ]
 
@@ -471,15 +469,3 @@ def open_source(spec: str, *, val: str | os.PathLike | None = None, val_fraction
             raise ValueError("imagefolder needs a path: imagefolder:PATH")
         return ImageFolderSource(path, None if val is None else str(val), val_fraction)
     raise ValueError(f"unknown source {spec!r}; use 'digits', 'digit-pairs' or 'imagefolder:PATH'")
-
-
-def iter_samples(source: Source) -> Iterator[tuple[str, int, bytes, str, dict[str, Any]]]:
-    """Yields ``(split, label, image_bytes, ext, meta)`` for every readable sample, serially; unreadable files are
-    logged and skipped (the writer lists them in the manifest instead)."""
-    for item in source.list_items():
-        try:
-            probed = source.probe(item)
-        except UnreadableImage as e:
-            logger.warning("skipping %s: %s", item.path, e)
-            continue
-        yield probed.split, probed.label, source.read(probed), probed.ext, source.meta(probed)

@@ -15,8 +15,8 @@ Order of an epoch (``train=True``; computed by :mod:`data_pipeline.order`, where
    and since key ``i`` lies in ``[i, i + L]`` the sample at output position ``p`` comes from layout positions
    ``[p - L + 1, p + L - 1]``: output positions ``[a, b)`` are ranked exactly by sorting the keys of the layout window
    ``[a - 2L, b + 2L)`` (:class:`EpochOrder`). A process thus holds the shard permutation and running counts plus
-   one window, never the whole epoch. Runs started before this (order version 1, :data:`LEGACY_ORDER`) drew ``u_i``
-   from one sequential numpy stream and sorted the whole epoch in every process; their checkpoints resume with it;
+   one window, never the whole epoch. The loader's state records this order as version 2
+   (:data:`~data_pipeline.order.ORDER_VERSION`);
 4. the order is cut to a multiple of the global batch ``world_size * batch_size`` (less than one global batch is
    dropped). Global batch ``g`` is positions ``[g * W * B, (g + 1) * W * B)``; rank ``r`` takes rows
    ``[r * B, (r + 1) * B)`` of it.
@@ -97,12 +97,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from data_pipeline.errors import DECODE_ERROR, MISSING_IMAGE, MISSING_LABEL, CorruptSample
 from data_pipeline.manifest import Manifest, load_manifest, resolve_split
 from data_pipeline.order import (
-    LEGACY_ORDER,
-    ORDER_VERSION,
-    ORDER_VERSIONS,
     EpochOrder,
     _check_layout_args,
-    batch_indices,
     num_batches,
     sample_key,
     split_shards,
@@ -202,9 +198,9 @@ class ShardStream(IterableDataset):
     "corrupt": [(reason, key, detail), ...]}``. Invalid rows are zero-filled; ``index`` is the sample's write index,
     or ``-1`` for eval padding.
 
-    The epoch, the first batch to produce and the epoch order version live in shared memory (:meth:`set_position`,
-    :meth:`set_order`), so persistent DataLoader workers see changes made in the main process when the next iteration
-    starts. Each process computes only its own batches' samples (:class:`EpochOrder`).
+    The epoch and the first batch to produce live in shared memory (:meth:`set_position`), so persistent DataLoader
+    workers see changes made in the main process when the next iteration starts. Each process computes only its own
+    batches' samples (:class:`EpochOrder`).
 
     Args:
         data_dir: Folder or remote prefix (``s3://``, ``https://``) with ``manifest.json``, the stored indexes and
@@ -291,12 +287,11 @@ class ShardStream(IterableDataset):
                 f"{len(missing)} stored shard indexes listed in {self.data_dir}/manifest.json are missing, e.g. "
                 f"{missing[0]}; re-run `pretrain data index {self.data_dir}`"
             )
-        # [epoch, start_batch, order version]; fork/spawn hand the same shared page to the workers.
-        self._position = multiprocessing.RawArray("q", 3)
-        self._position[2] = ORDER_VERSION
+        # [epoch, start_batch]; fork/spawn hand the same shared page to the workers.
+        self._position = multiprocessing.RawArray("q", 2)
         self._reader: ShardReader | None = None
         self._fetch_pool: ThreadPoolExecutor | None = None
-        self._plan_cache: tuple[tuple[int, int], EpochOrder | np.ndarray] | None = None
+        self._plan_cache: tuple[int, EpochOrder] | None = None
 
     def set_position(self, epoch: int, start_batch: int) -> None:
         """Makes the next ``iter()`` (in the main process or any worker) produce ``epoch`` from ``start_batch``."""
@@ -304,34 +299,13 @@ class ShardStream(IterableDataset):
             raise ValueError(f"position epoch={epoch}, start_batch={start_batch} out of range (0..{self.num_batches})")
         self._position[0], self._position[1] = epoch, start_batch
 
-    @property
-    def order(self) -> int:
-        """Epoch order version the next ``iter()`` uses (:data:`ORDER_VERSION` unless a legacy state set it)."""
-        return int(self._position[2])
-
-    def set_order(self, order: int) -> None:
-        """Makes the next ``iter()`` use epoch order version ``order`` (one of :data:`ORDER_VERSIONS`)."""
-        if order not in ORDER_VERSIONS:
-            raise ValueError(f"order={order!r} is not a known epoch order version; known: {list(ORDER_VERSIONS)}")
-        self._position[2] = order
-
-    def _epoch_plan(self, epoch: int) -> EpochOrder | np.ndarray:
-        """``epoch``'s order in the current version (cached for the last epoch asked).
-
-        Version 2: an :class:`EpochOrder`, each batch computed when asked. Legacy: this rank's whole
-        ``(num_batches, batch_size)`` grid, as before version 2 (the whole epoch is sorted either way; the grid is
-        ``1 / world_size`` of it).
-        """
-        key = (epoch, self.order)
-        if self._plan_cache is None or self._plan_cache[0] != key:
-            self._plan_cache = None  # a legacy plan is a large array: never hold two
-            kw = dict(seed=self.seed, epoch=epoch, shuffle_buffer=self.shuffle_buffer, train=self.train)
-            if self.order == LEGACY_ORDER:
-                layout = dict(world_size=self.world_size, rank=self.rank, batch_size=self.batch_size)
-                plan = batch_indices(self.manifest, self.split, order=LEGACY_ORDER, **layout, **kw)
-            else:
-                plan = EpochOrder(np.diff(self.offsets), order=self.order, **kw)
-            self._plan_cache = (key, plan)
+    def _epoch_plan(self, epoch: int) -> EpochOrder:
+        """``epoch``'s :class:`EpochOrder`, each batch computed when asked (cached for the last epoch asked)."""
+        if self._plan_cache is None or self._plan_cache[0] != epoch:
+            order = EpochOrder(
+                np.diff(self.offsets), seed=self.seed, epoch=epoch, shuffle_buffer=self.shuffle_buffer, train=self.train
+            )
+            self._plan_cache = (epoch, order)
         return self._plan_cache[1]
 
     def batch_rows(self, epoch: int, batch: int) -> np.ndarray:
@@ -339,8 +313,6 @@ class ShardStream(IterableDataset):
         if not 0 <= batch < self.num_batches:
             raise ValueError(f"batch={batch} is not in [0, {self.num_batches})")
         plan = self._epoch_plan(epoch)
-        if isinstance(plan, np.ndarray):
-            return plan[batch]
         return plan.batch(batch, world_size=self.world_size, rank=self.rank, batch_size=self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -10,10 +10,10 @@ and the reason, exit 1; its traceback is logged at debug level.
 
 The installed command (and ``python -m launch.cli``) is :func:`entry`: once the command has returned, every stream is
 flushed and the ``atexit`` handlers have run, it leaves with ``os._exit`` instead of tearing the interpreter down.
-After torch and DeepSpeed are loaded the teardown (freeing every module and C++ object) took 1.5-1.8 s per process
-here against 0.02 s for the handlers, and a 2-rank run has three such processes. Our files are closed by then (the
-metrics sink is line-buffered and closed, checkpoints are written and renamed); a live non-daemon thread (someone
-else's work in progress) gets the ordinary exit.
+After torch and DeepSpeed are loaded the teardown (freeing every module and C++ object) costs 1.5-1.8 s per process
+on a 2-core machine against 0.02 s for the handlers, and a 2-rank run has three such processes. Our files are closed
+by then (the metrics sink is line-buffered and closed, checkpoints are written and renamed); a live non-daemon thread
+(someone else's work in progress) gets the ordinary exit.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pretrain.config import ConfigError
+    from data_pipeline.config import ConfigError
     from pretrain.logging_utils import init_logging
 
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pretrain.config import CONFIGS_DIR, ConfigError, build_dataclass, read_yaml_mapping
+from data_pipeline.config import ConfigError
+from pretrain.config import CONFIGS_DIR, build_dataclass
+from pretrain.yaml_io import read_yaml_mapping
 
 __all__ = ["CLUSTER_PROFILES_DIR", "ClusterParams", "load_cluster_params"]
 

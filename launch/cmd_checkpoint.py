@@ -31,14 +31,8 @@ def register(subparsers: Any) -> None:
 
 
 def verify_command(args: argparse.Namespace) -> int:
-    from pretrain.checkpoint import (
-        COMPLETE_MARKER,
-        REJECTED_DIR,
-        check_signature,
-        list_checkpoints,
-        read_meta,
-        verify_checkpoint,
-    )
+    from pretrain.checkpoint import REJECTED_DIR, check_signature, list_checkpoints, read_meta, verify_checkpoint
+    from pretrain.rundir import COMPLETE_MARKER
 
     path = Path(args.path)
     if (path / COMPLETE_MARKER).exists() or (path.is_dir() and path.parent.name == CHECKPOINTS):

@@ -35,7 +35,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Adds ``data`` with its ``build``, ``inspect`` and ``plan`` subcommands."""
+    """Adds ``data`` with its ``build``, ``index``, ``inspect`` and ``plan`` subcommands."""
     data = subparsers.add_parser(
         "data",
         help="build, index, inspect and plan WebDataset shards",
@@ -44,7 +44,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     data.set_defaults(func=lambda args: _usage(data))
+    _register_build(sub)
+    _register_index(sub)
+    _register_inspect(sub)
+    _register_plan(sub)
 
+
+def _register_build(sub: argparse._SubParsersAction) -> None:
+    """``pretrain data build``."""
     b = sub.add_parser(
         "build",
         help="write shards and manifest.json from digits, digit pairs or an image folder",
@@ -73,6 +80,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_storage_options(b)
     b.set_defaults(func=run_build)
 
+
+def _register_index(sub: argparse._SubParsersAction) -> None:
+    """``pretrain data index``."""
     x = sub.add_parser(
         "index",
         help="write manifest.json for shards written by any WebDataset tool",
@@ -122,6 +132,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_storage_options(x)
     x.set_defaults(func=run_index)
 
+
+def _register_inspect(sub: argparse._SubParsersAction) -> None:
+    """``pretrain data inspect``."""
     i = sub.add_parser(
         "inspect",
         help="check every shard against manifest.json",
@@ -134,6 +147,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_storage_options(i)
     i.set_defaults(func=run_inspect)
 
+
+def _register_plan(sub: argparse._SubParsersAction) -> None:
+    """``pretrain data plan``."""
     p = sub.add_parser(
         "plan",
         help="print the sample keys of every batch of every rank",
@@ -266,8 +282,8 @@ def run_index(args: argparse.Namespace) -> int:
     options = _storage_options("index", args)
     if options is None:
         return EXIT_USAGE
+    from data_pipeline.indexer import index_dataset
     from data_pipeline.remote import Unreachable
-    from data_pipeline.wds_index import index_dataset
 
     try:
         report = index_dataset(
@@ -327,7 +343,7 @@ _MAX_SHARD_LINES = 20  # shards listed one per line in `data index`'s report of 
 
 def _print_left_out_samples(report: Any, label: str) -> None:
     """Per shard, the samples `index` left out and why; the shards that gave none; then the fix for each reason."""
-    from data_pipeline.wds_index import FIXES
+    from data_pipeline.indexer import FIXES
 
     if report.skipped:
         print("samples left out, per shard:")
@@ -357,7 +373,7 @@ def _print_left_out_samples(report: Any, label: str) -> None:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """``pretrain data inspect``: 0 clean, 1 bad shards (or invalid manifest), 2 no data set at that path."""
-    from data_pipeline.inspect import inspect_dataset
+    from data_pipeline.verify import inspect_dataset
 
     options = _storage_options("inspect", args)
     if options is None:

@@ -128,9 +128,9 @@ def _evaluate_here(args: argparse.Namespace, env: Any) -> int:
     import torch
 
     from data_pipeline.augment import normalize
+    from data_pipeline.config import AugmentConfig, ConfigError
     from data_pipeline.manifest import load_manifest
     from pretrain.checkpoint import UntrustedCheckpoint
-    from pretrain.config import AugmentConfig, ConfigError
     from pretrain.distributed import destroy_distributed, init_distributed
     from pretrain.evaluate import build_eval_loader, eval_metrics, evaluate_models
     from pretrain.export import ExportError, build_from_state, checkpoint_source

@@ -38,10 +38,10 @@ def register(subparsers: Any) -> None:
 def export_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pretrain.checkpoint import COMPLETE_MARKER, UntrustedCheckpoint
+    from pretrain.checkpoint import UntrustedCheckpoint
     from pretrain.export import ExportError, export_weights
     from pretrain.fsutil import unwritable_reason
-    from pretrain.rundir import CHECKPOINTS
+    from pretrain.rundir import CHECKPOINTS, COMPLETE_MARKER
 
     path = Path(args.path)
     if not ((path / COMPLETE_MARKER).exists() or path.parent.name == CHECKPOINTS or (path / CHECKPOINTS).is_dir()):

@@ -57,8 +57,8 @@ def model_table(names: list[str] | None = None, img_size: int | None = None) -> 
     import torch
 
     from pretrain.models import list_models
-    from pretrain.models._flops import count_macs, count_params
-    from pretrain.models._registry import model_entrypoint
+    from pretrain.models.flops import count_macs, count_params
+    from pretrain.models.registry import model_entrypoint
 
     rows, notes = [], []
     for name in _select(names, list_models()):
@@ -84,7 +84,7 @@ def model_table(names: list[str] | None = None, img_size: int | None = None) -> 
 
 def run_models(args: argparse.Namespace) -> int:
     """Print the table; exit 2 on an unknown name or an ``--img-size`` no model config allows."""
-    from pretrain.config import NUMERIC_RULES
+    from pretrain.config_ranges import NUMERIC_RULES
 
     allowed = NUMERIC_RULES["model.img_size"]
     if args.img_size is not None and not allowed.admits(args.img_size):

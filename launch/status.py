@@ -75,7 +75,6 @@ __all__ = [
     "TERMINAL_RUN_STATES",
     "WATCH_EXIT_CODES",
     "RunStatus",
-    "cancel_main",
     "format_status",
     "main",
     "read_run_status",
@@ -578,13 +577,6 @@ def main(argv: list[str] | None = None) -> int:
     from launch.cli import main as cli_main
 
     return cli_main(["status", *(sys.argv[1:] if argv is None else argv)])
-
-
-def cancel_main(argv: list[str] | None = None) -> int:
-    """Same as ``pretrain cancel RUN_DIR``."""
-    from launch.cli import main as cli_main
-
-    return cli_main(["cancel", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.config import ConfigError
 from launch.cluster_params import ClusterParams, load_cluster_params
 from launch.status import (
     SLURM_SUBDIR,
@@ -46,7 +47,7 @@ from launch.status import (
     slurm_job_info,
     slurm_partitions,
 )
-from pretrain.config import Config, ConfigError, dump_config
+from pretrain.config import Config, dump_config
 
 __all__ = [
     "RunPlan",
@@ -95,16 +96,15 @@ def validate_run(config: str, overrides: list[str], params: ClusterParams, trust
     Raises:
         ConfigError: Naming the key or file and the fix.
     """
-    from launch.cmd_train import validate_launch
     from pretrain.config import absolute_paths, load_config
     from pretrain.engine import build_ds_config
+    from pretrain.plan import validate_launch
 
     cfg = load_config(config, overrides)
     overrides = [*overrides, *absolute_paths(cfg)]
     cfg = load_config(config, overrides)
     warnings: list[str] = []
-    needs_gpu = cfg.trainer.device == "cuda" or cfg.trainer.precision == "fp16"  # bf16 trains on CPU ranks too
-    if needs_gpu and not params.gpus_per_node:
+    if cfg.trainer.needs_gpu and not params.gpus_per_node:
         raise ConfigError(
             f"trainer.device={cfg.trainer.device} trainer.precision={cfg.trainer.precision} need GPUs: pass "
             "--gpus-per-node, or train on CPU: trainer.device=auto with trainer.precision=bf16 or fp32 (fp16 is "
@@ -120,7 +120,7 @@ def validate_run(config: str, overrides: list[str], params: ClusterParams, trust
         )
         return RunPlan(cfg, warnings, finished=False)
     checks = list(overrides)
-    if needs_gpu and not _local_cuda():
+    if cfg.trainer.needs_gpu and not _local_cuda():
         # the submitting host (a login node) need not have the job's GPUs: check everything else
         checks += ["trainer.device=cpu", "trainer.precision=fp32"]
     import submitit
@@ -273,8 +273,9 @@ class TrainJob:
     def __call__(self) -> dict[str, Any]:
         import submitit
 
-        from launch.cmd_train import EXIT_OK, EXIT_PREEMPTED, validate_launch
+        from launch.cmd_train import EXIT_OK, EXIT_PREEMPTED
         from launch.cmd_train import main as train_main
+        from pretrain.plan import validate_launch
 
         env = submitit.JobEnvironment()
         # submitit installed its USR2 handler (rank 0: checkpoint() + requeue) before calling us; the trainer replaces

@@ -7,8 +7,8 @@ is stopped before its ranks start leaves behind.
 - :func:`take_joined_lease`: rank 0 of a Slurm or torchrun world takes it once the process group exists, and it
   lists every rank of every node.
 - :func:`lease_lost`: a process whose lease is gone or names another run stops at once, writing nothing more.
-- :func:`refuse_if_held`: a live run's own history (before its first checkpoint) is named as in use, not as an
-  earlier run without a usable checkpoint.
+- :func:`pretrain.plan.refuse_if_held` (a pre-start check): a live run's own history (before its first
+  checkpoint) is named as in use, not as an earlier run without a usable checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pretrain.lifecycle import LEASE_TOKEN_ENV, stop_outcome
+from pretrain.lifecycle import stop_outcome
 from pretrain.rundir import (
     EXIT_FAILED,
     EXIT_PREEMPTED,
@@ -31,10 +31,9 @@ from pretrain.rundir import (
     LeaseHeld,
     LeaseProcess,
     acquire_lease,
-    lease_holder,
 )
 
-__all__ = ["hold_run_dir", "lease_lost", "record_stop_before_start", "refuse_if_held", "take_joined_lease"]
+__all__ = ["hold_run_dir", "lease_lost", "record_stop_before_start", "take_joined_lease"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,17 +102,6 @@ def take_joined_lease(run_dir: Path, dist: Any) -> tuple[Lease | None, str, str]
         if lease is not None:
             lease.set_processes(processes)
     return lease, str(token), str(refused)
-
-
-def refuse_if_held(run_dir: Path, slurm_job_id: str | None) -> None:
-    """Raise :class:`LeaseHeld` when a live run other than this one holds ``run_dir``."""
-    holder, _ = lease_holder(run_dir)
-    ours = holder is not None and (holder.pid == os.getpid() or holder.token == os.environ.get(LEASE_TOKEN_ENV))
-    if holder is not None and not ours and holder.dead_because(slurm_job_id) is None:
-        raise LeaseHeld(
-            f"run directory {run_dir} is in use by another run ({holder.describe()}); wait for it to end, stop it "
-            f"(pretrain cancel {run_dir}), or pick another run.name=..."
-        )
 
 
 def lease_lost(why: str) -> None:

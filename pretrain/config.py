@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.util
 import json
 import os
 import types
@@ -23,13 +24,11 @@ import yaml
 
 from data_pipeline.config import AugmentConfig, ConfigError, DataConfig
 from pretrain.config_ranges import NUMERIC_RULES, Range, check_ranges
+from pretrain.yaml_io import read_yaml_mapping, read_yaml_value
 
 __all__ = [
-    "AugmentConfig",
     "CheckpointConfig",
     "Config",
-    "ConfigError",
-    "DataConfig",
     "DeepSpeedConfig",
     "LoggingConfig",
     "ModelConfig",
@@ -37,8 +36,8 @@ __all__ = [
     "RunConfig",
     "ScheduleConfig",
     "TrainerConfig",
-    "UniqueKeyLoader",
     "CONFIGS_DIR",
+    "FP16_NEEDS_GPU",
     "NUMERIC_RULES",
     "Range",
     "PATH_KEYS",
@@ -51,11 +50,28 @@ __all__ = [
     "load_config",
     "model_shape_digest",
     "parse_overrides",
-    "read_yaml_mapping",
 ]
 
-# Repository configs; a relative `base` name is looked up here (and next to the run YAML).
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _configs_dir() -> Path:
+    """The shipped configs: ``configs/`` of the checkout this package runs from (an editable install), else the copy
+    a wheel installs as the data-only package ``vitpretrain_configs``."""
+    checkout = Path(__file__).resolve().parent.parent / "configs"
+    if checkout.is_dir():
+        return checkout
+    spec = importlib.util.find_spec("vitpretrain_configs")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return checkout  # neither: lookups fail naming configs/<kind>/
+
+
+CONFIGS_DIR = _configs_dir()
+"""Where a bare ``base`` name (``model: sepvit_lite``) and the examples are looked up (after the run YAML's folder)."""
+
+FP16_NEEDS_GPU = (
+    "trainer.precision=fp16 needs a GPU (DeepSpeed's loss-scaled fp16 has no CPU kernels); on CPU use "
+    "trainer.precision=bf16 (bf16 weights, fp32 master weights) or fp32"
+)
 
 
 @dataclass
@@ -91,6 +107,11 @@ class ModelConfig:
 
     def __post_init__(self):
         check_ranges(self, "model")
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments the variant ``name`` is built with (``create_model(name, **build_kwargs())``)."""
+        return dict(num_classes=self.num_classes, img_size=self.img_size, drop_path_rate=self.drop_path_rate,
+                    drop_rate=self.drop_rate, **self.kwargs)  # fmt: skip
 
 
 @dataclass
@@ -168,6 +189,11 @@ class TrainerConfig:
     """Training device; auto picks CUDA when present."""
     progress_bar: bool = True
     """Rank-0 progress bar."""
+
+    @property
+    def needs_gpu(self) -> bool:
+        """``device=cuda`` or ``precision=fp16`` (bf16 and fp32 train on CPU ranks too)."""
+        return self.device == "cuda" or self.precision == "fp16"
 
     def __post_init__(self):
         check_ranges(self, "trainer")
@@ -253,10 +279,7 @@ class Config:
                 f"{self.trainer.max_steps}; lower the warmup or raise max_steps"
             )
         if self.trainer.precision == "fp16" and self.trainer.device == "cpu":
-            raise ConfigError(
-                "trainer.precision=fp16 needs a GPU (DeepSpeed's loss-scaled fp16 has no CPU kernels); on CPU use "
-                "trainer.precision=bf16 (bf16 weights, fp32 master weights) or fp32"
-            )
+            raise ConfigError(FP16_NEEDS_GPU)
 
     @property
     def run_dir(self) -> Path:
@@ -430,12 +453,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key = key.strip()
         if not key or key.startswith(".") or key.endswith("."):
             raise ConfigError(f"override {item!r} has an empty key")
-        try:
-            value = yaml.load(raw, Loader=UniqueKeyLoader) if raw != "" else ""
-        except _DuplicateKeyError as e:
-            raise ConfigError(f"override {item!r}: {e}") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: value is not valid YAML{_yaml_problem(e)}") from None
+        value = read_yaml_value(raw, f"override {item!r}") if raw != "" else ""
         parts = key.split(".")
         if len(parts) < 2:
             raise ConfigError(f"override key '{key}' needs a section, e.g. 'trainer.{key}'{_suggest(key, _all_keys())}")
@@ -467,78 +485,6 @@ def _find_yaml(kind: str, name: str, near: Path | None, beside: Path | None = No
             return Path(os.path.abspath(c))
     known = sorted(x.stem for x in (CONFIGS_DIR / kind).glob("*.yaml"))
     raise ConfigError(f"{kind} config '{name}' not found (looked in configs/{kind}/); known: {', '.join(known)}")
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping (plain PyYAML silently keeps the last one, so a
-    second ``optim:`` section would drop the first without a word). Keys merged in with ``<<:`` may be overridden."""
-
-    def construct_document(self, node: yaml.Node) -> Any:
-        self._mapping_paths: dict[int, str] = {}
-        _record_mapping_paths(node, "", self._mapping_paths)
-        return super().construct_document(node)
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, yaml.Node] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first = seen.setdefault(key, key_node)
-            except TypeError:  # an unhashable key: the base class reports it
-                continue
-            if first is not key_node:
-                where = getattr(self, "_mapping_paths", {}).get(id(node), "")
-                raise _DuplicateKeyError(
-                    f"key '{where}{key}' is given twice (lines {first.start_mark.line + 1} and "
-                    f"{key_node.start_mark.line + 1}); keep one"
-                )
-        return super().construct_mapping(node, deep=deep)
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    """PyYAML's error in one line: where and what (its own text spans several lines, with a caret)."""
-    mark = getattr(e, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    what = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return f"{where} ({what})"
-
-
-class _DuplicateKeyError(yaml.YAMLError):
-    """A YAML mapping names one key twice."""
-
-
-def _record_mapping_paths(node: yaml.Node, prefix: str, out: dict[int, str]) -> None:
-    """``out[id(mapping node)] = "section.sub."``: where each mapping sits, to name a duplicate key in full."""
-    if id(node) in out:
-        return  # an alias of a node seen already
-    if isinstance(node, yaml.MappingNode):
-        out[id(node)] = prefix
-        for key_node, value_node in node.value:
-            name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
-            _record_mapping_paths(value_node, f"{prefix}{name}.", out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _record_mapping_paths(item, f"{prefix.rstrip('.')}[{i}].", out)
-
-
-def read_yaml_mapping(path: str | Path, what: str = "") -> dict[str, Any]:
-    """The top-level mapping of a YAML file (``{}`` for an empty one), read with :class:`UniqueKeyLoader`.
-
-    Raises:
-        ConfigError: Invalid YAML, a key given twice, or not a mapping (``what`` says of what, e.g.
-            ``" of cluster keys"``).
-    """
-    try:
-        data = yaml.load(Path(path).read_text(), Loader=UniqueKeyLoader) or {}
-    except _DuplicateKeyError as e:
-        raise ConfigError(f"{path}: {e}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML{_yaml_problem(e)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping{what} at the top level")
-    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.config import AugmentConfig
+from data_pipeline.config import AugmentConfig
 from pretrain.metrics import topk_correct
 
 __all__ = ["build_eval_loader", "eval_metrics", "evaluate_models"]

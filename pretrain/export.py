@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
+from data_pipeline.config import AugmentConfig, ConfigError
 from pretrain.checkpoint import (
-    COMPLETE_MARKER,
     UntrustedCheckpoint,
     check_signature,
     find_resume_checkpoint,
@@ -44,13 +44,14 @@ from pretrain.checkpoint import (
     unusable_checkpoints,
     verify_checkpoint,
 )
-from pretrain.config import AugmentConfig, ConfigError, ModelConfig, build_dataclass, check_ranges, read_yaml_mapping
+from pretrain.config import ModelConfig, build_dataclass
+from pretrain.config_ranges import check_ranges
 from pretrain.fsutil import unwritable_reason
-from pretrain.models._registry import EXPORT_FORMAT
-from pretrain.rundir import CHECKPOINTS, CONFIG_YAML
+from pretrain.models.registry import EXPORT_FORMAT
+from pretrain.rundir import CHECKPOINTS, COMPLETE_MARKER, CONFIG_YAML, EMA_FILE
+from pretrain.yaml_io import read_yaml_mapping
 
 __all__ = [
-    "EMA_FILE",
     "ExportError",
     "build_from_state",
     "check_pretrained",
@@ -63,7 +64,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-EMA_FILE = "ema.pt"
 """The EMA weights in a checkpoint, written by the trainer (ours: tensors only, loaded with ``weights_only=True``)."""
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -217,7 +217,7 @@ def load_pretrained(
     path: str | Path, name: str | None = None, ema: bool = False, trusted: bool = False, **overrides: Any
 ) -> torch.nn.Module:
     """The model of an export, a checkpoint or a run directory, built with ``overrides`` (see
-    :func:`pretrain.models._registry.model_from_state`: another head size or input size is adapted or refused);
+    :func:`pretrain.models.registry.model_from_state`: another head size or input size is adapted or refused);
     ``trusted``: see :func:`resolve_checkpoint`.
 
     Raises:
@@ -230,7 +230,7 @@ def load_pretrained(
 def build_from_state(
     state: dict[str, torch.Tensor], model_config: dict[str, Any], source: str, name: str | None = None, **overrides: Any
 ) -> torch.nn.Module:
-    """:func:`~pretrain.models._registry.model_from_state`, first on the meta device (no memory, no compute), so that
+    """:func:`~pretrain.models.registry.model_from_state`, first on the meta device (no memory, no compute), so that
     weights that do not fit the model their config describes are named before a real model is built.
 
     Raises:
@@ -293,7 +293,7 @@ def _build_or_explain(
     overrides: dict[str, Any],
     meta: bool,
 ) -> torch.nn.Module | None:
-    from pretrain.models._registry import model_from_state
+    from pretrain.models.registry import model_from_state
 
     try:
         if not meta:

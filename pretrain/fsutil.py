@@ -1,6 +1,6 @@
-"""File-system helpers without heavy imports: durable renames (:func:`fsync_dir`, owned by ``data_pipeline`` whose
-shard and manifest writers need it too), JSON-lines reading (metrics, Slurm job events; ``pretrain status`` must
-not import torch) and the check that a file can be written before the work that produces it."""
+"""File-system helpers without heavy imports: JSON-lines reading (metrics, Slurm job events; ``pretrain status`` must
+not import torch) and the check that a file can be written before the work that produces it. Durable renames are
+:func:`data_pipeline.fsutil.fsync_dir`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.fsutil import fsync_dir
-
-__all__ = ["fsync_dir", "read_jsonl", "unwritable_reason"]
+__all__ = ["read_jsonl", "unwritable_reason"]
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

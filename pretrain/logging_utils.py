@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-__all__ = ["init_logging", "get_rank", "is_rank0", "RateLimitedLog"]
+__all__ = ["init_logging", "get_rank", "is_rank0"]
 
 
 def get_rank() -> int:
@@ -45,18 +45,3 @@ def init_logging(level: str | int = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level if rank == 0 else logging.WARNING)
     root._pretrain_configured = True  # type: ignore[attr-defined]
-
-
-class RateLimitedLog:
-    """Logs the first event of each reason and then every ``every``-th, with the running count."""
-
-    def __init__(self, logger: logging.Logger, every: int = 100):
-        self.logger = logger
-        self.every = max(1, every)
-        self.counts: dict[str, int] = {}
-
-    def __call__(self, reason: str, message: str) -> None:
-        n = self.counts.get(reason, 0) + 1
-        self.counts[reason] = n
-        if n == 1 or n % self.every == 0:
-            self.logger.warning("%s (%s, %d so far)", message, reason, n)

@@ -1,4 +1,5 @@
-"""The step around the model: the fused optimizer, the EMA, and an optimizer step that never reads the device.
+"""The step around the model: the param groups (weight decay, layer-wise lr decay), the LR schedule, the fused
+optimizer, the EMA, and an optimizer step that never reads the device.
 
 On a GPU, a small model's step is bound by kernel launches and by host reads of the device (each waits for the queued
 work), not by arithmetic. DeepSpeed's ZeRO-1/2 step, its bf16/fp16 unfused wrapper and its engine-side clipping
@@ -32,14 +33,25 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+import re
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from data_pipeline.config import ConfigError
 from pretrain.config import Config
 
-__all__ = ["DeviceStep", "ModelEMA", "build_optimizer", "uses_device_step"]
+__all__ = [
+    "DeviceStep",
+    "ModelEMA",
+    "build_lr_lambda",
+    "build_optimizer",
+    "layer_ids",
+    "param_groups",
+    "uses_device_step",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -361,3 +373,93 @@ def _zero_layout(opt: Any) -> tuple[list[nn.Parameter], tuple[list[int], list[in
             pads.append(flat.numel() - at)
         total += flat.numel()
     return params, (slots, pads), total
+
+
+_BLOCK = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.")
+_STAGE = re.compile(r"^stages\.(\d+)\.")
+
+
+def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """Depth of every parameter for layer-wise lr decay: ``({name: layer id}, L)`` with L blocks in the model.
+
+    Both families are ``stages.S.blocks.B`` (BEiT's rule, on the blocks of all stages counted in order, as timm's
+    ``param_groups_layer_decay`` does for hierarchical models): block k of the model (0-based over all stages) is
+    layer k + 1; a stage's own parts outside its blocks (patch embedding or downsampling, SepViT's positional conv)
+    are the layer just before the stage's first block, so stage 1's patch embedding is layer 0 (the stem); anything
+    after the last stage (final norm, head) is layer L + 1.
+
+    Raises:
+        ConfigError: The model has no ``stages.S.blocks.B`` parameters (layer decay cannot place them).
+    """
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    blocks: dict[int, set[int]] = {}
+    for name in names:
+        if m := _BLOCK.match(name):
+            blocks.setdefault(int(m[1]), set()).add(int(m[2]))
+    if not blocks:
+        raise ConfigError(
+            f"optim.layer_decay needs a model built of stages.S.blocks.B; {type(model).__name__} has none: set "
+            "optim.layer_decay=1.0"
+        )
+    before, total = {}, 0  # blocks before each stage
+    for stage in range(max(blocks) + 1):
+        before[stage] = total
+        total += len(blocks.get(stage, ()))
+    ids = {}
+    for name in names:
+        if m := _BLOCK.match(name):
+            ids[name] = before[int(m[1])] + int(m[2]) + 1
+        elif m := _STAGE.match(name):
+            ids[name] = before.get(int(m[1]), total)
+        else:
+            ids[name] = total + 1
+    return ids, total
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+    """The optimizer's param groups: weight decay off for ndim <= 1 params (norms, biases) and ``no_weight_decay()``,
+    and with ``layer_decay < 1`` an lr scale per layer (:func:`layer_ids`): ``layer_decay ** (L + 1 - layer)``.
+
+    ``layer_decay == 1``: two groups, decayed weights then the rest. Otherwise one group per (layer, decayed), in that
+    order. Each group carries ``lr_scale`` and ``decayed`` for :func:`reapply_optim_config`; its ``lr`` is the
+    scaled ``optim.lr`` the schedule multiplies.
+    """
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    ids, total = layer_ids(model) if layer_decay != 1.0 else ({}, 0)
+    groups: dict[tuple[int, bool], list[nn.Parameter]] = {(0, True): [], (0, False): []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            decayed = not (p.ndim <= 1 or name in skip)
+            groups.setdefault((ids.get(name, 0), decayed), []).append(p)
+    return [
+        {
+            "params": params,
+            "weight_decay": weight_decay if decayed else 0.0,
+            "lr_scale": layer_decay ** (total + 1 - layer) if layer_decay != 1.0 else 1.0,
+            "decayed": decayed,
+        }
+        for (layer, decayed), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))
+        if params or layer_decay == 1.0
+    ]
+
+
+def build_lr_lambda(cfg: Config):
+    """Per-step multiplier of ``optim.lr``: linear warmup from ``warmup_lr``, then cosine/linear/constant to min_lr.
+
+    A plain closure on purpose: ``LambdaLR.state_dict()`` does not store functions, so a resumed run with a new
+    ``max_steps`` follows the new schedule from the saved step (a new ``lr``: see :func:`reapply_optim_config`).
+    """
+    lr, warm, warm_lr, min_lr = cfg.optim.lr, cfg.schedule.warmup_steps, cfg.schedule.warmup_lr, cfg.schedule.min_lr
+    total, kind = cfg.trainer.max_steps, cfg.schedule.name
+
+    def multiplier(step: int) -> float:
+        if step < warm:
+            return (warm_lr + (lr - warm_lr) * step / warm) / lr
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        if kind == "linear":
+            return (min_lr + (lr - min_lr) * (1.0 - progress)) / lr
+        return (min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))) / lr
+
+    return multiplier

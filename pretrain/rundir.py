@@ -49,12 +49,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from pretrain.fsutil import fsync_dir, read_jsonl
+from data_pipeline.fsutil import fsync_dir
+from pretrain.fsutil import read_jsonl
 
 __all__ = [
     "CHECKPOINTS",
     "COMPLETE_MARKER",
     "CONFIG_YAML",
+    "EMA_FILE",
     "EXIT_FAILED",
     "EXIT_OK",
     "EXIT_PREEMPTED",
@@ -92,6 +94,8 @@ CONFIG_YAML, METRICS, STATUS, TB, CHECKPOINTS, LATEST, LEASE, PREVIOUS, SWEEP = 
 )  # fmt: skip
 COMPLETE_MARKER = "COMPLETE"
 """The file a checkpoint's tag directory holds once every rank's files are written (with their sha256)."""
+EMA_FILE = "ema.pt"
+"""The EMA weights' file in a checkpoint's tag directory (a run with ``trainer.ema_decay`` > 0)."""
 
 HEARTBEAT_S = 30.0
 """Seconds between refreshes of a held lease."""

@@ -112,10 +112,8 @@ class StepWindow:
         return {"steps": int(self.resumed_steps + self.steps), "loss_sum": self.loss_sum, "loss_count": self.loss_count}
 
     @classmethod
-    def from_state(cls, state: dict[str, int | float] | None) -> StepWindow:
-        """The window a checkpoint was written in; an empty one for checkpoints older than the window state."""
-        if not state:
-            return cls()
+    def from_state(cls, state: dict[str, int | float]) -> StepWindow:
+        """The window a checkpoint was written in (:meth:`state_dict`)."""
         return cls(
             loss_sum=float(state["loss_sum"]), loss_count=int(state["loss_count"]), resumed_steps=int(state["steps"])
         )

@@ -1,6 +1,7 @@
 """The training loop: resume, train steps on a DeepSpeed engine, evaluation, checkpoints, metrics, preemption.
 
-One process per rank runs :func:`run_training`. Exit codes (also the process exit status of ``pretrain train``):
+One process per rank runs :func:`pretrain.rank.run_training`, which builds a :class:`Trainer`. Exit codes (also the
+process exit status of ``pretrain train``):
 
 - ``EXIT_OK`` (0): finished ``trainer.max_steps`` (or found the run already finished).
 - ``EXIT_FAILED`` (1): a runtime failure, including ``trainer.max_nonfinite_steps`` non-finite losses in a row.
@@ -33,7 +34,6 @@ non-finite update on the device, see :meth:`Trainer.train_step`); the stop flags
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import math
@@ -45,17 +45,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 
-from data_pipeline.loader import DataParts, build_data
+from data_pipeline.loader import DataParts
 from pretrain.checkpoint import RunDirRefused, capture_rng_state, restore_rng_state, seed_rng_state
-from pretrain.checkpoint_manager import CheckpointManager
-from pretrain.config import Config, config_digest, dump_config, model_shape_digest
+from pretrain.checkpoint_manager import CheckpointManager, checkpoint_meta, run_identity
+from pretrain.config import Config, dump_config
 from pretrain.distributed import DistInfo, all_reduce_max, broadcast_object
-from pretrain.engine import EngineParts, build_engine, reapply_optim_config, soft_target_cross_entropy
+from pretrain.engine import EngineParts, reapply_optim_config
 from pretrain.evaluate import eval_metrics, evaluate_models
-from pretrain.export import EMA_FILE, load_pretrained
 from pretrain.lifecycle import StopRequested, StopSignals, stop_outcome
+from pretrain.loss import soft_target_cross_entropy
 from pretrain.metrics import (
     MetricsSink,
     RunWriteError,
@@ -65,7 +64,14 @@ from pretrain.metrics import (
     peak_memory_mb,
 )
 from pretrain.optim import ModelEMA
-from pretrain.rundir import CHECKPOINTS, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, read_latest, run_history
+from pretrain.rundir import (
+    EMA_FILE,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    EXIT_USAGE,
+    run_history,
+)
 from pretrain.step_window import NonfiniteRun, StepWindow
 from pretrain.sweep_hook import CONTINUE, STOP, SweepHook
 
@@ -76,11 +82,8 @@ __all__ = [
     "EXIT_USAGE",
     "TrainResult",
     "Trainer",
+    "agree_stop",
     "augment_seed",
-    "build_model",
-    "build_trainer",
-    "resolve_num_classes",
-    "run_training",
 ]
 
 logger = logging.getLogger(__name__)
@@ -108,99 +111,7 @@ def augment_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
 # ---------------------------------------------------------------------------------------------------------- building
 
 
-def resolve_num_classes(cfg: Config) -> Config:
-    """With ``data.classes_from_manifest``, set ``model.num_classes`` from the data manifest (returns a new config)."""
-    if not cfg.data.classes_from_manifest:
-        return cfg
-    from data_pipeline.manifest import load_manifest
-
-    n = len(load_manifest(cfg.data.path).classes)
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=n))
-
-
-def build_model(cfg: Config, trusted: bool = False) -> nn.Module:
-    """The single-device model of ``cfg.model`` (initialised from ``trainer.seed``, identical on every rank).
-
-    With ``model.init_from`` the weights come from that export or checkpoint (a new head and input size adapted by the
-    model family), unless the run has a checkpoint of its own: a resume continues from that, never from init_from.
-    """
-    from pretrain.checkpoint import list_checkpoints
-    from pretrain.models import create_model
-
-    torch.manual_seed(cfg.trainer.seed)
-    kwargs = dict(
-        num_classes=cfg.model.num_classes,
-        img_size=cfg.model.img_size,
-        drop_path_rate=cfg.model.drop_path_rate,
-        drop_rate=cfg.model.drop_rate,
-        **cfg.model.kwargs,
-    )
-    init = cfg.model.init_from
-    if init and not any(c.complete for c in list_checkpoints(cfg.run_dir / CHECKPOINTS)):
-        model = load_pretrained(init, cfg.model.name, trusted=trusted, **kwargs)
-        logger.info("initialised the weights from %s (its optimizer state is not carried over)", init)
-        return model
-    return create_model(cfg.model.name, **kwargs)
-
-
-def _flops_per_image(model: nn.Module, cfg: Config, device: torch.device) -> float | None:
-    """Training FLOPs per image (fwd + bwd = 3 × forward, 2 FLOPs per MAC); only needed for MFU on GPU."""
-    if device.type != "cuda":
-        return None
-    from pretrain.models._flops import count_macs
-
-    try:
-        return count_macs(model, cfg.model.img_size) * 1e9 * 2 * 3
-    except Exception as e:  # MFU is a nicety: never fail a run over it
-        logger.warning("could not count model FLOPs (%s); mfu will not be logged", e)
-        return None
-
-
-def build_trainer(cfg: Config, dist: DistInfo, stop: StopSignals | None = None, trusted: bool = False) -> Trainer:
-    """Model, engine, data, EMA, checkpoint manager and status file for this rank."""
-    t0 = time.perf_counter()
-    stop = stop or StopSignals()
-    model = build_model(cfg, trusted).to(dist.device)
-    flops = _flops_per_image(model, cfg, dist.device)
-    ema = ModelEMA(model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay > 0 else None
-    t1 = time.perf_counter()
-    _check_stop(stop, "while the model was built")
-    logger.info("initialising the DeepSpeed engine")
-    parts = build_engine(cfg, model, dist.world_size)
-    t2 = time.perf_counter()
-    _check_stop(stop, "while the DeepSpeed engine was initialised")
-    data = build_data(
-        cfg.data,
-        cfg.augment,
-        img_size=cfg.model.img_size,
-        num_classes=cfg.model.num_classes,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        corrupt_log_every=cfg.logging.corrupt_log_every,
-        pin_memory=dist.device.type == "cuda",
-    )
-    logger.info("built model %.1f s, DeepSpeed engine %.1f s, data %.1f s", t1 - t0, t2 - t1, time.perf_counter() - t2)
-    ckpt = CheckpointManager(
-        cfg.run_dir / "checkpoints",
-        dist.rank,
-        dist.world_size,
-        keep_last=cfg.checkpoint.keep_last,
-        keep_best=cfg.checkpoint.keep_best,
-        best_metric=cfg.checkpoint.best_metric,
-        best_mode=cfg.checkpoint.best_mode,
-        trusted=trusted,
-    )
-    status = StatusFile(
-        cfg.run_dir / "status.json",
-        enabled=dist.is_main,
-        max_steps=cfg.trainer.max_steps,
-        world_size=dist.world_size,
-        run_dir=str(cfg.run_dir),
-    )
-    return Trainer(cfg, dist, parts, data, ema, ckpt, status, stop, flops)
-
-
-def _check_stop(stop: StopSignals, where: str) -> None:
+def agree_stop(stop: StopSignals, where: str) -> None:
     """Set-up is not a step: a stop signal that reached any rank ends the run here, on every rank, untrained.
 
     Raises:
@@ -278,7 +189,7 @@ class Trainer:
         self.best_metric, self.best_step = state["best_metric"], state["best_step"]
         self.last_eval = dict(state["last_eval"])
         self.restarts = int(state["restarts"])
-        self._window = StepWindow.from_state(state.get("log_window"))  # absent in checkpoints of older versions
+        self._window = StepWindow.from_state(state["log_window"])
 
     # -- the run -------------------------------------------------------------------------------------------------
 
@@ -297,7 +208,7 @@ class Trainer:
                     "deleted. Pass --restart to start from step 0 (the history is kept in previous/), or pick "
                     "another run.name=..."
                 )
-        _check_stop(self.stop, "before the first step")  # nothing of this life written yet: no config, no metrics
+        agree_stop(self.stop, "before the first step")  # nothing of this life written yet: no config, no metrics
         failure = self._open_run_files() if self.dist.is_main else None
         if broadcast_object(failure is not None):  # every rank ends with rank 0
             return self._fail_write(failure)
@@ -556,34 +467,15 @@ class Trainer:
         if self._saved_step == self.step:
             return
         self._settle()  # the window state and the non-finite counts go into the checkpoint
-        client_state = {
-            "trainer": self.state_dict(),
-            "config_digest": config_digest(self.cfg),
-            "model_shape_digest": model_shape_digest(self.cfg),
-            "world_size": self.dist.world_size,
-        }
+        client_state = {"trainer": self.state_dict(), **run_identity(self.cfg, self.dist.world_size)}
         rank_state = {
             "rank": self.dist.rank,
             "rng": capture_rng_state(),
             "data": self.data.train.state_dict(),
             "corrupt": self.data.train.corrupt_counts(),
         }
-        meta = {
-            "step": self.step,
-            "epoch": self._epoch(),
-            "world_size": self.dist.world_size,
-            "batch_size": self.cfg.data.batch_size,
-            "zero_stage": self.cfg.deepspeed.zero_stage,
-            "max_steps": self.cfg.trainer.max_steps,
-            "config_digest": client_state["config_digest"],
-            "model_shape_digest": client_state["model_shape_digest"],
-            "model_config": dataclasses.asdict(self.cfg.model),
-            "layer_decay": self.cfg.optim.layer_decay,
-            "metrics": dict(self.last_eval),
-            "best_metric": self.best_metric,
-            "best_step": self.best_step,
-            "time": time.time(),
-        }
+        meta = checkpoint_meta(self.cfg, self.step, self._epoch(), self.dist.world_size, self.last_eval,
+                               self.best_metric, self.best_step)  # fmt: skip
         extra = {EMA_FILE: self.ema.state_dict()} if self.ema is not None else None
         tag_dir = self.ckpt.save(self.engine, self.step, client_state, rank_state, meta, extra)
         self.last_checkpoint = str(tag_dir)
@@ -704,54 +596,3 @@ class Trainer:
         self.data.train.close()
         if self.data.val is not None:
             self.data.val.close()
-
-
-def run_training(
-    cfg: Config, dist: DistInfo, resume_from: str | Path | None = None, trusted: bool = False
-) -> TrainResult:
-    """Build and fit on this rank; on an exception, ``status.json`` says failed (rank 0) and it is re-raised.
-
-    Args:
-        cfg: Validated config (``model.num_classes`` resolved).
-        dist: This rank's process group membership.
-        resume_from: The user's ``--resume`` checkpoint; None resumes from the run's newest usable checkpoint, if any
-            (checked against its sha256 digests; ones that fail are set aside and older ones tried).
-        trusted: ``--trust-checkpoint``: load checkpoints (and ``model.init_from``) not signed by this user.
-    """
-    stop = StopSignals.current()  # `pretrain train` installs it first thing: it holds a signal from before now
-    installed = stop is None
-    stop = stop or StopSignals().install()
-    trainer = None
-    try:
-        _check_stop(stop, "before the DeepSpeed engine was built")
-        trainer = build_trainer(cfg, dist, stop, trusted)
-        return trainer.fit(resume_from)
-    except StopRequested as e:
-        return _stopped_untrained(cfg, dist, trainer, e)
-    except BaseException as e:
-        if dist.is_main:
-            status = trainer.status if trainer is not None else StatusFile(cfg.run_dir / "status.json")
-            status.update(state="failed", exit_code=EXIT_FAILED, message=f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        if trainer is not None:
-            trainer.close()
-        if installed:
-            stop.restore()
-
-
-def _stopped_untrained(cfg: Config, dist: DistInfo, trainer: Trainer | None, stop: StopRequested) -> TrainResult:
-    """A stop signal during set-up: no step was trained and nothing of this life written but the status; exit 3."""
-    from pretrain.checkpoint import read_meta
-
-    state, message = stop_outcome(stop.signum), str(stop)
-    latest = read_latest(cfg.run_dir / CHECKPOINTS) if trainer is None else None  # the one the next run resumes
-    tag = cfg.run_dir / CHECKPOINTS / latest if latest else None
-    step = trainer.step if trainer is not None else int(read_meta(tag).get("step", 0)) if tag is not None else 0
-    last = trainer.last_checkpoint if trainer is not None else str(tag) if tag is not None else None
-    logger.warning("%s: no step was trained; run the same command to continue", message)
-    if dist.is_main:
-        status = trainer.status if trainer is not None else StatusFile(cfg.run_dir / "status.json")
-        status.update(state=state, step=step, exit_code=EXIT_PREEMPTED, message=message, last_checkpoint=last,
-                      max_steps=cfg.trainer.max_steps, world_size=dist.world_size)  # fmt: skip
-    return TrainResult(EXIT_PREEMPTED, state, step, {}, last, message)

@@ -23,12 +23,12 @@ from typing import Any
 
 import yaml
 
-from launch.cmd_train import resolve_data
+from data_pipeline.config import ConfigError
 from launch.sweep.spec import SweepSpec, evals_per_trial, load_sweep, to_tune, validate_trial_configs
 from launch.sweep.summary import TrialRecord, summarize_sweep
 from launch.sweep.trial import newest_checkpoint
 from pretrain import trust
-from pretrain.config import ConfigError
+from pretrain.plan import resolve_data
 
 __all__ = ["check_sweep_trusted", "cmd_sweep", "register", "run_sweep"]
 

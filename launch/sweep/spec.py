@@ -19,18 +19,18 @@ from typing import Any, Literal
 
 import yaml
 
+from data_pipeline.config import ConfigError
 from pretrain.config import (
     CONFIGS_DIR,
     PATH_KEYS,
     Config,
-    ConfigError,
     _find_yaml,
     _suggest,
     absolute_paths,
     build_dataclass,
     load_config,
-    read_yaml_mapping,
 )
+from pretrain.yaml_io import read_yaml_mapping
 
 __all__ = ["SweepSpec", "evals_per_trial", "format_override", "load_sweep", "to_tune", "validate_trial_configs"]
 

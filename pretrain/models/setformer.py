@@ -73,7 +73,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pretrain.layers.common import DropPath, Mlp, init_weights_trunc_normal
 
-from ._registry import register_model
+from .registry import ModelFamily
 from .set_attention import SetAttention, SoftmaxAttention
 
 __all__ = [
@@ -269,27 +269,16 @@ class SeTformer(nn.Module):
         self.attention = attention
         self.resolutions = [img_size // (4 * 2**i) for i in range(_NUM_STAGES)]
         self.num_ref = [min(int(p), r * r) for p, r in zip(num_ref, self.resolutions)]
-        n_blocks = sum(depths)
-        dpr = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]  # linear 0 -> rate over blocks
+        dpr = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]  # linear 0 -> rate, per block
+        set_shared = dict(
+            num_anchors=num_anchors, input_proj=input_proj, kernel_sigma=kernel_sigma, sinkhorn_eps=sinkhorn_eps,
+            sinkhorn_iters=sinkhorn_iters, pos_sigma=pos_sigma, learn_pos_scale=learn_pos_scale, exact_rows=exact_rows,
+            direct_output=direct_output, whiten_ridge=whiten_ridge, set_impl=set_impl,
+        )  # fmt: skip
         self.stages = nn.ModuleList()
         for i in range(_NUM_STAGES):
-            set_kwargs = {}
-            if attention == "set":
-                set_kwargs = dict(
-                    num_ref=self.num_ref[i],
-                    num_anchors=num_anchors,
-                    input_proj=input_proj,
-                    kernel_sigma=kernel_sigma,
-                    sinkhorn_eps=sinkhorn_eps,
-                    sinkhorn_iters=sinkhorn_iters,
-                    pos_sigma=pos_sigma,
-                    learn_pos_scale=learn_pos_scale,
-                    exact_rows=exact_rows,
-                    direct_output=direct_output,
-                    whiten_ridge=whiten_ridge,
-                    set_impl=set_impl,
-                    grid_size=(self.resolutions[i], self.resolutions[i]),
-                )
+            res = self.resolutions[i]
+            set_kwargs = dict(set_shared, num_ref=self.num_ref[i], grid_size=(res, res)) if attention == "set" else {}
             start = sum(depths[:i])
             self.stages.append(
                 SetformerStage(
@@ -426,7 +415,10 @@ def pretrained_kwargs(source: dict[str, Any], kwargs: dict[str, Any]) -> dict[st
     return {**kwargs, "num_ref": slots}
 
 
-@register_model
+SETFORMER = ModelFamily("setformer", pretrained_kwargs=pretrained_kwargs)
+
+
+@SETFORMER.register
 def setformer_lite(
     num_classes: int = 1000, img_size: int = 224, drop_path_rate: float = 0.1, drop_rate: float = 0.0, **kwargs: Any
 ) -> SeTformer:
@@ -434,7 +426,7 @@ def setformer_lite(
     return _create_setformer("setformer_lite", num_classes, img_size, drop_path_rate, drop_rate, **kwargs)
 
 
-@register_model
+@SETFORMER.register
 def setformer_tiny(
     num_classes: int = 1000, img_size: int = 224, drop_path_rate: float = 0.1, drop_rate: float = 0.0, **kwargs: Any
 ) -> SeTformer:
@@ -442,7 +434,7 @@ def setformer_tiny(
     return _create_setformer("setformer_tiny", num_classes, img_size, drop_path_rate, drop_rate, **kwargs)
 
 
-@register_model
+@SETFORMER.register
 def setformer_small(
     num_classes: int = 1000, img_size: int = 224, drop_path_rate: float = 0.1, drop_rate: float = 0.0, **kwargs: Any
 ) -> SeTformer:
@@ -450,7 +442,7 @@ def setformer_small(
     return _create_setformer("setformer_small", num_classes, img_size, drop_path_rate, drop_rate, **kwargs)
 
 
-@register_model
+@SETFORMER.register
 def setformer_base(
     num_classes: int = 1000, img_size: int = 224, drop_path_rate: float = 0.1, drop_rate: float = 0.0, **kwargs: Any
 ) -> SeTformer:

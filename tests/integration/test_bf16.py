@@ -24,8 +24,8 @@ import pytest
 import torch
 from conftest import TINY_RUN_STEPS, tiny_run_overrides
 
-from pretrain.checkpoint import COMPLETE_MARKER
 from pretrain.metrics import read_jsonl
+from pretrain.rundir import COMPLETE_MARKER
 
 pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]
 

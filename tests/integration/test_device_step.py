@@ -27,11 +27,10 @@ import json, sys
 import deepspeed, torch
 from pretrain.config import load_config
 from pretrain.distributed import init_distributed
-from pretrain.engine import (
-    build_ds_config, build_engine, build_lr_lambda, cast_float_inputs, channels_last_weights, param_groups
-)
+from pretrain.engine import build_ds_config, build_engine, cast_float_inputs, channels_last_weights
+from pretrain.optim import build_lr_lambda, param_groups
 from pretrain.optim import build_optimizer
-from pretrain.trainer import build_model
+from pretrain.rank import build_model
 
 dist = init_distributed(device="cpu")
 

@@ -38,7 +38,7 @@ from pretrain.checkpoint_manager import CheckpointManager
 from pretrain.config import load_config
 from pretrain.distributed import init_distributed
 from pretrain.engine import build_engine
-from pretrain.trainer import build_model
+from pretrain.rank import build_model
 
 run_dir, tag, out = (Path(a) for a in sys.argv[1:4])
 cfg = load_config(run_dir / "config.yaml")

@@ -32,7 +32,7 @@ from torch._dynamo.utils import counters
 from pretrain.config import load_config
 from pretrain.distributed import init_distributed
 from pretrain.kernel_count import KernelCounter, count_kernels
-from pretrain.trainer import build_model, build_trainer, resolve_num_classes
+from pretrain.rank import build_model, build_trainer, resolve_num_classes
 
 dist = None
 results = {}

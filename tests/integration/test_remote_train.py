@@ -26,8 +26,8 @@ import torch
 from conftest import REPO, train_env
 from remote_servers import FaultProxy, moto_s3, s3_env
 
-from pretrain.checkpoint import COMPLETE_MARKER
 from pretrain.metrics import read_jsonl
+from pretrain.rundir import COMPLETE_MARKER
 
 pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]
 

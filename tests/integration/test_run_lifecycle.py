@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_RUN_STEPS, tiny_run_overrides, train_env
 
-from pretrain.checkpoint import COMPLETE_MARKER, verify_checkpoint
+from pretrain.checkpoint import verify_checkpoint
 from pretrain.metrics import read_jsonl
+from pretrain.rundir import COMPLETE_MARKER
 
 pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]
 

@@ -118,7 +118,7 @@ def test_model_shape_change_on_resume_is_refused(digits_dir, run_root, capsys):
     tag.mkdir(parents=True)
     from pretrain.checkpoint import write_complete_marker
     from pretrain.config import load_config, model_shape_digest
-    from pretrain.trainer import resolve_num_classes
+    from pretrain.rank import resolve_num_classes
 
     cfg = resolve_num_classes(load_config(CONFIG, base(digits_dir, run_root / "runs", "shape")))
     import dataclasses
@@ -136,7 +136,7 @@ def test_model_shape_change_on_resume_is_refused(digits_dir, run_root, capsys):
     assert code == 2
     assert "model.img_size: 32 -> 64" in err and "step_000004" in err
     # a harmless change (lr, max_steps, intervals) passes the check: the run goes on to train (not started here)
-    from launch.cmd_train import validate_launch
+    from pretrain.plan import validate_launch
 
     plan = validate_launch(
         CONFIG,

@@ -18,8 +18,9 @@ import pytest
 import torch
 from conftest import TINY_RUN_STEPS, tiny_run_overrides
 
-from pretrain.checkpoint import COMPLETE_MARKER, list_checkpoints, read_latest
+from pretrain.checkpoint import list_checkpoints
 from pretrain.metrics import read_jsonl
+from pretrain.rundir import COMPLETE_MARKER, read_latest
 
 pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from pretrain.checkpoint import (
-    COMPLETE_MARKER,
     META_FILE,
     CheckpointMismatchError,
     apply_retention,
@@ -19,14 +18,13 @@ from pretrain.checkpoint import (
     check_resume_compatible,
     find_resume_checkpoint,
     list_checkpoints,
-    read_latest,
     restore_rng_state,
     step_from_tag,
     tag_for_step,
     verify_checkpoint,
     write_complete_marker,
-    write_latest,
 )
+from pretrain.rundir import COMPLETE_MARKER, read_latest, write_latest
 
 
 def make_ckpt(root, step, *, complete=True, top1=None, payload=b"x" * 1000):
@@ -147,7 +145,8 @@ def test_model_shape_change_names_fields():
 
 
 def test_world_size_change_passes_with_the_same_global_batch_and_names_a_batch_size_otherwise():
-    meta = {"model_shape_digest": "aaa", "world_size": 2, "batch_size": 16, "zero_stage": 2, "model_config": {}}
+    meta = {"model_shape_digest": "aaa", "world_size": 2, "batch_size": 16, "zero_stage": 2, "model_config": {},
+            "layer_decay": 1.0}  # fmt: skip
     check_resume_compatible(meta, {}, "aaa", world_size=2, batch_size=16)
     check_resume_compatible(meta, {}, "aaa", world_size=4, batch_size=8)  # 4 x 8 == 2 x 16: resharded on load
     check_resume_compatible(meta, {}, "aaa", world_size=1, batch_size=32)
@@ -169,8 +168,10 @@ def test_rng_state_round_trip():
 
 
 def test_layer_decay_change_is_refused_naming_both_values_and_the_fine_tune_route():
-    meta = {"model_shape_digest": "aaa", "world_size": 2, "batch_size": 16, "model_config": {}}
-    check_resume_compatible(meta, {}, "aaa", world_size=2, layer_decay=1.0)  # older checkpoints: no layer decay
+    meta = {"model_shape_digest": "aaa", "world_size": 2, "batch_size": 16, "model_config": {}, "layer_decay": 1.0}
+    check_resume_compatible(meta, {}, "aaa", world_size=2, layer_decay=1.0)
+    with pytest.raises(CheckpointMismatchError, match="records no optim.layer_decay"):
+        check_resume_compatible({**meta, "layer_decay": None}, {}, "aaa", world_size=2, layer_decay=1.0)
     with pytest.raises(
         CheckpointMismatchError, match=r"optim\.layer_decay=0\.75: the checkpoint was trained with 1"
     ) as e:

@@ -25,7 +25,6 @@ import yaml
 from launch.cli import main as cli_main
 from pretrain import trust
 from pretrain.checkpoint import (
-    COMPLETE_MARKER,
     UntrustedCheckpoint,
     apply_retention,
     capture_rng_state,
@@ -33,15 +32,14 @@ from pretrain.checkpoint import (
     find_resume_checkpoint,
     load_plain,
     plain_loads,
-    read_latest,
     reject_checkpoint,
     restore_rng_state,
     tag_for_step,
     verify_checkpoint,
     write_complete_marker,
-    write_latest,
 )
 from pretrain.config import ModelConfig
+from pretrain.rundir import COMPLETE_MARKER, read_latest, write_latest
 
 REPO = Path(__file__).resolve().parents[2]
 

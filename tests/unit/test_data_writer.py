@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.inspect import inspect_dataset
 from data_pipeline.manifest import load_manifest
+from data_pipeline.verify import inspect_dataset
 from data_pipeline.writer import build_shards
 from launch import cmd_data
 

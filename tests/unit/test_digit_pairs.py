@@ -13,10 +13,10 @@ import pytest
 from data_fixtures import png_transform
 from PIL import Image
 
-from data_pipeline.inspect import inspect_dataset
 from data_pipeline.loader import build_loader
 from data_pipeline.manifest import load_manifest
 from data_pipeline.sources import DigitPairsSource, open_source
+from data_pipeline.verify import inspect_dataset
 from launch.cli import main as cli_main
 
 SMALL = "digit-pairs:train_pairs=301,val_pairs=100,distractors=2,seed=3"

@@ -9,17 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.config import ConfigError, load_config
-from pretrain.engine import (
-    build_ds_config,
-    build_lr_lambda,
-    check_batch_sizes,
-    layer_ids,
-    optimizer_state_bytes,
-    param_groups,
-    soft_target_cross_entropy,
-)
-from pretrain.optim import ModelEMA, build_optimizer, uses_device_step
+from data_pipeline.config import ConfigError
+from pretrain.config import load_config
+from pretrain.engine import build_ds_config, check_batch_sizes, optimizer_state_bytes
+from pretrain.loss import soft_target_cross_entropy
+from pretrain.optim import ModelEMA, build_lr_lambda, build_optimizer, layer_ids, param_groups, uses_device_step
 
 
 def cfg_with(*overrides):
@@ -148,7 +142,8 @@ def test_layer_decay_one_keeps_the_two_groups_and_bad_values_are_refused():
     groups = param_groups(model, 0.05)
     assert [(g["weight_decay"], g["lr_scale"], g["decayed"]) for g in groups] == [(0.05, 1.0, True), (0.0, 1.0, False)]
     for bad in ("0", "1.5", "-0.2"):
-        with pytest.raises(ConfigError, match=rf"optim.layer_decay={float(bad)} must be in \(0, 1\]"):
+        message = rf"optim.layer_decay={float(bad)} must be positive and finite, in \(0, 1\]"
+        with pytest.raises(ConfigError, match=message):
             cfg_with(f"optim.layer_decay={bad}")
 
 
@@ -158,7 +153,7 @@ import torch
 from pretrain.config import load_config
 from pretrain.distributed import init_distributed
 from pretrain.engine import build_engine, reapply_optim_config
-from pretrain.trainer import build_model
+from pretrain.rank import build_model
 
 cfg = load_config("configs/run/digits_sepvit_lite.yaml", sys.argv[1:])
 dist = init_distributed(device="cpu")

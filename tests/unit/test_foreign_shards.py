@@ -21,11 +21,11 @@ import webdataset as wds
 from data_fixtures import png_transform
 from PIL import Image
 
+from data_pipeline.indexer import index_dataset
 from data_pipeline.loader import build_loader
 from data_pipeline.manifest import load_manifest
 from data_pipeline.order import plan_batches
 from data_pipeline.shard_index import read_stored_shard, split_member_name, stored_index_name
-from data_pipeline.wds_index import index_dataset
 from launch.cli import main
 
 pytestmark = [
@@ -196,7 +196,7 @@ def test_mid_epoch_resume_and_corrupt_counts_on_indexed_shards(imagenet_like: di
     assert resumed.corrupt_counts() == {"decode_error": times}
 
     # inspect --deep names the sample whose image does not decode
-    from data_pipeline.inspect import inspect_dataset
+    from data_pipeline.verify import inspect_dataset
 
     report = inspect_dataset(root, deep=True)
     assert not report.ok

@@ -20,7 +20,7 @@ from PIL import Image
 
 from data_pipeline.manifest import load_manifest
 from launch.cli import main
-from launch.cmd_train import validate_launch
+from pretrain.plan import validate_launch
 
 pytestmark = [pytest.mark.timeout(120)]
 

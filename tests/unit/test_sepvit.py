@@ -11,8 +11,9 @@ import yaml
 
 import pretrain.models  # noqa: F401  (registers the variants)
 from pretrain.models import create_model
-from pretrain.models._flops import count_macs, count_params
-from pretrain.models.sepvit import SeparableAttention, SepViT, fit_window_sizes, stage_resolutions
+from pretrain.models.flops import count_macs, count_params
+from pretrain.models.sepvit import SeparableAttention, SepViT
+from pretrain.models.sepvit_windows import fit_window_sizes, stage_resolutions
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
 

@@ -340,8 +340,9 @@ def test_resume_refuses_a_rebuilt_data_set(data_dir: Path, tmp_path: Path) -> No
     rebuilt = make_dataset(tmp_path / "rebuilt", {"train": list(reversed(TRAIN_SHARDS)), "val": VAL_SHARDS})
     with pytest.raises(ValueError, match="data_fingerprint: the checkpoint was taken on other shards"):
         _loader(rebuilt).load_state_dict(state)
-    legacy = {k: v for k, v in state.items() if k != "data_fingerprint"}  # states written before the field existed
-    _loader(rebuilt).load_state_dict(legacy)
+    unnamed = {k: v for k, v in state.items() if k != "data_fingerprint"}  # a state that does not say its data
+    with pytest.raises(ValueError, match=r"loader state lacks \['data_fingerprint'\]"):
+        _loader(data_dir).load_state_dict(unnamed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

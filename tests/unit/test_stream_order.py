@@ -1,7 +1,9 @@
-"""The epoch order computed a range at a time (order version 2) against a whole-epoch reference, and the legacy order.
+"""The epoch order computed a range at a time against a whole-epoch reference, and its mixing against a full-epoch
+shuffle.
 
 The reference here sorts the keys of every layout position of the epoch at once (argsort over all samples); the
-stream never does that for version 2, it ranks a window around the positions asked for.
+stream never does that, it ranks a window around the positions asked for. The full-epoch shuffle
+(:func:`_full_epoch_shuffle`) is the definition the windowed order's mixing is measured against.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from data_fixtures import make_dataset, png_transform, write_manifest
 
 from data_pipeline import order
 from data_pipeline.loader import ResumableLoader, build_loader
-from data_pipeline.order import LEGACY_ORDER, ORDER_VERSION, EpochOrder, batch_indices, epoch_order
+from data_pipeline.order import ORDER_VERSION, EpochOrder, batch_indices, epoch_order
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -37,7 +39,7 @@ SEED, BUFFER = 7, 16
 
 
 def _reference_order(shard_samples: list[int], *, seed: int, epoch: int, shuffle_buffer: int) -> np.ndarray:
-    """Version 2, slowly: every key of the epoch, one argsort (ties by layout position)."""
+    """The order of :class:`EpochOrder`, slowly: every key of the epoch, one argsort (ties by layout position)."""
     counts = np.asarray(shard_samples, dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)])
     perm = np.random.default_rng([0x0DE7, seed, epoch]).permutation(len(counts))
@@ -49,8 +51,9 @@ def _reference_order(shard_samples: list[int], *, seed: int, epoch: int, shuffle
     return layout[np.lexsort((np.arange(total), keys))]
 
 
-def _legacy_reference(shard_samples: list[int], *, seed: int, epoch: int, shuffle_buffer: int) -> np.ndarray:
-    """The epoch order as written before version 2 (copied from data_pipeline/stream.py at 8dbe8f0)."""
+def _full_epoch_shuffle(shard_samples: list[int], *, seed: int, epoch: int, shuffle_buffer: int) -> np.ndarray:
+    """A full-epoch windowed shuffle: the shard permutation EpochOrder draws, then keys ``i + u_i * L``, every ``u_i``
+    drawn from one sequential numpy stream after it, and one argsort of the whole epoch (no counter, no window)."""
     counts = np.asarray(shard_samples, dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)])
     total = int(offsets[-1])
@@ -120,8 +123,6 @@ def test_empty_split_and_bad_ranges() -> None:
     for a, b in [(-1, 2), (3, 2), (0, 8)]:
         with pytest.raises(ValueError, match="not within"):
             order.slice(a, b)
-    with pytest.raises(ValueError, match="order=3 is not a known"):
-        EpochOrder([3], seed=1, epoch=0, shuffle_buffer=4, order=3)
 
 
 def test_seeds_and_epochs_give_other_orders_and_the_shard_permutation_is_kept() -> None:
@@ -132,45 +133,26 @@ def test_seeds_and_epochs_give_other_orders_and_the_shard_permutation_is_kept() 
         for epoch in range(3)
     }
     assert len({_digest(o) for o in orders.values()}) == len(orders)
-    # a small window keeps the shard sequence of the legacy order (the same permutation draw)
-    new = EpochOrder(shards, seed=5, epoch=2, shuffle_buffer=1).slice(0, 1000) // 50
-    old = EpochOrder(shards, seed=5, epoch=2, shuffle_buffer=1, order=LEGACY_ORDER).slice(0, 1000) // 50
-    assert np.array_equal(new, old)
+    # a window of 1 keeps the layout: the shard sequence of the full-epoch shuffle (the same permutation draw)
+    windowed = EpochOrder(shards, seed=5, epoch=2, shuffle_buffer=1).slice(0, 1000) // 50
+    full = _full_epoch_shuffle(shards, seed=5, epoch=2, shuffle_buffer=1) // 50
+    assert np.array_equal(windowed, full)
 
 
-def test_version_2_order_is_pinned() -> None:
-    """Checkpoints depend on it: a change of the version 2 order must come with a new version."""
+def test_the_order_is_pinned() -> None:
+    """Checkpoints depend on it: a change of the order must come with a new :data:`ORDER_VERSION`."""
+    assert ORDER_VERSION == 2
     got = EpochOrder(TRAIN_SHARDS, seed=SEED, epoch=0, shuffle_buffer=BUFFER).slice(0, sum(TRAIN_SHARDS))
     assert _digest(got) == "4269e9e5cbba8ca5"
 
 
-def test_legacy_order_bit_for_bit() -> None:
-    # digests printed by data_pipeline/stream.py::epoch_order at 8dbe8f0, before version 2
-    pinned = {
-        ((9, 7, 11, 0, 8, 10, 6), 7, 0, 16): "745ac0ff4e592af4",
-        ((1000,) * 50, 3, 2, 100): "7050ff7865fe8346",
-        ((5,), 0, 1, 1): "281b02b10f5f4997",
-    }
-    for (shards, seed, epoch, buf), digest in pinned.items():
-        got = epoch_order(list(shards), seed=seed, epoch=epoch, shuffle_buffer=buf, order=LEGACY_ORDER)
-        assert _digest(got) == digest
-    for name, shards in LAYOUTS.items():
-        for seed, epoch, buf in [(0, 0, 1), (7, 3, 5), (11, 1, 1000)]:
-            want = _legacy_reference(shards, seed=seed, epoch=epoch, shuffle_buffer=buf)
-            order = EpochOrder(shards, seed=seed, epoch=epoch, shuffle_buffer=buf, order=LEGACY_ORDER)
-            assert np.array_equal(order.slice(0, len(want)), want), name
-            if len(want) >= 5:
-                assert np.array_equal(order.slice(3, len(want) - 2), want[3:-2])
-
-
-@pytest.mark.parametrize("order", [ORDER_VERSION, LEGACY_ORDER])
-def test_every_world_size_with_the_same_global_batch_sees_the_same_places(order: int, tmp_path: Path) -> None:
+def test_every_world_size_with_the_same_global_batch_sees_the_same_places(tmp_path: Path) -> None:
     shards, global_batch = [13, 0, 29, 8, 31, 4], 12  # 85 samples: 7 global batches, 1 sample dropped
     write_manifest(tmp_path, {"train": shards})  # no tar files: the plan needs the manifest only
-    want = EpochOrder(shards, seed=SEED, epoch=3, shuffle_buffer=9, order=order).slice(0, 84).reshape(7, 12)
+    want = EpochOrder(shards, seed=SEED, epoch=3, shuffle_buffer=9).slice(0, 84).reshape(7, 12)
     for world_size in (1, 2, 3, 4, 6, 12):
         batch_size = global_batch // world_size
-        eo = EpochOrder(shards, seed=SEED, epoch=3, shuffle_buffer=9, order=order)
+        eo = EpochOrder(shards, seed=SEED, epoch=3, shuffle_buffer=9)
         got = np.stack(
             [
                 np.concatenate(
@@ -183,7 +165,7 @@ def test_every_world_size_with_the_same_global_batch_sees_the_same_places(order:
         for r in range(world_size):
             grid = batch_indices(
                 tmp_path, "train", seed=SEED, epoch=3, world_size=world_size, rank=r, batch_size=batch_size,
-                shuffle_buffer=9, order=order,
+                shuffle_buffer=9,
             )  # fmt: skip
             assert np.array_equal(grid, want[:, r * batch_size : (r + 1) * batch_size])
     assert len(set(want.reshape(-1).tolist())) == 84
@@ -208,26 +190,27 @@ def test_memory_grows_with_shards_and_window_not_samples() -> None:
     assert len(set(last.tolist())) == 256 and last.min() >= 0 and last.max() < 100_000_000
 
 
-def test_shuffle_mixes_like_the_legacy_order() -> None:
-    """Both versions draw u_i ~ U[0, 1): displacement and same-shard neighbours agree within sampling noise."""
+def test_shuffle_mixes_like_a_full_epoch_shuffle() -> None:
+    """Both draw u_i ~ U[0, 1): displacement and same-shard neighbours agree within sampling noise."""
     shards, buf = [100] * 200, 1000
 
-    def stats(order: int) -> tuple[float, float]:
+    def stats(out: np.ndarray) -> tuple[float, float]:
         """Mean |output position - layout position| and the fraction of batch neighbours from the same shard."""
-        out = EpochOrder(shards, seed=3, epoch=1, shuffle_buffer=buf, order=order).slice(0, 20_000)
-        slot = np.empty(200, dtype=np.int64)  # layout slot of each shard (the same permutation in both versions)
+        slot = np.empty(200, dtype=np.int64)  # layout slot of each shard (the same permutation in both)
         slot[np.random.default_rng([0x0DE7, 3, 1]).permutation(200)] = np.arange(200)
         layout = slot[out // 100] * 100 + out % 100
         shard = (out // 100).reshape(-1, 125)  # batches of 125
         return float(np.abs(np.arange(20_000) - layout).mean()), float((shard[:, 1:] == shard[:, :-1]).mean())
 
-    (d_new, s_new), (d_old, s_old) = stats(ORDER_VERSION), stats(LEGACY_ORDER)
-    assert abs(d_new - d_old) < 0.05 * d_old
-    assert abs(s_new - s_old) < 0.2 * s_old
+    windowed = EpochOrder(shards, seed=3, epoch=1, shuffle_buffer=buf).slice(0, 20_000)
+    d_win, s_win = stats(windowed)
+    d_full, s_full = stats(_full_epoch_shuffle(shards, seed=3, epoch=1, shuffle_buffer=buf))
+    assert abs(d_win - d_full) < 0.05 * d_full
+    assert abs(s_win - s_full) < 0.2 * s_full
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Through the loader: resume, and the legacy order kept for checkpoints written before version 2
+# Through the loader: resume, and the order version of its state
 
 
 @pytest.fixture(scope="module")
@@ -244,42 +227,39 @@ def _indices(batches: list[dict]) -> list[list[int]]:
     return [b["index"].tolist() for b in batches]
 
 
-@pytest.mark.parametrize("order", [ORDER_VERSION, LEGACY_ORDER])
-def test_resume_mid_epoch_yields_exactly_the_remaining_batches(data_dir: Path, order: int) -> None:
+def test_resume_mid_epoch_yields_exactly_the_remaining_batches(data_dir: Path) -> None:
     kw = dict(rank=1, world_size=2, batch_size=3)  # 8 batches per epoch
     plan = [
-        batch_indices(data_dir, "train", seed=SEED, epoch=e, shuffle_buffer=BUFFER, order=order, **kw).tolist()
-        for e in range(2)
+        batch_indices(data_dir, "train", seed=SEED, epoch=e, shuffle_buffer=BUFFER, **kw).tolist() for e in range(2)
     ]
     first = _loader(data_dir, workers=2, **kw)
-    if order == LEGACY_ORDER:
-        first.load_state_dict({k: v for k, v in first.state_dict().items() if k != "order"})
     consumed = list(itertools.islice(first.iter_batches(), 5))
     state = first.state_dict()
     first.close()
-    assert state["order"] == order and (state["epoch"], state["batches_done"]) == (0, 5)
+    assert state["order"] == ORDER_VERSION and (state["epoch"], state["batches_done"]) == (0, 5)
 
     resumed = _loader(data_dir, workers=3, persistent_workers=False, **kw)
     resumed.load_state_dict(state)
     rest = list(itertools.islice(resumed.iter_batches(), 11))  # the rest of epoch 0, then all of epoch 1
-    assert resumed.state_dict()["order"] == order  # a legacy run stays legacy in later epochs
+    assert resumed.state_dict()["order"] == ORDER_VERSION
     resumed.close()
     assert _indices(consumed + rest) == plan[0] + plan[1]
 
 
-def test_a_state_without_an_order_version_resumes_the_legacy_order(data_dir: Path) -> None:
-    new = _loader(data_dir)
-    state = new.state_dict()
+def test_a_state_of_another_order_version_or_none_is_refused(data_dir: Path) -> None:
+    loader = _loader(data_dir)
+    state = loader.state_dict() | {"batches_done": 2}
     assert state["order"] == ORDER_VERSION
-    old_state = {k: v for k, v in state.items() if k != "order"} | {"batches_done": 2}  # written before version 2
-    legacy = batch_indices(data_dir, "train", seed=SEED, epoch=0, world_size=1, rank=0, batch_size=4,
-                           shuffle_buffer=BUFFER, order=LEGACY_ORDER).tolist()  # fmt: skip
+    unversioned = {k: v for k, v in state.items() if k != "order"}
+    with pytest.raises(ValueError, match="records no epoch order version; this code reads only version 2"):
+        loader.load_state_dict(unversioned)
+    for version in (1, 3, "2"):
+        with pytest.raises(
+            ValueError, match=f"records epoch order version {version!r}; this code reads only version 2"
+        ):
+            loader.load_state_dict({**state, "order": version})
+    assert loader.batches_done == 0  # a refused state leaves the position as it was
+    loader.load_state_dict(state)
     current = batch_indices(data_dir, "train", seed=SEED, epoch=0, world_size=1, rank=0, batch_size=4,
                             shuffle_buffer=BUFFER).tolist()  # fmt: skip
-    assert legacy != current
-    new.load_state_dict(old_state)
-    assert _indices(list(new)) == legacy[2:]
-    new.load_state_dict({**state, "order": ORDER_VERSION})
-    assert _indices(list(new)) == current
-    with pytest.raises(ValueError, match="order: the checkpoint's epoch order version 3 is unknown"):
-        new.load_state_dict({**state, "order": 3})
+    assert _indices(list(loader)) == current[2:]

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from data_pipeline.config import ConfigError
 from launch.cli import main as cli_main
 from launch.cluster_params import CLUSTER_PROFILES_DIR, ClusterParams, load_cluster_params
 from launch.status import parse_slurm_duration
-from pretrain.config import ConfigError, dump_config, load_config
+from pretrain.config import dump_config, load_config
 
 CONFIG = "configs/run/digits_sepvit_lite.yaml"
 GOLDEN = Path(__file__).parent / "golden"

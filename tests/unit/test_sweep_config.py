@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from data_pipeline.config import ConfigError
 from launch.cli import main as cli_main
 from launch.sweep.spec import format_override, load_sweep, validate_trial_configs
 from launch.sweep.trial import newest_checkpoint
-from pretrain.config import CONFIGS_DIR, ConfigError, parse_overrides
+from pretrain.config import CONFIGS_DIR, parse_overrides
 
 BASE = str(CONFIGS_DIR / "run" / "digits_sepvit_lite.yaml")
 

@@ -19,13 +19,14 @@ import pyarrow.fs
 import pytest
 import yaml
 
+from data_pipeline.config import ConfigError
 from launch.cli import main as cli_main
 from launch.sweep import check_sweep_trusted
 from launch.sweep.spec import load_sweep
 from launch.sweep.storage import UntrustedSweepFile, signed_filesystem, unverified_files
 from pretrain import trust
 from pretrain.checkpoint import check_signature, write_complete_marker
-from pretrain.config import CONFIGS_DIR, ConfigError
+from pretrain.config import CONFIGS_DIR
 
 BASE = str(CONFIGS_DIR / "run" / "digits_sepvit_lite.yaml")
 

@@ -16,6 +16,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from data_pipeline import augment, transforms
 from data_pipeline.augment import DeviceAugment, normalize, soft_targets
+from data_pipeline.config import AugmentConfig
 from data_pipeline.errors import CorruptSample
 from data_pipeline.transforms import (
     EvalTransform,
@@ -25,7 +26,6 @@ from data_pipeline.transforms import (
     decode_rgb,
     random_resized_crop_box,
 )
-from pretrain.config import AugmentConfig
 
 pytestmark = pytest.mark.timeout(120)
 

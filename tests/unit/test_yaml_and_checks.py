@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 from data_fixtures import make_dataset
 
+from data_pipeline.config import ConfigError
 from launch.cli import main
-from pretrain.config import ConfigError, load_config, read_yaml_mapping
+from pretrain.config import load_config
 from pretrain.engine import build_ds_config
+from pretrain.yaml_io import read_yaml_mapping
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_CONFIG = REPO / "configs" / "run" / "digits_sepvit_lite.yaml"
@@ -185,7 +187,8 @@ def _numeric_fields(cls: type, prefix: str) -> list[str]:
 
 
 def test_every_numeric_field_has_a_range_and_the_defaults_fit() -> None:
-    from pretrain.config import NUMERIC_RULES, Config
+    from pretrain.config import Config
+    from pretrain.config_ranges import NUMERIC_RULES
 
     fields = _numeric_fields(Config, "")
     assert len(fields) >= 50 and "optim.betas" in fields and "augment.mean" in fields
@@ -273,7 +276,7 @@ def _export(path: Path, state_edit=None, **config_edit) -> Path:
 
     from pretrain.config import ModelConfig
     from pretrain.models import create_model
-    from pretrain.models._registry import EXPORT_FORMAT
+    from pretrain.models.registry import EXPORT_FORMAT
 
     kwargs = {"window_sizes": [[4], [2, 4], [2, 2, 2, 2, 2, 2], [1, 1]]}
     cfg = dataclasses.asdict(ModelConfig(name="sepvit_lite", num_classes=10, img_size=32, kwargs=kwargs))
@@ -320,7 +323,7 @@ def test_init_from_an_export_that_does_not_fit_exits_2_before_anything_starts(
     err = capsys.readouterr().err
     assert f"pretrain train: config error: model.init_from={bad}: {bad}: " in err and message in err
     assert "Traceback" not in err and not out.exists()
-    from launch.cmd_train import validate_launch
+    from pretrain.plan import validate_launch
 
     plan = validate_launch(str(RUN_CONFIG), [f"data.path={data}", f"run.output_dir={out}", f"model.init_from={good}"],
                            1, None, False)  # fmt: skip

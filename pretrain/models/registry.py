@@ -3,17 +3,16 @@
 ``create_model(name_or_file, pretrained=FILE, ...)`` also builds a model from exported weights (``pretrain export``):
 a safetensors file whose metadata holds the variant's name and its ``model`` config. Only torch and safetensors are
 used, so a model trained with DeepSpeed loads in any PyTorch program. Overrides that change the head
-(``num_classes``) re-initialise it; a new ``img_size`` goes through the family's own rule (each family module defines
-``pretrained_kwargs`` and ``adapt_pretrained``, see its docstring), which adapts what is well defined and raises
-``ValueError`` naming the part that is not.
+(``num_classes``) re-initialise it; a new ``img_size`` goes through the family's own rules (the ``pretrained_kwargs``
+and ``adapt_pretrained`` its module registers with its variants as a :class:`ModelFamily`), which adapt what is well
+defined and raise ``ValueError`` naming the part that is not.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
-import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,8 @@ import torch.nn as nn
 
 __all__ = [
     "EXPORT_FORMAT",
+    "ModelFamily",
     "create_model",
-    "factory_parameters",
     "list_models",
     "model_entrypoint",
     "model_from_state",
@@ -31,20 +30,42 @@ __all__ = [
     "register_model",
 ]
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
-
 EXPORT_FORMAT = "vitpretrain-export-1"
 """``format`` key of an export's metadata; a file without it was not written by ``pretrain export``."""
 
 _HEAD_PREFIX = "head."  # both families name their classifier ``head``
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register a variant factory under its function name (e.g. ``sepvit_tiny``)."""
+@dataclass(frozen=True)
+class ModelFamily:
+    """Variants that share a module and its rules for weights trained at another image size.
+
+    Attributes:
+        name: The family's name (``sepvit``, ``setformer``).
+        pretrained_kwargs: ``(source, kwargs) -> kwargs``: the build's keyword arguments for a new ``img_size``.
+        adapt_pretrained: ``(model, state, source) -> state``: the source's weights fitted to ``model``.
+    """
+
+    name: str
+    pretrained_kwargs: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
+    adapt_pretrained: Callable[[nn.Module, dict[str, torch.Tensor], dict[str, Any]], dict[str, torch.Tensor]] | None = (
+        None
+    )
+
+    def register(self, fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        """Decorator: register ``fn`` as a variant of this family (see :func:`register_model`)."""
+        return register_model(fn, family=self)
+
+
+_MODELS: dict[str, tuple[Callable[..., nn.Module], ModelFamily | None]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module], family: ModelFamily | None = None) -> Callable[..., nn.Module]:
+    """Register a variant factory under its function name (e.g. ``sepvit_tiny``), of ``family`` if given."""
     name = fn.__name__
     if name in _MODELS:
         raise ValueError(f"model '{name}' registered twice")
-    _MODELS[name] = fn
+    _MODELS[name] = (fn, family)
     return fn
 
 
@@ -56,11 +77,7 @@ def list_models(prefix: str = "") -> list[str]:
 def model_entrypoint(name: str) -> Callable[..., nn.Module]:
     if name not in _MODELS:
         raise ValueError(f"unknown model '{name}'; known models: {', '.join(list_models())}")
-    return _MODELS[name]
-
-
-def factory_parameters(name: str) -> list[str]:
-    return list(inspect.signature(model_entrypoint(name)).parameters)
+    return _MODELS[name][0]
 
 
 def read_pretrained(path: str | Path, weights: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -93,19 +110,14 @@ def read_pretrained(path: str | Path, weights: bool = True) -> tuple[dict[str, t
     return state, meta
 
 
-def _family_hook(fn: Callable[..., nn.Module], hook: str) -> Callable[..., Any] | None:
-    """A family module's named hook (``pretrained_kwargs`` or ``adapt_pretrained``), if it defines one."""
-    return getattr(sys.modules[fn.__module__], hook, None)
-
-
 def model_from_state(
     state: dict[str, torch.Tensor], source: dict[str, Any], name: str | None = None, **overrides: Any
 ) -> nn.Module:
     """Build the model of ``source`` (a run's ``model`` config) with ``overrides`` and load ``state`` into it.
 
     Another ``num_classes`` keeps the freshly initialised head of the build (seed torch first for a reproducible one);
-    another ``img_size`` goes through the family's ``pretrained_kwargs`` and ``adapt_pretrained`` hooks. Every other
-    weight must fit exactly.
+    another ``img_size`` goes through its :class:`ModelFamily`'s ``pretrained_kwargs`` and ``adapt_pretrained``.
+    Every other weight must fit exactly.
 
     Raises:
         ValueError: ``name`` differs from the source's, or the family cannot adapt a part (named), or weights are
@@ -114,6 +126,7 @@ def model_from_state(
     if name is not None and name != source["name"]:
         raise ValueError(f"the weights are of a {source['name']} model, not {name}")
     fn = model_entrypoint(source["name"])
+    family = _MODELS[source["name"]][1] or ModelFamily(source["name"])
     kwargs = {
         "num_classes": source["num_classes"],
         "img_size": source["img_size"],
@@ -122,13 +135,11 @@ def model_from_state(
         **(source.get("kwargs") or {}),
         **overrides,
     }
-    prepare = _family_hook(fn, "pretrained_kwargs")
-    if prepare is not None and kwargs["img_size"] != source["img_size"]:
-        kwargs = prepare(source, kwargs)
+    if family.pretrained_kwargs is not None and kwargs["img_size"] != source["img_size"]:
+        kwargs = family.pretrained_kwargs(source, kwargs)
     model = fn(**kwargs)
-    adapt = _family_hook(fn, "adapt_pretrained")
-    if adapt is not None:
-        state = adapt(model, state, source)
+    if family.adapt_pretrained is not None:
+        state = family.adapt_pretrained(model, state, source)
     new_head = kwargs["num_classes"] != source["num_classes"]
     if new_head:  # the checkpoint's classifier does not fit: keep the fresh head of the build
         state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIX)}
