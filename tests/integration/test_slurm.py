@@ -396,7 +396,7 @@ def test_two_node_job_matches_nproc2_and_resumes_exactly_after_usr2(slurm, two_n
         log = task_log(run_dir, job_id, task)
         # submitit's record of where the task ran: node <task> of 2, the only rank there, in both attempts
         assert log.count(f"local_rank=0(1), node={task}(2), global_rank={task}(2)") == 2, log[-3000:]
-        assert "received SIGUSR2: will checkpoint" in log  # the signal reached the rank on each node
+        assert "received SIGUSR2: stopping at the end of this step" in log  # the signal reached the rank on each node
     # rank 0 rendezvoused on the allocation's first node
     assert f"rank 0/2 (local 0/1) on {two_nodes[0]}, rendezvous {two_nodes[0]}:" in task_log(run_dir, job_id, 0)
 
