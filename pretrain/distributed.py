@@ -61,6 +61,7 @@ __all__ = [
     "detect_environment",
     "expand_slurm_nodelist",
     "find_free_port",
+    "sum_counts",
     "init_distributed",
     "slurm_master_addr",
     "slurm_tasks_on_node",
@@ -383,6 +384,15 @@ def all_gather_object(obj: object) -> list[object]:
     out: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def sum_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Every rank's ``counts`` summed key by key (this rank's alone without a process group)."""
+    total: dict[str, int] = {}
+    for rank_counts in all_gather_object(counts):
+        for key, n in rank_counts.items():  # type: ignore[union-attr]
+            total[key] = total.get(key, 0) + int(n)
+    return total
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

@@ -50,7 +50,7 @@ from data_pipeline.loader import DataParts
 from pretrain.checkpoint import RunDirRefused, capture_rng_state, restore_rng_state, seed_rng_state
 from pretrain.checkpoint_manager import CheckpointManager, checkpoint_meta, run_identity
 from pretrain.config import Config, dump_config
-from pretrain.distributed import DistInfo, all_reduce_max, broadcast_object
+from pretrain.distributed import DistInfo, all_reduce_max, broadcast_object, sum_counts
 from pretrain.engine import EngineParts, reapply_optim_config
 from pretrain.evaluate import eval_metrics, evaluate_models
 from pretrain.lifecycle import StopRequested, StopSignals, stop_outcome
@@ -183,6 +183,13 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back :meth:`state_dict`; a state without all of its keys raises ``ValueError`` naming them."""
+        missing = sorted(set(self.state_dict()) - set(state))
+        if missing:
+            raise ValueError(
+                f"the checkpoint's trainer state lacks {missing}, so the run cannot continue from it exactly; start a "
+                "new run from its weights with model.init_from=<the checkpoint>"
+            )
         self.step = int(state["step"])
         self.nonfinite.total = int(state["nonfinite_total"])
         self.nonfinite.in_a_row = int(state["nonfinite_in_a_row"])
@@ -513,7 +520,7 @@ class Trainer:
         }
         if self.flops_per_image and self.peak_flops:
             event["mfu"] = self.flops_per_image * img_per_s / (self.peak_flops * self.dist.world_size)
-        for reason, n in self._global_corrupt_counts().items():
+        for reason, n in sum_counts(self.data.train.corrupt_counts()).items():
             event[f"corrupt_{reason}"] = n
         self.sink.log(event)
         self.status.update(step=self.step, epoch=event["epoch"], img_per_s=img_per_s)
@@ -523,18 +530,6 @@ class Trainer:
         """Read back the window's pending steps (:meth:`StepWindow.settle`); the last step's values."""
         self._last_step = self._window.settle(self.step, self.nonfinite) or self._last_step
         return self._last_step
-
-    def _global_corrupt_counts(self) -> dict[str, int]:
-        counts = self.data.train.corrupt_counts()
-        if self.dist.world_size == 1:
-            return counts
-        gathered: list[dict[str, int]] = [{} for _ in range(self.dist.world_size)]
-        torch.distributed.all_gather_object(gathered, counts)
-        total: dict[str, int] = {}
-        for c in gathered:
-            for k, v in c.items():
-                total[k] = total.get(k, 0) + int(v)
-        return total
 
     def _sweep_decision(self) -> str:
         """Inside a sweep: wait after this step's eval and checkpoint until the trial says ``continue`` or ``stop``
