@@ -128,6 +128,7 @@ def test_model_shape_change_on_resume_is_refused(digits_dir, run_root, capsys):
         "world_size": 1,
         "model_shape_digest": model_shape_digest(cfg),
         "model_config": dataclasses.asdict(cfg.model),
+        "layer_decay": 1.0,
     }
     (tag / "meta.json").write_text(json.dumps(meta))
     write_complete_marker(tag)
