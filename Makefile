@@ -32,9 +32,9 @@ test: install
 	-$(MAKE) --no-print-directory slurm-up
 	$(BIN)/pytest -q --durations=30 tests
 
-# the inner loop: the unit tests (one process each, no Slurm, Ray or multi-rank training)
+# the inner loop: the unit tests (no Slurm, Ray or multi-rank training), two pytest workers (one per core here)
 test-fast: install
-	$(BIN)/pytest -q --durations=10 tests/unit
+	$(BIN)/pytest -q -n 2 --durations=10 tests/unit
 
 lint: install
 	$(BIN)/ruff check pretrain launch data_pipeline tests benchmarks
