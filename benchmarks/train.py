@@ -52,7 +52,7 @@ def _append(title: str, command: str, lines: list[str], notes: list[str]) -> Non
 
 
 def _accuracy(args: argparse.Namespace) -> int:
-    from pretrain.metrics import read_jsonl
+    from pretrain.fsutil import read_jsonl
 
     rows = []
     for config in args.configs:
@@ -107,7 +107,7 @@ def _accuracy(args: argparse.Namespace) -> int:
 
 
 def _train_once(args: argparse.Namespace, name: str, extra: list[str]) -> dict[str, float]:
-    from pretrain.metrics import read_jsonl
+    from pretrain.fsutil import read_jsonl
 
     run_dir = ROOT / "runs" / "bench" / name
     shutil.rmtree(run_dir, ignore_errors=True)

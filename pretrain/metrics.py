@@ -43,7 +43,6 @@ __all__ = [
     "build_metrics_sink",
     "device_peak_flops",
     "peak_memory_mb",
-    "read_jsonl",
     "topk_correct",
     "truncate_jsonl",
 ]

@@ -24,7 +24,7 @@ import pytest
 import torch
 from conftest import TINY_RUN_STEPS, tiny_run_overrides
 
-from pretrain.metrics import read_jsonl
+from pretrain.fsutil import read_jsonl
 from pretrain.rundir import COMPLETE_MARKER
 
 pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]

@@ -19,7 +19,7 @@ from conftest import REPO, tiny_run_overrides, train_env
 
 from launch.cli import main as cli_main
 from pretrain.distributed import find_free_port
-from pretrain.metrics import read_jsonl
+from pretrain.fsutil import read_jsonl
 from pretrain.models import create_model, read_pretrained
 
 pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]

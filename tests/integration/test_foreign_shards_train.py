@@ -24,7 +24,7 @@ from PIL import Image
 from data_pipeline.manifest import load_manifest
 from data_pipeline.sources import DigitsSource
 from launch.cli import main
-from pretrain.metrics import read_jsonl
+from pretrain.fsutil import read_jsonl
 from pretrain.rundir import COMPLETE_MARKER
 
 pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]

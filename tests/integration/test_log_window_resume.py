@@ -21,7 +21,7 @@ from conftest import TINY_RUN_STEPS, tiny_run_overrides
 from test_train_resume import tb_scalars, wait_for
 
 from pretrain.checkpoint import write_complete_marker
-from pretrain.metrics import read_jsonl
+from pretrain.fsutil import read_jsonl
 from pretrain.rundir import COMPLETE_MARKER
 
 pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]

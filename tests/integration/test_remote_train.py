@@ -26,7 +26,7 @@ import torch
 from conftest import REPO, train_env
 from remote_servers import FaultProxy, moto_s3, s3_env
 
-from pretrain.metrics import read_jsonl
+from pretrain.fsutil import read_jsonl
 from pretrain.rundir import COMPLETE_MARKER
 
 pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]

@@ -29,10 +29,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, tiny_run_overrides, train_env
+from scratch_disks import tmpfs_mounts
 
 from pretrain import trust
 from pretrain.checkpoint import checkpoint_dir_bytes, verify_checkpoint, write_complete_marker
-from pretrain.metrics import read_jsonl
+from pretrain.fsutil import read_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]
 
@@ -222,23 +223,7 @@ def test_history_without_a_usable_checkpoint_refuses_to_start_unless_restart(
 @pytest.fixture
 def tmpfs(run_root: Path):
     """``mount(size, ro=False) -> Path``: a real tmpfs of that size; unmounted at the end."""
-    mounts: list[Path] = []
-
-    def mount(size: int, ro: bool = False) -> Path:
-        where = run_root / f"disk{len(mounts)}"
-        where.mkdir()
-        opts = f"size={size}" + (",ro" if ro else "")
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True)
-        if done.returncode != 0:
-            if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-                pytest.fail(f"CI=true and a tmpfs mount is needed: {done.stderr.decode()}")
-            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
-        mounts.append(where)
-        return where
-
-    yield mount
-    for where in mounts:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+    yield from tmpfs_mounts(run_root)
 
 
 def test_full_disk_at_save_fails_cleanly_and_keeps_the_earlier_checkpoints(

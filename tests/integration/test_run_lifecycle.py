@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, TINY_RUN_STEPS, tiny_run_overrides, train_env
+from test_train_resume import wait_for
 
 from pretrain.checkpoint import verify_checkpoint
-from pretrain.metrics import read_jsonl
+from pretrain.fsutil import read_jsonl
 from pretrain.rundir import COMPLETE_MARKER
 
 pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]
@@ -32,17 +33,6 @@ EXIT_PREEMPTED = 3
 
 def train_steps(run_dir: Path) -> list[int]:
     return [e["step"] for e in read_jsonl(run_dir / "metrics.jsonl") if e.get("event") == "train"]
-
-
-def wait_for(predicate, timeout: float, run=None, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if run is not None and run.proc.poll() is not None:
-            raise AssertionError(f"run exited ({run.proc.returncode}) before {what}:\n{run.output[-3000:]}")
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}" + (f":\n{run.output[-3000:]}" if run is not None else ""))
 
 
 def gone(pid: int) -> bool:

@@ -15,7 +15,7 @@ from conftest import tiny_run_overrides
 from scratch_disks import fill, tmpfs_mounts
 
 from pretrain.checkpoint import verify_checkpoint
-from pretrain.metrics import read_jsonl
+from pretrain.fsutil import read_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]
 

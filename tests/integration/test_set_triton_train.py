@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import tiny_run_overrides, train_env
 
-from pretrain.metrics import read_jsonl
+from pretrain.fsutil import read_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]
 

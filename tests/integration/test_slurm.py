@@ -37,7 +37,7 @@ from conftest import REPO, TINY_RUN_STEPS, tiny_run_overrides, train_env
 from launch.cli import main as cli_main
 from launch.status import read_job_events, read_run_status, slurm_job_info, slurm_partitions
 from pretrain.checkpoint import step_from_tag, verify_checkpoint
-from pretrain.metrics import read_jsonl
+from pretrain.fsutil import read_jsonl
 from pretrain.rundir import COMPLETE_MARKER
 
 pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]

@@ -12,7 +12,7 @@ from conftest import train_env
 
 from launch.cli import main
 from pretrain.checkpoint import list_checkpoints, verify_checkpoint
-from pretrain.metrics import read_jsonl
+from pretrain.fsutil import read_jsonl
 
 CONFIG = "configs/run/digits_sepvit_lite.yaml"
 

@@ -19,7 +19,7 @@ import torch
 from conftest import TINY_RUN_STEPS, tiny_run_overrides
 
 from pretrain.checkpoint import list_checkpoints
-from pretrain.metrics import read_jsonl
+from pretrain.fsutil import read_jsonl
 from pretrain.rundir import COMPLETE_MARKER, read_latest
 
 pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]
@@ -50,7 +50,7 @@ def wait_for(predicate, timeout: float, run=None, what: str = "") -> None:
         if run is not None and run.proc.poll() is not None:
             raise AssertionError(f"run exited ({run.proc.returncode}) before {what}:\n{run.output[-3000:]}")
         time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + (f":\n{run.output[-3000:]}" if run is not None else ""))
 
 
 def assert_same_run(run_dir: Path, ref_dir: Path) -> None:

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from launch.cli import main
-from pretrain.metrics import read_jsonl
+from pretrain.fsutil import read_jsonl
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from pretrain.checkpoint import list_checkpoints
-from pretrain.metrics import read_jsonl
+from pretrain.fsutil import read_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]
 
