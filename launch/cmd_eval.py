@@ -26,13 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.config import ConfigError
 from data_pipeline.remote import is_remote
-from pretrain.fsutil import unwritable_reason
-from pretrain.rundir import CHECKPOINTS, COMPLETE_MARKER, EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from pretrain.plan import EvalPlan
+from pretrain.rundir import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
-__all__ = ["default_output", "eval_command", "register"]
-
-_MAX_BATCH, _MAX_WORKERS, _MAX_NPROC = 2**20, 512, 1024
+__all__ = ["eval_command", "register"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,142 +58,89 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=eval_command)
 
 
-def default_output(path: Path, tag_dir: Path | None, split: str, ema: bool) -> Path:
-    """Where the result goes without ``--out`` (see the module docstring)."""
-    if tag_dir is None:  # an export
-        stem = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
-        return path.with_name(f"{stem}.eval-{split}.json")
-    name = f"{tag_dir.name}-{split}{'-ema' if ema else ''}.json"
-    if tag_dir.parent.name == CHECKPOINTS:
-        return tag_dir.parent.parent / "eval" / name
-    return tag_dir.parent / name
-
-
-def _planned_output(args: argparse.Namespace) -> Path:
-    """Where the result will go, known before the model is loaded (for a run directory, in its ``eval/`` folder)."""
-    path = Path(args.path)
-    if args.out:
-        return Path(args.out)
-    if path.is_file():
-        return default_output(path, None, args.split, args.ema)
-    if (path / COMPLETE_MARKER).exists() or path.parent.name == CHECKPOINTS:
-        return default_output(path, path, args.split, args.ema)
-    return default_output(path, path / CHECKPOINTS / "newest", args.split, args.ema)
-
-
-def _check_args(args: argparse.Namespace) -> str:
-    """The reason the arguments cannot work, or ''."""
-    from data_pipeline.manifest import load_manifest, resolve_split
-
-    path = Path(args.path)
-    if not path.exists():
-        return f"{path} does not exist"
-    if not 1 <= args.batch_size <= _MAX_BATCH:
-        return f"--batch-size {args.batch_size} must be in [1, {_MAX_BATCH}]"
-    if args.nproc is not None and not 1 <= args.nproc <= _MAX_NPROC:
-        return f"--nproc {args.nproc} must be in [1, {_MAX_NPROC}]"
-    if not 0 <= args.num_workers <= _MAX_WORKERS:
-        return f"--num-workers {args.num_workers} must be in [0, {_MAX_WORKERS}]"
-    out = _planned_output(args)
-    problem = unwritable_reason(out)
-    if problem:
-        return f"cannot write the result to {out}: {problem}; pass --out FILE.json in a writable folder"
-    try:
-        manifest = load_manifest(args.data)
-    except (OSError, ValueError) as e:
-        return f"--data {args.data}: {e}"
-    try:
-        resolve_split(manifest, args.split)  # val and validation find each other
-    except ValueError:
-        return f"--data {args.data} has no split {args.split!r} (splits: {', '.join(sorted(manifest.splits))})"
-    return ""
-
-
 def eval_command(args: argparse.Namespace) -> int:
+    from pretrain.checkpoint import UntrustedCheckpoint
+    from pretrain.export import ExportError
+    from pretrain.plan import plan_eval
+
+    try:
+        plan = plan_eval(
+            args.path, args.data, args.split, args.batch_size, args.nproc, args.num_workers, args.ema, args.out,
+            args.trust_checkpoint,
+        )  # fmt: skip
+    except (ConfigError, UntrustedCheckpoint) as e:
+        if not rank_is_quiet():
+            print(f"pretrain eval: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ExportError as e:
+        if not rank_is_quiet():
+            print(f"pretrain eval: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    if plan.spawn:
+        return _launch_local(args)
+    return _evaluate_here(args, plan)
+
+
+def rank_is_quiet() -> bool:
+    """A rank other than 0 of a launch: the errors every rank finds are printed once, by rank 0."""
     from pretrain.distributed import detect_environment
 
-    problem = _check_args(args)
-    if problem:
-        print(f"pretrain eval: {problem}", file=sys.stderr)
-        return EXIT_USAGE
-    env = detect_environment()
-    if args.nproc and args.nproc > 1 and env.source == "single":
-        return _launch_local(args)
-    return _evaluate_here(args, env)
+    try:
+        return detect_environment().rank != 0
+    except ValueError:
+        return False
 
 
-def _evaluate_here(args: argparse.Namespace, env: Any) -> int:
+def _evaluate_here(args: argparse.Namespace, plan: EvalPlan) -> int:
     """This rank's share: load the model, stream its part of the split, all-reduce the sums; rank 0 reports."""
     import torch
 
     from data_pipeline.augment import normalize
-    from data_pipeline.config import AugmentConfig, ConfigError
-    from data_pipeline.manifest import load_manifest
-    from pretrain.checkpoint import UntrustedCheckpoint
-    from pretrain.distributed import destroy_distributed, init_distributed
+    from data_pipeline.config import AugmentConfig
+    from pretrain.distributed import destroy_distributed, detect_environment, init_distributed
     from pretrain.evaluate import build_eval_loader, eval_metrics, evaluate_models
-    from pretrain.export import ExportError, build_from_state, checkpoint_source
+    from pretrain.export import ExportError, build_from_state, source_weights
 
     t0 = time.perf_counter()
-    dist = init_distributed(device="cpu", env=env, loader_workers=args.num_workers) if env.world_size > 1 else None
-    rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
+    world = plan.world_size
+    dist = (
+        init_distributed(device="cpu", env=detect_environment(), loader_workers=args.num_workers) if world > 1 else None
+    )
     device = dist.device if dist else torch.device("cpu")
-    path = Path(args.path)
+    meta = plan.meta
     try:
         try:
-            state, meta = checkpoint_source(path, ema=args.ema, trusted=args.trust_checkpoint)
-            model = build_from_state(state, meta["model_config"], str(path)).eval()
-        except UntrustedCheckpoint as e:
-            if rank == 0:
-                print(f"pretrain eval: {e}", file=sys.stderr)
-            return EXIT_USAGE
+            model = build_from_state(source_weights(plan.weights, args.ema), meta["model_config"], args.path).eval()
         except ExportError as e:
-            if rank == 0:
+            if plan.rank == 0:
                 print(f"pretrain eval: {e}", file=sys.stderr)
             return EXIT_FAILED
-        model_cfg = meta["model_config"]
-        classes = load_manifest(args.data).num_classes
-        if model_cfg["num_classes"] != classes:
-            print(
-                f"pretrain eval: the model has {model_cfg['num_classes']} outputs but {args.data} has {classes} "
-                "classes; score it on the data set it was trained or fine-tuned for",
-                file=sys.stderr,
-            )
-            return EXIT_USAGE
-        if not meta.get("augment") and rank == 0:
+        if not meta["augment"] and plan.rank == 0:
             logger.warning("the run's augment section is unknown: evaluating with the default eval transform")
-        try:
-            augment = AugmentConfig(**(meta.get("augment") or {}))
-        except (TypeError, ConfigError) as e:
-            print(f"pretrain eval: the run's augment section is unusable ({e})", file=sys.stderr)
-            return EXIT_FAILED
+        augment = AugmentConfig(**meta["augment"])  # checked by the plan
         loader = build_eval_loader(
-            args.data, args.split, augment, model_cfg["img_size"], args.batch_size, rank, world, args.num_workers
-        )
+            args.data, args.split, augment, meta["model_config"]["img_size"], args.batch_size, plan.rank, world,
+            args.num_workers,
+        )  # fmt: skip
         try:
             sums = evaluate_models(
                 [model.to(device)], loader, lambda x: normalize(x, augment.mean, augment.std), device, world
             )
         finally:
             loader.close()
-        metrics = eval_metrics(sums)
-        if rank == 0:
-            return _report(args, path, meta, metrics, world, time.perf_counter() - t0)
+        if plan.rank == 0:
+            return _report(args, plan, eval_metrics(sums), time.perf_counter() - t0)
         return EXIT_OK
     finally:
         if dist is not None:
             destroy_distributed()
 
 
-def _report(
-    args: argparse.Namespace, path: Path, meta: dict[str, Any], metrics: dict[str, Any], world: int, seconds: float
-) -> int:
+def _report(args: argparse.Namespace, plan: EvalPlan, metrics: dict[str, Any], seconds: float) -> int:
     """Print the numbers, then save them: a destination that fails now loses nothing but the file."""
     from pretrain.rundir import write_atomic
 
-    model_cfg = meta["model_config"]
-    tag_dir = None if path.is_file() else Path(meta["source"])  # the checkpoint a run dir resolved to
-    out = Path(args.out) if args.out else default_output(path, tag_dir, args.split, args.ema)
+    model_cfg, meta, out = plan.meta["model_config"], plan.meta, plan.out
     result = {
         "top1": metrics["val_top1"],
         "top5": metrics["val_top5"],
@@ -203,10 +149,10 @@ def _report(
         "split": args.split,
         "data": args.data if is_remote(args.data) else str(Path(args.data).resolve()),
         "model": model_cfg["name"],
-        "source": meta.get("source", str(path.resolve())),
+        "source": meta.get("source", str(Path(args.path).resolve())),
         "step": int(meta["step"]) if str(meta.get("step", "")).isdigit() else None,
         "ema": args.ema or meta.get("ema") == "true",
-        "world_size": world,
+        "world_size": plan.world_size,
         "eval_time_s": seconds,
         "time": time.time(),
     }

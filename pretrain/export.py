@@ -60,6 +60,8 @@ __all__ = [
     "export_weights",
     "load_pretrained",
     "resolve_checkpoint",
+    "source_meta",
+    "source_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -180,37 +182,51 @@ def _json_field(meta: dict[str, Any], key: str, source: Path) -> Any:
         raise ExportError(f"{source}: its metadata field {key!r} is not valid JSON ({type(e).__name__})") from None
 
 
-def checkpoint_source(
-    path: str | Path, ema: bool = False, trusted: bool = False
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Weights and metadata of an export, a checkpoint or a run directory (its newest usable checkpoint; ``trusted``:
-    see :func:`resolve_checkpoint`).
+def source_meta(path: str | Path, ema: bool = False, trusted: bool = False) -> tuple[Path, dict[str, Any]]:
+    """The metadata of an export, a checkpoint or a run directory (its newest usable checkpoint; ``trusted``: see
+    :func:`resolve_checkpoint`), checked, without reading a weight.
 
     Returns:
-        ``(state_dict, meta)``: ``meta["model_config"]`` is the run's ``model`` section, ``meta["augment"]`` its
+        ``(weights, meta)``: ``weights`` is the export file or the verified checkpoint to read with
+        :func:`source_weights`; ``meta["model_config"]`` is the run's ``model`` section, ``meta["augment"]`` its
         ``augment`` section when known ({} otherwise), ``meta["step"]`` and ``meta["source"]`` as in an export.
     """
-    from pretrain.models import read_pretrained
-
     p = Path(path)
     if p.is_file():
         if ema:
             raise ExportError(f"{p} is an export: --ema applies to checkpoints (export them with --ema)")
-        meta = _export_meta(p)  # checked before any weight is read
+        meta = _export_meta(p)
         meta["model_config"] = _checked_model_config(meta["model_config"], p)
         meta["augment"] = _checked_augment(_json_field(meta, "augment", p), p)
-        state, _ = read_pretrained(p)
-        return state, meta
+        return p, meta
     tag_dir = resolve_checkpoint(p, trusted)
-    meta = read_meta(tag_dir)
     info = {
         "model_config": _model_config(tag_dir),
         "augment": _checked_augment(_run_config(tag_dir).get("augment"), tag_dir),
-        "step": str(meta.get("step", "")),
+        "step": str(read_meta(tag_dir).get("step", "")),
         "ema": "true" if ema else "false",
         "source": str(tag_dir.resolve()),
     }
-    return consolidated_state_dict(tag_dir, ema=ema), info
+    return tag_dir, info
+
+
+def source_weights(weights: Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict of ``weights`` as :func:`source_meta` named it: an export file, or a verified checkpoint
+    (consolidated; its EMA weights with ``ema``)."""
+    from pretrain.models import read_pretrained
+
+    if weights.is_file():
+        return read_pretrained(weights)[0]
+    return consolidated_state_dict(weights, ema=ema)
+
+
+def checkpoint_source(
+    path: str | Path, ema: bool = False, trusted: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state_dict, meta)`` of an export, a checkpoint or a run directory: :func:`source_meta` (checked before any
+    weight is read), then :func:`source_weights`."""
+    weights, meta = source_meta(path, ema, trusted)
+    return source_weights(weights, ema), meta
 
 
 def load_pretrained(

@@ -1,10 +1,14 @@
-"""Everything a run can check before a rank starts or a file is written (:func:`validate_launch`), the same for
-``pretrain train``, ``pretrain submit`` and the sweep: the config (types, cross-field rules, global batch vs world
-size), the data set (:func:`resolve_data`: its manifest, splits and classes), the model (built on the meta device),
-the devices, ``model.init_from`` (its metadata and shapes), the checkpoint to resume (complete, signed, same model
-shape, world and optimizer groups) or a history without one, the run directory (a folder, writable) and room on disk
-for a checkpoint. Every failure is a :class:`~data_pipeline.config.ConfigError` naming the field or file and the fix
-(exit 2), or :class:`~pretrain.rundir.LeaseHeld` when a live run owns the directory."""
+"""Everything a command can check before a rank starts or a file is written.
+
+:func:`validate_launch`, the same for ``pretrain train``, ``pretrain submit`` and the sweep: the config (types,
+cross-field rules, global batch vs world size), the data set (:func:`resolve_data`: its manifest, splits and classes),
+the model (built on the meta device), the devices, ``model.init_from`` (its metadata and shapes), the checkpoint to
+resume (complete, signed, same model shape, world and optimizer groups) or a history without one, the run directory (a
+folder, writable) and room on disk for a checkpoint. :func:`plan_eval`, for ``pretrain eval``: its numbers, the
+destination, the data set's split, the model's metadata (verified and signed) against the data set's classes. Both
+settle the world the same way (``--nproc`` or the launcher's). Every failure is a
+:class:`~data_pipeline.config.ConfigError` naming the field or file and the fix (exit 2), or
+:class:`~pretrain.rundir.LeaseHeld` when a live run owns the directory."""
 
 from __future__ import annotations
 
@@ -14,14 +18,27 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from data_pipeline.config import ConfigError
 from pretrain.config import FP16_NEEDS_GPU, Config, load_config, model_shape_digest
-from pretrain.distributed import detect_environment
+from pretrain.distributed import DistEnv, detect_environment
+from pretrain.fsutil import unwritable_reason
 from pretrain.lifecycle import LEASE_TOKEN_ENV
-from pretrain.rundir import CHECKPOINTS, PREVIOUS, LeaseHeld, lease_holder, run_history
+from pretrain.rundir import CHECKPOINTS, COMPLETE_MARKER, PREVIOUS, LeaseHeld, lease_holder, run_history
 
-__all__ = ["LaunchPlan", "check_output_dir", "refuse_if_held", "resolve_data", "validate_launch"]
+__all__ = [
+    "EvalPlan",
+    "LaunchPlan",
+    "check_output_dir",
+    "eval_output",
+    "plan_eval",
+    "refuse_if_held",
+    "resolve_data",
+    "validate_launch",
+]
+
+_MAX_EVAL_BATCH, _MAX_LOADER_WORKERS = 2**20, 512
 
 logger = logging.getLogger(__name__)
 
@@ -77,15 +94,7 @@ def validate_launch(
         LeaseHeld: The run directory belongs to a live run (checked before its history is judged).
     """
     cfg = cfg or load_config(config, overrides)
-    try:
-        env = detect_environment()
-    except ValueError as e:
-        raise ConfigError(f"launcher environment: {e}") from e
-    if nproc is not None and nproc < 1:
-        raise ConfigError(f"--nproc={nproc} must be >= 1")
-    if nproc is not None and nproc > 1 and env.source != "single":
-        raise ConfigError(f"--nproc={nproc} inside a {env.source} launch (RANK/SLURM_PROCID set): drop --nproc")
-    world = nproc if nproc is not None and env.source == "single" else env.world_size
+    env, world, spawn = _world(nproc)
     if sum(map(bool, (resume, no_resume, restart))) > 1:
         raise ConfigError("--resume, --no-resume and --restart exclude each other")
 
@@ -112,11 +121,28 @@ def validate_launch(
         _check_init_from(cfg, trust_checkpoint)
     _check_disk(cfg, resume_from, n_params)
     finished = resume_from is not None and _check_resumable(cfg, resume_from, world) and not resume
-    spawn = world if (env.source == "single" and world > 1) else 0
     return LaunchPlan(
         cfg, world, spawn, resume_from, finished, env.rank, explicit=bool(resume), restart=restart,
         trusted=trust_checkpoint,
     )  # fmt: skip
+
+
+def _world(nproc: int | None) -> tuple[DistEnv, int, int]:
+    """The launcher environment, the world size and the ranks this process starts (0: it is a rank itself).
+
+    Raises:
+        ConfigError: The launcher variables are inconsistent, ``--nproc`` < 1, or ``--nproc`` > 1 inside a launch.
+    """
+    try:
+        env = detect_environment()
+    except ValueError as e:
+        raise ConfigError(f"launcher environment: {e}") from e
+    if nproc is not None and nproc < 1:
+        raise ConfigError(f"--nproc={nproc} must be >= 1")
+    if nproc is not None and nproc > 1 and env.source != "single":
+        raise ConfigError(f"--nproc={nproc} inside a {env.source} launch (RANK/SLURM_PROCID set): drop --nproc")
+    world = nproc if nproc is not None and env.source == "single" else env.world_size
+    return env, world, world if (env.source == "single" and world > 1) else 0
 
 
 def _resume_point(
@@ -305,3 +331,103 @@ def refuse_if_held(run_dir: Path, slurm_job_id: str | None) -> None:
             f"run directory {run_dir} is in use by another run ({holder.describe()}); wait for it to end, stop it "
             f"(pretrain cancel {run_dir}), or pick another run.name=..."
         )
+
+
+# ---------------------------------------------------------------------------------------------------- pretrain eval
+
+
+@dataclasses.dataclass
+class EvalPlan:
+    """What :func:`plan_eval` settled: the model to score, where the result goes, and the world."""
+
+    weights: Path
+    """The export file or the verified checkpoint (a run directory's newest usable one) to read the weights from."""
+    meta: dict[str, Any]
+    """The model's metadata (:func:`pretrain.export.source_meta`): ``model_config``, ``augment``, ``step``, ..."""
+    out: Path
+    world_size: int
+    spawn: int
+    """Ranks this process starts (0: it scores its share itself)."""
+    rank: int = 0
+
+
+def eval_output(path: Path, tag_dir: Path | None, split: str, ema: bool) -> Path:
+    """Where ``pretrain eval`` writes its result without ``--out``: ``<run dir>/eval/<tag>-<split>[-ema].json`` for a
+    checkpoint inside its run directory, ``<FILE without .safetensors>.eval-<split>.json`` for an export
+    (``tag_dir`` None), next to any other checkpoint."""
+    if tag_dir is None:
+        stem = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
+        return path.with_name(f"{stem}.eval-{split}.json")
+    name = f"{tag_dir.name}-{split}{'-ema' if ema else ''}.json"
+    if tag_dir.parent.name == CHECKPOINTS:
+        return tag_dir.parent.parent / "eval" / name
+    return tag_dir.parent / name
+
+
+def plan_eval(
+    path: str,
+    data: str,
+    split: str,
+    batch_size: int,
+    nproc: int | None,
+    num_workers: int,
+    ema: bool = False,
+    out: str | None = None,
+    trusted: bool = False,
+) -> EvalPlan:
+    """Check everything ``pretrain eval`` needs before a rank starts or a weight is read: the numbers, the world, the
+    destination (a folder that can be written), the data set and its split, the model's metadata (a checkpoint
+    verified and signed) and its head against the data set's classes.
+
+    Raises:
+        ConfigError: A bad argument, naming it and the fix (exit 2).
+        UntrustedCheckpoint: The checkpoint is not signed by this user and not ``trusted`` (exit 2).
+        ExportError: The model file is unusable, naming it and why (exit 1).
+    """
+    from data_pipeline.manifest import load_manifest, resolve_split
+    from pretrain.export import source_meta
+
+    source = Path(path)
+    if not source.exists():
+        raise ConfigError(f"{source} does not exist")
+    if not 1 <= batch_size <= _MAX_EVAL_BATCH:
+        raise ConfigError(f"--batch-size {batch_size} must be in [1, {_MAX_EVAL_BATCH}]")
+    if not 0 <= num_workers <= _MAX_LOADER_WORKERS:
+        raise ConfigError(f"--num-workers {num_workers} must be in [0, {_MAX_LOADER_WORKERS}]")
+    env, world, spawn = _world(nproc)
+    _check_eval_output(Path(out) if out else _planned_eval_output(source, split, ema))
+    try:
+        manifest = load_manifest(data)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--data {data}: {e}") from e
+    try:
+        resolve_split(manifest, split)  # val and validation find each other
+    except ValueError:
+        raise ConfigError(
+            f"--data {data} has no split {split!r} (splits: {', '.join(sorted(manifest.splits))})"
+        ) from None
+    weights, meta = source_meta(source, ema=ema, trusted=trusted)
+    outputs = meta["model_config"]["num_classes"]
+    if outputs != manifest.num_classes:
+        raise ConfigError(
+            f"the model has {outputs} outputs but {data} has {manifest.num_classes} classes; score it on the data set "
+            "it was trained or fine-tuned for"
+        )
+    tag_dir = None if source.is_file() else weights
+    destination = Path(out) if out else eval_output(source, tag_dir, split, ema)
+    return EvalPlan(weights, meta, destination, world, spawn, env.rank)
+
+
+def _planned_eval_output(source: Path, split: str, ema: bool) -> Path:
+    """The folder of the default destination, known before the checkpoint is resolved (a run directory's ``eval/``)."""
+    if source.is_file():
+        return eval_output(source, None, split, ema)
+    if (source / COMPLETE_MARKER).exists() or source.parent.name == CHECKPOINTS:
+        return eval_output(source, source, split, ema)
+    return eval_output(source, source / CHECKPOINTS / "newest", split, ema)
+
+
+def _check_eval_output(out: Path) -> None:
+    problem = unwritable_reason(out)
+    if problem:
+        raise ConfigError(f"cannot write the result to {out}: {problem}; pass --out FILE.json in a writable folder")

@@ -243,6 +243,34 @@ def test_eval_and_export_check_their_destination_before_the_work(tmp_path, tmpfs
     assert not (run / "eval").exists()
 
 
+def test_eval_is_planned_like_a_training_run_before_a_weight_is_read(tmp_path, monkeypatch, capsys):
+    """pretrain eval goes through pretrain.plan: the split's other name, the destination, the world (--nproc inside a
+    launch is refused as `pretrain train` refuses it), and a head that does not fit the data set (exit 2)."""
+    from data_pipeline.config import ConfigError
+    from pretrain.plan import plan_eval
+
+    run, data = _three_class_run(tmp_path)
+    plan = plan_eval(str(run), str(data), "validation", 8, None, 0)
+    assert plan.weights == run / "checkpoints" / "step_000003"
+    assert plan.out == run / "eval" / "step_000003-validation.json"
+    assert (plan.world_size, plan.spawn, plan.meta["model_config"]["num_classes"]) == (1, 0, 3)
+    assert plan_eval(str(run), str(data), "val", 8, 2, 0).spawn == 2
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    with pytest.raises(ConfigError, match=re.escape("--nproc=2 inside a env launch (RANK/SLURM_PROCID set)")):
+        plan_eval(str(run), str(data), "val", 8, 2, 0)
+    assert plan_eval(str(run), str(data), "val", 8, None, 0).world_size == 2
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name)
+    ten = _model_cfg()
+    _checkpoint(tmp_path / "ten", _build(ten), ten)
+    assert cli_main(["eval", str(tmp_path / "ten" / "run"), "--data", str(data), "--num-workers", "0"]) == 2
+    assert f"pretrain eval: the model has 10 outputs but {data} has 3 classes" in capsys.readouterr().err
+    assert not (tmp_path / "ten" / "run" / "eval").exists()
+
+
 def test_eval_prints_its_numbers_before_it_saves_them(tmp_path, tmpfs, capsys):
     """A disk that is full when the result is saved loses the file, not the result: it is on the screen already."""
     from scratch_disks import fill
