@@ -531,7 +531,7 @@ def _latency(ctx: Ctx, spec: ModelSpec) -> str:
 
 
 def stage_loader(ctx: Ctx) -> None:
-    data = _load_bench("data")
+    data = _load_bench("data_common")  # time_loader: one epoch of the training loader
     s = ctx.s
     wall, _, n = data.time_loader(ctx.work / "shards", s["workers"], s["batch"], s["img_size"])
     rate = n / wall

@@ -1,9 +1,9 @@
 """Loader throughput from remote shards: images/s and requests per sample from a local HTTP server and a local S3
 server, against the same shards on local disk, at 1 and 2 DataLoader workers.
 
-The data: ``--images`` ImageNet-like JPEGs (about 500x375, made by ``benchmarks/data.py``'s ``make_photos`` from
-scikit-learn's two bundled photographs) sharded by ``pretrain data build`` (``imagefolder:``, ``--shard-samples`` per
-shard, no val split). The servers run on this machine, each in its own process (``tests/remote_servers.py``):
+The data: ``--images`` ImageNet-like JPEGs (about 500x375, made by ``benchmarks/data_common.py``'s ``make_photos``
+from scikit-learn's two bundled photographs) sharded by ``pretrain data build`` (``imagefolder:``, ``--shard-samples``
+per shard, no val split). The servers run on this machine, each in its own process (``tests/remote_servers.py``):
 
 - ``http``: a range-capable HTTP/1.1 server (Python's ``http.server`` with ``Range``), the data set indexed in place;
 - ``s3``: moto's S3 server (a real HTTP S3 API), the data set uploaded to a bucket and read through
@@ -55,8 +55,9 @@ logger = logging.getLogger("remote_data")
 
 
 def _make_photos(root: Path, n: int) -> None:
-    """``benchmarks/data.py``'s photographs (imported by path: ``benchmarks/`` on sys.path would shadow names)."""
-    spec = importlib.util.spec_from_file_location("_bench_data", ROOT / "benchmarks" / "data.py")
+    """``benchmarks/data_common.py``'s photographs (imported by path: ``benchmarks/`` on sys.path would shadow
+    names)."""
+    spec = importlib.util.spec_from_file_location("_bench_data_common", ROOT / "benchmarks" / "data_common.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     module.make_photos(root, n)
