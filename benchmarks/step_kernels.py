@@ -85,10 +85,10 @@ for name, overrides in json.loads(sys.argv[2]).items():
     stream = trainer._batch_stream()
     trainer._batches = iter([next(stream) for _ in range(3)])
     for _ in range(2):
-        trainer._window.add(trainer.train_step())
+        trainer.state.window.add(trainer.train_step())
     aug.clear()
     with counter_mod.KernelCounter() as c:
-        trainer._window.add(trainer.train_step())
+        trainer.state.window.add(trainer.train_step())
     step = c.count
     model = build_model(cfg).to(next(trainer.engine.module.parameters()).dtype).train()
     x = torch.randn(cfg.data.batch_size, 3, cfg.model.img_size, cfg.model.img_size, dtype=model.head.weight.dtype)

@@ -2,8 +2,11 @@
 and applies retention; a resume checks the signature and the digests, loads the newest usable checkpoint (DeepSpeed's
 files as plain data), sets bad ones aside, and reshards ZeRO-1/2 partitions when the number of ranks changed.
 
-The layout, the marker, verification, signatures and retention are :mod:`pretrain.checkpoint`'s (testable
-without DeepSpeed); this module runs the collective part.
+A run registers its engine and its other stateful components (:class:`~pretrain.run_state.Components`: the trainer's
+counters, each rank's data position and RNGs, the EMA) once; :meth:`CheckpointManager.save` collects their state and
+:meth:`CheckpointManager.restore` puts it back. Its :class:`~pretrain.run_state.SaveSchedule` says when a save is due.
+The layout, the marker, verification, signatures and retention are :mod:`pretrain.checkpoint`'s (testable without
+DeepSpeed); this module runs the collective part.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from pretrain.checkpoint import (
     zero3_reshard_refused,
 )
 from pretrain.config import Config, config_digest, model_shape_digest
+from pretrain.run_state import Components, SaveSchedule
 from pretrain.rundir import write_atomic, write_latest
 
 __all__ = ["CheckpointManager", "checkpoint_meta", "run_identity"]
@@ -106,6 +110,10 @@ class CheckpointManager:
         best_metric: Eval metric that ranks checkpoints.
         best_mode: ``max`` or ``min``.
         trusted: ``--trust-checkpoint``: load checkpoints that are not signed by this user (still as plain data).
+        schedule: When a checkpoint is due (never, by default: the caller saves when it likes).
+
+    A training run registers what it saves besides the engine (:meth:`track`): then :meth:`restore` loads the newest
+    usable checkpoint into the engine and every component, and :meth:`save` collects and writes them all.
     """
 
     def __init__(
@@ -118,8 +126,12 @@ class CheckpointManager:
         best_metric: str = "val_top1",
         best_mode: str = "max",
         trusted: bool = False,
+        schedule: SaveSchedule | None = None,
     ):
         self.trusted = trusted
+        self.schedule = schedule or SaveSchedule(0, 0.0, False, rank == 0)
+        self._engine: Any = None
+        self._components: Components | None = None
         self.root = Path(ckpt_root)
         self.rank = rank
         self.world_size = world_size
@@ -128,7 +140,37 @@ class CheckpointManager:
         self.best_metric = best_metric
         self.best_mode = best_mode
 
-    def save(
+    def track(self, engine: Any, components: Components) -> None:
+        """Save and restore ``engine`` (model, optimizer, LR scheduler) and ``components`` with every checkpoint."""
+        self._engine, self._components = engine, components
+
+    def save(self, step: int, meta: dict[str, Any]) -> Path:
+        """Collective: write the tracked engine and components as checkpoint ``tag_for_step(step)`` with ``meta``
+        (see :meth:`write`); the schedule's clock restarts."""
+        parts = self._tracked()
+        extra = {name: c.state_dict() for name, c in parts.files.items()}
+        tag_dir = self.write(self._engine, step, parts.client_state(), parts.rank.state_dict(), meta, extra)
+        self.schedule.saved(step)
+        return tag_dir
+
+    def restore(self, explicit: str | Path | None = None) -> Path | None:
+        """Collective: load the newest usable checkpoint (``explicit``: that one, see :meth:`load_newest`) into the
+        tracked engine and components, client state first. Returns it, or None when there is none."""
+        parts = self._tracked()
+        loaded = self.load_newest(self._engine, explicit=explicit, extra=tuple(parts.files))
+        if loaded is None:
+            return None
+        tag_dir, client, rank_state = loaded
+        parts.restore(client, rank_state, rank_state["files"])
+        self.schedule.saved_step = int(read_meta(tag_dir).get("step", -1))  # no save is due for the step it holds
+        return tag_dir
+
+    def _tracked(self) -> Components:
+        if self._components is None:
+            raise RuntimeError("CheckpointManager.track() names what to save before save() or restore()")
+        return self._components
+
+    def write(
         self,
         engine: Any,
         step: int,

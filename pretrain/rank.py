@@ -21,6 +21,7 @@ from pretrain.export import load_pretrained
 from pretrain.lifecycle import StopRequested, StopSignals, stop_outcome
 from pretrain.metrics import StatusFile
 from pretrain.optim import ModelEMA
+from pretrain.run_state import SaveSchedule
 from pretrain.rundir import CHECKPOINTS, EXIT_FAILED, EXIT_PREEMPTED, read_latest
 from pretrain.trainer import Trainer, TrainResult, agree_stop
 
@@ -104,6 +105,9 @@ def build_trainer(cfg: Config, dist: DistInfo, stop: StopSignals | None = None, 
         best_metric=cfg.checkpoint.best_metric,
         best_mode=cfg.checkpoint.best_mode,
         trusted=trusted,
+        schedule=SaveSchedule(
+            cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes, cfg.checkpoint.save_final, dist.is_main
+        ),
     )
     status = StatusFile(
         cfg.run_dir / "status.json",
@@ -156,7 +160,7 @@ def _stopped_untrained(cfg: Config, dist: DistInfo, trainer: Trainer | None, sto
     state, message = stop_outcome(stop.signum), str(stop)
     latest = read_latest(cfg.run_dir / CHECKPOINTS) if trainer is None else None  # the one the next run resumes
     tag = cfg.run_dir / CHECKPOINTS / latest if latest else None
-    step = trainer.step if trainer is not None else int(read_meta(tag).get("step", 0)) if tag is not None else 0
+    step = trainer.state.step if trainer is not None else int(read_meta(tag).get("step", 0)) if tag is not None else 0
     last = trainer.last_checkpoint if trainer is not None else str(tag) if tag is not None else None
     logger.warning("%s: no step was trained; run the same command to continue", message)
     if dist.is_main:

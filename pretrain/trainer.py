@@ -34,7 +34,6 @@ non-finite update on the device, see :meth:`Trainer.train_step`); the stop flags
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import signal
@@ -42,12 +41,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from data_pipeline.loader import DataParts
-from pretrain.checkpoint import RunDirRefused, capture_rng_state, restore_rng_state, seed_rng_state
+from pretrain.checkpoint import RunDirRefused
 from pretrain.checkpoint_manager import CheckpointManager, checkpoint_meta, run_identity
 from pretrain.config import Config, dump_config
 from pretrain.distributed import DistInfo, all_reduce_max, broadcast_object, sum_counts
@@ -64,6 +63,7 @@ from pretrain.metrics import (
     peak_memory_mb,
 )
 from pretrain.optim import ModelEMA
+from pretrain.run_state import Components, RankState, TrainState, augment_seed
 from pretrain.rundir import (
     EMA_FILE,
     EXIT_FAILED,
@@ -72,7 +72,7 @@ from pretrain.rundir import (
     EXIT_USAGE,
     run_history,
 )
-from pretrain.step_window import NonfiniteRun, StepWindow
+from pretrain.step_window import StepWindow
 from pretrain.sweep_hook import CONTINUE, STOP, SweepHook
 
 __all__ = [
@@ -83,7 +83,6 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "agree_stop",
-    "augment_seed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -102,10 +101,17 @@ class TrainResult:
     message: str = ""
 
 
-def augment_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
-    """Seed of the device-side augmentation generator: a pure function of (seed, step, micro-step, rank)."""
-    digest = hashlib.sha256(f"{seed}:{step}:{micro_step}:{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+class StepFlags(NamedTuple):
+    """What every rank agrees on after each step (:meth:`Trainer._agree_on_flags`, one all-reduce)."""
+
+    signal: int
+    """A stop signal that reached any rank (0: none)."""
+    time_save: bool
+    """Rank 0: ``checkpoint.every_minutes`` have passed."""
+    sweep_stop: bool
+    """Rank 0: the sweep trial is gone or asks for a stop."""
+    write_failed: bool
+    """Rank 0: a write to the run directory failed."""
 
 
 # ---------------------------------------------------------------------------------------------------------- building
@@ -150,62 +156,28 @@ class Trainer:
         self.peak_flops = device_peak_flops(dist.device, cfg.trainer.precision)
         self.global_batch = cfg.data.batch_size * cfg.trainer.grad_accum_steps * dist.world_size
         self.sink: MetricsSink = MetricsSink()
-        # resumable counters (state_dict)
-        self.step = 0
-        self.nonfinite = NonfiniteRun(cfg.trainer.max_nonfinite_steps)
+        self.state = TrainState(cfg.trainer.max_nonfinite_steps)
+        ckpt.track(
+            self.engine,
+            Components(
+                client={"trainer": self.state},
+                rank=RankState(dist.rank, data.train, cfg.trainer.seed, self.state),
+                files={EMA_FILE: ema} if ema is not None else {},
+                identity=run_identity(cfg, dist.world_size),
+            ),
+        )
         self._compile_pending = cfg.trainer.compile
-        self.best_metric: float | None = None
-        self.best_step: int | None = None
-        self.last_eval: dict[str, Any] = {}
-        self.restarts = 0
-        self._window = StepWindow()  # the steps not yet logged
         self._last_step: dict[str, Any] = {"loss": math.nan, "skipped": False, "grad_norm": None, "lr": 0.0}
-        # per process
         self.last_checkpoint: str | None = None
-        self._last_save_time = time.monotonic()
-        self._saved_step = -1
         self._batches: Iterator[dict[str, torch.Tensor]] | None = None
-
-    # -- state ---------------------------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """Trainer counters and the loss sums of the log window in progress (rank-independent: losses are
-        all-reduced), stored in DeepSpeed's client state."""
-        return {
-            "step": self.step,
-            "nonfinite_total": self.nonfinite.total,
-            "nonfinite_in_a_row": self.nonfinite.in_a_row,
-            "best_metric": self.best_metric,
-            "best_step": self.best_step,
-            "last_eval": dict(self.last_eval),
-            "restarts": self.restarts,
-            "log_window": self._window.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Put back :meth:`state_dict`; a state without all of its keys raises ``ValueError`` naming them."""
-        missing = sorted(set(self.state_dict()) - set(state))
-        if missing:
-            raise ValueError(
-                f"the checkpoint's trainer state lacks {missing}, so the run cannot continue from it exactly; start a "
-                "new run from its weights with model.init_from=<the checkpoint>"
-            )
-        self.step = int(state["step"])
-        self.nonfinite.total = int(state["nonfinite_total"])
-        self.nonfinite.in_a_row = int(state["nonfinite_in_a_row"])
-        self.best_metric, self.best_step = state["best_metric"], state["best_step"]
-        self.last_eval = dict(state["last_eval"])
-        self.restarts = int(state["restarts"])
-        self._window = StepWindow.from_state(state["log_window"])
 
     # -- the run -------------------------------------------------------------------------------------------------
 
     def fit(self, resume_from: str | Path | None = None) -> TrainResult:
         """Resume (from ``resume_from`` or the run's newest complete checkpoint), then :meth:`train`."""
-        extra = (EMA_FILE,) if self.ema is not None else ()
-        loaded = self.ckpt.load_newest(self.engine, explicit=resume_from, extra=extra)
-        if loaded is not None:
-            self.resume(*loaded)
+        tag_dir = self.ckpt.restore(resume_from)
+        if tag_dir is not None:
+            self._resumed(tag_dir)
         else:
             history = broadcast_object(run_history(self.cfg.run_dir) if self.dist.is_main else None)
             if history:  # every checkpoint was rejected just now: never start over a history silently
@@ -231,82 +203,89 @@ class Trainer:
         except OSError as e:
             return RunWriteError(self.cfg.run_dir / "config.yaml", e)
         try:
-            self.sink = build_metrics_sink(self.cfg.run_dir, True, self.cfg.logging.tensorboard, self.step)
+            self.sink = build_metrics_sink(self.cfg.run_dir, True, self.cfg.logging.tensorboard, self.state.step)
         except RunWriteError as e:
             return e
         return None
 
-    def resume(self, tag_dir: Path, client: dict[str, Any], rank_state: dict[str, Any]) -> None:
-        """Put back what :meth:`CheckpointManager.load_newest` loaded from ``tag_dir``: counters, data position, RNGs,
-        EMA (model, optimizer and scheduler are in the engine already) and the config's optimizer values."""
+    def _resumed(self, tag_dir: Path) -> None:
+        """After :meth:`CheckpointManager.restore` put back the engine, the counters, the data position, the RNGs and
+        the EMA from ``tag_dir``: the config's optimizer values, and one restart more."""
         changed = reapply_optim_config(self.parts, self.cfg)
         if changed:
             logger.info("resuming with the config's %s", ", ".join(changed))
-        self.load_state_dict(client["trainer"])
-        self.data.train.load_state_dict(rank_state["data"])
-        if self.ema is not None:
-            self.ema.load_state_dict(rank_state["files"][EMA_FILE])
-        if rank_state["rng"] is not None:
-            restore_rng_state(rank_state["rng"])
-        else:  # resumed on another number of ranks: fresh per-rank streams, a function of (seed, step, rank)
-            seed_rng_state(augment_seed(self.cfg.trainer.seed, self.step, -1, self.dist.rank))
-        self.restarts += 1
+        self.state.restarts += 1
         self.last_checkpoint = str(tag_dir)
-        self._saved_step = self.step
-        logger.info("resumed from %s at step %d (restart %d)", tag_dir, self.step, self.restarts)
+        logger.info("resumed from %s at step %d (restart %d)", tag_dir, self.state.step, self.state.restarts)
 
     def train(self) -> TrainResult:
-        """The loop: train steps, then log, evaluate, checkpoint; stop on max_steps, a signal or non-finite losses."""
-        cfg, tcfg = self.cfg, self.cfg.trainer
-        max_steps = tcfg.max_steps
+        """The loop: a train step, then what is due after it (log, eval, checkpoint, a stop); until max_steps."""
+        state, max_steps = self.state, self.cfg.trainer.max_steps
         self.status.update(
-            state="running", step=self.step, restarts=self.restarts, last_checkpoint=self.last_checkpoint
+            state="running", step=state.step, restarts=state.restarts, last_checkpoint=self.last_checkpoint
         )
-        if self.step >= max_steps:
+        if state.step >= max_steps:
             logger.info("run already reached trainer.max_steps=%d; nothing to train", max_steps)
             return self._finish("finished", EXIT_OK)
         self._batches = self._batch_stream()
         bar = self._progress_bar()
-        self._window.start = time.perf_counter()  # this process times its own steps only
-        while self.step < max_steps:
-            self._window.add(self.train_step())
-            self.step += 1
-            if self.step % tcfg.log_every_steps == 0 or self.step == max_steps:
-                event = self.log_step()
-                if bar is not None:
-                    bar.set_postfix(loss=f"{event['loss']:.4f}", img_s=f"{event['img_per_s']:.0f}", refresh=False)
-            if bar is not None:
-                bar.update(1)
-            stop_signal, time_save, sweep_stop, write_failed = self._agree_on_flags()
-            if write_failed:  # rank 0 could not write metrics, TensorBoard or status.json
+        state.window.start = time.perf_counter()  # this process times its own steps only
+        while state.step < max_steps:
+            state.window.add(self.train_step())
+            state.step += 1
+            self._log_if_due(bar)
+            flags = self._agree_on_flags()
+            if flags.write_failed:  # rank 0 could not write metrics, TensorBoard or status.json
                 return self._fail_write(self._write_failure(), bar)
-            final = self.step >= max_steps
-            evaluating = final or (tcfg.eval_every_steps and self.step % tcfg.eval_every_steps == 0)
-            if evaluating:
-                self.evaluate()
-            if self.nonfinite.limit_step is not None:  # known once the window is read (log steps, checkpoints)
-                return self._fail_nonfinite(bar)
-            if stop_signal:
-                sig = signal.Signals(int(stop_signal)).name
-                if final:  # nothing left to preempt: the run ends as finished
-                    logger.info("%s arrived at the last step; finishing", sig)
-                else:
-                    self.save_checkpoint()
-                    state = stop_outcome(int(stop_signal))  # stopped (SIGINT) or preempted (SIGTERM, SIGUSR2)
-                    return self._finish(state, EXIT_PREEMPTED, f"stopped by {sig} at step {self.step}", bar)
-            every = cfg.checkpoint.every_steps
-            if (final and cfg.checkpoint.save_final) or (every and self.step % every == 0) or time_save:
-                self.save_checkpoint()
-            sweep_wait = (evaluating and self._in_sweep) or sweep_stop
-            if sweep_wait and not final and (why := STOP if sweep_stop else self._sweep_decision()) != CONTINUE:
-                if self._saved_step != self.step:
-                    self.save_checkpoint()
-                state, code = ("stopped", EXIT_OK) if why == STOP else ("preempted", EXIT_PREEMPTED)
-                by = "the sweep's scheduler" if why == STOP else why
-                return self._finish(state, code, f"stopped by {by} at step {self.step}", bar)
-        if self._agree_on_flags()[3]:  # the last eval or checkpoint could not be recorded
+            final = state.step >= max_steps
+            evaluated = self._evaluate_if_due(final)
+            ended = self._after_step(flags, final, evaluated, bar)
+            if ended is not None:
+                return ended
+        if self._agree_on_flags().write_failed:  # the last eval or checkpoint could not be recorded
             return self._fail_write(self._write_failure(), bar)
         return self._finish("finished", EXIT_OK, bar=bar)
+
+    def _log_if_due(self, bar: Any) -> None:
+        step = self.state.step
+        if step % self.cfg.trainer.log_every_steps == 0 or step == self.cfg.trainer.max_steps:
+            event = self.log_step()
+            if bar is not None:
+                bar.set_postfix(loss=f"{event['loss']:.4f}", img_s=f"{event['img_per_s']:.0f}", refresh=False)
+        if bar is not None:
+            bar.update(1)
+
+    def _evaluate_if_due(self, final: bool) -> bool:
+        every = self.cfg.trainer.eval_every_steps
+        if final or (every and self.state.step % every == 0):
+            self.evaluate()
+            return True
+        return False
+
+    def _after_step(self, flags: StepFlags, final: bool, evaluated: bool, bar: Any) -> TrainResult | None:
+        """End the run if non-finite losses, a stop signal or the sweep say so (with a checkpoint); else save one if
+        it is due. None: go on."""
+        step = self.state.step
+        if self.state.nonfinite.limit_step is not None:  # known once the window is read (log steps, checkpoints)
+            return self._fail_nonfinite(bar)
+        if flags.signal:
+            name = signal.Signals(flags.signal).name
+            if not final:
+                self.save_checkpoint()
+                state = stop_outcome(flags.signal)  # stopped (SIGINT) or preempted (SIGTERM, SIGUSR2)
+                return self._finish(state, EXIT_PREEMPTED, f"stopped by {name} at step {step}", bar)
+            logger.info("%s arrived at the last step; finishing", name)  # nothing left to preempt
+        if self.ckpt.schedule.due(step, final, flags.time_save):
+            self.save_checkpoint()
+        if final or not ((evaluated and self._in_sweep) or flags.sweep_stop):
+            return None
+        why = STOP if flags.sweep_stop else self._sweep_decision()
+        if why == CONTINUE:
+            return None
+        self.save_checkpoint()
+        state, code = ("stopped", EXIT_OK) if why == STOP else ("preempted", EXIT_PREEMPTED)
+        by = "the sweep's scheduler" if why == STOP else why
+        return self._finish(state, code, f"stopped by {by} at step {step}", bar)
 
     def _write_failure(self) -> RunWriteError | None:
         """The first write of metrics, TensorBoard or status.json that failed (rank 0; None elsewhere)."""
@@ -314,7 +293,7 @@ class Trainer:
 
     def _fail_write(self, failure: RunWriteError | None, bar: Any = None) -> TrainResult:
         """End the run on every rank as failed: rank 0 could not write to the run directory (``failure``, rank 0's)."""
-        message = failure.run_ended(self.step, self.last_checkpoint) if failure is not None else ""
+        message = failure.run_ended(self.state.step, self.last_checkpoint) if failure is not None else ""
         if message:
             logger.error(message)
         return self._finish("failed", EXIT_FAILED, message, bar)
@@ -325,8 +304,8 @@ class Trainer:
         limit = self.cfg.trainer.max_nonfinite_steps
         msg = (
             f"{limit} non-finite losses in a row (trainer.max_nonfinite_steps={limit}) at step "
-            f"{self.nonfinite.limit_step}; the weights in {self.last_checkpoint} never took a skipped step's update. "
-            "Lower optim.lr or check the data"
+            f"{self.state.nonfinite.limit_step}; the weights in {self.last_checkpoint} never took a skipped step's "
+            "update. Lower optim.lr or check the data"
         )
         logger.error(msg)
         return self._finish("failed", EXIT_FAILED, msg, bar)
@@ -360,7 +339,7 @@ class Trainer:
                 batch = next(self._batches)  # type: ignore[arg-type]
             data_wait += time.perf_counter() - t0
             gen = torch.Generator(device=dev).manual_seed(
-                augment_seed(self.cfg.trainer.seed, self.step, micro, self.dist.rank)
+                augment_seed(self.cfg.trainer.seed, self.state.step, micro, self.dist.rank)
             )
             # copies queue behind the device's work instead of waiting for it (the loader pins batches on CUDA)
             labels = batch["label"].to(dev, non_blocking=True).clamp_min(0)  # padding rows may be -1; masked below
@@ -441,54 +420,34 @@ class Trainer:
         normalize = lambda images: self.data.normalize(images, mean, std)
         sums = evaluate_models([m for _, m in models], self.data.val, normalize, self.dist.device, self.dist.world_size)
         self.engine.train()
-        event: dict[str, Any] = {"event": "eval", "step": self.step, "epoch": self._epoch()}
+        event: dict[str, Any] = {"event": "eval", "step": self.state.step, "epoch": self._epoch()}
         event |= eval_metrics(sums, [suffix for suffix, _ in models])
         event["eval_time_s"] = time.perf_counter() - t0
-        self._track_best(event)
-        self.last_eval = {k: v for k, v in event.items() if k.startswith("val_")} | {"step": self.step}
+        self.state.track_best(event, self.cfg.checkpoint.best_metric, self.cfg.checkpoint.best_mode)
+        self.state.last_eval = {k: v for k, v in event.items() if k.startswith("val_")} | {"step": self.state.step}
         self.sink.log(event)
-        self.status.update(last_eval=self.last_eval, step=self.step)
+        self.status.update(last_eval=self.state.last_eval, step=self.state.step)
         logger.info(
             "eval step %d: val_loss %.4f val_top1 %.4f val_top5 %.4f",
-            self.step,
+            self.state.step,
             event["val_loss"],
             event["val_top1"],
             event["val_top5"],
         )
         return event
 
-    def _track_best(self, event: dict[str, Any]) -> None:
-        value = event.get(self.cfg.checkpoint.best_metric)
-        if value is None or not math.isfinite(value):
-            return
-        better = self.best_metric is None or (
-            value > self.best_metric if self.cfg.checkpoint.best_mode == "max" else value < self.best_metric
-        )
-        if better:
-            self.best_metric, self.best_step = float(value), self.step
-
     # -- checkpoint, logging, status -----------------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
         """Collective save of ``step_{step}`` (skipped if this step is already saved)."""
-        if self._saved_step == self.step:
+        if self.ckpt.schedule.saved_step == self.state.step:
             return
         self._settle()  # the window state and the non-finite counts go into the checkpoint
-        client_state = {"trainer": self.state_dict(), **run_identity(self.cfg, self.dist.world_size)}
-        rank_state = {
-            "rank": self.dist.rank,
-            "rng": capture_rng_state(),
-            "data": self.data.train.state_dict(),
-            "corrupt": self.data.train.corrupt_counts(),
-        }
-        meta = checkpoint_meta(self.cfg, self.step, self._epoch(), self.dist.world_size, self.last_eval,
-                               self.best_metric, self.best_step)  # fmt: skip
-        extra = {EMA_FILE: self.ema.state_dict()} if self.ema is not None else None
-        tag_dir = self.ckpt.save(self.engine, self.step, client_state, rank_state, meta, extra)
-        self.last_checkpoint = str(tag_dir)
-        self._saved_step = self.step
-        self._last_save_time = time.monotonic()
-        self.status.update(last_checkpoint=self.last_checkpoint, step=self.step)
+        st = self.state
+        meta = checkpoint_meta(self.cfg, st.step, self._epoch(), self.dist.world_size, st.last_eval, st.best_metric,
+                               st.best_step)  # fmt: skip
+        self.last_checkpoint = str(self.ckpt.save(st.step, meta))
+        self.status.update(last_checkpoint=self.last_checkpoint, step=st.step)
 
     def log_step(self) -> dict[str, Any]:
         """Write a train event for the steps since the previous one, then start a new window.
@@ -498,12 +457,12 @@ class Trainer:
         the whole window.
         """
         last = self._settle()
-        window, self._window = self._window, StepWindow()
+        window, self.state.window = self.state.window, StepWindow()
         elapsed = max(1e-9, time.perf_counter() - window.start)
         img_per_s = window.steps * self.global_batch / elapsed
         event: dict[str, Any] = {
             "event": "train",
-            "step": self.step,
+            "step": self.state.step,
             "epoch": self._epoch(),
             "loss": last["loss"] if last["skipped"] else window.loss_sum / max(1, window.loss_count),
             "lr": last["lr"],
@@ -515,7 +474,7 @@ class Trainer:
             "step_time_s": elapsed / max(1, window.steps),
             "resumed_in_window": window.resumed_steps > 0,
             "peak_mem_mb": peak_memory_mb(self.dist.device),
-            "nonfinite_steps": self.nonfinite.total,
+            "nonfinite_steps": self.state.nonfinite.total,
             "time": time.time(),
         }
         if self.flops_per_image and self.peak_flops:
@@ -523,12 +482,12 @@ class Trainer:
         for reason, n in sum_counts(self.data.train.corrupt_counts()).items():
             event[f"corrupt_{reason}"] = n
         self.sink.log(event)
-        self.status.update(step=self.step, epoch=event["epoch"], img_per_s=img_per_s)
+        self.status.update(step=self.state.step, epoch=event["epoch"], img_per_s=img_per_s)
         return event
 
     def _settle(self) -> dict[str, Any]:
         """Read back the window's pending steps (:meth:`StepWindow.settle`); the last step's values."""
-        self._last_step = self._window.settle(self.step, self.nonfinite) or self._last_step
+        self._last_step = self.state.window.settle(self.state.step, self.state.nonfinite) or self._last_step
         return self._last_step
 
     def _sweep_decision(self) -> str:
@@ -536,31 +495,31 @@ class Trainer:
         (:mod:`pretrain.sweep_hook`), every rank idle meanwhile; a signal ends the wait too (its name is returned)."""
         hook = self._sweep_hook
         if hook is not None:
-            hook.announce(self.step)
+            hook.announce(self.state.step)
         while True:
-            stop_signal, _, sweep_stop, _ = self._agree_on_flags()
-            decision = STOP if sweep_stop else broadcast_object(hook.poll(self.step) if hook is not None else None)
+            flags = self._agree_on_flags()
+            stop_signal = flags.signal
+            decision = (
+                STOP if flags.sweep_stop else broadcast_object(hook.poll(self.state.step) if hook is not None else None)
+            )
             if stop_signal or decision is not None:
                 break
             time.sleep(0.2)
         if hook is not None:
-            hook.done(self.step)
+            hook.done(self.state.step)
         return signal.Signals(int(stop_signal)).name if stop_signal else str(decision)
 
-    def _agree_on_flags(self) -> tuple[float, bool, bool, bool]:
-        """All ranks agree on (a stop signal on any rank, rank 0's "checkpoint minutes elapsed", rank 0's "the sweep
-        trial is gone or asks for a stop", rank 0's "a write to the run directory failed")."""
-        minutes = self.cfg.checkpoint.every_minutes
-        time_save = self.dist.is_main and minutes > 0 and time.monotonic() - self._last_save_time >= minutes * 60.0
+    def _agree_on_flags(self) -> StepFlags:
+        """All ranks agree on what :class:`StepFlags` holds, in one all-reduce."""
         sweep_stop = self._sweep_hook is not None and self._sweep_hook.stop_requested()
         flags = [
             float(self.stop.received or 0),
-            float(time_save),
+            float(self.ckpt.schedule.time_due()),
             float(sweep_stop),
             float(bool(self._write_failure())),
         ]
         sig, save, sweep, failed = all_reduce_max(flags)
-        return sig, bool(save), bool(sweep), bool(failed)
+        return StepFlags(int(sig), bool(save), bool(sweep), bool(failed))
 
     def _epoch(self) -> int:
         return int(self.data.train.state_dict()["epoch"])
@@ -570,21 +529,23 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.cfg.trainer.max_steps, initial=self.step, desc="train", unit="step", mininterval=1.0)
+        return tqdm(
+            total=self.cfg.trainer.max_steps, initial=self.state.step, desc="train", unit="step", mininterval=1.0
+        )
 
     def _finish(self, state: str, code: int, message: str = "", bar: Any = None) -> TrainResult:
         if bar is not None:
             bar.close()
         self.status.update(
             state=state,
-            step=self.step,
+            step=self.state.step,
             exit_code=code,
             message=message,
             last_checkpoint=self.last_checkpoint,
-            last_eval=self.last_eval,
-            nonfinite_steps=self.nonfinite.total,
+            last_eval=self.state.last_eval,
+            nonfinite_steps=self.state.nonfinite.total,
         )
-        return TrainResult(code, state, self.step, dict(self.last_eval), self.last_checkpoint, message)
+        return TrainResult(code, state, self.state.step, dict(self.state.last_eval), self.last_checkpoint, message)
 
     def close(self) -> None:
         """Stop loader workers."""

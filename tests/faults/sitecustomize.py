@@ -16,7 +16,7 @@ if _STEPS:
     _now: dict[str, int] = {}
 
     def _tracked_train_step(self):
-        _now.update(step=self.step + 1, rank=self.dist.rank)
+        _now.update(step=self.state.step + 1, rank=self.dist.rank)
         return _train_step(self)
 
     def _nan_on_chosen_steps(*args, **kwargs):

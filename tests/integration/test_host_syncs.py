@@ -52,15 +52,15 @@ for name, (config, overrides) in json.loads(sys.argv[1]).items():  # one process
     trainer.data.augment = counted_augment
     stream = trainer._batch_stream()
     trainer._batches = iter([next(stream) for _ in range(4 * cfg.trainer.grad_accum_steps)])  # loader reads: not ours
-    trainer._window.add(trainer.train_step())  # the first step builds (and compiles) what steps reuse
+    trainer.state.window.add(trainer.train_step())  # the first step builds (and compiles) what steps reuse
     graphs = counters["stats"]["unique_graphs"]
     steps = []
     for _ in range(3):
         aug_kernels.clear()
         with KernelCounter() as counter:
-            trainer._window.add(trainer.train_step())
+            trainer.state.window.add(trainer.train_step())
         steps.append({"reads": counter.count.host_reads, "kernels": counter.count.kernels, "aug": sum(aug_kernels)})
-    trainer.step = 4
+    trainer.state.step = 4
     with KernelCounter() as counter:
         event = trainer.log_step()
     result = {"steps": steps, "log_reads": counter.count.host_reads, "skipped": event["skipped"],
