@@ -28,9 +28,12 @@ $(STAMP): pyproject.toml setup.py data_pipeline/_jpeg_roi.c constraints.txt
 	full-image decodes, 15-25% more CPU per train sample"
 	touch $(STAMP)
 
+# the whole suite on TEST_WORKERS pytest-xdist workers (one per core here), a test file per worker at a time (files
+# share their module fixtures: trained runs, servers); TEST_WORKERS=0 runs it in this one process
+TEST_WORKERS ?= 2
 test: install
 	-$(MAKE) --no-print-directory slurm-up
-	$(BIN)/pytest -q --durations=30 tests
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 tests
 
 # the inner loop: the unit tests (no Slurm, Ray or multi-rank training), two pytest workers (one per core here)
 test-fast: install

@@ -165,7 +165,7 @@ class TrainRun:
             self.kill_all()
             self.proc.wait(timeout=30)
             self._log.flush()
-            tail = self.log_path.read_text(errors="replace")[-6000:]
+            tail = self.log_path.read_text(errors="replace")[-20000:]  # every rank's stack dump
             raise AssertionError(f"{' '.join(self.argv[-6:])}: still running after {timeout:.0f} s\n{tail}") from None
         finally:
             self._log.close()
