@@ -54,11 +54,10 @@ def _select(names: list[str] | None, known: list[str]) -> list[str]:
 
 def model_table(names: list[str] | None = None, img_size: int | None = None) -> tuple[list[list[str]], list[str]]:
     """Rows ``[name, params (M), GMACs, img size]`` and notes for variants that cannot be built at ``img_size``."""
-    import torch
 
     from pretrain.models import list_models
     from pretrain.models.flops import count_macs, count_params
-    from pretrain.models.registry import model_entrypoint
+    from pretrain.models.registry import model_entrypoint, on_meta_device
 
     rows, notes = [], []
     for name in _select(names, list_models()):
@@ -68,7 +67,7 @@ def model_table(names: list[str] | None = None, img_size: int | None = None) -> 
         kwargs = {} if img_size is None else {"img_size": img_size}
         try:
             try:
-                with torch.device("meta"):  # shapes only: fast even for the largest variants
+                with on_meta_device():  # shapes only: fast even for the largest variants
                     model = fn(**kwargs)
                     macs = count_macs(model, size)
             except (NotImplementedError, RuntimeError):  # an op without a meta kernel: count on the CPU

@@ -309,12 +309,12 @@ def _build_or_explain(
     overrides: dict[str, Any],
     meta: bool,
 ) -> torch.nn.Module | None:
-    from pretrain.models.registry import model_from_state
+    from pretrain.models.registry import model_from_state, on_meta_device
 
     try:
         if not meta:
             return model_from_state(state, model_config, name=name, **overrides)
-        with torch.device("meta"):
+        with on_meta_device():
             return model_from_state(state, model_config, name=name, **overrides)
     except NotImplementedError:  # an op without a meta kernel (in a family's adapt hook): the real build will tell
         if meta:

@@ -247,12 +247,11 @@ def _check_model(cfg: Config) -> int:
     Returns:
         The model's parameter count (0 when the meta-device build is not possible).
     """
-    import torch
-
     from pretrain.models import create_model
+    from pretrain.models.registry import on_meta_device
 
     try:
-        with torch.device("meta"):
+        with on_meta_device():
             model = create_model(cfg.model.name, **cfg.model.build_kwargs())
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model.{cfg.model.name}: {e}") from e

@@ -10,14 +10,16 @@ defined and raise ``ValueError`` naming the part that is not.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -26,6 +28,7 @@ __all__ = [
     "list_models",
     "model_entrypoint",
     "model_from_state",
+    "on_meta_device",
     "read_pretrained",
     "register_model",
 ]
@@ -58,6 +61,28 @@ class ModelFamily:
 
 
 _MODELS: dict[str, tuple[Callable[..., nn.Module], ModelFamily | None]] = {}
+
+
+class _NoValuesOnMeta(TorchFunctionMode):
+    """Skips ``normal_`` on meta tensors: they hold no values to draw. On the meta device torch runs it through a
+    Python reference that imports its compiler first (~1 s of CPU), for a model built only for its shapes."""
+
+    _DRAWS = (torch.nn.init.normal_, torch.Tensor.normal_)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._DRAWS:
+            tensor = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def on_meta_device() -> Iterator[None]:
+    """Build models on the meta device: shapes and parameter counts, no memory, no compute, no random draws."""
+    with torch.device("meta"), _NoValuesOnMeta():
+        yield
 
 
 def register_model(fn: Callable[..., nn.Module], family: ModelFamily | None = None) -> Callable[..., nn.Module]:

@@ -107,6 +107,32 @@ def test_importing_the_models_loads_no_deepspeed_or_data_pipeline():
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
+@pytest.mark.parametrize("name", ["sepvit_lite", "setformer_lite"])
+def test_a_model_built_on_the_meta_device_has_the_shapes_of_the_real_one(name):
+    from pretrain.models.registry import on_meta_device
+
+    real = create_model(name, num_classes=7)
+    with on_meta_device():
+        shapes = create_model(name, num_classes=7)
+    assert all(p.is_meta for p in shapes.parameters())
+    want = {k: (v.shape, v.dtype) for k, v in real.state_dict().items()}
+    assert {k: (v.shape, v.dtype) for k, v in shapes.state_dict().items()} == want
+
+
+def test_the_pre_start_model_check_of_a_sepvit_does_not_import_torchs_compiler():
+    """``normal_`` on a meta tensor imports torch._dynamo (~1 s of CPU for every `pretrain train`, submit and eval
+    launcher): the meta-device build skips the draws."""
+    code = (
+        "import sys; from pretrain.models import create_model; from pretrain.models.registry import on_meta_device\n"
+        "with on_meta_device(): model = create_model('sepvit_tiny')\n"
+        "print('torch._dynamo' in sys.modules, sum(p.numel() for p in model.parameters()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    imported, params = out.stdout.split()
+    assert imported == "False" and int(params) == sum(p.numel() for p in create_model("sepvit_tiny").parameters())
+
+
 def _imported_modules(path: Path) -> set[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
