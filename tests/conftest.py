@@ -203,3 +203,15 @@ def start_train(scratch_root: Path, deepspeed_cpu_ops: None):
         if r.proc.poll() is None:
             r.kill_all()
             r.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(digits_dir: Path, scratch_root: Path, start_train) -> Path:
+    """The run dir of the uninterrupted tiny run (:func:`tiny_run_overrides`, ``--nproc 2``), trained once per session
+    (per pytest-xdist worker) for the resume, trust and Slurm tests that compare their runs with it. Read only: a test
+    that changes it works on a copy."""
+    out = scratch_root / "tiny_reference"
+    run = start_train("configs/run/digits_sepvit_lite.yaml", tiny_run_overrides(digits_dir, out, "ref"), "--nproc", "2")
+    assert run.wait() == 0, run.output[-5000:]
+    assert "val_top1=" in run.output and "tensorboard --logdir" in run.output  # the summary the run ends with
+    return out / "ref"

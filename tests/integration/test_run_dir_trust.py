@@ -83,11 +83,10 @@ def flip(path: Path, offset: int, n: int = 64) -> None:
 
 
 @pytest.fixture(scope="module")
-def finished(digits_dir, scratch_root, start_train) -> Path:
-    """An uninterrupted 20-step 2-rank run (checkpoints every 4 steps, the last 3 kept)."""
-    run = start_train(CONFIG, tiny_run_overrides(digits_dir, scratch_root / "trust-ref", "ref"), "--nproc", "2")
-    assert run.wait() == 0, run.output[-5000:]
-    return scratch_root / "trust-ref" / "ref"
+def finished(tiny_reference: Path) -> Path:
+    """An uninterrupted 20-step 2-rank run (checkpoints every 4 steps, the last 3 kept): the session's, copied by
+    every test that changes it."""
+    return tiny_reference
 
 
 def test_crafted_checkpoint_passed_with_resume_is_refused_and_a_signed_one_resumes_anywhere(

@@ -210,12 +210,9 @@ def test_job_that_fails_at_start_is_shown_failed_with_its_log(slurm, tmp_path, c
 
 
 @pytest.fixture(scope="module")
-def reference(digits_dir, tmp_path_factory, start_train) -> Path:
-    """The uninterrupted run with `pretrain train --nproc 2`."""
-    out = tmp_path_factory.mktemp("slurm_ref")
-    run = start_train(CONFIG, tiny_run_overrides(digits_dir, out, "ref"), "--nproc", "2")
-    assert run.wait() == 0, run.output[-5000:]
-    return out / "ref"
+def reference(tiny_reference: Path) -> Path:
+    """The uninterrupted run with `pretrain train --nproc 2` (the session's, shared with the resume tests)."""
+    return tiny_reference
 
 
 def run_preempted_job(

@@ -1,8 +1,8 @@
 """Exact resume with real 2-rank DeepSpeed ZeRO-2 on CPU (gloo), real digits shards and real TensorBoard files.
 
-One uninterrupted reference run (module fixture) is compared, loss by loss and weight by weight, with runs that are
-SIGKILLed mid-run, preempted with SIGTERM, or resumed past torn checkpoints. Runs are tiny: 20 steps of 16 images
-per rank.
+One uninterrupted reference run (the session's ``tiny_reference``) is compared, loss by loss and weight by weight,
+with runs that are SIGKILLed mid-run, preempted with SIGTERM, or resumed past torn checkpoints. Runs are tiny: 20 steps
+of 16 images per rank.
 """
 
 from __future__ import annotations
@@ -68,13 +68,9 @@ def assert_same_run(run_dir: Path, ref_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(digits_dir, scratch_root, start_train) -> Path:
-    """An uninterrupted 20-step run."""
-    out = scratch_root / "reference"
-    run = start_train(CONFIG, tiny_run_overrides(digits_dir, out, "ref"), "--nproc", "2")
-    assert run.wait() == 0, run.output[-5000:]
-    assert "val_top1=" in run.output and "tensorboard --logdir" in run.output
-    return out / "ref"
+def reference(tiny_reference: Path) -> Path:
+    """An uninterrupted 20-step run (the session's, shared with the trust and Slurm tests)."""
+    return tiny_reference
 
 
 def test_reference_run_layout(reference: Path):
