@@ -11,7 +11,7 @@ from pretrain.fsutil import read_jsonl
 pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]
 
 CONFIG = "configs/run/digits_setformer_lite.yaml"
-STEPS = 4
+STEPS = 3
 # Triton's interpreter runs each (image, head) program as numpy: 2 images per rank and no eval keep the run short
 SMALL = [
     "data.batch_size=4",
