@@ -68,14 +68,10 @@ def eval_command(args: argparse.Namespace) -> int:
             args.path, args.data, args.split, args.batch_size, args.nproc, args.num_workers, args.ema, args.out,
             args.trust_checkpoint,
         )  # fmt: skip
-    except (ConfigError, UntrustedCheckpoint) as e:
+    except (ConfigError, UntrustedCheckpoint, ExportError) as e:  # an unusable model file is exit 1, the rest 2
         if not rank_is_quiet():
             print(f"pretrain eval: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except ExportError as e:
-        if not rank_is_quiet():
-            print(f"pretrain eval: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_FAILED if isinstance(e, ExportError) else EXIT_USAGE
     if plan.spawn:
         return _launch_local(args)
     return _evaluate_here(args, plan)

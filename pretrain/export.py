@@ -76,9 +76,10 @@ class ExportError(ValueError):
     """The path is not a usable checkpoint or run directory; the message says why."""
 
 
-def resolve_checkpoint(path: str | Path, trusted: bool = False) -> Path:
+def resolve_checkpoint(path: str | Path, trusted: bool = False, digests: bool = True) -> Path:
     """The checkpoint ``path`` names, verified (signature, sha256): a checkpoint itself, or a run directory's newest
-    usable one. ``trusted`` (``--trust-checkpoint``) accepts a checkpoint that is not signed by this user.
+    usable one. ``trusted`` (``--trust-checkpoint``) accepts a checkpoint that is not signed by this user; without
+    ``digests`` the files' sizes are checked but not their sha256 (for a caller that reads no weight).
 
     Raises:
         ExportError: Neither a checkpoint nor a run directory, no usable checkpoint (each one's reason listed), or
@@ -91,12 +92,12 @@ def resolve_checkpoint(path: str | Path, trusted: bool = False) -> Path:
         ok, reason = verify_checkpoint(path, digests=False)
         if ok and not trusted and not (signed := check_signature(path))[0]:
             raise UntrustedCheckpoint(untrusted_message(path, signed[1]))
-        ok, reason = verify_checkpoint(path) if ok else (ok, reason)
+        ok, reason = verify_checkpoint(path) if ok and digests else (ok, reason)
         if not ok:
             raise ExportError(f"checkpoint {path} failed verification: {reason}")
         return path
     if (path / CHECKPOINTS).is_dir():
-        tag = find_resume_checkpoint(path / CHECKPOINTS, digests=True, trusted=trusted)
+        tag = find_resume_checkpoint(path / CHECKPOINTS, digests=digests, trusted=trusted)
         if tag is None:
             why = "; ".join(f"{t}: {r}" for t, r in unusable_checkpoints(path / CHECKPOINTS)) or "none saved"
             raise ExportError(f"run directory {path} has no usable checkpoint ({why})")
@@ -182,9 +183,11 @@ def _json_field(meta: dict[str, Any], key: str, source: Path) -> Any:
         raise ExportError(f"{source}: its metadata field {key!r} is not valid JSON ({type(e).__name__})") from None
 
 
-def source_meta(path: str | Path, ema: bool = False, trusted: bool = False) -> tuple[Path, dict[str, Any]]:
-    """The metadata of an export, a checkpoint or a run directory (its newest usable checkpoint; ``trusted``: see
-    :func:`resolve_checkpoint`), checked, without reading a weight.
+def source_meta(
+    path: str | Path, ema: bool = False, trusted: bool = False, digests: bool = True
+) -> tuple[Path, dict[str, Any]]:
+    """The metadata of an export, a checkpoint or a run directory (its newest usable checkpoint; ``trusted`` and
+    ``digests``: see :func:`resolve_checkpoint`), checked, without reading a weight.
 
     Returns:
         ``(weights, meta)``: ``weights`` is the export file or the verified checkpoint to read with
@@ -199,7 +202,7 @@ def source_meta(path: str | Path, ema: bool = False, trusted: bool = False) -> t
         meta["model_config"] = _checked_model_config(meta["model_config"], p)
         meta["augment"] = _checked_augment(_json_field(meta, "augment", p), p)
         return p, meta
-    tag_dir = resolve_checkpoint(p, trusted)
+    tag_dir = resolve_checkpoint(p, trusted, digests)
     info = {
         "model_config": _model_config(tag_dir),
         "augment": _checked_augment(_run_config(tag_dir).get("augment"), tag_dir),

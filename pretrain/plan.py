@@ -405,7 +405,8 @@ def plan_eval(
         raise ConfigError(
             f"--data {data} has no split {split!r} (splits: {', '.join(sorted(manifest.splits))})"
         ) from None
-    weights, meta = source_meta(source, ema=ema, trusted=trusted)
+    # the ranks a launcher starts verify the sha256 before they read the weights: the launcher checks sizes only
+    weights, meta = source_meta(source, ema=ema, trusted=trusted, digests=not spawn)
     outputs = meta["model_config"]["num_classes"]
     if outputs != manifest.num_classes:
         raise ConfigError(

@@ -269,6 +269,15 @@ def test_eval_is_planned_like_a_training_run_before_a_weight_is_read(tmp_path, m
     assert cli_main(["eval", str(tmp_path / "ten" / "run"), "--data", str(data), "--num-workers", "0"]) == 2
     assert f"pretrain eval: the model has 10 outputs but {data} has 3 classes" in capsys.readouterr().err
     assert not (tmp_path / "ten" / "run" / "eval").exists()
+    # a launcher checks the checkpoint's sizes, not its sha256: each rank it starts hashes the files before it loads
+    tag = run / "checkpoints" / "step_000003"
+    model_file = tag / "mp_rank_00_model_states.pt"
+    blob = bytearray(model_file.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    model_file.write_bytes(bytes(blob))
+    assert plan_eval(str(tag), str(data), "val", 8, 2, 0).spawn == 2
+    with pytest.raises(ExportError, match="mp_rank_00_model_states.pt does not match its sha256"):
+        plan_eval(str(tag), str(data), "val", 8, None, 0)
 
 
 def test_eval_prints_its_numbers_before_it_saves_them(tmp_path, tmpfs, capsys):
