@@ -96,15 +96,20 @@ def test_unknown_model_lists_the_known_ones():
         create_model("sepvit_huge")
 
 
+def _fresh_python(code: str, timeout: float = 120) -> str:
+    """The last line ``code`` prints in a new interpreter (nothing imported yet) run from the repository root."""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
 def test_importing_the_models_loads_no_deepspeed_or_data_pipeline():
     code = (
         "import json, sys; import pretrain.models; "
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('deepspeed', 'data_pipeline', 'launch', 'ray', 'submitit', 'webdataset'))))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    assert json.loads(_fresh_python(code)) == []
 
 
 @pytest.mark.parametrize("name", ["sepvit_lite", "setformer_lite"])
@@ -127,9 +132,7 @@ def test_the_pre_start_model_check_of_a_sepvit_does_not_import_torchs_compiler()
         "with on_meta_device(): model = create_model('sepvit_tiny')\n"
         "print('torch._dynamo' in sys.modules, sum(p.numel() for p in model.parameters()))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    imported, params = out.stdout.split()
+    imported, params = _fresh_python(code).split()
     assert imported == "False" and int(params) == sum(p.numel() for p in create_model("sepvit_tiny").parameters())
 
 
@@ -175,9 +178,7 @@ def test_data_pipeline_imports_nothing_from_pretrain_or_launch():
         f"import importlib, json, sys; [importlib.import_module(m) for m in {modules!r}]; "
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('pretrain', 'launch'))))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    assert json.loads(_fresh_python(code, timeout=300)) == []
 
 
 def test_pretrain_models_cli_lists_every_variant(capsys):
