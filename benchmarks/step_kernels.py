@@ -84,11 +84,13 @@ for name, overrides in json.loads(sys.argv[2]).items():
     trainer.data.augment = counted
     stream = trainer._batch_stream()
     trainer._batches = iter([next(stream) for _ in range(3)])
+    # the steps not yet logged (a --baseline revision before pretrain.run_state keeps them on the trainer)
+    window = trainer.state.window if hasattr(trainer, "state") else trainer._window
     for _ in range(2):
-        trainer.state.window.add(trainer.train_step())
+        window.add(trainer.train_step())
     aug.clear()
     with counter_mod.KernelCounter() as c:
-        trainer.state.window.add(trainer.train_step())
+        window.add(trainer.train_step())
     step = c.count
     model = build_model(cfg).to(next(trainer.engine.module.parameters()).dtype).train()
     x = torch.randn(cfg.data.batch_size, 3, cfg.model.img_size, cfg.model.img_size, dtype=model.head.weight.dtype)
