@@ -42,18 +42,10 @@ from launch.local_ranks import run_train_ranks
 from launch.train_lease import hold_run_dir, lease_lost, record_stop_before_start, take_joined_lease
 from pretrain.config import Config, load_config
 from pretrain.distributed import detect_environment
+from pretrain.lease import LeaseHeld, watch_lease
 from pretrain.lifecycle import LAUNCHER_PID_ENV, LEASE_TOKEN_ENV, StopSignals
 from pretrain.plan import LaunchPlan, check_output_dir, validate_launch
-from pretrain.rundir import (
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_PREEMPTED,
-    EXIT_USAGE,
-    STATUS,
-    LeaseHeld,
-    set_aside_history,
-    watch_lease,
-)
+from pretrain.rundir import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, STATUS, set_aside_history
 
 __all__ = [
     "EXIT_FAILED",

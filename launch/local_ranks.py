@@ -18,8 +18,9 @@ import sys
 import time
 
 from pretrain.distributed import cpu_allotment, find_free_port
+from pretrain.lease import Lease, LeaseProcess, lease_holder, watch_lease
 from pretrain.lifecycle import LAUNCHER_PID_ENV, LEASE_TOKEN_ENV, StopSignals, stop_signals_blocked
-from pretrain.rundir import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, Lease, LeaseProcess, lease_holder, watch_lease
+from pretrain.rundir import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
 
 __all__ = ["run_train_ranks", "start_local_ranks", "watch_ranks"]
 

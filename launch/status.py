@@ -59,17 +59,8 @@ from launch.slurm_jobs import (
     slurm_partitions,
     submitit_outcome,
 )
-from pretrain.rundir import (
-    EXIT_USAGE,
-    LEASE,
-    METRICS,
-    STATUS,
-    LeaseInfo,
-    LeaseProcess,
-    lease_holder,
-    process_start_time,
-    read_status,
-)
+from pretrain.lease import LeaseInfo, LeaseProcess, lease_holder, process_start_time
+from pretrain.rundir import EXIT_USAGE, LEASE, METRICS, STATUS, read_status
 
 __all__ = [
     "TERMINAL_RUN_STATES",

@@ -22,16 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pretrain.lease import Lease, LeaseHeld, LeaseProcess, acquire_lease
 from pretrain.lifecycle import stop_outcome
-from pretrain.rundir import (
-    EXIT_FAILED,
-    EXIT_PREEMPTED,
-    STATUS,
-    Lease,
-    LeaseHeld,
-    LeaseProcess,
-    acquire_lease,
-)
+from pretrain.rundir import EXIT_FAILED, EXIT_PREEMPTED, STATUS
 
 __all__ = ["hold_run_dir", "lease_lost", "record_stop_before_start", "take_joined_lease"]
 
@@ -39,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 def acquire(run_dir: Path, slurm_job_id: str | None) -> Lease:
-    """Take the lease of ``run_dir`` (:func:`pretrain.rundir.acquire_lease`), saying so when it took one over."""
+    """Take the lease of ``run_dir`` (:func:`pretrain.lease.acquire_lease`), saying so when it took one over."""
     lease = acquire_lease(run_dir, slurm_job_id=slurm_job_id)
     if lease.took_over:
         logger.warning("took over the lease of %s: its holder is dead (%s)", run_dir, lease.took_over)

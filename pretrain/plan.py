@@ -8,7 +8,7 @@ folder, writable) and room on disk for a checkpoint. :func:`plan_eval`, for ``pr
 destination, the data set's split, the model's metadata (verified and signed) against the data set's classes. Both
 settle the world the same way (``--nproc`` or the launcher's). Every failure is a
 :class:`~data_pipeline.config.ConfigError` naming the field or file and the fix (exit 2), or
-:class:`~pretrain.rundir.LeaseHeld` when a live run owns the directory."""
+:class:`~pretrain.lease.LeaseHeld` when a live run owns the directory."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ from data_pipeline.config import ConfigError
 from pretrain.config import FP16_NEEDS_GPU, Config, load_config, model_shape_digest
 from pretrain.distributed import DistEnv, detect_environment
 from pretrain.fsutil import unwritable_reason
+from pretrain.lease import LeaseHeld, lease_holder
 from pretrain.lifecycle import LEASE_TOKEN_ENV
-from pretrain.rundir import CHECKPOINTS, COMPLETE_MARKER, PREVIOUS, LeaseHeld, lease_holder, run_history
+from pretrain.rundir import CHECKPOINTS, COMPLETE_MARKER, PREVIOUS, run_history
 
 __all__ = [
     "EvalPlan",

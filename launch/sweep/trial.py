@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from launch.sweep.spec import SweepSpec, format_override
+from pretrain.lease import lease_holder
 from pretrain.rundir import (
     CHECKPOINTS,
     COMPLETE_MARKER,
     PREVIOUS,
     SWEEP,
-    lease_holder,
     read_latest,
     read_status,
     run_history,

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from launch.cli import main
-from pretrain.rundir import LEASE, LeaseProcess, acquire_lease
+from pretrain.lease import LeaseProcess, acquire_lease
+from pretrain.rundir import LEASE
 
 # exits 3 on the first SIGINT, as a rank that checkpoints and stops would
 PROCESS = """

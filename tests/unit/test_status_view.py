@@ -20,7 +20,8 @@ import pytest
 from launch.cli import main
 from launch.slurm_jobs import JOBS_FILE, SLURM_SUBDIR, read_job_events
 from launch.status import WATCH_EXIT_CODES
-from pretrain.rundir import METRICS, STATUS, acquire_lease
+from pretrain.lease import acquire_lease
+from pretrain.rundir import METRICS, STATUS
 
 REPO = Path(__file__).resolve().parents[2]
 UNKNOWN_SLURM_JOB = "99999999"  # above Slurm's default MaxJobId (67043328): never a real job of the local Slurm

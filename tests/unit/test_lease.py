@@ -10,12 +10,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from pretrain.rundir import LEASE, LeaseHeld, LeaseProcess, acquire_lease, lease_holder, watch_lease
+from pretrain.lease import EXIT_WAIT_S, LeaseHeld, LeaseProcess, acquire_lease, lease_holder, watch_lease
+from pretrain.rundir import LEASE
 
 
 def _sleeper() -> subprocess.Popen:
@@ -47,6 +49,70 @@ def test_a_killed_holder_on_this_host_is_taken_over_at_once(tmp_path: Path) -> N
         assert time.monotonic() - t0 < 5
         assert lease.took_over == f"process {holder.pid} on this host is gone"
         assert lease_holder(tmp_path)[0].pid == os.getpid()
+
+
+_HELD_IN_EXIT = r"""
+import ctypes, os, signal, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+TRACEME, CONT, SETOPTIONS, O_TRACEEXIT = 0, 7, 0x4200, 0x40
+pid = os.fork()
+if pid == 0:
+    if libc.ptrace(TRACEME, 0, None, None) != 0:
+        os._exit(3)
+    os.kill(os.getpid(), signal.SIGSTOP)
+    time.sleep(600)
+    os._exit(0)
+_, st = os.waitpid(pid, 0)
+if not os.WIFSTOPPED(st) or libc.ptrace(SETOPTIONS, pid, None, ctypes.c_void_p(O_TRACEEXIT)) != 0:
+    print("no ptrace", flush=True)
+    sys.exit(0)
+libc.ptrace(CONT, pid, None, None)
+print(pid, flush=True)
+_, st = os.waitpid(pid, 0)  # the tracee was killed: it stops on its way out, before it exits
+print("held", st >> 16 == 6, flush=True)  # PTRACE_EVENT_EXIT
+sys.stdin.readline()
+libc.ptrace(CONT, pid, None, None)
+os.waitpid(pid, 0)
+print("exited", flush=True)
+"""
+"""Forks a traced process and holds it in exit, once killed, until a line comes on stdin: what a process killed in
+uninterruptible sleep (``fsync`` of a checkpoint) looks like to another process until the call returns."""
+
+
+def test_a_killed_holder_not_yet_exited_is_waited_for_then_taken_over(tmp_path: Path) -> None:
+    tracer = subprocess.Popen([sys.executable, "-c", _HELD_IN_EXIT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    pid = None
+    try:
+        first = tracer.stdout.readline().strip()
+        if first == "no ptrace":
+            pytest.skip("ptrace is not allowed here: a killed process cannot be held in exit")
+        pid = int(first)
+        acquire_lease(tmp_path, pid=pid)._stop.set()
+        with pytest.raises(LeaseHeld, match=rf"in use by another run \(pid {pid} on "):
+            acquire_lease(tmp_path)  # alive and not killed: it keeps the run directory
+        os.kill(pid, signal.SIGKILL)
+        assert tracer.stdout.readline().split() == ["held", "True"]
+        holder = lease_holder(tmp_path)[0]
+        assert LeaseProcess.of(pid).alive() is True and LeaseProcess.of(pid).killed() is True
+        assert holder.dead_because(exit_wait_s=0) is None  # still there: not gone yet
+        assert f"killed but not yet exited: {pid}" in holder.describe()
+        t0 = time.monotonic()
+        with pytest.raises(LeaseHeld, match=f"killed but not yet exited: {pid}"):
+            acquire_lease(tmp_path, exit_wait_s=0.5)  # a process stuck in the kernel is named
+        assert 0.5 <= time.monotonic() - t0 < 5
+        threading.Timer(1.0, lambda: (tracer.stdin.write("go\n"), tracer.stdin.flush())).start()
+        t0 = time.monotonic()
+        with acquire_lease(tmp_path) as lease:  # waits for the killed holder to exit, then takes over
+            assert 0.9 <= time.monotonic() - t0 < EXIT_WAIT_S
+            assert lease.took_over == f"process {pid} on this host is gone"
+        assert tracer.stdout.readline().strip() == "exited"
+    finally:
+        if pid is not None and LeaseProcess.of(pid).alive():
+            os.kill(pid, signal.SIGKILL)
+        tracer.kill()
+        tracer.wait()
 
 
 def _write_foreign_lease(run_dir: Path, mtime: float | None = None, **fields: object) -> None:
