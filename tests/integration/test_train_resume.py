@@ -269,8 +269,8 @@ def test_compiled_run_with_ema_resumes_exactly(digits_dir, run_root, start_train
     # losses and ends with its weights, bit for bit.
     # aot_eager traces the same graphs as inductor without its C++ code generation (minutes per rank on this CPU);
     # benchmarks/train.py measures inductor against eager.
-    def start(name: str, *flags: str):
-        extra = ["trainer.compile=true", "trainer.compile_backend=aot_eager", "trainer.ema_decay=0.9"]
+    def start(name: str, *flags: str, more: tuple[str, ...] = ()):
+        extra = [*more, "trainer.compile=true", "trainer.compile_backend=aot_eager", "trainer.ema_decay=0.9"]
         extra += ["schedule.name=constant", "schedule.warmup_steps=0", "trainer.eval_every_steps=0"]
         extra += ["checkpoint.every_steps=3", "trainer.max_steps=6", "data.num_workers=1"]
         return start_train(CONFIG, tiny_run_overrides(digits_dir, run_root, name, *extra), "--nproc", "1", *flags)
@@ -280,8 +280,11 @@ def test_compiled_run_with_ema_resumes_exactly(digits_dir, run_root, start_train
         return run
 
     assert finished(start("compiled")).output.count("first step with torch.compile (backend aot_eager)") == 1
+    evals = [e for e in read_jsonl(run_root / "compiled" / "metrics.jsonl") if e.get("event") == "eval"]
+    assert [e["step"] for e in evals] == [6] and evals[0]["val_top1_ema"] > 0.2  # the compiled model and its EMA
     step3 = run_root / "compiled" / "checkpoints" / "step_000003"
-    resumed = finished(start("compiled_resumed", "--resume", str(step3)))
+    # no final eval in the resumed run: compiling the eval graphs again takes as long as the 3 steps it trains
+    resumed = finished(start("compiled_resumed", "--resume", str(step3), more=("data.val_split=",)))
     assert f"resumed from {step3}" in resumed.output
     assert "first step with torch.compile (backend aot_eager)" in resumed.output  # compiled again after the resume
     want, got = train_losses(run_root / "compiled"), train_losses(run_root / "compiled_resumed")
