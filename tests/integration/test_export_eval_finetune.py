@@ -27,7 +27,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.world_size(2)]
 CONFIG = "configs/run/digits_sepvit_lite.yaml"
 PRETRAIN_STEPS = 12
 
-# Rebuilds the engine of a finished run on 2 ranks, loads a checkpoint as a resume does, and saves rank 0's logits.
+# For each (run dir, checkpoint tag, output) triple of its arguments: rebuilds the engine of that finished run on 2
+# ranks, loads the checkpoint as a resume does, and saves rank 0's logits (one pair of processes for every ZeRO stage).
 _ENGINE_LOGITS = """
 import sys
 from pathlib import Path
@@ -40,18 +41,20 @@ from pretrain.distributed import init_distributed
 from pretrain.engine import build_engine
 from pretrain.rank import build_model
 
-run_dir, tag, out = (Path(a) for a in sys.argv[1:4])
-cfg = load_config(run_dir / "config.yaml")
 dist = init_distributed(device="cpu")
-parts = build_engine(cfg, build_model(cfg), dist.world_size)
-CheckpointManager(run_dir / "checkpoints", dist.rank, dist.world_size).load(parts.engine, tag)
-parts.engine.eval()
-x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1234))
-with torch.no_grad():
-    logits = parts.engine(x)
-if dist.rank == 0:
-    torch.save(logits, out)
+args = [Path(a) for a in sys.argv[1:]]
+for run_dir, tag, out in zip(args[0::3], args[1::3], args[2::3]):
+    cfg = load_config(run_dir / "config.yaml")
+    parts = build_engine(cfg, build_model(cfg), dist.world_size)
+    CheckpointManager(run_dir / "checkpoints", dist.rank, dist.world_size).load(parts.engine, tag)
+    parts.engine.eval()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1234))
+    with torch.no_grad():
+        logits = parts.engine(x)
+    if dist.rank == 0:
+        torch.save(logits, out)
 """
+EXPORT_STAGES = (0, 2, 3)
 
 
 def _ranks(argv: list[str], nproc: int = 2, timeout: float = 240.0) -> None:
@@ -115,8 +118,26 @@ def _last_step(run_dir: Path) -> int:
     return json.loads((run_dir / "status.json").read_text())["step"]
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_export_computes_the_engines_logits(stage, pretrained, tmp_path):
+@pytest.fixture(scope="module")
+def engine_logits(pretrained, tmp_path_factory) -> dict[int, torch.Tensor]:
+    """``{stage: logits}`` of each stage's DeepSpeed engine, rebuilt from its last checkpoint on 2 ranks."""
+    work = tmp_path_factory.mktemp("engine_logits")
+    script = work / "engine_logits.py"
+    script.write_text(_ENGINE_LOGITS)
+    argv = [sys.executable, str(script)]
+    for stage in EXPORT_STAGES:
+        run_dir = pretrained(stage)
+        argv += [
+            str(run_dir),
+            str(run_dir / "checkpoints" / f"step_{_last_step(run_dir):06d}"),
+            str(work / f"{stage}.pt"),
+        ]
+    _ranks(argv)
+    return {stage: torch.load(work / f"{stage}.pt") for stage in EXPORT_STAGES}
+
+
+@pytest.mark.parametrize("stage", EXPORT_STAGES)
+def test_export_computes_the_engines_logits(stage, pretrained, engine_logits, tmp_path):
     run_dir = pretrained(stage)
     steps = _last_step(run_dir)
     tag = run_dir / "checkpoints" / f"step_{steps:06d}"
@@ -128,15 +149,11 @@ def test_export_computes_the_engines_logits(stage, pretrained, tmp_path):
     assert meta["step"] == str(steps) and meta["zero_stage"] == str(stage) and meta["world_size"] == "2"
     assert meta["model_config"]["num_classes"] == 10 and meta["model_config"]["img_size"] == 32
 
-    script = tmp_path / "engine_logits.py"
-    script.write_text(_ENGINE_LOGITS)
-    _ranks([sys.executable, str(script), str(run_dir), str(tag), str(tmp_path / "engine.pt")])
-    engine_logits = torch.load(tmp_path / "engine.pt")
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1234))
     with torch.no_grad():
         logits = create_model(out).eval()(x)
     assert logits.abs().max() > 0.1  # a trained head, not zeros
-    torch.testing.assert_close(logits, engine_logits, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(logits, engine_logits[stage], atol=1e-6, rtol=1e-6)
 
 
 def test_eval_of_an_export_reproduces_the_runs_last_eval_on_any_rank_count(pretrained, digits_dir, tmp_path):
