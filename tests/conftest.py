@@ -89,14 +89,16 @@ def run_root(scratch_root: Path, request: pytest.FixtureRequest) -> Path:
 
 
 @pytest.fixture(scope="session")
-def digits_dir(scratch_root: Path) -> Path:
-    """The digits data set as WebDataset shards (several shards per split), built once per test session."""
+def digits_dir() -> Path:
+    """The digits data set as WebDataset shards (several shards per split), built once per test session and shared by
+    its workers. Read only."""
     from data_pipeline.writer import build_shards
 
-    out = scratch_root / "data" / "digits"
-    build_shards("digits", out, max_samples_per_shard=200, workers=1, progress=False)
-    assert (out / "manifest.json").is_file()
-    return out
+    def build(out: Path) -> None:
+        build_shards("digits", out, max_samples_per_shard=200, workers=1, progress=False)
+        assert (out / "manifest.json").is_file()
+
+    return built_once("digits", build)
 
 
 @pytest.fixture(scope="session")
@@ -109,11 +111,50 @@ def deepspeed_cpu_ops() -> None:
     """
     import subprocess
 
-    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"  # what DeepSpeed's comm backend calls
-    try:
-        subprocess.run([sys.executable, "-c", code], env=train_env(), timeout=900, capture_output=True, check=False)
-    except subprocess.TimeoutExpired:  # the ranks will report it; don't fail here
-        pass
+    def build(_: Path) -> None:
+        code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"  # what DeepSpeed's comm backend calls
+        try:
+            subprocess.run([sys.executable, "-c", code], env=train_env(), timeout=900, capture_output=True, check=False)
+        except subprocess.TimeoutExpired:  # the ranks will report it; don't fail here
+            pass
+
+    built_once("deepspeed_cpu_ops", build)  # once per session, not per worker
+
+
+_SHARED_ENV = "VITPRETRAIN_TESTS_SHARED"
+"""A folder the pytest-xdist workers of one session share (the controller makes it; workers inherit the variable)."""
+_shared_owner = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if _SHARED_ENV not in os.environ:  # the controller, or a run without workers: it owns the folder
+        import tempfile
+
+        os.environ[_SHARED_ENV] = tempfile.mkdtemp(prefix="vitpretrain-tests-shared-")
+        config.stash[_shared_owner] = os.environ[_SHARED_ENV]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shared = config.stash.get(_shared_owner, None)
+    if shared is not None:
+        shutil.rmtree(shared, ignore_errors=True)
+        os.environ.pop(_SHARED_ENV, None)
+
+
+def built_once(name: str, build) -> Path:
+    """``<shared folder>/<name>``, made by ``build(path)`` in the first worker of the session that asks for it; the
+    other workers wait for it (a lock file) and then read it. A build that failed is started again from scratch."""
+    import fcntl
+
+    shared = Path(os.environ[_SHARED_ENV])
+    path, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            build(path)
+            done.touch()
+    return path
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -206,12 +247,15 @@ def start_train(scratch_root: Path, deepspeed_cpu_ops: None):
 
 
 @pytest.fixture(scope="session")
-def tiny_reference(digits_dir: Path, scratch_root: Path, start_train) -> Path:
+def tiny_reference(digits_dir: Path, start_train) -> Path:
     """The run dir of the uninterrupted tiny run (:func:`tiny_run_overrides`, ``--nproc 2``), trained once per session
-    (per pytest-xdist worker) for the resume, trust and Slurm tests that compare their runs with it. Read only: a test
-    that changes it works on a copy."""
-    out = scratch_root / "tiny_reference"
-    run = start_train("configs/run/digits_sepvit_lite.yaml", tiny_run_overrides(digits_dir, out, "ref"), "--nproc", "2")
-    assert run.wait() == 0, run.output[-5000:]
-    assert "val_top1=" in run.output and "tensorboard --logdir" in run.output  # the summary the run ends with
-    return out / "ref"
+    (shared by its workers) for the resume, trust, export and Slurm tests that compare their runs with it. Read only: a
+    test that changes it works on a copy."""
+
+    def build(out: Path) -> None:
+        overrides = tiny_run_overrides(digits_dir, out, "ref")
+        run = start_train("configs/run/digits_sepvit_lite.yaml", overrides, "--nproc", "2")
+        assert run.wait() == 0, run.output[-5000:]
+        assert "val_top1=" in run.output and "tensorboard --logdir" in run.output  # the summary the run ends with
+
+    return built_once("tiny_reference", build) / "ref"
