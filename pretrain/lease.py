@@ -64,13 +64,19 @@ LEASE_TIMEOUT_S = 600.0
 """A lease unchanged for this long is stale (its holder's node died or froze); stated in every lease."""
 
 
-def _proc_start(pid: int) -> int | None:
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` from field 3 (state) on; None when there is no such process."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, ValueError):
         return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return None if fields[0] in ("Z", "X") else int(fields[19])  # field 22 of proc(5): starttime; a zombie is gone
+
+
+def _proc_start(pid: int) -> int | None:
+    fields = _proc_stat(pid)
+    if fields is None or fields[0] in ("Z", "X"):  # a zombie is gone
+        return None
+    return int(fields[19])  # field 22 of proc(5): starttime
 
 
 _PF_EXITING = 0x4  # <linux/sched.h>: the process is in exit
@@ -80,13 +86,15 @@ _SIGKILL_PENDING = 1 << (signal.SIGKILL - 1)  # its bit in /proc/PID/status SigP
 def _proc_killed(pid: int) -> bool:
     """Whether process ``pid`` of this host is on its way out: in exit, or with a SIGKILL the kernel has not acted on
     yet (a process in uninterruptible sleep, say in ``fsync``, dies only when that call returns)."""
+    fields = _proc_stat(pid)
+    if fields is None:
+        return False
+    if int(fields[6]) & _PF_EXITING:  # field 9 of proc(5): flags
+        return True
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
         status = Path(f"/proc/{pid}/status").read_text()
     except (OSError, ValueError):
         return False
-    if int(stat.rsplit(")", 1)[1].split()[6]) & _PF_EXITING:  # field 9 of proc(5): flags
-        return True
     pending = (line.split()[1] for line in status.splitlines() if line.startswith(("SigPnd:", "ShdPnd:")))
     return any(int(mask, 16) & _SIGKILL_PENDING for mask in pending)
 
@@ -205,12 +213,11 @@ class LeaseInfo:
         if slurm_job_id and self.slurm_job_id == slurm_job_id:
             return f"the same Slurm job {slurm_job_id} (requeued)"
         procs = self._processes()
-        deadline = time.monotonic() + exit_wait_s
-        while (live := [p for p in procs if p.alive() is True]) and all(p.killed() for p in live):
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(0.05)
         alive = [p.alive() for p in procs]
+        deadline = time.monotonic() + exit_wait_s
+        while _only_killed_alive(procs, alive) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            alive = [p.alive() for p in procs]
         if any(a is True for a in alive):
             return None
         if all(a is False for a in alive):
@@ -223,6 +230,20 @@ class LeaseInfo:
         if self.unchanged_s is not None and self.unchanged_s > self.timeout_s:
             return f"its heartbeat has not changed for {self.unchanged_s:.0f} s (timeout {self.timeout_s:.0f} s)"
         return None
+
+    def held(self, run_dir: str | Path) -> LeaseHeld:
+        """The refusal of a start on ``run_dir``, which this live holder owns: who holds it and what the user can do."""
+        return LeaseHeld(
+            f"run directory {run_dir} is in use by another run ({self.describe()}); wait for it to end, stop it "
+            f"(pretrain cancel {run_dir}), or pick another run.name=..."
+        )
+
+
+def _only_killed_alive(procs: tuple[LeaseProcess, ...], alive: list[bool | None]) -> bool:
+    """Whether some of ``procs`` are alive on this host (``alive``: theirs, in order) and every one of those was
+    killed."""
+    live = [p for p, a in zip(procs, alive) if a is True]
+    return bool(live) and all(_proc_killed(p.pid) for p in live)
 
 
 class LeaseHeld(RuntimeError):
@@ -480,10 +501,7 @@ def acquire_lease(
         else:
             why = holder.dead_because(slurm_job_id, exit_wait_s)
             if why is None:
-                raise LeaseHeld(
-                    f"run directory {run_dir} is in use by another run ({holder.describe()}); wait for it to end, "
-                    f"stop it (pretrain cancel {run_dir}), or pick another run.name=..."
-                )
+                raise holder.held(run_dir)
         # Break the dead lease by renaming it to a unique name: of two runs doing this at once, only one renames the
         # dead holder's file; the other would rename the winner's fresh lease, sees that, and puts it back.
         aside = run_dir / f".{LEASE}.{info.token}.broken"

@@ -24,7 +24,7 @@ from data_pipeline.config import ConfigError
 from pretrain.config import FP16_NEEDS_GPU, Config, load_config, model_shape_digest
 from pretrain.distributed import DistEnv, detect_environment
 from pretrain.fsutil import unwritable_reason
-from pretrain.lease import LeaseHeld, lease_holder
+from pretrain.lease import lease_holder
 from pretrain.lifecycle import LEASE_TOKEN_ENV
 from pretrain.rundir import CHECKPOINTS, COMPLETE_MARKER, PREVIOUS, run_history
 
@@ -323,14 +323,11 @@ def _check_disk(cfg: Config, newest: Path | None, n_params: int) -> None:
 
 
 def refuse_if_held(run_dir: Path, slurm_job_id: str | None) -> None:
-    """Raise :class:`LeaseHeld` when a live run other than this one holds ``run_dir``."""
+    """Raise :class:`~pretrain.lease.LeaseHeld` when a live run other than this one holds ``run_dir``."""
     holder, _ = lease_holder(run_dir)
     ours = holder is not None and (holder.pid == os.getpid() or holder.token == os.environ.get(LEASE_TOKEN_ENV))
     if holder is not None and not ours and holder.dead_because(slurm_job_id) is None:
-        raise LeaseHeld(
-            f"run directory {run_dir} is in use by another run ({holder.describe()}); wait for it to end, stop it "
-            f"(pretrain cancel {run_dir}), or pick another run.name=..."
-        )
+        raise holder.held(run_dir)
 
 
 # ---------------------------------------------------------------------------------------------------- pretrain eval
