@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml setup.py data_pipeline/_jpeg_roi.c constraints.txt
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	# deepspeed builds from an sdist that imports torch: build it against the torch just installed, with its CPU
 	# shared-memory comm op compiled now (otherwise every fresh cache JIT-builds it at the first init, ~90 s, and
-	# rebuilds it whenever a different `ninja` comes first on PATH)
-	DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_ACCELERATOR=cpu $(BIN)/pip install -q -c constraints.txt --no-build-isolation \
-		--no-cache-dir "deepspeed==0.19.8"
+	# rebuilds it whenever a different `ninja` comes first on PATH); DS_ENABLE_NINJA compiles the op's two C++ files
+	# side by side where `ninja` is on PATH (one after the other, as distutils does, where it is not)
+	DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_ENABLE_NINJA=1 DS_ACCELERATOR=cpu $(BIN)/pip install -q -c constraints.txt \
+		--no-build-isolation --no-cache-dir "deepspeed==0.19.8"
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	# the JPEG crop decoder (C, optional) builds only where libjpeg-turbo's headers are; pip -q would not say so
 	@$(BIN)/python -c "import data_pipeline._jpeg_roi" 2>/dev/null || echo "note: data_pipeline._jpeg_roi was not \

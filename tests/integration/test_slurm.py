@@ -7,7 +7,7 @@ Runs are tiny (20 steps of 16 images per rank, 2 CPU ranks). Covered:
 - a 2-task Slurm job preempted with ``scancel --signal=USR2`` checkpoints, requeues itself, resumes and ends with the
   same per-step losses, val top-1 and weights as ``pretrain train --nproc 2`` (so the Slurm run matches the local one
   and the resume is exact); the preemption does not use up the timeout budget (``--max-timeout-requeues 0``);
-- a job reaching its time limit (``--time-min 1``) checkpoints through the trainer's signal path, is requeued as a
+- a 1-task job reaching its time limit (``--time-min 1``) checkpoints through the trainer's signal path, is requeued as a
   timeout, resumes from that checkpoint; then ``pretrain cancel`` ends it and ``pretrain status`` says cancelled;
 - a job whose training cannot start on the node is shown as failed by ``pretrain status`` with its log tail;
 - bad parameters (unknown partition, too many nodes, zero nodes, missing config) exit 2 and submit nothing;
@@ -275,12 +275,15 @@ def test_preempted_job_requeues_resumes_and_matches_nproc2(slurm, reference, dig
 
 
 def test_time_limit_checkpoints_requeues_and_resumes_then_cancel(slurm, digits_dir, tmp_path, capsys):
-    # a long run with no periodic checkpoints: the only checkpoint can come from the time-limit signal
+    # a long run with no periodic checkpoints: the only checkpoint can come from the time-limit signal. One task: the
+    # job trains flat out for up to a minute before Slurm's time-limit tick, and 2-task jobs (the preemption tests)
+    # already show that every rank takes the signal and checkpoints together
     long_run = tiny_run_overrides(
         digits_dir, tmp_path, "timeout", "trainer.max_steps=2000", "trainer.eval_every_steps=0"
     )
     long_run += ["checkpoint.every_steps=1000"]
-    flags = ["--profile", "local", "--time-min", "1", "--signal-delay-s", "5", "--max-timeout-requeues", "2"]
+    flags = ["--profile", "local", "--tasks-per-node", "1", "--time-min", "1", "--signal-delay-s", "5"]
+    flags += ["--max-timeout-requeues", "2"]
     code, out, err = submit_in_process(capsys, CONFIG, *long_run, *flags)
     assert code == 0, err
     run_dir = tmp_path / "timeout"
