@@ -7,8 +7,8 @@ Runs are tiny (20 steps of 16 images per rank, 2 CPU ranks). Covered:
 - a 2-task Slurm job preempted with ``scancel --signal=USR2`` checkpoints, requeues itself, resumes and ends with the
   same per-step losses, val top-1 and weights as ``pretrain train --nproc 2`` (so the Slurm run matches the local one
   and the resume is exact); the preemption does not use up the timeout budget (``--max-timeout-requeues 0``);
-- a 1-task job reaching its time limit (``--time-min 1``) checkpoints through the trainer's signal path, is requeued as a
-  timeout, resumes from that checkpoint; then ``pretrain cancel`` ends it and ``pretrain status`` says cancelled;
+- a 1-task job reaching its time limit (``--time-min 1``) checkpoints through the trainer's signal path, is requeued
+  as a timeout, resumes from that checkpoint; then ``pretrain cancel`` ends it and ``pretrain status`` says cancelled;
 - a job whose training cannot start on the node is shown as failed by ``pretrain status`` with its log tail;
 - bad parameters (unknown partition, too many nodes, zero nodes, missing config) exit 2 and submit nothing;
 - multi-node: a 3-task ``srun`` over 2 nodes finds its ranks, per-node local ranks and the first node as rendezvous
