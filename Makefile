@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml setup.py data_pipeline/_jpeg_roi.c constraints.txt
 # the whole suite on TEST_WORKERS pytest-xdist workers (one per core here), a test file per worker at a time (files
 # share their module fixtures: trained runs, servers); TEST_WORKERS=0 runs it in this one process
 TEST_WORKERS ?= 2
-test: install bytecode
+test: bytecode
 	-$(MAKE) --no-print-directory slurm-up
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 tests
 
@@ -42,7 +42,7 @@ bytecode: install
 	$(BIN)/python -m compileall -q pretrain launch data_pipeline tests benchmarks
 
 # the inner loop: the unit tests (no Slurm, Ray or multi-rank training), two pytest workers (one per core here)
-test-fast: install bytecode
+test-fast: bytecode
 	$(BIN)/pytest -q -n 2 --durations=10 tests/unit
 
 lint: install

@@ -43,12 +43,12 @@ from pretrain.rank import build_model
 
 dist = init_distributed(device="cpu")
 args = [Path(a) for a in sys.argv[1:]]
+x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1234))  # the same input for every stage
 for run_dir, tag, out in zip(args[0::3], args[1::3], args[2::3]):
     cfg = load_config(run_dir / "config.yaml")
     parts = build_engine(cfg, build_model(cfg), dist.world_size)
     CheckpointManager(run_dir / "checkpoints", dist.rank, dist.world_size).load(parts.engine, tag)
     parts.engine.eval()
-    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1234))
     with torch.no_grad():
         logits = parts.engine(x)
     if dist.rank == 0:
