@@ -74,6 +74,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from data_pipeline.config import ConfigError
+    from pretrain.lifecycle import resume_gc
     from pretrain.logging_utils import init_logging
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             parser.error(f"unrecognized arguments: {' '.join(bad)}")
     init_logging()
+    if args.command != "train":  # `pretrain train` turns it back on itself, once torch and DeepSpeed are loaded
+        resume_gc()
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

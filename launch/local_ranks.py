@@ -19,7 +19,7 @@ import time
 
 from pretrain.distributed import cpu_allotment, find_free_port
 from pretrain.lease import Lease, LeaseProcess, lease_holder, watch_lease
-from pretrain.lifecycle import LAUNCHER_PID_ENV, LEASE_TOKEN_ENV, StopSignals, stop_signals_blocked
+from pretrain.lifecycle import LAUNCHER_PID_ENV, LEASE_TOKEN_ENV, StopSignals, resume_gc, stop_signals_blocked
 from pretrain.rundir import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
 
 __all__ = ["run_train_ranks", "start_local_ranks", "watch_ranks"]
@@ -67,6 +67,7 @@ def run_train_ranks(argv: list[str], nproc: int, lease: Lease, stop: StopSignals
     """
     procs = start_local_ranks(argv, nproc, {LEASE_TOKEN_ENV: lease.info.token})
     lease.set_processes(LeaseProcess.of(p.pid) for p in procs)
+    resume_gc()  # this process has imported what it needs: from here on it watches
 
     def forward(signum: int) -> None:
         if signum == signal.SIGINT:  # a terminal's Ctrl-C reaches the ranks too; `pretrain cancel` signals them all

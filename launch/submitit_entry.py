@@ -83,6 +83,9 @@ def _refusal(path: str | Path, why: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the job in the folder named last on the command line, as ``submitit.core._submit`` would."""
+    from pretrain.lifecycle import pause_gc
+
+    pause_gc()  # until torch and DeepSpeed are loaded, as in `pretrain train` (pretrain.rank.run_training)
     from submitit.core import submission, utils
 
     argv = sys.argv[1:] if argv is None else argv

@@ -18,7 +18,7 @@ from pretrain.config import Config
 from pretrain.distributed import DistInfo
 from pretrain.engine import build_engine
 from pretrain.export import load_pretrained
-from pretrain.lifecycle import StopRequested, StopSignals, stop_outcome
+from pretrain.lifecycle import StopRequested, StopSignals, resume_gc, stop_outcome
 from pretrain.metrics import StatusFile
 from pretrain.optim import ModelEMA
 from pretrain.run_state import SaveSchedule
@@ -131,6 +131,9 @@ def run_training(
             (checked against its sha256 digests; ones that fail are set aside and older ones tried).
         trusted: ``--trust-checkpoint``: load checkpoints (and ``model.init_from``) not signed by this user.
     """
+    import torch._dynamo  # noqa: F401  (the optimizer imports it anyway: it is one of the slow imports)
+
+    resume_gc()  # paused by `pretrain train` while it imported torch and DeepSpeed
     stop = StopSignals.current()  # `pretrain train` installs it first thing: it holds a signal from before now
     installed = stop is None
     stop = stop or StopSignals().install()

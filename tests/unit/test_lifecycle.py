@@ -115,3 +115,66 @@ def test_a_repeated_ctrl_c_raises_except_in_ranks_of_a_launcher(monkeypatch: pyt
         assert stop.received == signal.SIGINT
     finally:
         stop.restore()
+
+
+# the collector across a start-up, as `pretrain` runs it: off from early_start (also in a process forked meanwhile, a
+# data loader worker, it is on), on again with the start-up's objects frozen; where someone else turned it off, it
+# stays off
+GC_STATES = """
+import gc, os
+from pretrain.lifecycle import early_start, pause_gc, resume_gc
+early_start(["train"])
+states = [gc.isenabled()]
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if gc.isenabled() else 1)
+states.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0)
+frozen = gc.get_freeze_count()
+resume_gc()
+states += [gc.isenabled(), gc.get_freeze_count() > frozen]
+gc.disable()
+pause_gc()
+resume_gc()
+states.append(gc.isenabled())
+print(states)
+"""
+
+
+def test_the_collector_is_off_while_a_process_starts_and_on_in_its_forks_and_after() -> None:
+    out = subprocess.run([sys.executable, "-c", GC_STATES], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[-2] == "[False, True, True, True, False]"
+
+
+# where each command turns it back on: any command but train before it runs; a training rank before it builds
+# anything (here one stopped by a SIGTERM that arrived before, so that it stops right there)
+GC_IN_COMMANDS = """
+import gc, os, signal, sys, time
+from launch.cli import main
+from pretrain.lifecycle import early_start
+early_start(["status"])
+main(["status", sys.argv[1]])
+states = [gc.isenabled()]
+from pretrain.config import load_config
+from pretrain.distributed import DistInfo
+from pretrain.rank import run_training
+import torch
+early_start(["train"])
+states.append(gc.isenabled())
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.1)
+cfg = load_config("configs/run/digits_sepvit_lite.yaml", [f"data.path={sys.argv[1]}", f"run.output_dir={sys.argv[1]}"])
+result = run_training(cfg, DistInfo(0, 1, 0, 1, "gloo", torch.device("cpu"), "single"))
+states += [result.state, gc.isenabled()]
+print(states)
+"""
+
+
+def test_status_turns_the_collector_on_before_it_runs_and_a_training_rank_before_it_builds(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", GC_IN_COMMANDS, str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, DS_ACCELERATOR="cpu"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().split("\n")[-1] == "[True, False, 'preempted', True]", out.stdout + out.stderr[-3000:]
+    assert "leaked" not in out.stderr  # unfrozen at exit: the teardown frees the frozen objects (Triton's bindings)
