@@ -9,20 +9,55 @@ ARGS    ?=
 
 .PHONY: install bytecode test test-fast lint format pretrain clean slurm-up slurm-down bench
 
+# the requirements of this project (installed without them) with its dev extra, one per line for pip -r; deepspeed left
+# out (it is built apart)
+define OTHER_REQUIREMENTS
+import importlib.metadata
+from packaging.requirements import Requirement
+for line in importlib.metadata.requires("vitpretrain"):
+    req = Requirement(line)
+    if req.name != "deepspeed" and (req.marker is None or req.marker.evaluate({"extra": "dev"})):
+        req.marker = None
+        print(req)
+endef
+export OTHER_REQUIREMENTS
+DEEPSPEED := 0.19.8
+INSTALLED_DEEPSPEED := import importlib.metadata as m; print(m.version("deepspeed"))
+export INSTALLED_DEEPSPEED
+
 install: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py data_pipeline/_jpeg_roi.c constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	# torch first, pinned: an unpinned torch (directly or through a dependency) pulls a multi-GB CUDA build
-	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q --no-compile -c constraints.txt torch==2.13.0
+	# its bytecode, on every core (pip compiles on one); the one file that only a newer Python reads is left out, as
+	# pip leaves it
+	$(BIN)/python -m compileall -q -j0 \
+		"$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/torch" > /dev/null || true
+	# this project, without its dependencies yet: its metadata lists them (OTHER_REQUIREMENTS)
+	$(BIN)/pip install -q -c constraints.txt --no-deps -e '.[dev]'
+	$(BIN)/python -c "$$OTHER_REQUIREMENTS" > $(VENV)/other-requirements.txt
 	# deepspeed builds from an sdist that imports torch: build it against the torch just installed, with its CPU
 	# shared-memory comm op compiled now (otherwise every fresh cache JIT-builds it at the first init, ~90 s, and
 	# rebuilds it whenever a different `ninja` comes first on PATH); DS_ENABLE_NINJA compiles the op's two C++ files
-	# side by side where `ninja` is on PATH (one after the other, as distutils does, where it is not)
-	DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_ENABLE_NINJA=1 DS_ACCELERATOR=cpu $(BIN)/pip install -q -c constraints.txt \
-		--no-build-isolation --no-cache-dir "deepspeed==0.19.8"
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	# side by side where `ninja` is on PATH (one after the other, as distutils does, where it is not). The build is
+	# mostly C++ compiling and the other dependencies' install mostly unpacking: the wheel is built in the background
+	# while they install (the build reads torch, which they leave alone: it is pinned), then installed.
+	if [ "$$($(BIN)/python -c "$$INSTALLED_DEEPSPEED" 2>/dev/null)" = $(DEEPSPEED) ]; then \
+		$(BIN)/pip install -q -c constraints.txt -r $(VENV)/other-requirements.txt; \
+	else \
+		rm -rf $(VENV)/wheels; \
+		DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_ENABLE_NINJA=1 DS_ACCELERATOR=cpu $(BIN)/pip wheel -q -c constraints.txt \
+			--no-deps --no-build-isolation --no-cache-dir -w $(VENV)/wheels "deepspeed==$(DEEPSPEED)" \
+			> $(VENV)/deepspeed-build.log 2>&1 & build=$$!; \
+		$(BIN)/pip install -q -c constraints.txt -r $(VENV)/other-requirements.txt; others=$$?; \
+		wait $$build || { cat $(VENV)/deepspeed-build.log; echo "make install: the deepspeed build failed (above)"; \
+			exit 1; }; \
+		test $$others = 0 && $(BIN)/pip install -q -c constraints.txt $(VENV)/wheels/deepspeed-*.whl; \
+	fi
+	$(BIN)/pip check
 	# the JPEG crop decoder (C, optional) builds only where libjpeg-turbo's headers are; pip -q would not say so
 	@$(BIN)/python -c "import data_pipeline._jpeg_roi" 2>/dev/null || echo "note: data_pipeline._jpeg_roi was not \
 	built (no libjpeg-turbo headers? apt-get install libjpeg62-turbo-dev, then make install): JPEG crops will use \
