@@ -32,10 +32,10 @@ $(STAMP): pyproject.toml setup.py data_pipeline/_jpeg_roi.c constraints.txt
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	# torch first, pinned: an unpinned torch (directly or through a dependency) pulls a multi-GB CUDA build
 	$(BIN)/pip install -q --no-compile -c constraints.txt torch==2.13.0
-	# its bytecode, on every core (pip compiles on one); the one file that only a newer Python reads is left out, as
-	# pip leaves it
-	$(BIN)/python -m compileall -q -j0 \
-		"$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/torch" > /dev/null || true
+	# the bytecode of torch and its dependencies (sympy, networkx, ...), on every core (pip compiles on one); the one
+	# file that only a newer Python reads is left out, as pip leaves it
+	$(BIN)/python -m compileall -q -j0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+		> /dev/null || true
 	# this project, without its dependencies yet: its metadata lists them (OTHER_REQUIREMENTS)
 	$(BIN)/pip install -q -c constraints.txt --no-deps -e '.[dev]'
 	$(BIN)/python -c "$$OTHER_REQUIREMENTS" > $(VENV)/other-requirements.txt
