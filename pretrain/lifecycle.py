@@ -174,7 +174,6 @@ def early_start(argv: list[str]) -> None:
 
 
 _gc_paused = False
-_gc_fork_hook = False
 
 
 def pause_gc() -> None:
@@ -185,14 +184,10 @@ def pause_gc() -> None:
     with the collector on, 3.0-3.5 s without, on this 2-core machine. Processes forked meanwhile (data loader
     workers) collect as usual. Does nothing where the collector is already off (someone else's choice).
     """
-    global _gc_paused, _gc_fork_hook
-    if not gc.isenabled() or _gc_paused:
-        return
-    gc.disable()
-    _gc_paused = True
-    if not _gc_fork_hook:
-        os.register_at_fork(after_in_child=_resume_gc_in_child)
-        _gc_fork_hook = True
+    global _gc_paused
+    if gc.isenabled() and not _gc_paused:
+        gc.disable()
+        _gc_paused = True
 
 
 def resume_gc() -> None:
@@ -214,3 +209,6 @@ def _resume_gc_in_child() -> None:
     if _gc_paused:
         _gc_paused = False
         gc.enable()
+
+
+os.register_at_fork(after_in_child=_resume_gc_in_child)  # a no-op in a child forked while nothing is paused
