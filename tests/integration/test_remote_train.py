@@ -53,9 +53,21 @@ def section_commands() -> list[str]:
 
 
 def run(cwd: Path, env: dict[str, str], line: str, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """A README line in bash (its comment included), the venv's commands first on PATH."""
+    """A README line in bash (its comment included), the venv's commands first on PATH. A command still running after
+    ``timeout`` fails the test with every process's Python stack (SIGABRT: faulthandler, on in ``train_env``)."""
     cmd = line.split("  #", 1)[0].strip() + "".join(f" {e}" for e in extra)
-    return subprocess.run(["bash", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    with subprocess.Popen(["bash", "-c", cmd], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as proc:  # fmt: skip
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGABRT)
+            time.sleep(3.0)
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            stacks = f"{stdout[-3000:]}\n{stderr[-30000:]}"
+            raise AssertionError(f"{cmd}: still running after {timeout:.0f} s\n{stacks}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def explain(out: subprocess.CompletedProcess) -> str:
