@@ -293,6 +293,36 @@ def _keep_fused(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> None
                 state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
+_DEEPSPEED_MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def _import_deepspeed_muon_uncompiled() -> None:
+    """Imports DeepSpeed's Muon optimizer module with Dynamo switched off, so that its kernels stay plain functions.
+
+    DeepSpeed's ZeRO and bf16 optimizers import that module when they are set up or at their first gradient reduction,
+    to check whether they run Muon; its kernels are decorated with ``torch.compile``, and setting up that decoration
+    imports inductor's code generator: 0.9 s of CPU per rank here, every start. This trainer never builds DeepSpeed's
+    Muon optimizer, so the kernels are never called. ``TORCHDYNAMO_DISABLE=1`` (torch's own switch, read when
+    ``torch.compile`` decorates) during this one import leaves them undecorated; the model's own compilation
+    (``trainer.compile``) happens later and is not affected.
+    """
+    import importlib
+    import os
+    import sys
+
+    if _DEEPSPEED_MUON in sys.modules:
+        return
+    before = os.environ.get("TORCHDYNAMO_DISABLE")
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    try:
+        importlib.import_module(_DEEPSPEED_MUON)
+    finally:
+        if before is None:
+            del os.environ["TORCHDYNAMO_DISABLE"]
+        else:
+            os.environ["TORCHDYNAMO_DISABLE"] = before
+
+
 def build_engine(cfg: Config, model: nn.Module, world_size: int) -> EngineParts:
     """Wrap ``model`` in a DeepSpeed engine configured from ``cfg`` (see the module docstring for the order).
 
@@ -306,6 +336,7 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int) -> EngineParts:
     """
     import deepspeed
 
+    _import_deepspeed_muon_uncompiled()
     ds_config = build_ds_config(cfg, world_size)
     # 1. activation checkpointing
     if cfg.trainer.activation_checkpointing:

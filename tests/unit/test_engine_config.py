@@ -148,7 +148,7 @@ def test_layer_decay_one_keeps_the_two_groups_and_bad_values_are_refused():
 
 
 _LAYER_DECAY_ENGINE = """
-import json, sys
+import json, os, sys
 import torch
 from pretrain.config import load_config
 from pretrain.distributed import init_distributed
@@ -166,7 +166,9 @@ for step in range(3):
     out.append([g["lr"] for g in parts.optimizer.param_groups])
 changed = reapply_optim_config(parts, cfg)  # as after a resume with the same config: nothing changes
 out.append([g["lr"] for g in parts.optimizer.param_groups])
-print(json.dumps({"lrs": out, "specs": parts.group_specs, "changed": changed}))
+plain = {"muon": "deepspeed.runtime.zero.muon.muon_optimizer" in sys.modules,
+         "inductor": "torch._inductor.compile_fx" in sys.modules, "switch": os.environ.get("TORCHDYNAMO_DISABLE")}
+print(json.dumps({"lrs": out, "specs": parts.group_specs, "changed": changed, "plain": plain}))
 """
 
 
@@ -193,6 +195,9 @@ def test_layer_decay_lrs_in_a_real_deepspeed_engine(stage):
     for lrs in got["lrs"]:  # what DeepSpeed's optimizer steps with, every step: lr x the group's scale
         assert lrs == pytest.approx([1e-3 * s for s in scales], rel=1e-9)
     assert got["changed"] == []
+    # DeepSpeed's Muon module is loaded (its ZeRO optimizers check for Muon), without inductor, and Dynamo's switch is
+    # as it was (see pretrain.engine._import_deepspeed_muon_uncompiled)
+    assert got["plain"] == {"muon": True, "inductor": False, "switch": None}
 
 
 def test_lr_schedule_warmup_then_cosine():
