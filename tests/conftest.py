@@ -229,6 +229,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs Slurm (make slurm-up)"))
 
 
+def dump_stacks(group: int) -> None:
+    """SIGABRT to each process of process group ``group``, newest first (data workers, then ranks, then the launcher,
+    whose death would take its ranks along) and one at a time, so that their faulthandler stacks (PYTHONFAULTHANDLER=1
+    in train_env) do not interleave in the log they share."""
+    import signal
+    import time
+
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
+        except OSError:
+            continue
+        if int(fields[2]) == group:
+            members.append(int(stat.parent.name))
+    for pid in sorted(members, reverse=True):
+        try:
+            os.kill(pid, signal.SIGABRT)
+        except ProcessLookupError:
+            continue
+        time.sleep(0.5)
+
+
 class TrainRun:
     """`pretrain train` as a real subprocess (its own process group, so a test can SIGKILL the whole run)."""
 
@@ -249,19 +272,11 @@ class TrainRun:
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            # SIGABRT makes faulthandler (PYTHONFAULTHANDLER=1 in train_env) dump every rank's Python stack to the log
-            import signal
-            import time
-
-            try:
-                os.killpg(self.proc.pid, signal.SIGABRT)
-                time.sleep(2.0)
-            except ProcessLookupError:
-                pass
+            dump_stacks(self.proc.pid)
             self.kill_all()
             self.proc.wait(timeout=30)
             self._log.flush()
-            tail = self.log_path.read_text(errors="replace")[-20000:]  # every rank's stack dump
+            tail = self.log_path.read_text(errors="replace")[-100_000:]  # every process's stack
             raise AssertionError(f"{' '.join(self.argv[-6:])}: still running after {timeout:.0f} s\n{tail}") from None
         finally:
             self._log.close()

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import s3fs
 import torch
-from conftest import REPO, train_env
+from conftest import REPO, dump_stacks, train_env
 from remote_servers import FaultProxy, moto_s3, s3_env
 
 from pretrain.fsutil import read_jsonl
@@ -54,18 +54,17 @@ def section_commands() -> list[str]:
 
 def run(cwd: Path, env: dict[str, str], line: str, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """A README line in bash (its comment included), the venv's commands first on PATH. A command still running after
-    ``timeout`` fails the test with every process's Python stack (SIGABRT: faulthandler, on in ``train_env``)."""
+    ``timeout`` fails the test with every process's Python stack (see ``dump_stacks``)."""
     cmd = line.split("  #", 1)[0].strip() + "".join(f" {e}" for e in extra)
     with subprocess.Popen(["bash", "-c", cmd], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, start_new_session=True) as proc:  # fmt: skip
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGABRT)
-            time.sleep(3.0)
+            dump_stacks(proc.pid)
             os.killpg(proc.pid, signal.SIGKILL)
             stdout, stderr = proc.communicate()
-            stacks = f"{stdout[-3000:]}\n{stderr[-30000:]}"
+            stacks = f"{stdout[-3000:]}\n{stderr[-100_000:]}"
             raise AssertionError(f"{cmd}: still running after {timeout:.0f} s\n{stacks}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
