@@ -65,15 +65,14 @@ $(STAMP): pyproject.toml setup.py data_pipeline/_jpeg_roi.c constraints.txt
 	touch $(STAMP)
 
 # the whole suite on TEST_WORKERS pytest-xdist workers (one per core here), a test file per worker at a time (files
-# share their module fixtures: trained runs, servers), the longest files first (tests/durations.json: see
-# tests/conftest.py); TEST_WORKERS=0 runs it in this one process
+# share their module fixtures: trained runs, servers); TEST_WORKERS=0 runs it in this one process
 TEST_WORKERS ?= 2
 # The local Slurm starts (on a fresh machine: apt-get installs its packages first) while the venv installs; what it
 # printed follows the install's output, and a Slurm that cannot start fails nothing here (the slurm tests say why).
 test:
 	@log=$$(mktemp); $(MAKE) --no-print-directory slurm-start > $$log 2>&1 & slurm=$$!; \
 	$(MAKE) --no-print-directory bytecode; installed=$$?; wait $$slurm; cat $$log; rm -f $$log; exit $$installed
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30 tests
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 tests
 
 # our modules' bytecode, written ahead: a shell with PYTHONDONTWRITEBYTECODE=1 (this machine's) otherwise compiles them
 # again in every process the suite starts (launchers, ranks, helpers: ~0.1 s of CPU each); stale files are ignored

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -158,62 +157,8 @@ def built_once(name: str, build) -> Path:
     return path
 
 
-# Test files, longest first: `--dist loadfile` hands whole files to the workers in collection order (with
-# `--no-loadscope-reorder`; xdist orders them by number of tests otherwise), so the long files start early and the
-# short ones fill in at the end, instead of one worker running a long file alone at the end while the other is done.
-DURATIONS = REPO / "tests" / "durations.json"
-"""Seconds per test file (setup, call and teardown of its tests) in a full run here; `pytest --write-durations` updates
-the files it ran. A file it does not list counts as the longest (new files start early: a slow one at the end would
-run alone)."""
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption(
-        "--write-durations",
-        action="store_true",
-        help=f"write the seconds each test file took to {DURATIONS.relative_to(REPO)} (files not run keep theirs)",
-    )
-
-
-def _test_file(nodeid: str) -> str:
-    return nodeid.split("::")[0]
-
-
-def _order_longest_file_first(items: list[pytest.Item]) -> None:
-    """Files by their DURATIONS, longest first; the files' tests stay together and in their order."""
-    import json
-
-    seconds = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
-    unknown = max(seconds.values(), default=0.0) + 1.0
-    position: dict[str, int] = {}
-    for item in items:
-        position.setdefault(_test_file(item.nodeid), len(position))
-    items.sort(key=lambda item: (-seconds.get(_test_file(item.nodeid), unknown), position[_test_file(item.nodeid)]))
-
-
-_file_seconds: Counter[str] = Counter()  # in the controller: every report of the session (workers send theirs)
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    _file_seconds[_test_file(report.nodeid)] += report.duration
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """``--write-durations``: the seconds of the files this run ran, into DURATIONS (only after a passing run: a
-    failed run's times say little about a passing one)."""
-    import json
-
-    if not session.config.getoption("--write-durations") or hasattr(session.config, "workerinput") or exitstatus != 0:
-        return
-    seconds = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
-    seconds.update({path: round(s, 1) for path, s in _file_seconds.items()})
-    DURATIONS.write_text(json.dumps(dict(sorted(seconds.items())), indent=1) + "\n")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Longest file first (see DURATIONS); CI-aware skips: `gpu` tests need CUDA; `slurm` tests need `sbatch` (the
-    local Slurm started by make test)."""
-    _order_longest_file_first(items)
+    """CI-aware skips: `gpu` tests need CUDA; `slurm` tests need `sbatch` (the local Slurm started by make test)."""
     have_slurm = shutil.which("sbatch") is not None
     in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")  # under CI a missing Slurm fails, never skips
     try:
