@@ -52,6 +52,7 @@ import torch
 
 from data_pipeline.fsutil import fsync_dir
 from pretrain import trust
+from pretrain.lifecycle import environ_set
 from pretrain.rundir import COMPLETE_MARKER, LATEST, read_latest, write_atomic, write_latest
 
 __all__ = [
@@ -326,16 +327,8 @@ FORCE_WEIGHTS_ONLY_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 def plain_loads() -> Iterator[None]:
     """Every ``torch.load`` inside, DeepSpeed's own included, loads tensors, plain data and DeepSpeed's plain record
     types only: a file that needs anything else fails to load instead of running code."""
-    old = os.environ.get(FORCE_WEIGHTS_ONLY_ENV)
-    os.environ[FORCE_WEIGHTS_ONLY_ENV] = "1"
-    try:
-        with torch.serialization.safe_globals(deepspeed_plain_types()):
-            yield
-    finally:
-        if old is None:
-            os.environ.pop(FORCE_WEIGHTS_ONLY_ENV, None)
-        else:
-            os.environ[FORCE_WEIGHTS_ONLY_ENV] = old
+    with environ_set(FORCE_WEIGHTS_ONLY_ENV, "1"), torch.serialization.safe_globals(deepspeed_plain_types()):
+        yield
 
 
 def read_meta(tag_dir: str | Path) -> dict[str, Any]:

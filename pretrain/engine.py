@@ -307,20 +307,13 @@ def _import_deepspeed_muon_uncompiled() -> None:
     (``trainer.compile``) happens later and is not affected.
     """
     import importlib
-    import os
     import sys
 
-    if _DEEPSPEED_MUON in sys.modules:
-        return
-    before = os.environ.get("TORCHDYNAMO_DISABLE")
-    os.environ["TORCHDYNAMO_DISABLE"] = "1"
-    try:
-        importlib.import_module(_DEEPSPEED_MUON)
-    finally:
-        if before is None:
-            del os.environ["TORCHDYNAMO_DISABLE"]
-        else:
-            os.environ["TORCHDYNAMO_DISABLE"] = before
+    from pretrain.lifecycle import environ_set
+
+    if _DEEPSPEED_MUON not in sys.modules:
+        with environ_set("TORCHDYNAMO_DISABLE", "1"):
+            importlib.import_module(_DEEPSPEED_MUON)
 
 
 def build_engine(cfg: Config, model: nn.Module, world_size: int) -> EngineParts:

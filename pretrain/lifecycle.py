@@ -45,6 +45,7 @@ __all__ = [
     "StopSignals",
     "die_with_launcher",
     "early_start",
+    "environ_set",
     "pause_gc",
     "resume_gc",
     "stop_outcome",
@@ -212,3 +213,18 @@ def _resume_gc_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_resume_gc_in_child)  # a no-op in a child forked while nothing is paused
+
+
+@contextlib.contextmanager
+def environ_set(name: str, value: str) -> Iterator[None]:
+    """This process's environment variable ``name`` is ``value`` inside the block, and as before after it (unset if it
+    was): for a library that reads a switch from the environment at the moment it acts."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
